@@ -1,1 +1,20 @@
-//! epic-export
+//! epic-export: export patient data from Epic (and any SMART Backend Services FHIR R4 server) to NDJSON.
+//!
+//! Flow: a front end (`config`) validates into an `ExportPlan` (`plan`); `export` authenticates (`auth`),
+//! retrieves over HTTP (`fhir`), streams into a run folder (`output`) and reports a `RunSummary`
+//! (`summary`). `sandbox` is the built-in Epic-compatible server that `demo`, the tests and the
+//! benchmarks run against. `cli` is the command line.
+
+pub mod auth;
+pub mod check;
+//TMP pub mod cli;
+pub mod config;
+//TMP pub mod demo;
+pub mod export;
+pub mod fhir;
+pub mod logging;
+pub mod output;
+pub mod plan;
+pub mod progress;
+//TMP pub mod sandbox;
+pub mod summary;

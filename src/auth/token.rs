@@ -1,0 +1,271 @@
+//! `TokenSource`: gets SMART backend access tokens and keeps one valid.
+//!
+//! It signs a fresh client assertion for every token request (retries included), caches the token,
+//! renews it shortly before `expires_in` runs out, and lets concurrent callers share one renewal (the
+//! renewal runs under a lock; callers that queued behind it get the new token). After a 401 the caller
+//! hands back the token it used (`invalidate`), so a burst of 401s on one stale token renews it once.
+//! The token is never printed: `AccessToken`'s `Debug` is redacted and errors never carry it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::assertion;
+use super::keys::SigningKey;
+use crate::fhir::retry::{self, RetryPolicy};
+
+/// A bearer token. Cloning is cheap; `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(Arc<str>);
+
+impl AccessToken {
+    /// The secret itself, for the `Authorization` header only.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
+}
+
+/// What the token endpoint granted, without the token.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub scope: Option<String>,
+    pub expires_in: Duration,
+    pub token_type: String,
+    /// The server's `Date` header, for measuring clock skew.
+    pub server_date: Option<SystemTime>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "the token endpoint {token_url} answered invalid_client{description}. Epic gives no reason; the usual causes are:\n  \
+         - the client id belongs to another environment (non-production vs production ids differ)\n  \
+         - the assertion's aud must be the token URL exactly (we sent {token_url})\n  \
+         - the public key is not registered for this client, or not yet propagated (sandbox changes can take hours)\n  \
+         - the kid we sent ({kid}) matches no key in the registered JWKS\n  \
+         - clock skew: the assertion expires {lifetime} s after our clock{skew}\n\
+         Run `epic-export check --config FILE` for these checks."
+    )]
+    InvalidClient { token_url: String, description: String, kid: String, lifetime: i64, skew: String },
+    #[error("the token endpoint {token_url} refused the request: HTTP {status} {error}{description}")]
+    Rejected { token_url: String, status: u16, error: String, description: String },
+    #[error("the token endpoint {token_url} answered HTTP {status} {attempts} times; giving up")]
+    Unavailable { token_url: String, status: u16, attempts: u32 },
+    #[error("cannot reach the token endpoint {token_url}: {message}")]
+    Transport { token_url: String, message: String },
+    #[error("the token endpoint {token_url} sent a response without a usable access_token: {detail}")]
+    BadResponse { token_url: String, detail: String },
+    #[error("cannot discover the token URL from {url}: {detail}; set fhir.tokenUrl in the config")]
+    Discovery { url: String, detail: String },
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    #[serde(default, deserialize_with = "number_or_string")]
+    expires_in: Option<u64>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct OAuthError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// Some servers send `expires_in` as a string.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+struct Cached {
+    token: AccessToken,
+    renew_at: Instant,
+}
+
+/// Settings for a `TokenSource`.
+pub struct TokenSourceConfig {
+    pub client_id: String,
+    pub token_url: String,
+    pub scope: String,
+    pub key: SigningKey,
+    pub jku: Option<String>,
+}
+
+pub struct TokenSource {
+    http: reqwest::Client,
+    cfg: TokenSourceConfig,
+    retry: RetryPolicy,
+    cached: Mutex<Option<Cached>>,
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("client_id", &self.cfg.client_id)
+            .field("token_url", &self.cfg.token_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long before expiry a token is renewed: a minute, or a fifth of a short lifetime.
+pub fn renew_margin(lifetime: Duration) -> Duration {
+    (lifetime / 5).min(Duration::from_secs(60))
+}
+
+impl TokenSource {
+    pub fn new(http: reqwest::Client, cfg: TokenSourceConfig) -> Self {
+        TokenSource { http, cfg, retry: RetryPolicy { max_attempts: 4, ..RetryPolicy::default() }, cached: Mutex::new(None) }
+    }
+
+    pub fn token_url(&self) -> &str {
+        &self.cfg.token_url
+    }
+
+    /// A valid token: the cached one, or a new one. Concurrent callers share one renewal.
+    pub async fn token(&self) -> Result<AccessToken, AuthError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref()
+            && Instant::now() < c.renew_at
+        {
+            return Ok(c.token.clone());
+        }
+        let (token, grant) = self.request().await?;
+        let renew_at = Instant::now() + grant.expires_in.saturating_sub(renew_margin(grant.expires_in));
+        *cached = Some(Cached { token: token.clone(), renew_at });
+        Ok(token)
+    }
+
+    /// Forgets `stale` after the server answered 401 to it; the next `token()` renews.
+    /// A token that was already replaced is left alone, so many 401s cause one renewal.
+    pub async fn invalidate(&self, stale: &AccessToken) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|c| &c.token == stale) {
+            *cached = None;
+        }
+    }
+
+    /// One token request (with retries on 429/5xx/transport errors, each with a new assertion).
+    pub async fn request(&self) -> Result<(AccessToken, Grant), AuthError> {
+        let url = &self.cfg.token_url;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let jti = assertion::new_jti();
+            let now = unix_now();
+            let claims = assertion::claims(&self.cfg.client_id, url, &jti, now);
+            let jwt = assertion::sign(&self.cfg.key, self.cfg.jku.as_deref(), &claims);
+            let form = [
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", jwt.as_str()),
+                ("scope", self.cfg.scope.as_str()),
+            ];
+            let sent = self.http.post(url).header("Accept", "application/json").form(&form).send().await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) if attempt < self.retry.max_attempts => {
+                    tracing::warn!(attempt, "token request failed ({}); retrying", crate::fhir::describe_transport(&e));
+                    tokio::time::sleep(retry::backoff(&self.retry, attempt, retry::jitter_unit())).await;
+                    continue;
+                }
+                Err(e) => return Err(AuthError::Transport { token_url: url.clone(), message: crate::fhir::describe_transport(&e) }),
+            };
+            let status = resp.status().as_u16();
+            let server_date = resp
+                .headers()
+                .get(reqwest::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok());
+            if retry::is_retryable_status(status) {
+                if attempt >= self.retry.max_attempts {
+                    return Err(AuthError::Unavailable { token_url: url.clone(), status, attempts: attempt });
+                }
+                let wait = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay))
+                    .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
+                tracing::warn!(status, attempt, wait_ms = wait.as_millis() as u64, "token endpoint busy; retrying");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let body = resp.bytes().await.map_err(|e| AuthError::Transport { token_url: url.clone(), message: e.to_string() })?;
+            if !(200..300).contains(&status) {
+                let err: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+                let error = err.error.unwrap_or_else(|| "(no OAuth error code)".into());
+                let description = err.error_description.map(|d| format!(": {}", truncate(&d, 300))).unwrap_or_default();
+                if error == "invalid_client" {
+                    return Err(AuthError::InvalidClient {
+                        token_url: url.clone(),
+                        description,
+                        kid: self.cfg.key.kid().to_owned(),
+                        lifetime: assertion::ASSERTION_LIFETIME_SECS,
+                        skew: describe_skew(server_date, SystemTime::now()),
+                    });
+                }
+                return Err(AuthError::Rejected { token_url: url.clone(), status, error, description });
+            }
+            let parsed: TokenResponse = serde_json::from_slice(&body)
+                .map_err(|e| AuthError::BadResponse { token_url: url.clone(), detail: format!("not JSON ({e})") })?;
+            let token = parsed
+                .access_token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| AuthError::BadResponse { token_url: url.clone(), detail: "access_token is missing".into() })?;
+            let token_type = parsed.token_type.unwrap_or_else(|| "bearer".into());
+            if !token_type.eq_ignore_ascii_case("bearer") {
+                return Err(AuthError::BadResponse { token_url: url.clone(), detail: format!("token_type is {token_type:?}, not bearer") });
+            }
+            // No expires_in: assume the SMART-recommended five minutes.
+            let expires_in = Duration::from_secs(parsed.expires_in.unwrap_or(300).max(1));
+            tracing::info!(expires_in_s = expires_in.as_secs(), "access token obtained");
+            return Ok((AccessToken(token.into()), Grant { scope: parsed.scope, expires_in, token_type, server_date }));
+        }
+    }
+}
+
+/// A sentence about the difference between our clock and the server's `Date` header.
+pub fn describe_skew(server_date: Option<SystemTime>, now: SystemTime) -> String {
+    match server_date {
+        None => " (the server sent no Date header to compare clocks)".into(),
+        Some(d) => {
+            let skew = match now.duration_since(d) {
+                Ok(ahead) => ahead.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            };
+            if skew.abs() <= 5 {
+                format!(" (our clock is within {} s of the server's Date header)", skew.abs().max(1))
+            } else if skew > 0 {
+                format!(" (our clock is {skew} s AHEAD of the server's Date header: fix NTP)")
+            } else {
+                format!(" (our clock is {} s BEHIND the server's Date header: fix NTP)", -skew)
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}

@@ -1,0 +1,128 @@
+//! The command line: clap definitions and dispatch. `main.rs` only calls `cli::main`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::{Algorithm, SigningKey, keys};
+use crate::logging::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "epic-export", version, about = "Export patient data from Epic over FHIR (SMART Backend Services) to NDJSON")]
+pub struct Cli {
+    /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole flow offline against the built-in sandbox.
+    Demo {
+        /// Folder for the demo's key, config and output.
+        #[arg(long, default_value = "epic-export-demo")]
+        out: PathBuf,
+        /// Synthetic patients in the sandbox (all exported).
+        #[arg(long, default_value_t = 20)]
+        patients: usize,
+    },
+    /// One export run from a config file. Exit codes: 0 success, 3 partial, 1 failed.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// No progress bar even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Validate the config and key, get a token, and explain any failure (never prints the token).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Make a new private key (DIR/private.pem, mode 0600) and the JWKS to register (DIR/jwks.json).
+    Keygen {
+        #[arg(long, default_value = "RS384")]
+        alg: Algorithm,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public JWKS for existing private keys (to host at a JWK Set URL).
+    Jwks {
+        #[arg(long, required = true, num_args = 1..)]
+        key: Vec<PathBuf>,
+    },
+    /// Run the Epic-compatible sandbox server.
+    Sandbox(crate::sandbox::cli::SandboxArgs),
+}
+
+/// Parses arguments, runs the command, and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Demo { out, patients } => {
+            let report = crate::demo::run(&crate::demo::DemoOptions { out, patients, interactive: true }).await?;
+            println!("\n{}", report.summary.render_table());
+            Ok(report.summary.outcome.exit_code() as u8)
+        }
+        Command::Run { config, no_progress } => {
+            let plan = crate::config::load_plan(&config)?;
+            let report = crate::export::run(&plan, &crate::export::RunOptions { interactive: !no_progress }).await?;
+            println!("{}", report.summary.render_table());
+            Ok(report.summary.outcome.exit_code() as u8)
+        }
+        Command::Check { config } => {
+            let plan = crate::config::load_plan(&config)?;
+            match crate::check::check(&plan).await {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(0)
+                }
+                Err(report) => {
+                    print!("{report}");
+                    Ok(1)
+                }
+            }
+        }
+        Command::Keygen { alg, out } => {
+            if !matches!(alg, Algorithm::RS384 | Algorithm::ES384) {
+                anyhow::bail!("--alg must be RS384 or ES384 (the algorithms SMART requires clients to support)");
+            }
+            let key = SigningKey::generate(alg)?;
+            let (private, public) = keys::write_key_pair(&key, &out)?;
+            println!("private key: {} (mode 0600; keep it secret)", private.display());
+            println!("public JWKS: {} (register it with Epic or host it at your JWK Set URL)", public.display());
+            println!("kid: {}", key.kid());
+            Ok(0)
+        }
+        Command::Jwks { key } => {
+            let keys = key.iter().map(|k| SigningKey::load(k, None, None)).collect::<Result<Vec<_>, _>>()?;
+            println!("{}", serde_json::to_string_pretty(&keys::jwks(&keys))?);
+            Ok(0)
+        }
+        Command::Sandbox(args) => {
+            crate::sandbox::cli::serve(args).await?;
+            Ok(0)
+        }
+    }
+}

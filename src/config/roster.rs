@@ -1,0 +1,125 @@
+//! The two CSV files the original tool used, still accepted as they are:
+//! the roster (`epic_sandbox_roster.csv`: a header row and the FHIR id in a column named `patient_id`,
+//! `fhir_id` or `id`) and the resource list (`epic_sandbox_resources.csv`: header
+//! `resource_type[,search_params]`, params as a query string such as `category=laboratory`).
+//! Errors give the file and line. Other roster columns (names, MRNs) are read past and never kept.
+
+use std::path::Path;
+
+use super::ConfigError;
+use crate::plan::Search;
+
+const ID_COLUMNS: [&str; 3] = ["patient_id", "fhir_id", "id"];
+
+fn open(path: &Path) -> Result<csv::Reader<std::fs::File>, ConfigError> {
+    let file = std::fs::File::open(path).map_err(|e| ConfigError::File { path: path.to_owned(), message: format!("cannot read it: {e}") })?;
+    Ok(csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).comment(Some(b'#')).from_reader(file))
+}
+
+fn csv_err(path: &Path, e: csv::Error) -> ConfigError {
+    let line = e.position().map(|p| p.line()).unwrap_or(0);
+    let message = match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => "is not valid UTF-8; save the file as UTF-8 CSV".to_string(),
+        _ => format!("malformed CSV: {e}"),
+    };
+    ConfigError::Csv { path: path.to_owned(), line, message }
+}
+
+/// Reads the patient FHIR ids from a roster CSV, in file order, without duplicates.
+pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let mut reader = open(path)?;
+    let headers = reader.headers().map_err(|e| csv_err(path, e))?.clone();
+    let column = headers
+        .iter()
+        .position(|h| ID_COLUMNS.iter().any(|c| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(c)))
+        .ok_or_else(|| ConfigError::Csv {
+            path: path.to_owned(),
+            line: 1,
+            message: format!(
+                "no patient id column: the header row must name one of {} (found: {})",
+                ID_COLUMNS.join(", "),
+                headers.iter().collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+    let mut ids = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| csv_err(path, e))?;
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        let id = record.get(column).unwrap_or("");
+        check_id(id).map_err(|message| ConfigError::Csv { path: path.to_owned(), line, message })?;
+        if seen.insert(id.to_owned()) {
+            ids.push(id.to_owned());
+        } else {
+            tracing::warn!(file = %path.display(), line, "roster lists a patient twice; exporting it once");
+        }
+    }
+    if ids.is_empty() {
+        return Err(ConfigError::File { path: path.to_owned(), message: "the roster lists no patients".into() });
+    }
+    Ok(ids)
+}
+
+/// Validates inline patient ids.
+pub fn check_patient_ids(ids: Vec<String>) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::with_capacity(ids.len());
+    for (i, id) in ids.into_iter().enumerate() {
+        let id = id.trim().to_owned();
+        check_id(&id).map_err(|m| format!("entry {i}: {m}"))?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    if out.is_empty() {
+        return Err("lists no patients".into());
+    }
+    Ok(out)
+}
+
+/// A FHIR id: letters, digits, '-' and '.', 1-64 characters (Epic's ids are longer than R4 allows, so up to 200).
+fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("the patient id is empty".into());
+    }
+    if id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_') {
+        return Err("the patient id is not a FHIR id (letters, digits, '-', '.' only); put the patient's FHIR id, not an MRN or name, in this column".into());
+    }
+    Ok(())
+}
+
+/// Reads the resource list CSV into searches.
+pub fn read_resources(path: &Path) -> Result<Vec<Search>, ConfigError> {
+    let mut reader = open(path)?;
+    let headers = reader.headers().map_err(|e| csv_err(path, e))?.clone();
+    let col = |name: &str| headers.iter().position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(name));
+    let type_col = col("resource_type").ok_or_else(|| ConfigError::Csv {
+        path: path.to_owned(),
+        line: 1,
+        message: "the header row must be `resource_type,search_params` (search_params optional)".into(),
+    })?;
+    let params_col = col("search_params");
+    let mut out: Vec<Search> = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| csv_err(path, e))?;
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        let rtype = record.get(type_col).unwrap_or("").to_owned();
+        let query = params_col.and_then(|c| record.get(c)).unwrap_or("").trim_start_matches('?');
+        let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        let search = Search::new(rtype, params).map_err(|message| ConfigError::Csv { path: path.to_owned(), line, message })?;
+        if out.contains(&search) {
+            tracing::warn!(file = %path.display(), line, "resource list repeats {}; running it once", search.label());
+            continue;
+        }
+        out.push(search);
+    }
+    if out.is_empty() {
+        return Err(ConfigError::File { path: path.to_owned(), message: "lists no resources".into() });
+    }
+    Ok(out)
+}

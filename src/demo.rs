@@ -1,0 +1,83 @@
+//! `epic-export demo`: the whole flow offline. Starts the built-in sandbox on an ephemeral loopback port,
+//! makes a throwaway key, registers it, writes a config with a roster and resource list (the same files a
+//! user writes), runs the export from that config and prints the summary.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::auth::{Algorithm, SigningKey, keys};
+use crate::export::{self, RunOptions, RunReport};
+use crate::sandbox::{ClientKeys, ClientRegistration, Sandbox, SandboxOptions};
+
+/// The resource list the demo exports (the original tool's CSV format).
+pub const DEMO_RESOURCES_CSV: &str = "resource_type,search_params
+Patient,
+Condition,
+Observation,category=laboratory
+Observation,category=vital-signs
+Observation,category=social-history
+MedicationRequest,
+AllergyIntolerance,
+Immunization,
+Procedure,
+Encounter,
+DiagnosticReport,
+DocumentReference,
+";
+
+pub const DEMO_CLIENT_ID: &str = "epic-export-demo";
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub out: PathBuf,
+    pub patients: usize,
+    pub interactive: bool,
+}
+
+/// Writes the demo's key, roster, resource list and config into `dir`; returns the config path.
+pub fn write_demo_files(dir: &Path, key: &SigningKey, sandbox: &Sandbox, patient_ids: &[String]) -> anyhow::Result<PathBuf> {
+    let keys_dir = dir.join("keys");
+    if keys_dir.join("private.pem").exists() {
+        std::fs::remove_file(keys_dir.join("private.pem")).context("removing the previous demo key")?;
+    }
+    keys::write_key_pair(key, &keys_dir)?;
+    let mut roster = String::from("patient_id\n");
+    for id in patient_ids {
+        roster.push_str(id);
+        roster.push('\n');
+    }
+    std::fs::write(dir.join("roster.csv"), roster).context("writing roster.csv")?;
+    std::fs::write(dir.join("resources.csv"), DEMO_RESOURCES_CSV).context("writing resources.csv")?;
+    let config = format!(
+        "# Written by `epic-export demo` for its throwaway sandbox (gone when the demo ends).\n\
+         name: demo\n\
+         fhir:\n  baseUrl: {base}\n\
+         auth:\n  clientId: {DEMO_CLIENT_ID}\n  privateKeyFile: keys/private.pem\n  algorithm: {alg}\n\
+         source:\n  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n\
+         output:\n  directory: output\n  keepRuns: 5\n\
+         limits:\n  concurrency: 8\n  requestsPerSecond: 0\n",
+        base = sandbox.base_url(),
+        alg = key.algorithm(),
+    );
+    let path = dir.join("epic-export.yaml");
+    std::fs::write(&path, config).context("writing epic-export.yaml")?;
+    Ok(path)
+}
+
+/// Runs the demo and returns the run's report.
+pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
+    crate::output::create_private_dir(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let sandbox = Sandbox::start(SandboxOptions { patients: opts.patients, ..SandboxOptions::default() }).await?;
+    println!("sandbox listening: {}", sandbox.base_url());
+    let key = SigningKey::generate(Algorithm::ES384)?;
+    let jwks = serde_json::from_value(keys::jwks(std::slice::from_ref(&key))).context("building the demo JWKS")?;
+    sandbox.register_client(ClientRegistration { client_id: DEMO_CLIENT_ID.into(), keys: ClientKeys::Jwks(jwks) });
+    let ids = sandbox.dataset().patient_ids();
+    let config = write_demo_files(&opts.out, &key, &sandbox, &ids)?;
+    println!("config, key, roster and resource list: {}", opts.out.display());
+    let plan = crate::config::load_plan(&config)?;
+    let report = export::run(&plan, &RunOptions { interactive: opts.interactive }).await;
+    sandbox.shutdown().await;
+    Ok(report?)
+}

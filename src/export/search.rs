@@ -1,0 +1,200 @@
+//! Search mode: for every roster patient, every configured search, following `next` links verbatim
+//! until there are none. Resources stream to the run writer page by page; a resource returned by two
+//! searches of one patient (e.g. Observation by two categories) is written once. A failed search is
+//! recorded and the run goes on; authentication failures stop the run.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::writer::WriterMsg;
+use crate::fhir::bundle::{self, push_compact_line};
+use crate::fhir::{FetchError, FhirClient};
+use crate::plan::{ExportPlan, Search};
+use crate::progress::Progress;
+
+/// A search never needs more pages than this; a server that keeps sending `next` is broken.
+const MAX_PAGES: usize = 100_000;
+
+#[derive(Debug, Default)]
+pub struct SearchCounters {
+    pub patients_complete: AtomicU64,
+    pub patients_with_errors: AtomicU64,
+    pub searches_failed: AtomicU64,
+    pub records: AtomicU64,
+    pub outcomes: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+/// Why the run had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Fetch(FetchError),
+    #[error("the output writer stopped")]
+    WriterGone,
+}
+
+/// Exports every patient with at most `plan.concurrency` requests in flight.
+pub async fn export_patients(
+    client: &FhirClient,
+    plan: &ExportPlan,
+    tx: &mpsc::Sender<WriterMsg>,
+    progress: &Progress,
+    counters: &SearchCounters,
+) -> Result<(), Fatal> {
+    let mut tasks = futures::stream::iter(plan.patients.iter())
+        .map(|patient| export_patient(client, &plan.searches, patient, tx, counters))
+        .buffer_unordered(plan.concurrency);
+    while let Some(result) = tasks.next().await {
+        let records = result?;
+        progress.patient_done(records);
+    }
+    Ok(())
+}
+
+/// Runs every search for one patient, one after the other. Returns the records written.
+async fn export_patient(
+    client: &FhirClient,
+    searches: &[Search],
+    patient: &str,
+    tx: &mpsc::Sender<WriterMsg>,
+    counters: &SearchCounters,
+) -> Result<u64, Fatal> {
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut records = 0;
+    let mut failed = false;
+    for search in searches {
+        match run_search(client, search, patient, tx, &mut seen, counters).await {
+            Ok(n) => records += n,
+            Err(SearchError::Fatal(f)) => return Err(f),
+            Err(SearchError::Failed { written, error, outcome }) => {
+                records += written;
+                failed = true;
+                counters.searches_failed.fetch_add(1, Ordering::Relaxed);
+                let status = match &error {
+                    FetchError::Status { status, .. } => Some(*status),
+                    _ => None,
+                };
+                let record = serde_json::json!({
+                    "patient": patient,
+                    "search": search.label(),
+                    "status": status,
+                    "message": error.to_string(),
+                    "recordsWrittenBeforeFailure": written,
+                    "outcome": outcome,
+                });
+                tx.send(WriterMsg::Failure(record)).await.map_err(|_| Fatal::WriterGone)?;
+            }
+        }
+    }
+    if failed {
+        counters.patients_with_errors.fetch_add(1, Ordering::Relaxed);
+    } else {
+        counters.patients_complete.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(records)
+}
+
+enum SearchError {
+    Fatal(Fatal),
+    Failed { written: u64, error: FetchError, outcome: Option<Box<serde_json::value::RawValue>> },
+}
+
+fn encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The first request of a search (a read for `Patient`).
+pub fn first_url(client: &FhirClient, search: &Search, patient: &str) -> String {
+    if search.resource_type == "Patient" {
+        return client.url(&format!("Patient/{}", encode(patient)));
+    }
+    let mut q = format!("{}?patient={}", search.resource_type, encode(patient));
+    for (k, v) in &search.params {
+        q.push('&');
+        q.push_str(&encode(k));
+        q.push('=');
+        q.push_str(&encode(v));
+    }
+    client.url(&q)
+}
+
+async fn run_search(
+    client: &FhirClient,
+    search: &Search,
+    patient: &str,
+    tx: &mpsc::Sender<WriterMsg>,
+    seen: &mut HashSet<(String, String)>,
+    counters: &SearchCounters,
+) -> Result<u64, SearchError> {
+    let mut url = first_url(client, search, patient);
+    let mut written = 0;
+    let fail = |written, error: FetchError| {
+        if error.is_fatal() {
+            return SearchError::Fatal(Fatal::Fetch(error));
+        }
+        let outcome = match &error {
+            FetchError::Status { outcome, .. } => outcome.clone(),
+            _ => None,
+        };
+        SearchError::Failed { written, error, outcome }
+    };
+    let bad_body = |message: String| FetchError::Transport(message);
+    for _ in 0..MAX_PAGES {
+        let body = client.get(&url).await.map_err(|e| fail(written, e))?;
+        if search.resource_type == "Patient" {
+            let raw: &serde_json::value::RawValue = serde_json::from_slice(&body).map_err(|_| fail(written, bad_body("the Patient read returned invalid JSON".into())))?;
+            match bundle::head(raw) {
+                Ok(h) if h.resource_type == "Patient" => {}
+                _ => return Err(fail(written, bad_body("the Patient read did not return a Patient".into()))),
+            }
+            let mut line = Vec::with_capacity(body.len() + 1);
+            push_compact_line(raw.get().as_bytes(), &mut line);
+            tx.send(WriterMsg::Resources { resource_type: "Patient".into(), lines: line, count: 1 }).await.map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
+            counters.records.fetch_add(1, Ordering::Relaxed);
+            return Ok(1);
+        }
+        let page = bundle::parse_page(&body).map_err(|m| fail(written, bad_body(m)))?;
+        let mut batches: Vec<(String, Vec<u8>, u64)> = Vec::new();
+        for resource in &page.resources {
+            let head = bundle::head(resource).map_err(|_| fail(written, bad_body("a bundle entry is not a FHIR resource (no resourceType)".into())))?;
+            if let Some(id) = head.id.as_deref()
+                && !seen.insert((head.resource_type.to_string(), id.to_owned()))
+            {
+                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let batch = match batches.iter().position(|(t, _, _)| *t == head.resource_type) {
+                Some(i) => &mut batches[i],
+                None => {
+                    batches.push((head.resource_type.to_string(), Vec::with_capacity(body.len()), 0));
+                    batches.last_mut().expect("just pushed")
+                }
+            };
+            push_compact_line(resource.get().as_bytes(), &mut batch.1);
+            batch.2 += 1;
+        }
+        if !page.outcomes.is_empty() {
+            let mut lines = Vec::new();
+            for o in &page.outcomes {
+                push_compact_line(o.get().as_bytes(), &mut lines);
+            }
+            counters.outcomes.fetch_add(page.outcomes.len() as u64, Ordering::Relaxed);
+            tx.send(WriterMsg::Outcomes { lines, count: page.outcomes.len() as u64 }).await.map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
+        }
+        for (resource_type, lines, count) in batches {
+            written += count;
+            counters.records.fetch_add(count, Ordering::Relaxed);
+            tx.send(WriterMsg::Resources { resource_type, lines, count }).await.map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
+        }
+        match page.next {
+            None => return Ok(written),
+            Some(next) if next == url => return Err(fail(written, bad_body("the server's next link points at the same page".into()))),
+            Some(next) => url = next,
+        }
+    }
+    Err(fail(written, bad_body(format!("the search went on for more than {MAX_PAGES} pages"))))
+}

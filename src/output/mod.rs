@@ -1,0 +1,276 @@
+//! The run folder: streaming NDJSON files, the manifest, the summary, and publishing a run atomically.
+//!
+//! Layout (DESIGN.md 4.3): `<dir>/<export>/<run-id>/` with one `<Type>.ndjson` per resource type,
+//! `errors/`, `manifest.json` and `summary.json`. A run is written under `.<run-id>.partial/` and renamed
+//! into place only when complete, then `latest` is pointed at it; a fatal failure renames it to
+//! `.<run-id>.failed/` instead. Files are `0600`, folders `0700`. A lock file keeps two runs of one export
+//! apart, which also makes it safe to sweep leftovers of killed runs. This module knows nothing about HTTP.
+
+mod retention;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use retention::{remove_old_runs, sweep_leftovers};
+
+pub const ERRORS_DIR: &str = "errors";
+pub const OUTCOMES_FILE: &str = "OperationOutcome.ndjson";
+pub const FAILURES_FILE: &str = "failed-requests.ndjson";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("output folder {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("output folder {path}: another run of this export is in progress (it holds {lock}); wait for it or stop it")]
+    Busy { path: PathBuf, lock: PathBuf },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
+    move |source| OutputError::Io { path: path.to_owned(), source }
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Creates a new file with mode 0600; fails if it exists.
+pub fn write_new_private_file(path: &Path, content: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(content)?;
+    f.sync_all()
+}
+
+fn create_private_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
+/// One streamed NDJSON file with its running count, size and SHA-256.
+struct NdjsonFile {
+    relative: String,
+    out: BufWriter<File>,
+    count: u64,
+    bytes: u64,
+    sha: aws_lc_rs::digest::Context,
+}
+
+impl NdjsonFile {
+    fn create(dir: &Path, relative: String) -> io::Result<Self> {
+        let file = create_private_file(&dir.join(&relative))?;
+        Ok(NdjsonFile { relative, out: BufWriter::with_capacity(256 * 1024, file), count: 0, bytes: 0, sha: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256) })
+    }
+
+    /// `lines` holds `count` complete lines, each ending in `\n`.
+    fn append(&mut self, lines: &[u8], count: u64) -> io::Result<()> {
+        self.out.write_all(lines)?;
+        self.sha.update(lines);
+        self.bytes += lines.len() as u64;
+        self.count += count;
+        Ok(())
+    }
+
+    fn close(self) -> io::Result<FileEntry> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(FileEntry { relative: self.relative, count: self.count, bytes: self.bytes, sha256: hex(self.sha.finish().as_ref()) })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A closed output file as listed in the manifest.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileEntry {
+    #[serde(rename = "url")]
+    pub relative: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Bulk-Data-style manifest entries.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest<'a> {
+    pub transaction_time: &'a str,
+    pub request: &'a str,
+    pub requires_access_token: bool,
+    pub output: Vec<ManifestEntry>,
+    pub error: Vec<ManifestEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ManifestEntry {
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    #[serde(flatten)]
+    pub file: FileEntry,
+}
+
+/// What `finish` leaves behind.
+#[derive(Debug, Clone)]
+pub struct FinishedRun {
+    pub dir: PathBuf,
+    pub files: Vec<(String, FileEntry)>,
+}
+
+/// Writes one run. Not `Send`-shared: one task owns it and receives batches.
+pub struct RunWriter {
+    export_dir: PathBuf,
+    run_id: String,
+    partial: PathBuf,
+    files: BTreeMap<String, NdjsonFile>,
+    outcomes: Option<NdjsonFile>,
+    failures: Option<NdjsonFile>,
+    _lock: File,
+}
+
+impl RunWriter {
+    /// Locks `<output_dir>/<export>` and creates the partial run folder. `run_id` is the UTC start stamp;
+    /// a suffix is added if a run with that id exists.
+    pub fn create(output_dir: &Path, export: &str, run_id: &str) -> Result<RunWriter, OutputError> {
+        let export_dir = output_dir.join(export);
+        create_private_dir(&export_dir).map_err(io_err(&export_dir))?;
+        let lock_path = export_dir.join(".lock");
+        let lock = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&lock_path).map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(OutputError::Busy { path: export_dir, lock: lock_path }),
+            Err(fs::TryLockError::Error(e)) => return Err(OutputError::Io { path: lock_path, source: e }),
+        }
+        // We hold the lock, so any partial folder is a leftover of a killed run.
+        sweep_leftovers(&export_dir);
+        let mut id = run_id.to_owned();
+        let mut n = 1;
+        while export_dir.join(&id).exists() {
+            n += 1;
+            id = format!("{run_id}-{n}");
+        }
+        let partial = export_dir.join(format!(".{id}.partial"));
+        fs::DirBuilder::new().mode(0o700).create(&partial).map_err(io_err(&partial))?;
+        create_private_dir(&partial.join(ERRORS_DIR)).map_err(io_err(&partial))?;
+        Ok(RunWriter { export_dir, run_id: id, partial, files: BTreeMap::new(), outcomes: None, failures: None, _lock: lock })
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The folder the run will have once published.
+    pub fn final_dir(&self) -> PathBuf {
+        self.export_dir.join(&self.run_id)
+    }
+
+    /// Appends `count` NDJSON lines of `resource_type`.
+    pub fn append(&mut self, resource_type: &str, lines: &[u8], count: u64) -> Result<(), OutputError> {
+        let file = match self.files.get_mut(resource_type) {
+            Some(f) => f,
+            None => {
+                let f = NdjsonFile::create(&self.partial, format!("{resource_type}.ndjson")).map_err(io_err(&self.partial))?;
+                self.files.entry(resource_type.to_owned()).or_insert(f)
+            }
+        };
+        file.append(lines, count).map_err(io_err(&self.partial))
+    }
+
+    /// Appends OperationOutcome lines the server reported (search outcome entries).
+    pub fn append_outcomes(&mut self, lines: &[u8], count: u64) -> Result<(), OutputError> {
+        Self::append_to(&mut self.outcomes, &self.partial, OUTCOMES_FILE, lines, count)
+    }
+
+    /// Appends one failed request record (JSON, one line).
+    pub fn append_failure(&mut self, record: &serde_json::Value) -> Result<(), OutputError> {
+        let mut line = serde_json::to_vec(record).unwrap_or_default();
+        line.push(b'\n');
+        Self::append_to(&mut self.failures, &self.partial, FAILURES_FILE, &line, 1)
+    }
+
+    fn append_to(slot: &mut Option<NdjsonFile>, partial: &Path, name: &str, lines: &[u8], count: u64) -> Result<(), OutputError> {
+        if slot.is_none() {
+            *slot = Some(NdjsonFile::create(partial, format!("{ERRORS_DIR}/{name}")).map_err(io_err(partial))?);
+        }
+        match slot.as_mut() {
+            Some(f) => f.append(lines, count).map_err(io_err(partial)),
+            None => Ok(()),
+        }
+    }
+
+    fn close_all(&mut self) -> Result<Vec<(String, FileEntry)>, OutputError> {
+        let mut entries = Vec::new();
+        for (t, f) in std::mem::take(&mut self.files) {
+            entries.push((t, f.close().map_err(io_err(&self.partial))?));
+        }
+        for (t, slot) in [("OperationOutcome", self.outcomes.take()), ("FailedRequest", self.failures.take())] {
+            if let Some(f) = slot {
+                entries.push((t.to_owned(), f.close().map_err(io_err(&self.partial))?));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Closes every file, writes `manifest.json` and `summary.json` (from `summary`, given the closed
+    /// files), renames the folder into place and points `latest` at it.
+    pub fn finish<S: Serialize>(
+        mut self,
+        transaction_time: &str,
+        request: &str,
+        summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S,
+    ) -> Result<FinishedRun, OutputError> {
+        let files = self.close_all()?;
+        let (errors, outputs): (Vec<_>, Vec<_>) = files.iter().cloned().partition(|(_, f)| f.relative.starts_with(ERRORS_DIR));
+        let manifest = Manifest {
+            transaction_time,
+            request,
+            requires_access_token: false,
+            output: outputs.into_iter().map(|(resource_type, file)| ManifestEntry { resource_type, file }).collect(),
+            error: errors.into_iter().map(|(resource_type, file)| ManifestEntry { resource_type, file }).collect(),
+        };
+        let final_dir = self.final_dir();
+        self.write_json("manifest.json", &manifest)?;
+        let summary = summary(&files, &final_dir);
+        self.write_json("summary.json", &summary)?;
+        fs::rename(&self.partial, &final_dir).map_err(io_err(&final_dir))?;
+        sync_dir(&self.export_dir);
+        point_latest(&self.export_dir, &self.run_id).map_err(io_err(&self.export_dir))?;
+        Ok(FinishedRun { dir: final_dir, files })
+    }
+
+    /// Ends a run that failed: closes the files, writes `summary.json`, and renames the folder to
+    /// `.<run-id>.failed` so nothing mistakes it for a complete run. Returns that folder.
+    pub fn abandon<S: Serialize>(mut self, summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S) -> Result<PathBuf, OutputError> {
+        let files = self.close_all()?;
+        let failed = self.export_dir.join(format!(".{}.failed", self.run_id));
+        let summary = summary(&files, &failed);
+        self.write_json("summary.json", &summary)?;
+        fs::rename(&self.partial, &failed).map_err(io_err(&failed))?;
+        Ok(failed)
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), OutputError> {
+        let path = self.partial.join(name);
+        let mut text = serde_json::to_vec_pretty(value).unwrap_or_default();
+        text.push(b'\n');
+        write_new_private_file(&path, &text).map_err(io_err(&path))
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Atomically points `<export_dir>/latest` at `run_id` (a relative symlink).
+fn point_latest(export_dir: &Path, run_id: &str) -> io::Result<()> {
+    let tmp = export_dir.join(".latest.tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(run_id, &tmp)?;
+    fs::rename(&tmp, export_dir.join("latest"))
+}

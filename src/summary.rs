@@ -1,0 +1,130 @@
+//! `RunSummary`: what a run did, as written to `summary.json`, printed as a table, and (later) e-mailed
+//! and reported in status. It holds counts, sizes, file names and error messages; never patient ids or
+//! resource content.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// How a run ended. Each has its own process exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Every search of every patient completed.
+    Success,
+    /// The run finished, but some searches failed (listed in `errors/failed-requests.ndjson`).
+    Partial,
+    /// The run stopped (authentication, configuration, output); nothing was published.
+    Failed,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failed => 1,
+            Outcome::Partial => 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeCount {
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub file: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    pub export: String,
+    pub run_id: String,
+    pub outcome: Outcome,
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_seconds: f64,
+    pub fhir_base_url: String,
+    pub patients_total: u64,
+    pub patients_complete: u64,
+    pub patients_with_errors: u64,
+    pub searches_failed: u64,
+    pub requests: u64,
+    pub retries: u64,
+    pub token_renewals_after_401: u64,
+    pub resources: Vec<TypeCount>,
+    pub records_total: u64,
+    pub bytes_total: u64,
+    pub server_outcomes: u64,
+    pub duplicates_skipped: u64,
+    /// Messages about what went wrong, without patient identifiers.
+    pub errors: Vec<String>,
+    /// Where the files are (the published run folder, or the `.failed` folder).
+    pub output_dir: String,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+impl RunSummary {
+    /// A plain-text table for the terminal.
+    pub fn render_table(&self) -> String {
+        let mut s = String::new();
+        let tw = self.resources.iter().map(|r| r.resource_type.len()).max().unwrap_or(4).max(4);
+        let fw = self.resources.iter().map(|r| r.file.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(s, "{:<tw$}  {:>10}  {:>10}  {:<fw$}", "type", "records", "bytes", "file");
+        let _ = writeln!(s, "{}", "-".repeat(tw + fw + 26));
+        for r in &self.resources {
+            let _ = writeln!(s, "{:<tw$}  {:>10}  {:>10}  {:<fw$}", r.resource_type, r.records, human_bytes(r.bytes), r.file);
+        }
+        let _ = writeln!(s, "{}", "-".repeat(tw + fw + 26));
+        let _ = writeln!(s, "{:<tw$}  {:>10}  {:>10}", "total", self.records_total, human_bytes(self.bytes_total));
+        let _ = writeln!(
+            s,
+            "\n{}: {} patients ({} with errors), {} requests, {} retries, {:.1} s, {:.0} records/s",
+            match self.outcome {
+                Outcome::Success => "success",
+                Outcome::Partial => "PARTIAL",
+                Outcome::Failed => "FAILED",
+            },
+            self.patients_total,
+            self.patients_with_errors,
+            self.requests,
+            self.retries,
+            self.duration_seconds,
+            self.records_total as f64 / self.duration_seconds.max(0.001)
+        );
+        if self.server_outcomes > 0 {
+            let _ = writeln!(s, "{} OperationOutcome entries from the server: errors/OperationOutcome.ndjson", self.server_outcomes);
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "error: {e}");
+        }
+        let _ = writeln!(s, "run folder: {}", self.output_dir);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_exit_codes() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(Outcome::Success.exit_code(), 0);
+        assert_ne!(Outcome::Partial.exit_code(), Outcome::Failed.exit_code());
+    }
+}
