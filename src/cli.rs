@@ -55,7 +55,7 @@ pub enum Command {
         key: Vec<PathBuf>,
     },
     /// Run the Epic-compatible sandbox server.
-    Sandbox(crate::sandbox::cli::SandboxArgs),
+    Sandbox(crate::sandbox::SandboxArgs),
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -121,7 +121,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Sandbox(args) => {
-            crate::sandbox::cli::serve(args).await?;
+            crate::sandbox::serve(args).await?;
             Ok(0)
         }
     }

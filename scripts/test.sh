@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): formatting, lints, the one-TLS-provider rule, and every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== one rustls crypto provider (aws-lc-rs): ring must not be in the tree"
+if cargo tree --locked -e normal -i ring 2>/dev/null | grep -q '^ring'; then
+  echo "ring is in the dependency tree: two rustls providers panic at run time"; cargo tree -e normal -i ring; exit 1
+fi
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast
+else
+  cargo test --locked --no-fail-fast
+fi

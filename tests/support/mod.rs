@@ -1,0 +1,148 @@
+//! Shared test scaffolding: a sandbox with a registered client, and config files pointing at it.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use epic_export::auth::{Algorithm, SigningKey, keys};
+use epic_export::sandbox::{ClientKeys, ClientRegistration, Dataset, Sandbox, SandboxOptions};
+use serde_json::Value;
+
+pub const CLIENT_ID: &str = "test-client";
+
+pub struct Env {
+    pub sandbox: Sandbox,
+    pub dir: tempfile::TempDir,
+    pub key: SigningKey,
+}
+
+/// Starts a sandbox, registers an ES384 key (fast to make) for `CLIENT_ID`, writes the key to disk.
+pub async fn env(opts: SandboxOptions) -> Env {
+    env_with_key(opts, Algorithm::ES384).await
+}
+
+pub async fn env_with_key(opts: SandboxOptions, alg: Algorithm) -> Env {
+    let sandbox = Sandbox::start(opts).await.expect("sandbox starts");
+    let key = SigningKey::generate(alg).unwrap();
+    let jwks = serde_json::from_value(keys::jwks(std::slice::from_ref(&key))).unwrap();
+    sandbox.register_client(ClientRegistration { client_id: CLIENT_ID.into(), keys: ClientKeys::Jwks(jwks) });
+    let dir = tempfile::tempdir().unwrap();
+    keys::write_key_pair(&key, &dir.path().join("keys")).unwrap();
+    Env { sandbox, dir, key }
+}
+
+pub const ALL_SEARCHES: &str = "resource_type,search_params
+Patient,
+Condition,
+Observation,category=laboratory
+Observation,category=vital-signs
+Observation,category=social-history
+MedicationRequest,
+AllergyIntolerance,
+Immunization,
+Procedure,
+Encounter,
+DiagnosticReport,
+DocumentReference,
+";
+
+impl Env {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes roster.csv (the given patients), resources.csv and config.yaml; `extra` is appended to the YAML.
+    pub fn write_config(&self, patients: &[String], resources_csv: &str, extra: &str) -> PathBuf {
+        let mut roster = String::from("patient_id,name\n");
+        for p in patients {
+            roster.push_str(&format!("{p},Somebody\n"));
+        }
+        std::fs::write(self.path().join("roster.csv"), roster).unwrap();
+        std::fs::write(self.path().join("resources.csv"), resources_csv).unwrap();
+        let yaml = format!(
+            "name: test-export\nfhir:\n  baseUrl: {}\nauth:\n  clientId: {CLIENT_ID}\n  privateKeyFile: keys/private.pem\n\
+             source:\n  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n\
+             output:\n  directory: out\n{extra}",
+            self.sandbox.base_url()
+        );
+        let path = self.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    pub fn export_dir(&self) -> PathBuf {
+        self.path().join("out/test-export")
+    }
+}
+
+/// Fast limits for tests.
+pub const FAST_LIMITS: &str = "limits:\n  concurrency: 4\n  requestsPerSecond: 0\n  maxAttempts: 5\n";
+
+/// The resources the sandbox holds for these patients and the ALL_SEARCHES list, by type and id.
+pub fn expected(ds: &Dataset, patients: &[String]) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let categories: HashSet<&str> = ["laboratory", "vital-signs", "social-history"].into();
+    let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for p in patients {
+        for t in ["Patient", "Condition", "Observation", "MedicationRequest", "AllergyIntolerance", "Immunization", "Procedure", "Encounter", "DiagnosticReport", "DocumentReference"] {
+            for r in ds.resources(t, p) {
+                if t == "Observation" {
+                    let codes: Vec<&str> = r["category"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|c| c["coding"].as_array().into_iter().flatten())
+                        .filter_map(|c| c["code"].as_str())
+                        .collect();
+                    if !codes.iter().any(|c| categories.contains(c)) {
+                        continue;
+                    }
+                }
+                let id = r["id"].as_str().unwrap().to_owned();
+                out.entry(t.to_owned()).or_default().insert(id, r);
+            }
+        }
+    }
+    out
+}
+
+/// Reads `<run>/<Type>.ndjson` files into type → id → resource, failing on duplicates or bad lines.
+pub fn read_run(run: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for entry in std::fs::read_dir(run).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(t) = name.strip_suffix(".ndjson") else { continue };
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with('\n'), "{name}: every line ends with a newline");
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: bad line: {e}"));
+            assert_eq!(v["resourceType"], t, "{name}: resourceType matches the file");
+            let id = v["id"].as_str().unwrap().to_owned();
+            assert!(out.entry(t.to_owned()).or_default().insert(id.clone(), v).is_none(), "{name}: {id} written twice");
+        }
+    }
+    out
+}
+
+/// Asserts the run holds exactly the expected resources, content included.
+pub fn assert_same_data(got: &BTreeMap<String, BTreeMap<String, Value>>, want: &BTreeMap<String, BTreeMap<String, Value>>) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "resource types");
+    for (t, resources) in want {
+        let g = &got[t];
+        assert_eq!(g.len(), resources.len(), "{t}: record count");
+        for (id, r) in resources {
+            assert_eq!(g.get(id), Some(r), "{t}/{id}: content");
+        }
+    }
+}
+
+/// Runs `epic-export run --config FILE --no-progress` as a separate process.
+pub async fn run_binary(config: &Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .args(["run", "--no-progress", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .unwrap()
+}
