@@ -1,1 +1,2 @@
 //! epic-export
+pub mod sandbox;
