@@ -190,7 +190,7 @@ impl Profile {
     fn of(seed: u64, idx: usize) -> Profile {
         let mut r = rng_for(seed, idx, 0xF00D, 0);
         // Every fourth patient (including the first) is "heavy": well over 3 pages of labs.
-        let heavy = idx % 4 == 0;
+        let heavy = idx.is_multiple_of(4);
         Profile {
             conditions: r.range(0, 8),
             labs: if heavy {

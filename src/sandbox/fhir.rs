@@ -369,7 +369,7 @@ fn new_search(
 
 /// Page `n` (1-based) has `page_size` entries when odd and half that (at least 1) when even.
 fn page_len(page_size: usize, n: usize) -> usize {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         (page_size / 2).max(1)
     } else {
         page_size

@@ -1135,7 +1135,7 @@ fn cli_pairs_client_ids_with_key_sources_in_order() {
         .map(|s| s.to_string())
         .collect();
     let cli = TestCli::try_parse_from(&argv).expect("parse");
-    let err = cli.args.registrations_from(&argv).err().expect("unpaired");
+    let err = cli.args.registrations_from(&argv).expect_err("unpaired");
     assert!(err.to_string().contains("--client-id"), "{err}");
     let argv: Vec<String> = [
         "sandbox",
@@ -1152,8 +1152,7 @@ fn cli_pairs_client_ids_with_key_sources_in_order() {
         "{:#}",
         cli.args
             .registrations_from(&argv)
-            .err()
-            .expect("missing file")
+            .expect_err("missing file")
     );
     assert!(err.contains("/nonexistent/jwks.json"), "{err}");
     assert!(TestCli::try_parse_from(["sandbox", "--rate-5xx", "2"]).is_err());
