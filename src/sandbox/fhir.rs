@@ -271,11 +271,11 @@ pub(super) async fn search(
         let session = {
             let mut inner = s.lock();
             let now = Instant::now();
-            inner
-                .sessions
-                .retain(|_, v| now.duration_since(v.last_used) < SESSION_TTL);
             match inner.sessions.get_mut(sid) {
-                Some(session) if session.resource_type == resource_type => {
+                Some(session)
+                    if session.resource_type == resource_type
+                        && now.duration_since(session.last_used) < SESSION_TTL =>
+                {
                     session.last_used = now;
                     Some(session.clone())
                 }
@@ -289,7 +289,7 @@ pub(super) async fn search(
                 "The search session is unknown or has expired; repeat the search from the start.",
             );
         };
-        return page_response(&s, &session, sid, page, &self_url);
+        return page_response(&s, &session, Some(sid), page, &self_url);
     }
 
     let (patient, filters) = match new_search(&resource_type, &params) {
@@ -307,9 +307,7 @@ pub(super) async fn search(
         page_size,
         last_used: Instant::now(),
     };
-    let sid = uuid::Uuid::new_v4().to_string();
-    s.lock().sessions.insert(sid.clone(), session.clone());
-    page_response(&s, &session, &sid, 1, &self_url)
+    page_response(&s, &session, None, 1, &self_url)
 }
 
 /// Validates a new search's parameters like Epic; returns the patient id and filters.
@@ -388,10 +386,24 @@ fn page_offset(page_size: usize, n: usize, total: usize) -> Option<usize> {
     Some(offset)
 }
 
+/// Stores a paging session (dropping idle ones) and returns its id.
+fn start_session(s: &Shared, session: &Session) -> String {
+    let sid = uuid::Uuid::new_v4().to_string();
+    let mut inner = s.lock();
+    let now = Instant::now();
+    inner
+        .sessions
+        .retain(|_, v| now.duration_since(v.last_used) < SESSION_TTL);
+    inner.sessions.insert(sid.clone(), session.clone());
+    sid
+}
+
+/// Renders one page. `sid` is `None` for the first page of a new search; a session is then
+/// created only if a `next` link is needed.
 fn page_response(
     s: &Shared,
     session: &Session,
-    sid: &str,
+    sid: Option<&str>,
     page: usize,
     self_url: &str,
 ) -> Response {
@@ -414,6 +426,10 @@ fn page_response(
     let end = (offset + page_len(session.page_size, page)).min(total);
     let mut links = vec![json!({"relation": "self", "url": self_url})];
     if end < total {
+        let sid = match sid {
+            Some(sid) => sid.to_string(),
+            None => start_session(s, session),
+        };
         let mut next = format!("{base}/{rt}?sessionID={sid}&page={}", page + 1);
         if let Some(origin) = s.lock().foreign_origins.pop_front() {
             tracing::info!(%origin, "injected fault: next link moved to a foreign origin");
@@ -453,6 +469,44 @@ fn page_response(
             "total": total,
             "link": links,
             "entry": entries,
+        }),
+    )
+}
+
+/// `GET {base}/metadata`: a minimal CapabilityStatement (no token needed, like Epic), with the
+/// token endpoint in the SMART `oauth-uris` extension for clients that discover that way.
+pub(super) async fn metadata(State(s): State<Arc<Shared>>) -> Response {
+    let resources: Vec<Value> = std::iter::once("Patient")
+        .chain(SEARCH_TYPES.iter().copied())
+        .map(|t| {
+            let interaction = if t == "Patient" {
+                json!([{"code": "read"}, {"code": "search-type"}])
+            } else {
+                json!([{"code": "search-type"}])
+            };
+            json!({"type": t, "interaction": interaction})
+        })
+        .collect();
+    fhir(
+        StatusCode::OK,
+        &json!({
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "kind": "instance",
+            "fhirVersion": "4.0.1",
+            "format": ["json"],
+            "implementation": {"description": "epic-export sandbox", "url": s.base_url()},
+            "rest": [{
+                "mode": "server",
+                "security": {
+                    "extension": [{
+                        "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                        "extension": [{"url": "token", "valueUri": s.token_url()}],
+                    }],
+                    "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}],
+                },
+                "resource": resources,
+            }],
         }),
     )
 }

@@ -3,7 +3,7 @@
 //! [`Sandbox::start`] binds a real HTTP server (loopback by default) that behaves like Epic's
 //! backend APIs as far as an exporting client can tell:
 //!
-//! - `GET {base}/.well-known/smart-configuration` (discovery);
+//! - `GET {base}/.well-known/smart-configuration` and `GET {base}/metadata` (discovery);
 //! - `POST /oauth2/token`: SMART Backend Services `client_credentials` with a `private_key_jwt`
 //!   client assertion, verified with Epic's rules and answered with a reason-less
 //!   `invalid_client` on any failure (the reason is only logged here, see `token.rs`);
@@ -251,6 +251,7 @@ fn router(shared: Arc<Shared>) -> Router {
             &format!("{FHIR_PATH}/.well-known/smart-configuration"),
             get(token::smart_configuration),
         )
+        .route(&format!("{FHIR_PATH}/metadata"), get(fhir::metadata))
         .route(TOKEN_PATH, post(token::token_endpoint))
         .route(&format!("{FHIR_PATH}/{{resource_type}}"), get(fhir::search))
         .route(

@@ -383,6 +383,22 @@ async fn smart_configuration_is_served() {
         sb.base_url().starts_with("http://127.0.0.1:") && sb.base_url().ends_with("/api/FHIR/R4")
     );
     assert!(sb.token_url().ends_with("/oauth2/token"));
+    let meta: Value = reqwest::get(format!("{}/metadata", sb.base_url()))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(meta["resourceType"], "CapabilityStatement");
+    assert_eq!(
+        meta["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"],
+        sb.token_url()
+    );
+    assert_eq!(
+        sb.stats().fhir_requests,
+        0,
+        "discovery is not a FHIR data request"
+    );
     sb.shutdown().await;
 }
 

@@ -147,7 +147,7 @@ pub(super) async fn verify_assertion(s: &Shared, jwt: &str) -> Result<String, Re
         other => return reject(format!("alg {other:?} is not accepted")),
     };
     if let Some(typ) = &header.typ
-        && typ != "JWT"
+        && !typ.eq_ignore_ascii_case("JWT")
     {
         return reject("typ is present but not JWT");
     }
