@@ -23,7 +23,7 @@ pub const SEARCH_TYPES: &[&str] = &[
 ];
 
 /// A tiny deterministic PRNG (splitmix64); good enough for synthetic data and fault rolls.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {

@@ -306,11 +306,5 @@ struct Inner {
     stats: SandboxStats,
 }
 
-impl Default for data::SplitMix64 {
-    fn default() -> Self {
-        data::SplitMix64::new(0)
-    }
-}
-
 #[cfg(test)]
 mod tests;
