@@ -7,14 +7,14 @@
 
 pub mod auth;
 pub mod check;
-//TMP pub mod cli;
+pub mod cli;
 pub mod config;
-//TMP pub mod demo;
+pub mod demo;
 pub mod export;
 pub mod fhir;
 pub mod logging;
 pub mod output;
 pub mod plan;
 pub mod progress;
-//TMP pub mod sandbox;
+pub mod sandbox;
 pub mod summary;

@@ -1,0 +1,310 @@
+//! A built-in, Epic-compatible FHIR R4 sandbox server for demos, tests and benchmarks.
+//!
+//! [`Sandbox::start`] binds a real HTTP server (loopback by default) that behaves like Epic's
+//! backend APIs as far as an exporting client can tell:
+//!
+//! - `GET {base}/.well-known/smart-configuration` and `GET {base}/metadata` (discovery);
+//! - `POST /oauth2/token`: SMART Backend Services `client_credentials` with a `private_key_jwt`
+//!   client assertion, verified with Epic's rules and answered with a reason-less
+//!   `invalid_client` on any failure (the reason is only logged here, see `token.rs`);
+//! - `GET {base}/Patient/{id}` and `GET {base}/{Type}?patient=...` searches over a deterministic
+//!   synthetic data set (`data.rs`), with opaque `next` links, deliberately short pages,
+//!   OperationOutcome entries and Epic's "Observation needs category or code" rule (`fhir.rs`);
+//! - knobs for latency, random 429/503 answers and queued [`Fault`]s.
+//!
+//! It is not a general FHIR server: no writes, no `_include`, no Bulk Data yet, and only the
+//! search parameters an exporter uses. The CLI wrapper lives in `cli.rs`.
+
+mod cli;
+mod data;
+mod fhir;
+mod token;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{get, post};
+use jsonwebtoken::jwk::JwkSet;
+
+pub use cli::{SandboxArgs, serve};
+pub use data::{Dataset, SEARCH_TYPES};
+
+/// The FHIR base path, relative to the server origin (Epic's layout).
+pub const FHIR_PATH: &str = "/api/FHIR/R4";
+/// The token endpoint path, relative to the server origin (Epic's layout).
+pub const TOKEN_PATH: &str = "/oauth2/token";
+
+/// How to run a [`Sandbox`].
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// Address to listen on; port 0 picks an ephemeral port. Default `127.0.0.1:0`.
+    pub bind: SocketAddr,
+    /// Number of synthetic patients. Default 10.
+    pub patients: usize,
+    /// Maximum entries per search page. Default 20.
+    pub page_size: usize,
+    /// Delay added before answering every FHIR (not token) request. Default 0.
+    pub latency: Duration,
+    /// `expires_in` and the real lifetime of issued access tokens. Default 3600 s.
+    pub token_lifetime: Duration,
+    /// Fraction of FHIR requests answered 429 with `Retry-After: 1`. Default 0.
+    pub rate_429: f64,
+    /// Fraction of FHIR requests answered 503. Default 0.
+    pub rate_5xx: f64,
+    /// Seed of the data set and of the random fault rolls. Default 42.
+    pub seed: u64,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            patients: 10,
+            page_size: 20,
+            latency: Duration::ZERO,
+            token_lifetime: Duration::from_secs(3600),
+            rate_429: 0.0,
+            rate_5xx: 0.0,
+            seed: 42,
+        }
+    }
+}
+
+/// A backend client allowed to get tokens, like an app registration on Epic.
+#[derive(Debug, Clone)]
+pub struct ClientRegistration {
+    pub client_id: String,
+    pub keys: ClientKeys,
+}
+
+/// Where a client's public keys come from.
+#[derive(Debug, Clone)]
+pub enum ClientKeys {
+    /// A JWK Set uploaded with the registration ("static keys").
+    Jwks(JwkSet),
+    /// A JWK Set URL (JKU) fetched on demand and cached per `Cache-Control` (29 h max).
+    JwksUrl(String),
+}
+
+/// A scripted misbehaviour. Faults are queued FIFO; each one is taken by one FHIR request
+/// (token requests never take faults).
+///
+/// `RevokeTokens` is taken by the very next FHIR request, before authentication, so that
+/// request gets a 401. The other faults are taken by the next *authenticated* FHIR request
+/// (a 401 does not use them up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status (and `Retry-After` verbatim, if given) and an OperationOutcome.
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+    },
+    /// The request is served normally; the next search page served that has a `next` link gets
+    /// that link moved to this origin (e.g. `http://127.0.0.1:5555`), same path and query.
+    ForeignNextLink { origin: String },
+    /// Invalidate every token issued so far, then serve the request normally (so it gets 401).
+    RevokeTokens,
+}
+
+/// Counters for assertions in tests and for the demo's summary.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SandboxStats {
+    pub tokens_issued: u64,
+    pub token_rejections: u64,
+    pub fhir_requests: u64,
+    pub unauthorized: u64,
+    pub injected_faults: u64,
+    pub random_faults: u64,
+}
+
+/// Why the sandbox could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the local address of the listener bound to {addr}: {source}")]
+    LocalAddr {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client used to fetch JWK Set URLs: {0}")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+/// A running sandbox server. Dropping it without [`Sandbox::shutdown`] aborts the server task.
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Sandbox {
+    /// Binds `opts.bind`, spawns the server and returns once it is listening.
+    pub async fn start(opts: SandboxOptions) -> Result<Sandbox, SandboxError> {
+        let addr = opts.bind;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| SandboxError::Bind { addr, source })?;
+        let mut local = listener
+            .local_addr()
+            .map_err(|source| SandboxError::LocalAddr { addr, source })?;
+        if local.ip().is_unspecified() {
+            // Listening on all interfaces: advertise loopback, which always reaches us.
+            local.set_ip(if local.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(SandboxError::HttpClient)?;
+        let shared = Arc::new(Shared {
+            origin: format!("http://{local}"),
+            dataset: Arc::new(Dataset::generate(opts.patients, opts.seed)),
+            http,
+            inner: Mutex::new(Inner {
+                rng: data::SplitMix64::new(opts.seed ^ 0x5EED_FA17),
+                ..Inner::default()
+            }),
+            opts,
+        });
+        let app = router(shared.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "sandbox server stopped with an error");
+            }
+        });
+        tracing::info!(base_url = %shared.base_url(), "sandbox listening");
+        Ok(Sandbox {
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The FHIR base URL, e.g. `http://127.0.0.1:PORT/api/FHIR/R4`.
+    pub fn base_url(&self) -> String {
+        self.shared.base_url()
+    }
+
+    /// The token endpoint, e.g. `http://127.0.0.1:PORT/oauth2/token` (the required `aud`).
+    pub fn token_url(&self) -> String {
+        self.shared.token_url()
+    }
+
+    /// Registers (or replaces) a client.
+    pub fn register_client(&self, reg: ClientRegistration) {
+        self.shared.lock().clients.insert(reg.client_id, reg.keys);
+    }
+
+    /// Queues a fault (FIFO).
+    pub fn inject(&self, fault: Fault) {
+        self.shared.lock().faults.push_back(fault);
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SandboxStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// The synthetic data set being served.
+    pub fn dataset(&self) -> &Dataset {
+        &self.shared.dataset
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish, and waits for the server.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            &format!("{FHIR_PATH}/.well-known/smart-configuration"),
+            get(token::smart_configuration),
+        )
+        .route(&format!("{FHIR_PATH}/metadata"), get(fhir::metadata))
+        .route(TOKEN_PATH, post(token::token_endpoint))
+        .route(&format!("{FHIR_PATH}/{{resource_type}}"), get(fhir::search))
+        .route(
+            &format!("{FHIR_PATH}/{{resource_type}}/{{id}}"),
+            get(fhir::read),
+        )
+        .fallback(fhir::not_found)
+        .with_state(shared)
+}
+
+/// State shared by all handlers.
+pub(crate) struct Shared {
+    opts: SandboxOptions,
+    /// `http://host:port`, as clients reach us.
+    origin: String,
+    dataset: Arc<Dataset>,
+    http: reqwest::Client,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn base_url(&self) -> String {
+        format!("{}{FHIR_PATH}", self.origin)
+    }
+
+    fn token_url(&self) -> String {
+        format!("{}{TOKEN_PATH}", self.origin)
+    }
+
+    /// Locks the mutable state. Never held across an `.await`; a poisoned lock is recovered
+    /// because every update leaves the maps consistent.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Mutable server state, behind one lock.
+#[derive(Default)]
+struct Inner {
+    clients: HashMap<String, ClientKeys>,
+    /// JWK Set URL → (keys, cached until).
+    jwks_cache: HashMap<String, (JwkSet, Instant)>,
+    /// (client id, jti) → the assertion's `exp` (Unix seconds).
+    seen_jti: HashMap<(String, String), i64>,
+    /// access token → expiry.
+    tokens: HashMap<String, Instant>,
+    faults: VecDeque<Fault>,
+    /// Origins waiting for the next page that has a `next` link.
+    foreign_origins: VecDeque<String>,
+    sessions: HashMap<String, fhir::Session>,
+    rng: data::SplitMix64,
+    stats: SandboxStats,
+}
+
+#[cfg(test)]
+mod tests;
