@@ -117,10 +117,12 @@ async fn foreign_origin_next_link_never_gets_the_token() {
         }
     });
 
-    let env = env(SandboxOptions { patients: 2, page_size: 3, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions { patients: 6, page_size: 3, ..SandboxOptions::default() }).await;
     let patients = env.sandbox.dataset().patient_ids();
     env.sandbox.inject(Fault::ForeignNextLink { origin: foreign.clone() });
-    let config = env.write_config(&patients[..1], "resource_type,search_params\nObservation,category=laboratory\nCondition,\n", FAST_LIMITS);
+    // A patient with Conditions, so the search that is not disturbed has data to show.
+    let patient: Vec<String> = patients.iter().filter(|p| !env.sandbox.dataset().resources("Condition", p).is_empty()).take(1).cloned().collect();
+    let config = env.write_config(&patient, "resource_type,search_params\nObservation,category=laboratory\nCondition,\n", FAST_LIMITS);
     let plan = epic_export::config::load_plan(&config).unwrap();
     let report = run(&plan, &RunOptions::default()).await.unwrap();
 
@@ -134,7 +136,7 @@ async fn foreign_origin_next_link_never_gets_the_token() {
     assert!(requests.is_empty(), "the link was not followed at all");
     // The other search still completed.
     let got = read_run(&report.dir);
-    assert_eq!(got["Condition"].len(), expected(env.sandbox.dataset(), &patients[..1])["Condition"].len());
+    assert_eq!(got["Condition"].len(), expected(env.sandbox.dataset(), &patient)["Condition"].len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
