@@ -17,7 +17,11 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
         plan.name,
         plan.patients.len(),
         plan.searches.len(),
-        plan.searches.iter().map(|s| s.label()).collect::<Vec<_>>().join(", ")
+        plan.searches
+            .iter()
+            .map(|s| s.label())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let conn = match connect(plan).await {
         Ok(c) => c,
@@ -26,8 +30,22 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
             return Err(out);
         }
     };
-    let _ = writeln!(out, "key: ok ({}, kid {})", plan.private_key_file.display(), conn.kid);
-    let _ = writeln!(out, "token URL: {} ({})", conn.token_url, if plan.token_url.is_some() { "configured" } else { "discovered" });
+    let _ = writeln!(
+        out,
+        "key: ok ({}, kid {})",
+        plan.private_key_file.display(),
+        conn.kid
+    );
+    let _ = writeln!(
+        out,
+        "token URL: {} ({})",
+        conn.token_url,
+        if plan.token_url.is_some() {
+            "configured"
+        } else {
+            "discovered"
+        }
+    );
     match conn.tokens.request().await {
         Ok((_token, grant)) => {
             let _ = writeln!(
@@ -36,7 +54,11 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
                 grant.scope.as_deref().unwrap_or("(not stated)"),
                 grant.expires_in.as_secs()
             );
-            let _ = writeln!(out, "clock:{}", describe_skew(grant.server_date, SystemTime::now()));
+            let _ = writeln!(
+                out,
+                "clock:{}",
+                describe_skew(grant.server_date, SystemTime::now())
+            );
             Ok(out)
         }
         Err(e) => {

@@ -9,7 +9,11 @@ use crate::auth::{Algorithm, SigningKey, keys};
 use crate::logging::{self, LogFormat};
 
 #[derive(Parser, Debug)]
-#[command(name = "epic-export", version, about = "Export patient data from Epic over FHIR (SMART Backend Services) to NDJSON")]
+#[command(
+    name = "epic-export",
+    version,
+    about = "Export patient data from Epic over FHIR (SMART Backend Services) to NDJSON"
+)]
 pub struct Cli {
     /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -62,7 +66,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -81,13 +88,27 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Demo { out, patients } => {
-            let report = crate::demo::run(&crate::demo::DemoOptions { out, patients, interactive: true }).await?;
+            let report = crate::demo::run(&crate::demo::DemoOptions {
+                out,
+                patients,
+                interactive: true,
+            })
+            .await?;
             println!("\n{}", report.summary.render_table());
             Ok(report.summary.outcome.exit_code() as u8)
         }
-        Command::Run { config, no_progress } => {
+        Command::Run {
+            config,
+            no_progress,
+        } => {
             let plan = crate::config::load_plan(&config)?;
-            let report = crate::export::run(&plan, &crate::export::RunOptions { interactive: !no_progress }).await?;
+            let report = crate::export::run(
+                &plan,
+                &crate::export::RunOptions {
+                    interactive: !no_progress,
+                },
+            )
+            .await?;
             println!("{}", report.summary.render_table());
             Ok(report.summary.outcome.exit_code() as u8)
         }
@@ -106,17 +127,28 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         }
         Command::Keygen { alg, out } => {
             if !matches!(alg, Algorithm::RS384 | Algorithm::ES384) {
-                anyhow::bail!("--alg must be RS384 or ES384 (the algorithms SMART requires clients to support)");
+                anyhow::bail!(
+                    "--alg must be RS384 or ES384 (the algorithms SMART requires clients to support)"
+                );
             }
             let key = SigningKey::generate(alg)?;
             let (private, public) = keys::write_key_pair(&key, &out)?;
-            println!("private key: {} (mode 0600; keep it secret)", private.display());
-            println!("public JWKS: {} (register it with Epic or host it at your JWK Set URL)", public.display());
+            println!(
+                "private key: {} (mode 0600; keep it secret)",
+                private.display()
+            );
+            println!(
+                "public JWKS: {} (register it with Epic or host it at your JWK Set URL)",
+                public.display()
+            );
             println!("kid: {}", key.kid());
             Ok(0)
         }
         Command::Jwks { key } => {
-            let keys = key.iter().map(|k| SigningKey::load(k, None, None)).collect::<Result<Vec<_>, _>>()?;
+            let keys = key
+                .iter()
+                .map(|k| SigningKey::load(k, None, None))
+                .collect::<Result<Vec<_>, _>>()?;
             println!("{}", serde_json::to_string_pretty(&keys::jwks(&keys))?);
             Ok(0)
         }

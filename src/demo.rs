@@ -36,10 +36,16 @@ pub struct DemoOptions {
 }
 
 /// Writes the demo's key, roster, resource list and config into `dir`; returns the config path.
-pub fn write_demo_files(dir: &Path, key: &SigningKey, sandbox: &Sandbox, patient_ids: &[String]) -> anyhow::Result<PathBuf> {
+pub fn write_demo_files(
+    dir: &Path,
+    key: &SigningKey,
+    sandbox: &Sandbox,
+    patient_ids: &[String],
+) -> anyhow::Result<PathBuf> {
     let keys_dir = dir.join("keys");
     if keys_dir.join("private.pem").exists() {
-        std::fs::remove_file(keys_dir.join("private.pem")).context("removing the previous demo key")?;
+        std::fs::remove_file(keys_dir.join("private.pem"))
+            .context("removing the previous demo key")?;
     }
     keys::write_key_pair(key, &keys_dir)?;
     let mut roster = String::from("patient_id\n");
@@ -48,7 +54,8 @@ pub fn write_demo_files(dir: &Path, key: &SigningKey, sandbox: &Sandbox, patient
         roster.push('\n');
     }
     std::fs::write(dir.join("roster.csv"), roster).context("writing roster.csv")?;
-    std::fs::write(dir.join("resources.csv"), DEMO_RESOURCES_CSV).context("writing resources.csv")?;
+    std::fs::write(dir.join("resources.csv"), DEMO_RESOURCES_CSV)
+        .context("writing resources.csv")?;
     let config = format!(
         "# Written by `epic-export demo` for its throwaway sandbox (gone when the demo ends).\n\
          name: demo\n\
@@ -67,17 +74,35 @@ pub fn write_demo_files(dir: &Path, key: &SigningKey, sandbox: &Sandbox, patient
 
 /// Runs the demo and returns the run's report.
 pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
-    crate::output::create_private_dir(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    let sandbox = Sandbox::start(SandboxOptions { patients: opts.patients, ..SandboxOptions::default() }).await?;
+    crate::output::create_private_dir(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let sandbox = Sandbox::start(SandboxOptions {
+        patients: opts.patients,
+        ..SandboxOptions::default()
+    })
+    .await?;
     println!("sandbox listening: {}", sandbox.base_url());
     let key = SigningKey::generate(Algorithm::ES384)?;
-    let jwks = serde_json::from_value(keys::jwks(std::slice::from_ref(&key))).context("building the demo JWKS")?;
-    sandbox.register_client(ClientRegistration { client_id: DEMO_CLIENT_ID.into(), keys: ClientKeys::Jwks(jwks) });
+    let jwks = serde_json::from_value(keys::jwks(std::slice::from_ref(&key)))
+        .context("building the demo JWKS")?;
+    sandbox.register_client(ClientRegistration {
+        client_id: DEMO_CLIENT_ID.into(),
+        keys: ClientKeys::Jwks(jwks),
+    });
     let ids = sandbox.dataset().patient_ids();
     let config = write_demo_files(&opts.out, &key, &sandbox, &ids)?;
-    println!("config, key, roster and resource list: {}", opts.out.display());
+    println!(
+        "config, key, roster and resource list: {}",
+        opts.out.display()
+    );
     let plan = crate::config::load_plan(&config)?;
-    let report = export::run(&plan, &RunOptions { interactive: opts.interactive }).await;
+    let report = export::run(
+        &plan,
+        &RunOptions {
+            interactive: opts.interactive,
+        },
+    )
+    .await;
     sandbox.shutdown().await;
     Ok(report?)
 }

@@ -41,24 +41,36 @@ impl Search {
     /// Validates a resource type and its parameters.
     pub fn new(resource_type: String, params: Vec<(String, String)>) -> Result<Search, String> {
         let t = resource_type.trim().to_owned();
-        if t.is_empty() || !t.starts_with(|c: char| c.is_ascii_uppercase()) || !t.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(format!("{t:?} is not a FHIR resource type (e.g. Observation, Condition)"));
+        if t.is_empty()
+            || !t.starts_with(|c: char| c.is_ascii_uppercase())
+            || !t.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(format!(
+                "{t:?} is not a FHIR resource type (e.g. Observation, Condition)"
+            ));
         }
         for (k, _) in &params {
             if k.is_empty() {
                 return Err(format!("{t}: a search parameter has an empty name"));
             }
             if matches!(k.as_str(), "patient" | "subject" | "_id") {
-                return Err(format!("{t}: do not set `{k}`; the patient comes from the roster"));
+                return Err(format!(
+                    "{t}: do not set `{k}`; the patient comes from the roster"
+                ));
             }
         }
         if t == "Patient" && !params.is_empty() {
-            return Err("Patient is read by id (Patient/{id}) and takes no search parameters".into());
+            return Err(
+                "Patient is read by id (Patient/{id}) and takes no search parameters".into(),
+            );
         }
         if t == "Observation" && !params.iter().any(|(k, _)| k == "category" || k == "code") {
             return Err("Observation needs a category or code parameter (Epic rejects Observation searches without one), e.g. category=laboratory".into());
         }
-        Ok(Search { resource_type: t, params })
+        Ok(Search {
+            resource_type: t,
+            params,
+        })
     }
 
     /// A short label for logs and the summary, e.g. `Observation?category=laboratory`. Contains no PHI.
@@ -66,7 +78,11 @@ impl Search {
         if self.params.is_empty() {
             return self.resource_type.clone();
         }
-        let q: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let q: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         format!("{}?{}", self.resource_type, q.join("&"))
     }
 }

@@ -26,14 +26,25 @@ impl Progress {
         let bar = (interactive && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} patients  {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} patients  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
         let now = Instant::now();
-        Progress { bar, total, state: Mutex::new(State { done: 0, records: 0, started: now, last_log: now }) }
+        Progress {
+            bar,
+            total,
+            state: Mutex::new(State {
+                done: 0,
+                records: 0,
+                started: now,
+                last_log: now,
+            }),
+        }
     }
 
     /// One patient finished with `records` new records.
@@ -47,7 +58,13 @@ impl Progress {
             bar.set_message(format!("{} records  {rate:.0}/s", s.records));
         } else if s.last_log.elapsed() >= Duration::from_secs(10) {
             s.last_log = Instant::now();
-            tracing::info!(patients_done = s.done, patients_total = self.total, records = s.records, records_per_s = rate as u64, "progress");
+            tracing::info!(
+                patients_done = s.done,
+                patients_total = self.total,
+                records = s.records,
+                records_per_s = rate as u64,
+                "progress"
+            );
         }
     }
 

@@ -74,22 +74,55 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 impl RunSummary {
     /// A plain-text table for the terminal.
     pub fn render_table(&self) -> String {
         let mut s = String::new();
-        let tw = self.resources.iter().map(|r| r.resource_type.len()).max().unwrap_or(4).max(4);
-        let fw = self.resources.iter().map(|r| r.file.len()).max().unwrap_or(4).max(4);
-        let _ = writeln!(s, "{:<tw$}  {:>10}  {:>10}  {:<fw$}", "type", "records", "bytes", "file");
+        let tw = self
+            .resources
+            .iter()
+            .map(|r| r.resource_type.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let fw = self
+            .resources
+            .iter()
+            .map(|r| r.file.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            s,
+            "{:<tw$}  {:>10}  {:>10}  {:<fw$}",
+            "type", "records", "bytes", "file"
+        );
         let _ = writeln!(s, "{}", "-".repeat(tw + fw + 26));
         for r in &self.resources {
-            let _ = writeln!(s, "{:<tw$}  {:>10}  {:>10}  {:<fw$}", r.resource_type, r.records, human_bytes(r.bytes), r.file);
+            let _ = writeln!(
+                s,
+                "{:<tw$}  {:>10}  {:>10}  {:<fw$}",
+                r.resource_type,
+                r.records,
+                human_bytes(r.bytes),
+                r.file
+            );
         }
         let _ = writeln!(s, "{}", "-".repeat(tw + fw + 26));
-        let _ = writeln!(s, "{:<tw$}  {:>10}  {:>10}", "total", self.records_total, human_bytes(self.bytes_total));
+        let _ = writeln!(
+            s,
+            "{:<tw$}  {:>10}  {:>10}",
+            "total",
+            self.records_total,
+            human_bytes(self.bytes_total)
+        );
         let _ = writeln!(
             s,
             "\n{}: {} patients ({} with errors), {} requests, {} retries, {:.1} s, {:.0} records/s",
@@ -106,7 +139,11 @@ impl RunSummary {
             self.records_total as f64 / self.duration_seconds.max(0.001)
         );
         if self.server_outcomes > 0 {
-            let _ = writeln!(s, "{} OperationOutcome entries from the server: errors/OperationOutcome.ndjson", self.server_outcomes);
+            let _ = writeln!(
+                s,
+                "{} OperationOutcome entries from the server: errors/OperationOutcome.ndjson",
+                self.server_outcomes
+            );
         }
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");

@@ -7,7 +7,9 @@ use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::Jwk};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
 }
 
 fn verify(key: &SigningKey, jwt: &str, aud: &str) -> Value {
@@ -16,13 +18,20 @@ fn verify(key: &SigningKey, jwt: &str, aud: &str) -> Value {
     let mut v = Validation::new(alg);
     v.set_audience(&[aud]);
     v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
-    decode::<Value>(jwt, &DecodingKey::from_jwk(&jwk).unwrap(), &v).expect("signature and claims verify").claims
+    decode::<Value>(jwt, &DecodingKey::from_jwk(&jwk).unwrap(), &v)
+        .expect("signature and claims verify")
+        .claims
 }
 
 #[test]
 fn rs384_and_es384_assertions_verify_with_the_public_key() {
     let token_url = "https://fhir.example.org/oauth2/token";
-    for file in ["rsa2048-pkcs8.pem", "ec-p384-pkcs8.pem", "ec-p256-sec1.pem", "rsa2048-pkcs1.pem"] {
+    for file in [
+        "rsa2048-pkcs8.pem",
+        "ec-p384-pkcs8.pem",
+        "ec-p256-sec1.pem",
+        "rsa2048-pkcs1.pem",
+    ] {
         let key = SigningKey::load(&fixture(file), None, None).unwrap();
         let now = epic_export::auth::token::unix_now();
         let jti = assertion::new_jti();
@@ -30,10 +39,17 @@ fn rs384_and_es384_assertions_verify_with_the_public_key() {
         let jwt = assertion::sign(&key, Some("https://keys.example.org/jwks.json"), &claims);
 
         let header = decode_header(&jwt).unwrap();
-        assert_eq!(format!("{:?}", header.alg), key.algorithm().as_str(), "{file}");
+        assert_eq!(
+            format!("{:?}", header.alg),
+            key.algorithm().as_str(),
+            "{file}"
+        );
         assert_eq!(header.typ.as_deref(), Some("JWT"));
         assert_eq!(header.kid.as_deref(), Some(key.kid()));
-        assert_eq!(header.jku.as_deref(), Some("https://keys.example.org/jwks.json"));
+        assert_eq!(
+            header.jku.as_deref(),
+            Some("https://keys.example.org/jwks.json")
+        );
 
         let c = verify(&key, &jwt, token_url);
         assert_eq!(c["iss"], "client-123");
@@ -41,7 +57,10 @@ fn rs384_and_es384_assertions_verify_with_the_public_key() {
         assert_eq!(c["aud"], token_url);
         assert_eq!(c["jti"], jti.as_str());
         let exp = c["exp"].as_i64().unwrap();
-        assert!(exp > now + 200 && exp <= now + 300, "exp about 4 minutes ahead, never over 5");
+        assert!(
+            exp > now + 200 && exp <= now + 300,
+            "exp about 4 minutes ahead, never over 5"
+        );
         assert!(c.get("iat").is_none() && c.get("nbf").is_none());
 
         // Another key's JWK does not verify it.

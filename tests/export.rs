@@ -19,38 +19,65 @@ fn summary(run_dir: &std::path::Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_exactly_the_sandbox_data() {
     // Small pages force many pages, including short pages that are not the last.
-    let env = env(SandboxOptions { patients: 12, page_size: 4, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 12,
+        page_size: 4,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
     let config = env.write_config(&patients, ALL_SEARCHES, FAST_LIMITS);
     let plan = epic_export::config::load_plan(&config).unwrap();
     let report = run(&plan, &RunOptions::default()).await.unwrap();
-    assert_eq!(report.summary.outcome, Outcome::Success, "{:?}", report.summary.errors);
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
 
     let want = expected(env.sandbox.dataset(), &patients);
     let got = read_run(&report.dir);
     assert_same_data(&got, &want);
     assert!(want["Observation"].len() > 50);
-    assert!(report.summary.duplicates_skipped > 0, "observations in two categories are written once");
+    assert!(
+        report.summary.duplicates_skipped > 0,
+        "observations in two categories are written once"
+    );
 
     // Outcome entries go to errors/, not the data.
     let outcomes_expected: usize = patients
         .iter()
-        .map(|p| ["Condition", "DocumentReference"].iter().filter(|t| env.sandbox.dataset().search_has_outcome(t, p)).count())
+        .map(|p| {
+            ["Condition", "DocumentReference"]
+                .iter()
+                .filter(|t| env.sandbox.dataset().search_has_outcome(t, p))
+                .count()
+        })
         .sum();
-    let outcomes = std::fs::read_to_string(report.dir.join("errors/OperationOutcome.ndjson")).unwrap();
+    let outcomes =
+        std::fs::read_to_string(report.dir.join("errors/OperationOutcome.ndjson")).unwrap();
     assert_eq!(outcomes.lines().count(), outcomes_expected);
     assert!(outcomes.lines().all(|l| l.contains("\"OperationOutcome\"")));
 
     // Manifest: counts, bytes and checksums of the files as written.
-    let manifest: Value = serde_json::from_slice(&std::fs::read(report.dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(report.dir.join("manifest.json")).unwrap()).unwrap();
     let outputs = manifest["output"].as_array().unwrap();
     assert_eq!(outputs.len(), want.len());
     for o in outputs {
         let file = report.dir.join(o["url"].as_str().unwrap());
         let bytes = std::fs::read(&file).unwrap();
         assert_eq!(o["bytes"].as_u64().unwrap(), bytes.len() as u64);
-        assert_eq!(o["count"].as_u64().unwrap() as usize, want[o["type"].as_str().unwrap()].len());
-        let sha: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            o["count"].as_u64().unwrap() as usize,
+            want[o["type"].as_str().unwrap()].len()
+        );
+        let sha: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(o["sha256"], sha);
     }
     assert!(manifest["transactionTime"].as_str().unwrap().ends_with('Z'));
@@ -59,45 +86,117 @@ async fn exports_exactly_the_sandbox_data() {
     // Summary, latest link, permissions.
     let s = summary(&report.dir);
     assert_eq!(s["outcome"], "success");
-    assert_eq!(s["recordsTotal"].as_u64().unwrap() as usize, want.values().map(|m| m.len()).sum::<usize>());
+    assert_eq!(
+        s["recordsTotal"].as_u64().unwrap() as usize,
+        want.values().map(|m| m.len()).sum::<usize>()
+    );
     let latest = std::fs::read_link(env.export_dir().join("latest")).unwrap();
     assert_eq!(env.export_dir().join(latest), report.dir);
-    assert_eq!(std::fs::metadata(&report.dir).unwrap().permissions().mode() & 0o777, 0o700);
-    assert_eq!(std::fs::metadata(report.dir.join("Patient.ndjson")).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(report.dir.join("summary.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&report.dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        std::fs::metadata(report.dir.join("Patient.ndjson"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(report.dir.join("summary.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_429_in_both_forms_and_503_without_loss_or_duplicates() {
-    let env = env(SandboxOptions { patients: 4, page_size: 5, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 4,
+        page_size: 5,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
     let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
-    env.sandbox.inject(Fault::Status { status: 429, retry_after: Some("1".into()) });
-    env.sandbox.inject(Fault::Status { status: 503, retry_after: None });
-    env.sandbox.inject(Fault::Status { status: 429, retry_after: Some(soon) });
-    env.sandbox.inject(Fault::Status { status: 502, retry_after: None });
-    let config = env.write_config(&patients, ALL_SEARCHES, "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n");
+    env.sandbox.inject(Fault::Status {
+        status: 429,
+        retry_after: Some("1".into()),
+    });
+    env.sandbox.inject(Fault::Status {
+        status: 503,
+        retry_after: None,
+    });
+    env.sandbox.inject(Fault::Status {
+        status: 429,
+        retry_after: Some(soon),
+    });
+    env.sandbox.inject(Fault::Status {
+        status: 502,
+        retry_after: None,
+    });
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n",
+    );
     let plan = epic_export::config::load_plan(&config).unwrap();
     let started = std::time::Instant::now();
     let report = run(&plan, &RunOptions::default()).await.unwrap();
-    assert_eq!(report.summary.outcome, Outcome::Success, "{:?}", report.summary.errors);
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
     assert_eq!(report.summary.retries, 4);
-    assert!(started.elapsed() >= Duration::from_millis(1000), "Retry-After was honoured");
-    assert_same_data(&read_run(&report.dir), &expected(env.sandbox.dataset(), &patients));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "Retry-After was honoured"
+    );
+    assert_same_data(
+        &read_run(&report.dir),
+        &expected(env.sandbox.dataset(), &patients),
+    );
     assert_eq!(env.sandbox.stats().injected_faults, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_faults_at_scale_still_give_exact_data() {
-    let env = env(SandboxOptions { patients: 20, page_size: 6, rate_429: 0.05, rate_5xx: 0.05, seed: 7, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 20,
+        page_size: 6,
+        rate_429: 0.05,
+        rate_5xx: 0.05,
+        seed: 7,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
     // Retry-After: 1 on every 429 would make this slow; the client caps waits by its policy anyway.
-    let config = env.write_config(&patients, ALL_SEARCHES, "limits:\n  concurrency: 8\n  requestsPerSecond: 0\n  maxAttempts: 10\n");
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        "limits:\n  concurrency: 8\n  requestsPerSecond: 0\n  maxAttempts: 10\n",
+    );
     let plan = epic_export::config::load_plan(&config).unwrap();
     let report = run(&plan, &RunOptions::default()).await.unwrap();
-    assert_eq!(report.summary.outcome, Outcome::Success, "{:?}", report.summary.errors);
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
     assert!(env.sandbox.stats().random_faults > 5);
-    assert_same_data(&read_run(&report.dir), &expected(env.sandbox.dataset(), &patients));
+    assert_same_data(
+        &read_run(&report.dir),
+        &expected(env.sandbox.dataset(), &patients),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,41 +211,87 @@ async fn foreign_origin_next_link_never_gets_the_token() {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut buf = vec![0u8; 8192];
             let n = sock.read(&mut buf).await.unwrap_or(0);
-            seen2.lock().await.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await;
+            seen2
+                .lock()
+                .await
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await;
         }
     });
 
-    let env = env(SandboxOptions { patients: 6, page_size: 3, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 6,
+        page_size: 3,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
-    env.sandbox.inject(Fault::ForeignNextLink { origin: foreign.clone() });
+    env.sandbox.inject(Fault::ForeignNextLink {
+        origin: foreign.clone(),
+    });
     // A patient with Conditions, so the search that is not disturbed has data to show.
-    let patient: Vec<String> = patients.iter().filter(|p| !env.sandbox.dataset().resources("Condition", p).is_empty()).take(1).cloned().collect();
-    let config = env.write_config(&patient, "resource_type,search_params\nObservation,category=laboratory\nCondition,\n", FAST_LIMITS);
+    let patient: Vec<String> = patients
+        .iter()
+        .filter(|p| !env.sandbox.dataset().resources("Condition", p).is_empty())
+        .take(1)
+        .cloned()
+        .collect();
+    let config = env.write_config(
+        &patient,
+        "resource_type,search_params\nObservation,category=laboratory\nCondition,\n",
+        FAST_LIMITS,
+    );
     let plan = epic_export::config::load_plan(&config).unwrap();
     let report = run(&plan, &RunOptions::default()).await.unwrap();
 
     assert_eq!(report.summary.outcome, Outcome::Partial);
     assert_eq!(report.summary.searches_failed, 1);
-    let failures = std::fs::read_to_string(report.dir.join("errors/failed-requests.ndjson")).unwrap();
+    let failures =
+        std::fs::read_to_string(report.dir.join("errors/failed-requests.ndjson")).unwrap();
     assert!(failures.contains("another origin"), "{failures}");
     assert!(failures.contains("Observation?category=laboratory"));
     let requests = seen.lock().await;
-    assert!(requests.iter().all(|r| !r.to_ascii_lowercase().contains("authorization")), "the token went to {foreign}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| !r.to_ascii_lowercase().contains("authorization")),
+        "the token went to {foreign}"
+    );
     assert!(requests.is_empty(), "the link was not followed at all");
     // The other search still completed.
     let got = read_run(&report.dir);
-    assert_eq!(got["Condition"].len(), expected(env.sandbox.dataset(), &patient)["Condition"].len());
+    assert_eq!(
+        got["Condition"].len(),
+        expected(env.sandbox.dataset(), &patient)["Condition"].len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4xx_fails_only_that_search_and_the_run_is_partial() {
-    let env = env(SandboxOptions { patients: 3, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 3,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
-    env.sandbox.inject(Fault::Status { status: 403, retry_after: None });
-    let config = env.write_config(&patients, ALL_SEARCHES, "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n");
+    env.sandbox.inject(Fault::Status {
+        status: 403,
+        retry_after: None,
+    });
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n",
+    );
     let out = run_binary(&config).await;
-    assert_eq!(out.status.code(), Some(3), "partial has its own exit code; stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "partial has its own exit code; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("PARTIAL"), "{stdout}");
     let latest = env.export_dir().join("latest");
@@ -162,15 +307,27 @@ async fn a_4xx_fails_only_that_search_and_the_run_is_partial() {
     // PHI hygiene: the process's logs name no patient.
     let stderr = String::from_utf8_lossy(&out.stderr);
     for p in &patients {
-        assert!(!stderr.contains(p.as_str()) && !stdout.contains(p.as_str()), "patient id in logs:\n{stderr}");
+        assert!(
+            !stderr.contains(p.as_str()) && !stdout.contains(p.as_str()),
+            "patient id in logs:\n{stderr}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_run_leaves_nothing_published_and_the_next_run_is_fine() {
-    let env = env(SandboxOptions { patients: 30, latency: Duration::from_millis(40), ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 30,
+        latency: Duration::from_millis(40),
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
-    let config = env.write_config(&patients, ALL_SEARCHES, "limits:\n  concurrency: 2\n  requestsPerSecond: 0\n");
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        "limits:\n  concurrency: 2\n  requestsPerSecond: 0\n",
+    );
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
         .args(["run", "--no-progress", "--config"])
         .arg(&config)
@@ -182,33 +339,58 @@ async fn a_killed_run_leaves_nothing_published_and_the_next_run_is_fine() {
     let export_dir = env.export_dir();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let writing = std::fs::read_dir(&export_dir).into_iter().flatten().flatten().any(|e| {
-            let name = e.file_name().into_string().unwrap();
-            name.ends_with(".partial") && e.path().join("Patient.ndjson").exists()
-        });
+        let writing = std::fs::read_dir(&export_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name().into_string().unwrap();
+                name.ends_with(".partial") && e.path().join("Patient.ndjson").exists()
+            });
         if writing {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the run never started writing");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started writing"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill().await.unwrap();
-    let names: Vec<String> = std::fs::read_dir(&export_dir).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = std::fs::read_dir(&export_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
     assert!(!names.iter().any(|n| n == "latest"), "{names:?}");
-    assert!(names.iter().all(|n| n.starts_with('.')), "only hidden leftovers: {names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with('.')),
+        "only hidden leftovers: {names:?}"
+    );
 
     // The next run completes, and sweeps the leftover.
     let plan = epic_export::config::load_plan(&config).unwrap();
     let report = run(&plan, &RunOptions::default()).await.unwrap();
     assert_eq!(report.summary.outcome, Outcome::Success);
-    assert_same_data(&read_run(&report.dir), &expected(env.sandbox.dataset(), &patients));
-    let names: Vec<String> = std::fs::read_dir(&export_dir).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+    assert_same_data(
+        &read_run(&report.dir),
+        &expected(env.sandbox.dataset(), &patients),
+    );
+    let names: Vec<String> = std::fs::read_dir(&export_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
     assert!(!names.iter().any(|n| n.ends_with(".partial")), "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_runs_removes_old_runs() {
-    let env = env(SandboxOptions { patients: 1, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 1,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
     let config = env.write_config(&patients, "resource_type\nPatient\n", "  keepRuns: 2\n");
     // keepRuns is under output:, which write_config ends with.
@@ -225,14 +407,25 @@ async fn keep_runs_removes_old_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auth_failure_is_fatal_and_writes_nothing() {
-    let env = env(SandboxOptions { patients: 1, ..SandboxOptions::default() }).await;
+    let env = env(SandboxOptions {
+        patients: 1,
+        ..SandboxOptions::default()
+    })
+    .await;
     let patients = env.sandbox.dataset().patient_ids();
     let config = env.write_config(&patients, "resource_type\nPatient\n", "");
-    let text = std::fs::read_to_string(&config).unwrap().replace(CLIENT_ID, "someone-else");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(CLIENT_ID, "someone-else");
     std::fs::write(&config, text).unwrap();
     let out = run_binary(&config).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("invalid_client") && stderr.contains("aud") && stderr.contains("kid"), "{stderr}");
-    assert!(!env.export_dir().exists() || std::fs::read_dir(env.export_dir()).unwrap().count() == 0);
+    assert!(
+        stderr.contains("invalid_client") && stderr.contains("aud") && stderr.contains("kid"),
+        "{stderr}"
+    );
+    assert!(
+        !env.export_dir().exists() || std::fs::read_dir(env.export_dir()).unwrap().count() == 0
+    );
 }

@@ -7,11 +7,15 @@ use std::path::PathBuf;
 use epic_export::auth::{Algorithm, SigningKey, keys};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
 }
 
 fn load_err(name: &str, alg: Option<Algorithm>) -> String {
-    let err = SigningKey::load(&fixture(name), alg, None).expect_err(name).to_string();
+    let err = SigningKey::load(&fixture(name), alg, None)
+        .expect_err(name)
+        .to_string();
     assert!(err.contains(name), "error names the file: {err}");
     err
 }
@@ -24,12 +28,22 @@ fn loads_every_supported_format() {
         ("ec-p256-sec1.pem", Algorithm::ES256),
         ("ec-p384-pkcs8.pem", Algorithm::ES384),
     ] {
-        let key = SigningKey::load(&fixture(file), None, None).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let key =
+            SigningKey::load(&fixture(file), None, None).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(key.algorithm(), alg, "{file}: default algorithm");
-        assert_eq!(key.kid(), key.thumbprint(), "{file}: default kid is the RFC 7638 thumbprint");
+        assert_eq!(
+            key.kid(),
+            key.thumbprint(),
+            "{file}: default kid is the RFC 7638 thumbprint"
+        );
         assert_eq!(key.kid().len(), 43);
     }
-    let key = SigningKey::load(&fixture("rsa2048-pkcs1.pem"), Some(Algorithm::RS256), Some("my-key-1".into())).unwrap();
+    let key = SigningKey::load(
+        &fixture("rsa2048-pkcs1.pem"),
+        Some(Algorithm::RS256),
+        Some("my-key-1".into()),
+    )
+    .unwrap();
     assert_eq!(key.kid(), "my-key-1");
     assert_eq!(key.algorithm(), Algorithm::RS256);
 }
@@ -54,11 +68,19 @@ fn bad_keys_have_clear_errors() {
     let wrong = load_err("rsa2048-pkcs1.pem", Some(Algorithm::ES384));
     assert!(wrong.contains("ES384") && wrong.contains("RSA"), "{wrong}");
     let wrong = load_err("ec-p256-sec1.pem", Some(Algorithm::ES384));
-    assert!(wrong.contains("P-256") && wrong.contains("ES256"), "{wrong}");
+    assert!(
+        wrong.contains("P-256") && wrong.contains("ES256"),
+        "{wrong}"
+    );
     let wrong = load_err("ec-p384-pkcs8.pem", Some(Algorithm::RS384));
     assert!(wrong.contains("RSA"), "{wrong}");
-    let missing = SigningKey::load(&fixture("nope.pem"), None, None).unwrap_err().to_string();
-    assert!(missing.contains("nope.pem") && missing.contains("cannot read"), "{missing}");
+    let missing = SigningKey::load(&fixture("nope.pem"), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("nope.pem") && missing.contains("cannot read"),
+        "{missing}"
+    );
 }
 
 #[test]
@@ -73,10 +95,14 @@ fn keygen_writes_private_key_0600_and_jwks() {
         let loaded = SigningKey::load(&private, None, None).unwrap();
         assert_eq!(loaded.algorithm(), alg);
         assert_eq!(loaded.kid(), key.kid());
-        let jwks: serde_json::Value = serde_json::from_slice(&std::fs::read(&public).unwrap()).unwrap();
+        let jwks: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&public).unwrap()).unwrap();
         assert_eq!(jwks["keys"][0]["kid"], key.kid());
         assert_eq!(jwks["keys"][0]["alg"], alg.as_str());
-        assert!(jwks["keys"][0].get("d").is_none(), "no private member in the JWKS");
+        assert!(
+            jwks["keys"][0].get("d").is_none(),
+            "no private member in the JWKS"
+        );
         // A second keygen into the same folder must not overwrite the key.
         assert!(keys::write_key_pair(&SigningKey::generate(alg).unwrap(), &out).is_err());
     }

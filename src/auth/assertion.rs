@@ -32,12 +32,23 @@ pub struct Claims<'a> {
 
 /// Builds the claims for one token request. `now` is Unix seconds.
 pub fn claims<'a>(client_id: &'a str, token_url: &'a str, jti: &'a str, now: i64) -> Claims<'a> {
-    Claims { iss: client_id, sub: client_id, aud: token_url, jti, exp: now + ASSERTION_LIFETIME_SECS }
+    Claims {
+        iss: client_id,
+        sub: client_id,
+        aud: token_url,
+        jti,
+        exp: now + ASSERTION_LIFETIME_SECS,
+    }
 }
 
 /// Signs a compact JWS (`header.claims.signature`).
 pub fn sign(key: &SigningKey, jku: Option<&str>, claims: &Claims<'_>) -> String {
-    let header = Header { alg: key.algorithm().as_str(), typ: "JWT", kid: key.kid(), jku };
+    let header = Header {
+        alg: key.algorithm().as_str(),
+        typ: "JWT",
+        kid: key.kid(),
+        jku,
+    };
     // Serialising these plain structs cannot fail.
     let h = b64(&serde_json::to_vec(&header).unwrap_or_default());
     let c = b64(&serde_json::to_vec(claims).unwrap_or_default());

@@ -27,7 +27,10 @@ pub async fn token_url(http: &reqwest::Client, base_url: &str) -> Result<String,
         },
         Err(e) => e,
     };
-    Err(AuthError::Discovery { url: smart, detail: format!("{first}; {metadata}: {second}") })
+    Err(AuthError::Discovery {
+        url: smart,
+        detail: format!("{first}; {metadata}: {second}"),
+    })
 }
 
 async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value, String> {
@@ -47,24 +50,33 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value
 /// The `token` URI from `rest[].security.extension[oauth-uris]`.
 pub fn token_from_capability_statement(doc: &serde_json::Value) -> Option<String> {
     doc.get("rest")?.as_array()?.iter().find_map(|rest| {
-        rest.pointer("/security/extension")?.as_array()?.iter().find_map(|ext| {
-            if ext.get("url")?.as_str()? != OAUTH_URIS {
-                return None;
-            }
-            ext.get("extension")?.as_array()?.iter().find_map(|inner| {
-                (inner.get("url")?.as_str()? == "token").then(|| inner.get("valueUri")?.as_str().map(str::to_owned))?
+        rest.pointer("/security/extension")?
+            .as_array()?
+            .iter()
+            .find_map(|ext| {
+                if ext.get("url")?.as_str()? != OAUTH_URIS {
+                    return None;
+                }
+                ext.get("extension")?.as_array()?.iter().find_map(|inner| {
+                    (inner.get("url")?.as_str()? == "token")
+                        .then(|| inner.get("valueUri")?.as_str().map(str::to_owned))?
+                })
             })
-        })
     })
 }
 
 fn resolve(base: &str, endpoint: &str, from: &str) -> Result<String, AuthError> {
-    let base_url = url::Url::parse(&format!("{base}/"))
-        .map_err(|e| AuthError::Discovery { url: from.to_owned(), detail: format!("the base URL is invalid: {e}") })?;
+    let base_url = url::Url::parse(&format!("{base}/")).map_err(|e| AuthError::Discovery {
+        url: from.to_owned(),
+        detail: format!("the base URL is invalid: {e}"),
+    })?;
     base_url
         .join(endpoint)
         .map(String::from)
-        .map_err(|e| AuthError::Discovery { url: from.to_owned(), detail: format!("token_endpoint {endpoint:?} is not a URL: {e}") })
+        .map_err(|e| AuthError::Discovery {
+            url: from.to_owned(),
+            detail: format!("token_endpoint {endpoint:?} is not a URL: {e}"),
+        })
 }
 
 #[cfg(test)]
@@ -78,14 +90,26 @@ mod tests {
             "url": OAUTH_URIS,
             "extension": [{"url": "authorize", "valueUri": "https://a/authorize"}, {"url": "token", "valueUri": "https://a/token"}]
         }]}}]});
-        assert_eq!(token_from_capability_statement(&doc).as_deref(), Some("https://a/token"));
+        assert_eq!(
+            token_from_capability_statement(&doc).as_deref(),
+            Some("https://a/token")
+        );
         assert_eq!(token_from_capability_statement(&json!({"rest": []})), None);
     }
 
     #[test]
     fn relative_endpoints_resolve_against_the_base() {
-        assert_eq!(resolve("https://h/fhir/R4", "/oauth2/token", "x").unwrap(), "https://h/oauth2/token");
-        assert_eq!(resolve("https://h/fhir/R4", "token", "x").unwrap(), "https://h/fhir/R4/token");
-        assert_eq!(resolve("https://h/fhir/R4", "https://o/t", "x").unwrap(), "https://o/t");
+        assert_eq!(
+            resolve("https://h/fhir/R4", "/oauth2/token", "x").unwrap(),
+            "https://h/oauth2/token"
+        );
+        assert_eq!(
+            resolve("https://h/fhir/R4", "token", "x").unwrap(),
+            "https://h/fhir/R4/token"
+        );
+        assert_eq!(
+            resolve("https://h/fhir/R4", "https://o/t", "x").unwrap(),
+            "https://o/t"
+        );
     }
 }

@@ -71,23 +71,45 @@ impl std::str::FromStr for Algorithm {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("private key file {path}: cannot read it: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("private key file {path}: not a PEM file ({detail}); expected '-----BEGIN PRIVATE KEY-----', 'RSA PRIVATE KEY' or 'EC PRIVATE KEY'")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "private key file {path}: not a PEM file ({detail}); expected '-----BEGIN PRIVATE KEY-----', 'RSA PRIVATE KEY' or 'EC PRIVATE KEY'"
+    )]
     NotPem { path: PathBuf, detail: String },
-    #[error("private key file {path}: the key is encrypted; store it unencrypted with mode 0600 (e.g. `openssl pkcs8 -topk8 -nocrypt -in KEY -out private.pem`) and protect the file instead")]
+    #[error(
+        "private key file {path}: the key is encrypted; store it unencrypted with mode 0600 (e.g. `openssl pkcs8 -topk8 -nocrypt -in KEY -out private.pem`) and protect the file instead"
+    )]
     Encrypted { path: PathBuf },
-    #[error("private key file {path}: PEM block '{label}' is not a private key; expected PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY")]
+    #[error(
+        "private key file {path}: PEM block '{label}' is not a private key; expected PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY"
+    )]
     WrongLabel { path: PathBuf, label: String },
     #[error("private key file {path}: the content is not a valid {kind} private key")]
     Invalid { path: PathBuf, kind: &'static str },
-    #[error("private key file {path}: the RSA key is shorter than {MIN_RSA_BITS} bits, the minimum Epic accepts; generate a new one with `epic-export keygen`")]
+    #[error(
+        "private key file {path}: the RSA key is shorter than {MIN_RSA_BITS} bits, the minimum Epic accepts; generate a new one with `epic-export keygen`"
+    )]
     RsaTooShort { path: PathBuf },
-    #[error("private key file {path}: algorithm {alg} needs {needs}, but the file holds {has}; set auth.algorithm to {suggest} or use another key")]
-    WrongType { path: PathBuf, alg: Algorithm, needs: &'static str, has: String, suggest: String },
+    #[error(
+        "private key file {path}: algorithm {alg} needs {needs}, but the file holds {has}; set auth.algorithm to {suggest} or use another key"
+    )]
+    WrongType {
+        path: PathBuf,
+        alg: Algorithm,
+        needs: &'static str,
+        has: String,
+        suggest: String,
+    },
     #[error("cannot generate a key: {0}")]
     Generate(String),
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 enum Inner {
@@ -136,29 +158,59 @@ impl fmt::Debug for SigningKey {
 
 impl SigningKey {
     /// Loads a PEM private key. `alg` defaults to RS384 for RSA keys and ES256/ES384 by curve for EC keys.
-    pub fn load(path: &Path, alg: Option<Algorithm>, kid: Option<String>) -> Result<Self, KeyError> {
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_owned(), source })?;
+    pub fn load(
+        path: &Path,
+        alg: Option<Algorithm>,
+        kid: Option<String>,
+    ) -> Result<Self, KeyError> {
+        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_pem(&bytes, path, alg, kid)
     }
 
     /// Parses PEM bytes; `path` is only used in error messages.
-    pub fn from_pem(bytes: &[u8], path: &Path, alg: Option<Algorithm>, kid: Option<String>) -> Result<Self, KeyError> {
+    pub fn from_pem(
+        bytes: &[u8],
+        path: &Path,
+        alg: Option<Algorithm>,
+        kid: Option<String>,
+    ) -> Result<Self, KeyError> {
         let p = || path.to_owned();
         let text = String::from_utf8_lossy(bytes);
         if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
             return Err(KeyError::Encrypted { path: p() });
         }
-        let block = pem::parse(bytes).map_err(|e| KeyError::NotPem { path: p(), detail: e.to_string() })?;
+        let block = pem::parse(bytes).map_err(|e| KeyError::NotPem {
+            path: p(),
+            detail: e.to_string(),
+        })?;
         let der = block.contents();
         let inner = match block.tag() {
-            "RSA PRIVATE KEY" => Inner::Rsa(RsaKeyPair::from_der(der).map_err(|e| rsa_error(e, path, "PKCS#1 RSA"))?),
-            "EC PRIVATE KEY" => parse_ec(der).ok_or(KeyError::Invalid { path: p(), kind: "SEC1 EC (P-256 or P-384)" })?,
+            "RSA PRIVATE KEY" => {
+                Inner::Rsa(RsaKeyPair::from_der(der).map_err(|e| rsa_error(e, path, "PKCS#1 RSA"))?)
+            }
+            "EC PRIVATE KEY" => parse_ec(der).ok_or(KeyError::Invalid {
+                path: p(),
+                kind: "SEC1 EC (P-256 or P-384)",
+            })?,
             "PRIVATE KEY" => match RsaKeyPair::from_pkcs8(der) {
                 Ok(k) => Inner::Rsa(k),
-                Err(e) if e.description_() == "TooSmall" => return Err(rsa_error(e, path, "PKCS#8 RSA")),
-                Err(_) => parse_ec(der).ok_or(KeyError::Invalid { path: p(), kind: "PKCS#8 RSA or EC (P-256/P-384)" })?,
+                Err(e) if e.description_() == "TooSmall" => {
+                    return Err(rsa_error(e, path, "PKCS#8 RSA"));
+                }
+                Err(_) => parse_ec(der).ok_or(KeyError::Invalid {
+                    path: p(),
+                    kind: "PKCS#8 RSA or EC (P-256/P-384)",
+                })?,
             },
-            other => return Err(KeyError::WrongLabel { path: p(), label: other.to_owned() }),
+            other => {
+                return Err(KeyError::WrongLabel {
+                    path: p(),
+                    label: other.to_owned(),
+                });
+            }
         };
         let alg = match (&inner, alg) {
             (Inner::Rsa(k), alg) => {
@@ -173,7 +225,11 @@ impl SigningKey {
                         return Err(KeyError::WrongType {
                             path: p(),
                             alg: a,
-                            needs: if a == Algorithm::ES256 { "an EC P-256 key" } else { "an EC P-384 key" },
+                            needs: if a == Algorithm::ES256 {
+                                "an EC P-256 key"
+                            } else {
+                                "an EC P-384 key"
+                            },
                             has: format!("an RSA key ({bits} bits)"),
                             suggest: "RS384".into(),
                         });
@@ -198,20 +254,39 @@ impl SigningKey {
                 }
             },
         };
-        let mut key = SigningKey { inner, alg, kid: String::new(), source: path.display().to_string() };
+        let mut key = SigningKey {
+            inner,
+            alg,
+            kid: String::new(),
+            source: path.display().to_string(),
+        };
         key.kid = kid.unwrap_or_else(|| key.thumbprint());
         Ok(key)
     }
 
     /// Generates a new key for `alg` (RSA keys are 3072 bits).
     pub fn generate(alg: Algorithm) -> Result<Self, KeyError> {
-        let gen_err = |_| KeyError::Generate(format!("the crypto library could not generate a {alg} key"));
+        let gen_err =
+            |_| KeyError::Generate(format!("the crypto library could not generate a {alg} key"));
         let inner = match alg {
-            Algorithm::ES256 => Inner::Ec(EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING).map_err(gen_err)?, Curve::P256),
-            Algorithm::ES384 => Inner::Ec(EcdsaKeyPair::generate(&signature::ECDSA_P384_SHA384_FIXED_SIGNING).map_err(gen_err)?, Curve::P384),
+            Algorithm::ES256 => Inner::Ec(
+                EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING)
+                    .map_err(gen_err)?,
+                Curve::P256,
+            ),
+            Algorithm::ES384 => Inner::Ec(
+                EcdsaKeyPair::generate(&signature::ECDSA_P384_SHA384_FIXED_SIGNING)
+                    .map_err(gen_err)?,
+                Curve::P384,
+            ),
             _ => Inner::Rsa(RsaKeyPair::generate(KeySize::Rsa3072).map_err(gen_err)?),
         };
-        let mut key = SigningKey { inner, alg, kid: String::new(), source: "generated".into() };
+        let mut key = SigningKey {
+            inner,
+            alg,
+            kid: String::new(),
+            source: "generated".into(),
+        };
         key.kid = key.thumbprint();
         Ok(key)
     }
@@ -237,7 +312,9 @@ impl SigningKey {
     /// The public key as a JWK with `kid`, `alg` and `use: sig`.
     pub fn public_jwk(&self) -> Value {
         let mut jwk = self.thumbprint_members();
-        let obj = jwk.as_object_mut().expect("thumbprint members are an object");
+        let obj = jwk
+            .as_object_mut()
+            .expect("thumbprint members are an object");
         obj.insert("kid".into(), Value::String(self.kid.clone()));
         obj.insert("alg".into(), Value::String(self.alg.to_string()));
         obj.insert("use".into(), Value::String("sig".into()));
@@ -286,10 +363,15 @@ impl SigningKey {
                 };
                 let mut sig = vec![0; k.public_modulus_len()];
                 // Signing with a validated key pair and a correctly sized buffer cannot fail.
-                k.sign(padding, &rng, message, &mut sig).expect("RSA signing with a valid key");
+                k.sign(padding, &rng, message, &mut sig)
+                    .expect("RSA signing with a valid key");
                 sig
             }
-            Inner::Ec(k, _) => k.sign(&rng, message).expect("ECDSA signing with a valid key").as_ref().to_vec(),
+            Inner::Ec(k, _) => k
+                .sign(&rng, message)
+                .expect("ECDSA signing with a valid key")
+                .as_ref()
+                .to_vec(),
         }
     }
 }
@@ -297,15 +379,22 @@ impl SigningKey {
 /// The crypto library refuses RSA keys under 2048 bits with "TooSmall"; say so plainly.
 fn rsa_error(e: aws_lc_rs::error::KeyRejected, path: &Path, kind: &'static str) -> KeyError {
     if e.description_() == "TooSmall" {
-        KeyError::RsaTooShort { path: path.to_owned() }
+        KeyError::RsaTooShort {
+            path: path.to_owned(),
+        }
     } else {
-        KeyError::Invalid { path: path.to_owned(), kind }
+        KeyError::Invalid {
+            path: path.to_owned(),
+            kind,
+        }
     }
 }
 
 fn parse_ec(der: &[u8]) -> Option<Inner> {
     // The EC key pair type needs the algorithm to parse, so try each curve we support.
-    if let Ok(k) = EcdsaKeyPair::from_private_key_der(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, der) {
+    if let Ok(k) =
+        EcdsaKeyPair::from_private_key_der(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, der)
+    {
         return Some(Inner::Ec(k, Curve::P384));
     }
     EcdsaKeyPair::from_private_key_der(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der)
@@ -340,7 +429,8 @@ pub fn write_key_pair(key: &SigningKey, dir: &Path) -> Result<(PathBuf, PathBuf)
     let pem = key.to_pkcs8_pem()?;
     crate::output::write_new_private_file(&private, pem.as_bytes()).map_err(werr(&private))?;
     let public = dir.join("jwks.json");
-    let mut text = serde_json::to_string_pretty(&jwks(std::slice::from_ref(key))).unwrap_or_default();
+    let mut text =
+        serde_json::to_string_pretty(&jwks(std::slice::from_ref(key))).unwrap_or_default();
     text.push('\n');
     std::fs::write(&public, text).map_err(werr(&public))?;
     Ok((private, public))
@@ -358,6 +448,9 @@ mod tests {
             "kty": "RSA",
             "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
         });
-        assert_eq!(thumbprint_of(&members), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+        assert_eq!(
+            thumbprint_of(&members),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
     }
 }

@@ -55,14 +55,33 @@ pub enum AuthError {
          - clock skew: the assertion expires {lifetime} s after our clock{skew}\n\
          Run `epic-export check --config FILE` for these checks."
     )]
-    InvalidClient { token_url: String, description: String, kid: String, lifetime: i64, skew: String },
-    #[error("the token endpoint {token_url} refused the request: HTTP {status} {error}{description}")]
-    Rejected { token_url: String, status: u16, error: String, description: String },
+    InvalidClient {
+        token_url: String,
+        description: String,
+        kid: String,
+        lifetime: i64,
+        skew: String,
+    },
+    #[error(
+        "the token endpoint {token_url} refused the request: HTTP {status} {error}{description}"
+    )]
+    Rejected {
+        token_url: String,
+        status: u16,
+        error: String,
+        description: String,
+    },
     #[error("the token endpoint {token_url} answered HTTP {status} {attempts} times; giving up")]
-    Unavailable { token_url: String, status: u16, attempts: u32 },
+    Unavailable {
+        token_url: String,
+        status: u16,
+        attempts: u32,
+    },
     #[error("cannot reach the token endpoint {token_url}: {message}")]
     Transport { token_url: String, message: String },
-    #[error("the token endpoint {token_url} sent a response without a usable access_token: {detail}")]
+    #[error(
+        "the token endpoint {token_url} sent a response without a usable access_token: {detail}"
+    )]
     BadResponse { token_url: String, detail: String },
     #[error("cannot discover the token URL from {url}: {detail}; set fhir.tokenUrl in the config")]
     Discovery { url: String, detail: String },
@@ -129,7 +148,15 @@ pub fn renew_margin(lifetime: Duration) -> Duration {
 
 impl TokenSource {
     pub fn new(http: reqwest::Client, cfg: TokenSourceConfig) -> Self {
-        TokenSource { http, cfg, retry: RetryPolicy { max_attempts: 4, ..RetryPolicy::default() }, cached: Mutex::new(None) }
+        TokenSource {
+            http,
+            cfg,
+            retry: RetryPolicy {
+                max_attempts: 4,
+                ..RetryPolicy::default()
+            },
+            cached: Mutex::new(None),
+        }
     }
 
     pub fn token_url(&self) -> &str {
@@ -145,8 +172,14 @@ impl TokenSource {
             return Ok(c.token.clone());
         }
         let (token, grant) = self.request().await?;
-        let renew_at = Instant::now() + grant.expires_in.saturating_sub(renew_margin(grant.expires_in));
-        *cached = Some(Cached { token: token.clone(), renew_at });
+        let renew_at = Instant::now()
+            + grant
+                .expires_in
+                .saturating_sub(renew_margin(grant.expires_in));
+        *cached = Some(Cached {
+            token: token.clone(),
+            renew_at,
+        });
         Ok(token)
     }
 
@@ -171,19 +204,38 @@ impl TokenSource {
             let jwt = assertion::sign(&self.cfg.key, self.cfg.jku.as_deref(), &claims);
             let form = [
                 ("grant_type", "client_credentials"),
-                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
                 ("client_assertion", jwt.as_str()),
                 ("scope", self.cfg.scope.as_str()),
             ];
-            let sent = self.http.post(url).header("Accept", "application/json").form(&form).send().await;
+            let sent = self
+                .http
+                .post(url)
+                .header("Accept", "application/json")
+                .form(&form)
+                .send()
+                .await;
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) if attempt < self.retry.max_attempts => {
-                    tracing::warn!(attempt, "token request failed ({}); retrying", crate::fhir::describe_transport(&e));
-                    tokio::time::sleep(retry::backoff(&self.retry, attempt, retry::jitter_unit())).await;
+                    tracing::warn!(
+                        attempt,
+                        "token request failed ({}); retrying",
+                        crate::fhir::describe_transport(&e)
+                    );
+                    tokio::time::sleep(retry::backoff(&self.retry, attempt, retry::jitter_unit()))
+                        .await;
                     continue;
                 }
-                Err(e) => return Err(AuthError::Transport { token_url: url.clone(), message: crate::fhir::describe_transport(&e) }),
+                Err(e) => {
+                    return Err(AuthError::Transport {
+                        token_url: url.clone(),
+                        message: crate::fhir::describe_transport(&e),
+                    });
+                }
             };
             let status = resp.status().as_u16();
             let server_date = resp
@@ -193,23 +245,40 @@ impl TokenSource {
                 .and_then(|v| httpdate::parse_http_date(v).ok());
             if retry::is_retryable_status(status) {
                 if attempt >= self.retry.max_attempts {
-                    return Err(AuthError::Unavailable { token_url: url.clone(), status, attempts: attempt });
+                    return Err(AuthError::Unavailable {
+                        token_url: url.clone(),
+                        status,
+                        attempts: attempt,
+                    });
                 }
                 let wait = resp
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay))
+                    .and_then(|v| {
+                        retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay)
+                    })
                     .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
-                tracing::warn!(status, attempt, wait_ms = wait.as_millis() as u64, "token endpoint busy; retrying");
+                tracing::warn!(
+                    status,
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    "token endpoint busy; retrying"
+                );
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let body = resp.bytes().await.map_err(|e| AuthError::Transport { token_url: url.clone(), message: e.to_string() })?;
+            let body = resp.bytes().await.map_err(|e| AuthError::Transport {
+                token_url: url.clone(),
+                message: e.to_string(),
+            })?;
             if !(200..300).contains(&status) {
                 let err: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
                 let error = err.error.unwrap_or_else(|| "(no OAuth error code)".into());
-                let description = err.error_description.map(|d| format!(": {}", truncate(&d, 300))).unwrap_or_default();
+                let description = err
+                    .error_description
+                    .map(|d| format!(": {}", truncate(&d, 300)))
+                    .unwrap_or_default();
                 if error == "invalid_client" {
                     return Err(AuthError::InvalidClient {
                         token_url: url.clone(),
@@ -219,22 +288,44 @@ impl TokenSource {
                         skew: describe_skew(server_date, SystemTime::now()),
                     });
                 }
-                return Err(AuthError::Rejected { token_url: url.clone(), status, error, description });
+                return Err(AuthError::Rejected {
+                    token_url: url.clone(),
+                    status,
+                    error,
+                    description,
+                });
             }
-            let parsed: TokenResponse = serde_json::from_slice(&body)
-                .map_err(|e| AuthError::BadResponse { token_url: url.clone(), detail: format!("not JSON ({e})") })?;
+            let parsed: TokenResponse =
+                serde_json::from_slice(&body).map_err(|e| AuthError::BadResponse {
+                    token_url: url.clone(),
+                    detail: format!("not JSON ({e})"),
+                })?;
             let token = parsed
                 .access_token
                 .filter(|t| !t.is_empty())
-                .ok_or_else(|| AuthError::BadResponse { token_url: url.clone(), detail: "access_token is missing".into() })?;
+                .ok_or_else(|| AuthError::BadResponse {
+                    token_url: url.clone(),
+                    detail: "access_token is missing".into(),
+                })?;
             let token_type = parsed.token_type.unwrap_or_else(|| "bearer".into());
             if !token_type.eq_ignore_ascii_case("bearer") {
-                return Err(AuthError::BadResponse { token_url: url.clone(), detail: format!("token_type is {token_type:?}, not bearer") });
+                return Err(AuthError::BadResponse {
+                    token_url: url.clone(),
+                    detail: format!("token_type is {token_type:?}, not bearer"),
+                });
             }
             // No expires_in: assume the SMART-recommended five minutes.
             let expires_in = Duration::from_secs(parsed.expires_in.unwrap_or(300).max(1));
             tracing::info!(expires_in_s = expires_in.as_secs(), "access token obtained");
-            return Ok((AccessToken(token.into()), Grant { scope: parsed.scope, expires_in, token_type, server_date }));
+            return Ok((
+                AccessToken(token.into()),
+                Grant {
+                    scope: parsed.scope,
+                    expires_in,
+                    token_type,
+                    server_date,
+                },
+            ));
         }
     }
 }
@@ -249,11 +340,17 @@ pub fn describe_skew(server_date: Option<SystemTime>, now: SystemTime) -> String
                 Err(e) => -(e.duration().as_secs() as i64),
             };
             if skew.abs() <= 5 {
-                format!(" (our clock is within {} s of the server's Date header)", skew.abs().max(1))
+                format!(
+                    " (our clock is within {} s of the server's Date header)",
+                    skew.abs().max(1)
+                )
             } else if skew > 0 {
                 format!(" (our clock is {skew} s AHEAD of the server's Date header: fix NTP)")
             } else {
-                format!(" (our clock is {} s BEHIND the server's Date header: fix NTP)", -skew)
+                format!(
+                    " (our clock is {} s BEHIND the server's Date header: fix NTP)",
+                    -skew
+                )
             }
         }
     }
@@ -267,5 +364,8 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

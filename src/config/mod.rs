@@ -18,13 +18,24 @@ use crate::plan::{ExportPlan, Search};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: cannot read it: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: {field}: {message}")]
-    Invalid { path: PathBuf, field: String, message: String },
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("{path}:{line}: {message}")]
-    Csv { path: PathBuf, line: u64, message: String },
+    Csv {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
 }
@@ -115,7 +126,10 @@ pub struct OutputConfig {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { directory: default_directory(), keep_runs: default_keep_runs() }
+        OutputConfig {
+            directory: default_directory(),
+            keep_runs: default_keep_runs(),
+        }
     }
 }
 
@@ -169,50 +183,111 @@ fn default_attempts() -> u32 {
 
 /// Reads a YAML config file and validates it into a plan (reading the roster and resource CSVs).
 pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("ini")) {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
+    {
         return Err(ConfigError::Parse {
             path: path.to_owned(),
             message: "INI configs of the original tool are not supported by this version yet; write the YAML config described in README.md".into(),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let config: Config = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let config: Config = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     let dir = path.parent().unwrap_or(Path::new("."));
     plan_from_config(config, path, dir)
 }
 
 /// Validates a parsed config. `dir` anchors relative paths; `path` is named in errors.
 pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan, ConfigError> {
-    let invalid = |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
-    let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { dir.join(p) };
+    let invalid = |field: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        field: field.into(),
+        message,
+    };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            dir.join(p)
+        }
+    };
 
-    if c.name.is_empty() || c.name.len() > 52 || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.') || c.name.starts_with('.') {
-        return Err(invalid("name", format!("{:?} is not a usable export name: use 1-52 letters, digits, '-', '_' or '.', not starting with '.'", c.name)));
+    if c.name.is_empty()
+        || c.name.len() > 52
+        || !c
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.')
+        || c.name.starts_with('.')
+    {
+        return Err(invalid(
+            "name",
+            format!(
+                "{:?} is not a usable export name: use 1-52 letters, digits, '-', '_' or '.', not starting with '.'",
+                c.name
+            ),
+        ));
     }
     let base = parse_http_url(&c.fhir.base_url).map_err(|m| invalid("fhir.baseUrl", m))?;
     let token_url = match &c.fhir.token_url {
-        Some(t) => Some(parse_http_url(t).map_err(|m| invalid("fhir.tokenUrl", m))?.to_string()),
+        Some(t) => Some(
+            parse_http_url(t)
+                .map_err(|m| invalid("fhir.tokenUrl", m))?
+                .to_string(),
+        ),
         None => None,
     };
     if c.auth.client_id.trim().is_empty() {
-        return Err(invalid("auth.clientId", "is empty: use the client id of your Epic app (non-production or production)".into()));
+        return Err(invalid(
+            "auth.clientId",
+            "is empty: use the client id of your Epic app (non-production or production)".into(),
+        ));
     }
     let algorithm = match &c.auth.algorithm {
-        Some(a) => Some(a.parse::<Algorithm>().map_err(|m| invalid("auth.algorithm", m))?),
+        Some(a) => Some(
+            a.parse::<Algorithm>()
+                .map_err(|m| invalid("auth.algorithm", m))?,
+        ),
         None => None,
     };
     if let Some(u) = &c.auth.jwks_url {
         parse_http_url(u).map_err(|m| invalid("auth.jwksUrl", m))?;
     }
     if c.source.bulk.is_some() {
-        return Err(invalid("source.bulk", "bulk export mode is not supported by this version yet; use source.search".into()));
+        return Err(invalid(
+            "source.bulk",
+            "bulk export mode is not supported by this version yet; use source.search".into(),
+        ));
     }
-    let search = c.source.search.ok_or_else(|| invalid("source", "needs a `search:` block (rosterFile and resourcesFile or resources)".into()))?;
+    let search = c.source.search.ok_or_else(|| {
+        invalid(
+            "source",
+            "needs a `search:` block (rosterFile and resourcesFile or resources)".into(),
+        )
+    })?;
     let patients = match (&search.roster_file, search.patients) {
-        (Some(_), Some(_)) => return Err(invalid("source.search", "give either rosterFile or patients, not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "source.search",
+                "give either rosterFile or patients, not both".into(),
+            ));
+        }
         (Some(f), None) => roster::read_roster(&resolve(f))?,
-        (None, Some(p)) => roster::check_patient_ids(p).map_err(|m| invalid("source.search.patients", m))?,
-        (None, None) => return Err(invalid("source.search", "needs rosterFile (a CSV with a patient_id column) or patients (a list of FHIR ids)".into())),
+        (None, Some(p)) => {
+            roster::check_patient_ids(p).map_err(|m| invalid("source.search.patients", m))?
+        }
+        (None, None) => return Err(invalid(
+            "source.search",
+            "needs rosterFile (a CSV with a patient_id column) or patients (a list of FHIR ids)"
+                .into(),
+        )),
     };
     let searches = match (&search.resources_file, search.resources) {
         (Some(_), Some(_)) => return Err(invalid("source.search", "give either resourcesFile or resources, not both".into())),
@@ -229,23 +304,38 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         (None, None) => return Err(invalid("source.search", "needs resourcesFile (CSV: resource_type,search_params) or resources (a list of {type, params})".into())),
     };
     if searches.is_empty() {
-        return Err(invalid("source.search", "lists no resources to export".into()));
+        return Err(invalid(
+            "source.search",
+            "lists no resources to export".into(),
+        ));
     }
     let l = &c.limits;
     if l.concurrency == 0 || l.concurrency > 256 {
-        return Err(invalid("limits.concurrency", format!("{} is out of range: use 1 to 256", l.concurrency)));
+        return Err(invalid(
+            "limits.concurrency",
+            format!("{} is out of range: use 1 to 256", l.concurrency),
+        ));
     }
     if !(l.requests_per_second >= 0.0 && l.requests_per_second.is_finite()) {
-        return Err(invalid("limits.requestsPerSecond", "must be a number ≥ 0 (0 = no limit)".into()));
+        return Err(invalid(
+            "limits.requestsPerSecond",
+            "must be a number ≥ 0 (0 = no limit)".into(),
+        ));
     }
     if l.request_timeout_seconds == 0 {
-        return Err(invalid("limits.requestTimeoutSeconds", "must be at least 1".into()));
+        return Err(invalid(
+            "limits.requestTimeoutSeconds",
+            "must be at least 1".into(),
+        ));
     }
     if l.max_attempts == 0 || l.max_attempts > 20 {
         return Err(invalid("limits.maxAttempts", "must be 1 to 20".into()));
     }
     if c.output.keep_runs == 0 {
-        return Err(invalid("output.keepRuns", "must be at least 1 (the run just written)".into()));
+        return Err(invalid(
+            "output.keepRuns",
+            "must be at least 1 (the run just written)".into(),
+        ));
     }
     if c.notify.is_some() {
         tracing::warn!("config field notify is not supported by this version yet and is ignored");
@@ -268,7 +358,10 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         concurrency: l.concurrency,
         requests_per_second: (l.requests_per_second > 0.0).then_some(l.requests_per_second),
         request_timeout: Duration::from_secs(l.request_timeout_seconds),
-        retry: RetryPolicy { max_attempts: l.max_attempts, ..RetryPolicy::default() },
+        retry: RetryPolicy {
+            max_attempts: l.max_attempts,
+            ..RetryPolicy::default()
+        },
     })
 }
 
@@ -277,11 +370,17 @@ pub fn default_scope(searches: &[Search]) -> String {
     let mut types: Vec<&str> = searches.iter().map(|s| s.resource_type.as_str()).collect();
     types.sort_unstable();
     types.dedup();
-    types.iter().map(|t| format!("system/{t}.read")).collect::<Vec<_>>().join(" ")
+    types
+        .iter()
+        .map(|t| format!("system/{t}.read"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn parse_http_url(s: &str) -> Result<url::Url, String> {
-    let u = url::Url::parse(s.trim()).map_err(|e| format!("{s:?} is not a URL ({e}); write e.g. https://fhir.example.org/api/FHIR/R4"))?;
+    let u = url::Url::parse(s.trim()).map_err(|e| {
+        format!("{s:?} is not a URL ({e}); write e.g. https://fhir.example.org/api/FHIR/R4")
+    })?;
     if u.scheme() != "https" && u.scheme() != "http" {
         return Err(format!("{s:?} must be an https:// URL"));
     }

@@ -11,27 +11,68 @@ use crate::plan::Search;
 
 const ID_COLUMNS: [&str; 3] = ["patient_id", "fhir_id", "id"];
 
-fn open(path: &Path) -> Result<csv::Reader<std::fs::File>, ConfigError> {
-    let file = std::fs::File::open(path).map_err(|e| ConfigError::File { path: path.to_owned(), message: format!("cannot read it: {e}") })?;
-    Ok(csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).comment(Some(b'#')).from_reader(file))
+/// A CSV file read into memory (rosters and resource lists are small), so errors can give the real line
+/// number (the csv crate does not count the blank lines it skips).
+struct CsvFile {
+    bytes: Vec<u8>,
 }
 
-fn csv_err(path: &Path, e: csv::Error) -> ConfigError {
-    let line = e.position().map(|p| p.line()).unwrap_or(0);
+impl CsvFile {
+    fn read(path: &Path) -> Result<CsvFile, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        Ok(CsvFile { bytes })
+    }
+
+    fn reader(&self) -> csv::Reader<&[u8]> {
+        csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .flexible(true)
+            .comment(Some(b'#'))
+            .from_reader(&self.bytes[..])
+    }
+
+    fn line_of(&self, pos: Option<&csv::Position>) -> u64 {
+        let Some(pos) = pos else { return 0 };
+        let mut end = (pos.byte() as usize).min(self.bytes.len());
+        // A record's position can be the start of the blank lines skipped before it.
+        while end < self.bytes.len() && matches!(self.bytes[end], b'\n' | b'\r') {
+            end += 1;
+        }
+        1 + self.bytes[..end].iter().filter(|&&b| b == b'\n').count() as u64
+    }
+}
+
+fn csv_err(path: &Path, file: &CsvFile, e: csv::Error) -> ConfigError {
+    let line = file.line_of(e.position());
     let message = match e.kind() {
         csv::ErrorKind::Utf8 { .. } => "is not valid UTF-8; save the file as UTF-8 CSV".to_string(),
         _ => format!("malformed CSV: {e}"),
     };
-    ConfigError::Csv { path: path.to_owned(), line, message }
+    ConfigError::Csv {
+        path: path.to_owned(),
+        line,
+        message,
+    }
 }
 
 /// Reads the patient FHIR ids from a roster CSV, in file order, without duplicates.
 pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let mut reader = open(path)?;
-    let headers = reader.headers().map_err(|e| csv_err(path, e))?.clone();
+    let file = CsvFile::read(path)?;
+    let mut reader = file.reader();
+    let headers = reader
+        .headers()
+        .map_err(|e| csv_err(path, &file, e))?
+        .clone();
     let column = headers
         .iter()
-        .position(|h| ID_COLUMNS.iter().any(|c| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(c)))
+        .position(|h| {
+            ID_COLUMNS
+                .iter()
+                .any(|c| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(c))
+        })
         .ok_or_else(|| ConfigError::Csv {
             path: path.to_owned(),
             line: 1,
@@ -44,13 +85,17 @@ pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
     let mut ids = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for record in reader.records() {
-        let record = record.map_err(|e| csv_err(path, e))?;
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let record = record.map_err(|e| csv_err(path, &file, e))?;
+        let line = file.line_of(record.position());
         if record.iter().all(str::is_empty) {
             continue;
         }
         let id = record.get(column).unwrap_or("");
-        check_id(id).map_err(|message| ConfigError::Csv { path: path.to_owned(), line, message })?;
+        check_id(id).map_err(|message| ConfigError::Csv {
+            path: path.to_owned(),
+            line,
+            message,
+        })?;
         if seen.insert(id.to_owned()) {
             ids.push(id.to_owned());
         } else {
@@ -58,7 +103,10 @@ pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
         }
     }
     if ids.is_empty() {
-        return Err(ConfigError::File { path: path.to_owned(), message: "the roster lists no patients".into() });
+        return Err(ConfigError::File {
+            path: path.to_owned(),
+            message: "the roster lists no patients".into(),
+        });
     }
     Ok(ids)
 }
@@ -84,7 +132,11 @@ fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("the patient id is empty".into());
     }
-    if id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_') {
+    if id.len() > 200
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    {
         return Err("the patient id is not a FHIR id (letters, digits, '-', '.' only); put the patient's FHIR id, not an MRN or name, in this column".into());
     }
     Ok(())
@@ -92,26 +144,56 @@ fn check_id(id: &str) -> Result<(), String> {
 
 /// Reads the resource list CSV into searches.
 pub fn read_resources(path: &Path) -> Result<Vec<Search>, ConfigError> {
-    let mut reader = open(path)?;
-    let headers = reader.headers().map_err(|e| csv_err(path, e))?.clone();
-    let col = |name: &str| headers.iter().position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(name));
+    let file = CsvFile::read(path)?;
+    let mut reader = file.reader();
+    let headers = reader
+        .headers()
+        .map_err(|e| csv_err(path, &file, e))?
+        .clone();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(name))
+    };
     let type_col = col("resource_type").ok_or_else(|| ConfigError::Csv {
         path: path.to_owned(),
         line: 1,
-        message: "the header row must be `resource_type,search_params` (search_params optional)".into(),
+        message: "the header row must be `resource_type,search_params` (search_params optional)"
+            .into(),
     })?;
     let params_col = col("search_params");
     let mut out: Vec<Search> = Vec::new();
     for record in reader.records() {
-        let record = record.map_err(|e| csv_err(path, e))?;
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let record = record.map_err(|e| csv_err(path, &file, e))?;
+        let line = file.line_of(record.position());
         if record.iter().all(str::is_empty) {
             continue;
         }
         let rtype = record.get(type_col).unwrap_or("").to_owned();
-        let query = params_col.and_then(|c| record.get(c)).unwrap_or("").trim_start_matches('?');
-        let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        let search = Search::new(rtype, params).map_err(|message| ConfigError::Csv { path: path.to_owned(), line, message })?;
+        let query = params_col
+            .and_then(|c| record.get(c))
+            .unwrap_or("")
+            .trim_start_matches('?');
+        if let Some(bad) = query
+            .split('&')
+            .find(|seg| !seg.is_empty() && !seg.contains('='))
+        {
+            return Err(ConfigError::Csv {
+                path: path.to_owned(),
+                line,
+                message: format!(
+                    "search parameter {bad:?} has no value; write search_params as a query string such as category=laboratory"
+                ),
+            });
+        }
+        let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let search = Search::new(rtype, params).map_err(|message| ConfigError::Csv {
+            path: path.to_owned(),
+            line,
+            message,
+        })?;
         if out.contains(&search) {
             tracing::warn!(file = %path.display(), line, "resource list repeats {}; running it once", search.label());
             continue;
@@ -119,7 +201,10 @@ pub fn read_resources(path: &Path) -> Result<Vec<Search>, ConfigError> {
         out.push(search);
     }
     if out.is_empty() {
-        return Err(ConfigError::File { path: path.to_owned(), message: "lists no resources".into() });
+        return Err(ConfigError::File {
+            path: path.to_owned(),
+            message: "lists no resources".into(),
+        });
     }
     Ok(out)
 }

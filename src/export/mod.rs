@@ -50,9 +50,20 @@ pub async fn connect(plan: &ExportPlan) -> Result<Connection, ExportError> {
     };
     let tokens = Arc::new(TokenSource::new(
         http.clone(),
-        TokenSourceConfig { client_id: plan.client_id.clone(), token_url: token_url.clone(), scope: plan.scope.clone(), key, jku: plan.jwks_url.clone() },
+        TokenSourceConfig {
+            client_id: plan.client_id.clone(),
+            token_url: token_url.clone(),
+            scope: plan.scope.clone(),
+            key,
+            jku: plan.jwks_url.clone(),
+        },
     ));
-    Ok(Connection { http, tokens, token_url, kid })
+    Ok(Connection {
+        http,
+        tokens,
+        token_url,
+        kid,
+    })
 }
 
 #[derive(Clone, Debug, Default)]
@@ -76,8 +87,14 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let conn = connect(plan).await?;
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
-    let client = FhirClient::new(conn.http.clone(), &plan.fhir_base, conn.tokens.clone(), plan.retry.clone(), plan.requests_per_second)
-        .map_err(ExportError::Config)?;
+    let client = FhirClient::new(
+        conn.http.clone(),
+        &plan.fhir_base,
+        conn.tokens.clone(),
+        plan.retry.clone(),
+        plan.requests_per_second,
+    )
+    .map_err(ExportError::Config)?;
     let run_id = start_ts.strftime("%Y%m%dT%H%M%SZ").to_string();
     let writer = RunWriter::create(&plan.output_dir, &plan.name, &run_id)?;
     let run_id = writer.run_id().to_owned();
@@ -90,7 +107,9 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let result = search::export_patients(&client, plan, &tx, &progress, &counters).await;
     drop(tx);
     progress.finish();
-    let (writer, written) = writer_task.await.map_err(|e| ExportError::Config(format!("the writer task failed: {e}")))?;
+    let (writer, written) = writer_task
+        .await
+        .map_err(|e| ExportError::Config(format!("the writer task failed: {e}")))?;
 
     let mut errors = Vec::new();
     match (&result, &written) {
@@ -102,7 +121,10 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let outcome = if !errors.is_empty() {
         Outcome::Failed
     } else if failed_searches > 0 {
-        errors.push(format!("{failed_searches} searches failed; see errors/{}", output::FAILURES_FILE));
+        errors.push(format!(
+            "{failed_searches} searches failed; see errors/{}",
+            output::FAILURES_FILE
+        ));
         Outcome::Partial
     } else {
         Outcome::Success
@@ -112,7 +134,12 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
         let resources: Vec<TypeCount> = files
             .iter()
             .filter(|(_, f)| !f.relative.starts_with(output::ERRORS_DIR))
-            .map(|(t, f)| TypeCount { resource_type: t.clone(), records: f.count, bytes: f.bytes, file: f.relative.clone() })
+            .map(|(t, f)| TypeCount {
+                resource_type: t.clone(),
+                records: f.count,
+                bytes: f.bytes,
+                file: f.relative.clone(),
+            })
             .collect();
         RunSummary {
             export: plan.name.clone(),
@@ -149,7 +176,15 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
         tracing::error!(export = %plan.name, run_id = %run_id, "export failed; partial files kept in {}", dir.display());
         dir
     } else {
-        let request = format!("{} (search mode: {})", plan.fhir_base, plan.searches.iter().map(|s| s.label()).collect::<Vec<_>>().join(", "));
+        let request = format!(
+            "{} (search mode: {})",
+            plan.fhir_base,
+            plan.searches
+                .iter()
+                .map(|s| s.label())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let finished = writer.finish(&transaction_time, &request, capture)?;
         let export_dir = plan.output_dir.join(&plan.name);
         for old in output::remove_old_runs(&export_dir, plan.keep_runs) {
@@ -157,7 +192,8 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
         }
         finished.dir
     };
-    let summary = summary_out.ok_or_else(|| ExportError::Config("the run summary was not built".into()))?;
+    let summary =
+        summary_out.ok_or_else(|| ExportError::Config("the run summary was not built".into()))?;
     tracing::info!(
         export = %plan.name,
         run_id = %run_id,

@@ -70,7 +70,11 @@ async fn export_patient(
         match run_search(client, search, patient, tx, &mut seen, counters).await {
             Ok(n) => records += n,
             Err(SearchError::Fatal(f)) => return Err(f),
-            Err(SearchError::Failed { written, error, outcome }) => {
+            Err(SearchError::Failed {
+                written,
+                error,
+                outcome,
+            }) => {
                 records += written;
                 failed = true;
                 counters.searches_failed.fetch_add(1, Ordering::Relaxed);
@@ -86,12 +90,16 @@ async fn export_patient(
                     "recordsWrittenBeforeFailure": written,
                     "outcome": outcome,
                 });
-                tx.send(WriterMsg::Failure(record)).await.map_err(|_| Fatal::WriterGone)?;
+                tx.send(WriterMsg::Failure(record))
+                    .await
+                    .map_err(|_| Fatal::WriterGone)?;
             }
         }
     }
     if failed {
-        counters.patients_with_errors.fetch_add(1, Ordering::Relaxed);
+        counters
+            .patients_with_errors
+            .fetch_add(1, Ordering::Relaxed);
     } else {
         counters.patients_complete.fetch_add(1, Ordering::Relaxed);
     }
@@ -100,7 +108,11 @@ async fn export_patient(
 
 enum SearchError {
     Fatal(Fatal),
-    Failed { written: u64, error: FetchError, outcome: Option<Box<serde_json::value::RawValue>> },
+    Failed {
+        written: u64,
+        error: FetchError,
+        outcome: Option<Box<serde_json::value::RawValue>>,
+    },
 }
 
 fn encode(s: &str) -> String {
@@ -140,37 +152,70 @@ async fn run_search(
             FetchError::Status { outcome, .. } => outcome.clone(),
             _ => None,
         };
-        SearchError::Failed { written, error, outcome }
+        SearchError::Failed {
+            written,
+            error,
+            outcome,
+        }
     };
     let bad_body = |message: String| FetchError::Transport(message);
     for _ in 0..MAX_PAGES {
         let body = client.get(&url).await.map_err(|e| fail(written, e))?;
         if search.resource_type == "Patient" {
-            let raw: &serde_json::value::RawValue = serde_json::from_slice(&body).map_err(|_| fail(written, bad_body("the Patient read returned invalid JSON".into())))?;
+            let raw: &serde_json::value::RawValue =
+                serde_json::from_slice(&body).map_err(|_| {
+                    fail(
+                        written,
+                        bad_body("the Patient read returned invalid JSON".into()),
+                    )
+                })?;
             match bundle::head(raw) {
                 Ok(h) if h.resource_type == "Patient" => {}
-                _ => return Err(fail(written, bad_body("the Patient read did not return a Patient".into()))),
+                _ => {
+                    return Err(fail(
+                        written,
+                        bad_body("the Patient read did not return a Patient".into()),
+                    ));
+                }
             }
             let mut line = Vec::with_capacity(body.len() + 1);
             push_compact_line(raw.get().as_bytes(), &mut line);
-            tx.send(WriterMsg::Resources { resource_type: "Patient".into(), lines: line, count: 1 }).await.map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
+            tx.send(WriterMsg::Resources {
+                resource_type: "Patient".into(),
+                lines: line,
+                count: 1,
+            })
+            .await
+            .map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
             counters.records.fetch_add(1, Ordering::Relaxed);
             return Ok(1);
         }
         let page = bundle::parse_page(&body).map_err(|m| fail(written, bad_body(m)))?;
         let mut batches: Vec<(String, Vec<u8>, u64)> = Vec::new();
         for resource in &page.resources {
-            let head = bundle::head(resource).map_err(|_| fail(written, bad_body("a bundle entry is not a FHIR resource (no resourceType)".into())))?;
+            let head = bundle::head(resource).map_err(|_| {
+                fail(
+                    written,
+                    bad_body("a bundle entry is not a FHIR resource (no resourceType)".into()),
+                )
+            })?;
             if let Some(id) = head.id.as_deref()
                 && !seen.insert((head.resource_type.to_string(), id.to_owned()))
             {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let batch = match batches.iter().position(|(t, _, _)| *t == head.resource_type) {
+            let batch = match batches
+                .iter()
+                .position(|(t, _, _)| *t == head.resource_type)
+            {
                 Some(i) => &mut batches[i],
                 None => {
-                    batches.push((head.resource_type.to_string(), Vec::with_capacity(body.len()), 0));
+                    batches.push((
+                        head.resource_type.to_string(),
+                        Vec::with_capacity(body.len()),
+                        0,
+                    ));
                     batches.last_mut().expect("just pushed")
                 }
             };
@@ -182,19 +227,42 @@ async fn run_search(
             for o in &page.outcomes {
                 push_compact_line(o.get().as_bytes(), &mut lines);
             }
-            counters.outcomes.fetch_add(page.outcomes.len() as u64, Ordering::Relaxed);
-            tx.send(WriterMsg::Outcomes { lines, count: page.outcomes.len() as u64 }).await.map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
+            counters
+                .outcomes
+                .fetch_add(page.outcomes.len() as u64, Ordering::Relaxed);
+            tx.send(WriterMsg::Outcomes {
+                lines,
+                count: page.outcomes.len() as u64,
+            })
+            .await
+            .map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
         }
         for (resource_type, lines, count) in batches {
             written += count;
             counters.records.fetch_add(count, Ordering::Relaxed);
-            tx.send(WriterMsg::Resources { resource_type, lines, count }).await.map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
+            tx.send(WriterMsg::Resources {
+                resource_type,
+                lines,
+                count,
+            })
+            .await
+            .map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
         }
         match page.next {
             None => return Ok(written),
-            Some(next) if next == url => return Err(fail(written, bad_body("the server's next link points at the same page".into()))),
+            Some(next) if next == url => {
+                return Err(fail(
+                    written,
+                    bad_body("the server's next link points at the same page".into()),
+                ));
+            }
             Some(next) => url = next,
         }
     }
-    Err(fail(written, bad_body(format!("the search went on for more than {MAX_PAGES} pages"))))
+    Err(fail(
+        written,
+        bad_body(format!(
+            "the search went on for more than {MAX_PAGES} pages"
+        )),
+    ))
 }

@@ -8,7 +8,11 @@ use crate::output::{OutputError, RunWriter};
 /// Batches the search tasks send to the writer.
 pub enum WriterMsg {
     /// `count` compacted NDJSON lines of one resource type.
-    Resources { resource_type: String, lines: Vec<u8>, count: u64 },
+    Resources {
+        resource_type: String,
+        lines: Vec<u8>,
+        count: u64,
+    },
     /// OperationOutcome lines the server reported.
     Outcomes { lines: Vec<u8>, count: u64 },
     /// One failed search (goes to `errors/failed-requests.ndjson`).
@@ -19,10 +23,17 @@ pub enum WriterMsg {
 pub const CHANNEL_CAPACITY: usize = 64;
 
 /// Writes until every sender is gone or a write fails; hands the writer back either way.
-pub fn run(mut writer: RunWriter, mut rx: mpsc::Receiver<WriterMsg>) -> (RunWriter, Result<(), OutputError>) {
+pub fn run(
+    mut writer: RunWriter,
+    mut rx: mpsc::Receiver<WriterMsg>,
+) -> (RunWriter, Result<(), OutputError>) {
     while let Some(msg) = rx.blocking_recv() {
         let result = match msg {
-            WriterMsg::Resources { resource_type, lines, count } => writer.append(&resource_type, &lines, count),
+            WriterMsg::Resources {
+                resource_type,
+                lines,
+                count,
+            } => writer.append(&resource_type, &lines, count),
             WriterMsg::Outcomes { lines, count } => writer.append_outcomes(&lines, count),
             WriterMsg::Failure(record) => writer.append_failure(&record),
         };

@@ -53,20 +53,37 @@ pub struct Page<'a> {
 
 /// Parses a search-set page. The error says what is wrong without quoting content.
 pub fn parse_page(body: &[u8]) -> Result<Page<'_>, String> {
-    let bundle: Bundle<'_> = serde_json::from_slice(body).map_err(|e| format!("the response is not a FHIR Bundle ({})", e.classify_name()))?;
+    let bundle: Bundle<'_> = serde_json::from_slice(body)
+        .map_err(|e| format!("the response is not a FHIR Bundle ({})", e.classify_name()))?;
     match bundle.resource_type.as_deref() {
         Some("Bundle") => {}
         Some(other) => return Err(format!("expected a Bundle, got a {other}")),
         None => return Err("the response has no resourceType".into()),
     }
-    let mut page = Page { resources: Vec::with_capacity(bundle.entry.len()), outcomes: Vec::new(), next: None };
+    let mut page = Page {
+        resources: Vec::with_capacity(bundle.entry.len()),
+        outcomes: Vec::new(),
+        next: None,
+    };
     for e in bundle.entry {
         let Some(resource) = e.resource else { continue };
-        let is_outcome = e.search.and_then(|s| s.mode).is_some_and(|m| m == "outcome")
+        let is_outcome = e
+            .search
+            .and_then(|s| s.mode)
+            .is_some_and(|m| m == "outcome")
             || head(resource).is_ok_and(|h| h.resource_type == "OperationOutcome");
-        if is_outcome { page.outcomes.push(resource) } else { page.resources.push(resource) }
+        if is_outcome {
+            page.outcomes.push(resource)
+        } else {
+            page.resources.push(resource)
+        }
     }
-    page.next = bundle.link.into_iter().find(|l| l.relation == "next").map(|l| l.url).filter(|u| !u.is_empty());
+    page.next = bundle
+        .link
+        .into_iter()
+        .find(|l| l.relation == "next")
+        .map(|l| l.url)
+        .filter(|u| !u.is_empty());
     Ok(page)
 }
 
@@ -121,7 +138,10 @@ mod tests {
     #[test]
     fn compacts_without_touching_strings() {
         let mut out = Vec::new();
-        push_compact_line(b"{ \"a\" : \"x y\\\" \\\\\",\n  \"b\": [1, 2]\r\n}", &mut out);
+        push_compact_line(
+            b"{ \"a\" : \"x y\\\" \\\\\",\n  \"b\": [1, 2]\r\n}",
+            &mut out,
+        );
         assert_eq!(out, b"{\"a\":\"x y\\\" \\\\\",\"b\":[1,2]}\n");
     }
 

@@ -26,8 +26,14 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("HTTP {status}{}", diagnostics.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Status { status: u16, diagnostics: Option<String>, outcome: Option<Box<serde_json::value::RawValue>> },
-    #[error("the server sent a link to another origin ({origin}); it was not followed and the access token was not sent there")]
+    Status {
+        status: u16,
+        diagnostics: Option<String>,
+        outcome: Option<Box<serde_json::value::RawValue>>,
+    },
+    #[error(
+        "the server sent a link to another origin ({origin}); it was not followed and the access token was not sent there"
+    )]
     ForeignOrigin { origin: String },
     #[error("{0}")]
     Transport(String),
@@ -35,7 +41,9 @@ pub enum FetchError {
     TooLarge,
     #[error("{0}")]
     Auth(#[from] AuthError),
-    #[error("the server rejected a freshly issued access token (HTTP 401); check the app's API permissions and the client's user mapping at the site")]
+    #[error(
+        "the server rejected a freshly issued access token (HTTP 401); check the app's API permissions and the client's user mapping at the site"
+    )]
     Unauthorized,
 }
 
@@ -64,9 +72,23 @@ pub struct FhirClient {
 }
 
 impl FhirClient {
-    pub fn new(http: reqwest::Client, base: &str, tokens: Arc<TokenSource>, retry: RetryPolicy, requests_per_second: Option<f64>) -> Result<Self, String> {
-        let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/'))).map_err(|e| format!("invalid FHIR base URL: {e}"))?;
-        Ok(FhirClient { http, base, tokens, retry, limiter: requests_per_second.map(RateLimiter::new), counters: Counters::default() })
+    pub fn new(
+        http: reqwest::Client,
+        base: &str,
+        tokens: Arc<TokenSource>,
+        retry: RetryPolicy,
+        requests_per_second: Option<f64>,
+    ) -> Result<Self, String> {
+        let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/')))
+            .map_err(|e| format!("invalid FHIR base URL: {e}"))?;
+        Ok(FhirClient {
+            http,
+            base,
+            tokens,
+            retry,
+            limiter: requests_per_second.map(RateLimiter::new),
+            counters: Counters::default(),
+        })
     }
 
     /// The absolute URL of `path` (e.g. `Observation?patient=...`) under the base.
@@ -80,9 +102,13 @@ impl FhirClient {
 
     /// GETs `url` (which must be on the base's origin) and returns the body.
     pub async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
-        let parsed = url::Url::parse(url).map_err(|_| FetchError::Transport("the server sent a link that is not a valid URL".into()))?;
+        let parsed = url::Url::parse(url).map_err(|_| {
+            FetchError::Transport("the server sent a link that is not a valid URL".into())
+        })?;
         if parsed.origin() != self.base.origin() {
-            return Err(FetchError::ForeignOrigin { origin: parsed.origin().ascii_serialization() });
+            return Err(FetchError::ForeignOrigin {
+                origin: parsed.origin().ascii_serialization(),
+            });
         }
         let mut attempt = 0u32;
         let mut renewed = false;
@@ -120,14 +146,25 @@ impl FhirClient {
                         tracing::info!("the server answered 401; renewing the access token");
                         self.tokens.invalidate(&token).await;
                         continue;
-                    } else if retry::is_retryable_status(status) && attempt < self.retry.max_attempts {
+                    } else if retry::is_retryable_status(status)
+                        && attempt < self.retry.max_attempts
+                    {
                         let wait = resp
                             .headers()
                             .get(reqwest::header::RETRY_AFTER)
                             .and_then(|v| v.to_str().ok())
-                            .and_then(|v| retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay))
-                            .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
-                        tracing::debug!(status, attempt, wait_ms = wait.as_millis() as u64, "retrying");
+                            .and_then(|v| {
+                                retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay)
+                            })
+                            .unwrap_or_else(|| {
+                                retry::backoff(&self.retry, attempt, retry::jitter_unit())
+                            });
+                        tracing::debug!(
+                            status,
+                            attempt,
+                            wait_ms = wait.as_millis() as u64,
+                            "retrying"
+                        );
                         self.counters.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(wait).await;
                         continue;
@@ -137,11 +174,17 @@ impl FhirClient {
                 }
             };
             if attempt >= self.retry.max_attempts {
-                return Err(FetchError::Transport(format!("{failure} (after {attempt} attempts)")));
+                return Err(FetchError::Transport(format!(
+                    "{failure} (after {attempt} attempts)"
+                )));
             }
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
             let wait = retry::backoff(&self.retry, attempt, retry::jitter_unit());
-            tracing::debug!(attempt, wait_ms = wait.as_millis() as u64, "transport error ({failure}); retrying");
+            tracing::debug!(
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "transport error ({failure}); retrying"
+            );
             tokio::time::sleep(wait).await;
         }
     }
@@ -153,10 +196,14 @@ enum BodyError {
 }
 
 async fn read_body(resp: reqwest::Response) -> Result<Bytes, BodyError> {
-    if resp.content_length().is_some_and(|n| n as usize > MAX_BODY_BYTES) {
+    if resp
+        .content_length()
+        .is_some_and(|n| n as usize > MAX_BODY_BYTES)
+    {
         return Err(BodyError::TooLarge);
     }
-    let mut buf = BytesMut::with_capacity(resp.content_length().unwrap_or(16 * 1024).min(8 << 20) as usize);
+    let mut buf =
+        BytesMut::with_capacity(resp.content_length().unwrap_or(16 * 1024).min(8 << 20) as usize);
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| BodyError::Transport(super::describe_transport(&e)))?;
@@ -170,13 +217,22 @@ async fn read_body(resp: reqwest::Response) -> Result<Bytes, BodyError> {
 
 /// Builds the error for a final non-success status, keeping the server's OperationOutcome.
 async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
-    let body = tokio::time::timeout(Duration::from_secs(30), read_body(resp)).await.ok().and_then(Result::ok);
+    let body = tokio::time::timeout(Duration::from_secs(30), read_body(resp))
+        .await
+        .ok()
+        .and_then(Result::ok);
     let outcome: Option<Box<serde_json::value::RawValue>> = body
         .as_deref()
         .and_then(|b| serde_json::from_slice::<Box<serde_json::value::RawValue>>(b).ok())
-        .filter(|raw| crate::fhir::bundle::head(raw).is_ok_and(|h| h.resource_type == "OperationOutcome"));
+        .filter(|raw| {
+            crate::fhir::bundle::head(raw).is_ok_and(|h| h.resource_type == "OperationOutcome")
+        });
     let diagnostics = outcome.as_deref().and_then(outcome_text);
-    FetchError::Status { status, diagnostics, outcome }
+    FetchError::Status {
+        status,
+        diagnostics,
+        outcome,
+    }
 }
 
 /// The first issue's diagnostics or details text of an OperationOutcome, shortened.

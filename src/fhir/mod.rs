@@ -29,15 +29,26 @@ pub fn describe_transport(e: &reqwest::Error) -> String {
         detail = s.to_string();
         source = s.source();
     }
-    if detail.is_empty() { kind.to_owned() } else { format!("{kind}: {detail}") }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
 }
 
 /// The one HTTP client configuration used for FHIR and token requests. Redirects are followed only
 /// within the same origin, so a bearer token never leaves the server it was issued for.
 pub fn http_client(timeout: Duration) -> reqwest::Client {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
-        let same = attempt.previous().last().is_some_and(|prev| prev.origin() == attempt.url().origin());
-        if attempt.previous().len() > 5 || !same { attempt.stop() } else { attempt.follow() }
+        let same = attempt
+            .previous()
+            .last()
+            .is_some_and(|prev| prev.origin() == attempt.url().origin());
+        if attempt.previous().len() > 5 || !same {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
     });
     reqwest::Client::builder()
         .user_agent(concat!("epic-export/", env!("CARGO_PKG_VERSION")))

@@ -12,7 +12,10 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(per_second: f64) -> Self {
-        RateLimiter { interval: Duration::from_secs_f64(1.0 / per_second), next: Mutex::new(Instant::now()) }
+        RateLimiter {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            next: Mutex::new(Instant::now()),
+        }
     }
 
     /// Waits for this request's slot.

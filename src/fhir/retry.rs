@@ -19,7 +19,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { max_attempts: 6, base_delay: Duration::from_millis(500), max_delay: Duration::from_secs(120) }
+        RetryPolicy {
+            max_attempts: 6,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(120),
+        }
     }
 }
 
@@ -36,7 +40,11 @@ pub fn parse_retry_after(value: &str, now: SystemTime, max: Duration) -> Option<
     if let Ok(secs) = value.parse::<u64>() {
         // A number far larger than any sane delay is most likely an absolute epoch timestamp.
         let now_secs = now.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
-        let wait = if secs > 1_000_000_000 { secs.saturating_sub(now_secs) } else { secs };
+        let wait = if secs > 1_000_000_000 {
+            secs.saturating_sub(now_secs)
+        } else {
+            secs
+        };
         return Some(Duration::from_secs(wait).min(max));
     }
     if let Ok(secs) = value.parse::<f64>() {
@@ -52,7 +60,9 @@ pub fn parse_retry_after(value: &str, now: SystemTime, max: Duration) -> Option<
 /// Exponential backoff with full jitter for retry number `attempt` (1 = first retry).
 /// `unit` is a random number in [0, 1).
 pub fn backoff(policy: &RetryPolicy, attempt: u32, unit: f64) -> Duration {
-    let exp = policy.base_delay.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let exp = policy
+        .base_delay
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
     let cap = exp.min(policy.max_delay);
     // Never zero: half the step is fixed, half is jitter.
     cap.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
@@ -76,22 +86,43 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        assert_eq!(parse_retry_after("7", now, MAX), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("7", now, MAX),
+            Some(Duration::from_secs(7))
+        );
         assert_eq!(parse_retry_after(" 0 ", now, MAX), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("1.5", now, MAX), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_retry_after("86400", now, MAX), Some(MAX), "hours are clamped");
+        assert_eq!(
+            parse_retry_after("1.5", now, MAX),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_retry_after("86400", now, MAX),
+            Some(MAX),
+            "hours are clamped"
+        );
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&date, now, MAX), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&date, now, MAX),
+            Some(Duration::from_secs(30))
+        );
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&past, now, MAX), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("1800000012", now, MAX), Some(Duration::from_secs(12)), "epoch seconds");
+        assert_eq!(
+            parse_retry_after("1800000012", now, MAX),
+            Some(Duration::from_secs(12)),
+            "epoch seconds"
+        );
         assert_eq!(parse_retry_after("soon", now, MAX), None);
         assert_eq!(parse_retry_after("-3", now, MAX), None);
     }
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
+        let p = RetryPolicy {
+            max_attempts: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
         assert_eq!(backoff(&p, 1, 1.0), Duration::from_millis(100));
         assert_eq!(backoff(&p, 3, 1.0), Duration::from_millis(400));
         assert_eq!(backoff(&p, 9, 1.0), Duration::from_secs(1));

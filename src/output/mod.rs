@@ -26,28 +26,44 @@ pub const FAILURES_FILE: &str = "failed-requests.ndjson";
 pub enum OutputError {
     #[error("output folder {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("output folder {path}: another run of this export is in progress (it holds {lock}); wait for it or stop it")]
+    #[error(
+        "output folder {path}: another run of this export is in progress (it holds {lock}); wait for it or stop it"
+    )]
     Busy { path: PathBuf, lock: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
-    move |source| OutputError::Io { path: path.to_owned(), source }
+    move |source| OutputError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Creates `dir` and its missing parents with mode 0700.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Creates a new file with mode 0600; fails if it exists.
 pub fn write_new_private_file(path: &Path, content: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(content)?;
     f.sync_all()
 }
 
 fn create_private_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// One streamed NDJSON file with its running count, size and SHA-256.
@@ -62,7 +78,13 @@ struct NdjsonFile {
 impl NdjsonFile {
     fn create(dir: &Path, relative: String) -> io::Result<Self> {
         let file = create_private_file(&dir.join(&relative))?;
-        Ok(NdjsonFile { relative, out: BufWriter::with_capacity(256 * 1024, file), count: 0, bytes: 0, sha: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256) })
+        Ok(NdjsonFile {
+            relative,
+            out: BufWriter::with_capacity(256 * 1024, file),
+            count: 0,
+            bytes: 0,
+            sha: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+        })
     }
 
     /// `lines` holds `count` complete lines, each ending in `\n`.
@@ -77,7 +99,12 @@ impl NdjsonFile {
     fn close(self) -> io::Result<FileEntry> {
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        Ok(FileEntry { relative: self.relative, count: self.count, bytes: self.bytes, sha256: hex(self.sha.finish().as_ref()) })
+        Ok(FileEntry {
+            relative: self.relative,
+            count: self.count,
+            bytes: self.bytes,
+            sha256: hex(self.sha.finish().as_ref()),
+        })
     }
 }
 
@@ -139,11 +166,27 @@ impl RunWriter {
         let export_dir = output_dir.join(export);
         create_private_dir(&export_dir).map_err(io_err(&export_dir))?;
         let lock_path = export_dir.join(".lock");
-        let lock = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(OutputError::Busy { path: export_dir, lock: lock_path }),
-            Err(fs::TryLockError::Error(e)) => return Err(OutputError::Io { path: lock_path, source: e }),
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(OutputError::Busy {
+                    path: export_dir,
+                    lock: lock_path,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(OutputError::Io {
+                    path: lock_path,
+                    source: e,
+                });
+            }
         }
         // We hold the lock, so any partial folder is a leftover of a killed run.
         sweep_leftovers(&export_dir);
@@ -154,9 +197,20 @@ impl RunWriter {
             id = format!("{run_id}-{n}");
         }
         let partial = export_dir.join(format!(".{id}.partial"));
-        fs::DirBuilder::new().mode(0o700).create(&partial).map_err(io_err(&partial))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&partial)
+            .map_err(io_err(&partial))?;
         create_private_dir(&partial.join(ERRORS_DIR)).map_err(io_err(&partial))?;
-        Ok(RunWriter { export_dir, run_id: id, partial, files: BTreeMap::new(), outcomes: None, failures: None, _lock: lock })
+        Ok(RunWriter {
+            export_dir,
+            run_id: id,
+            partial,
+            files: BTreeMap::new(),
+            outcomes: None,
+            failures: None,
+            _lock: lock,
+        })
     }
 
     pub fn run_id(&self) -> &str {
@@ -169,11 +223,17 @@ impl RunWriter {
     }
 
     /// Appends `count` NDJSON lines of `resource_type`.
-    pub fn append(&mut self, resource_type: &str, lines: &[u8], count: u64) -> Result<(), OutputError> {
+    pub fn append(
+        &mut self,
+        resource_type: &str,
+        lines: &[u8],
+        count: u64,
+    ) -> Result<(), OutputError> {
         let file = match self.files.get_mut(resource_type) {
             Some(f) => f,
             None => {
-                let f = NdjsonFile::create(&self.partial, format!("{resource_type}.ndjson")).map_err(io_err(&self.partial))?;
+                let f = NdjsonFile::create(&self.partial, format!("{resource_type}.ndjson"))
+                    .map_err(io_err(&self.partial))?;
                 self.files.entry(resource_type.to_owned()).or_insert(f)
             }
         };
@@ -182,7 +242,13 @@ impl RunWriter {
 
     /// Appends OperationOutcome lines the server reported (search outcome entries).
     pub fn append_outcomes(&mut self, lines: &[u8], count: u64) -> Result<(), OutputError> {
-        Self::append_to(&mut self.outcomes, &self.partial, OUTCOMES_FILE, lines, count)
+        Self::append_to(
+            &mut self.outcomes,
+            &self.partial,
+            OUTCOMES_FILE,
+            lines,
+            count,
+        )
     }
 
     /// Appends one failed request record (JSON, one line).
@@ -192,9 +258,18 @@ impl RunWriter {
         Self::append_to(&mut self.failures, &self.partial, FAILURES_FILE, &line, 1)
     }
 
-    fn append_to(slot: &mut Option<NdjsonFile>, partial: &Path, name: &str, lines: &[u8], count: u64) -> Result<(), OutputError> {
+    fn append_to(
+        slot: &mut Option<NdjsonFile>,
+        partial: &Path,
+        name: &str,
+        lines: &[u8],
+        count: u64,
+    ) -> Result<(), OutputError> {
         if slot.is_none() {
-            *slot = Some(NdjsonFile::create(partial, format!("{ERRORS_DIR}/{name}")).map_err(io_err(partial))?);
+            *slot = Some(
+                NdjsonFile::create(partial, format!("{ERRORS_DIR}/{name}"))
+                    .map_err(io_err(partial))?,
+            );
         }
         match slot.as_mut() {
             Some(f) => f.append(lines, count).map_err(io_err(partial)),
@@ -207,7 +282,10 @@ impl RunWriter {
         for (t, f) in std::mem::take(&mut self.files) {
             entries.push((t, f.close().map_err(io_err(&self.partial))?));
         }
-        for (t, slot) in [("OperationOutcome", self.outcomes.take()), ("FailedRequest", self.failures.take())] {
+        for (t, slot) in [
+            ("OperationOutcome", self.outcomes.take()),
+            ("FailedRequest", self.failures.take()),
+        ] {
             if let Some(f) = slot {
                 entries.push((t.to_owned(), f.close().map_err(io_err(&self.partial))?));
             }
@@ -224,13 +302,28 @@ impl RunWriter {
         summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S,
     ) -> Result<FinishedRun, OutputError> {
         let files = self.close_all()?;
-        let (errors, outputs): (Vec<_>, Vec<_>) = files.iter().cloned().partition(|(_, f)| f.relative.starts_with(ERRORS_DIR));
+        let (errors, outputs): (Vec<_>, Vec<_>) = files
+            .iter()
+            .cloned()
+            .partition(|(_, f)| f.relative.starts_with(ERRORS_DIR));
         let manifest = Manifest {
             transaction_time,
             request,
             requires_access_token: false,
-            output: outputs.into_iter().map(|(resource_type, file)| ManifestEntry { resource_type, file }).collect(),
-            error: errors.into_iter().map(|(resource_type, file)| ManifestEntry { resource_type, file }).collect(),
+            output: outputs
+                .into_iter()
+                .map(|(resource_type, file)| ManifestEntry {
+                    resource_type,
+                    file,
+                })
+                .collect(),
+            error: errors
+                .into_iter()
+                .map(|(resource_type, file)| ManifestEntry {
+                    resource_type,
+                    file,
+                })
+                .collect(),
         };
         let final_dir = self.final_dir();
         self.write_json("manifest.json", &manifest)?;
@@ -239,12 +332,18 @@ impl RunWriter {
         fs::rename(&self.partial, &final_dir).map_err(io_err(&final_dir))?;
         sync_dir(&self.export_dir);
         point_latest(&self.export_dir, &self.run_id).map_err(io_err(&self.export_dir))?;
-        Ok(FinishedRun { dir: final_dir, files })
+        Ok(FinishedRun {
+            dir: final_dir,
+            files,
+        })
     }
 
     /// Ends a run that failed: closes the files, writes `summary.json`, and renames the folder to
     /// `.<run-id>.failed` so nothing mistakes it for a complete run. Returns that folder.
-    pub fn abandon<S: Serialize>(mut self, summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S) -> Result<PathBuf, OutputError> {
+    pub fn abandon<S: Serialize>(
+        mut self,
+        summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S,
+    ) -> Result<PathBuf, OutputError> {
         let files = self.close_all()?;
         let failed = self.export_dir.join(format!(".{}.failed", self.run_id));
         let summary = summary(&files, &failed);

@@ -20,7 +20,10 @@ fn run_dirs(export_dir: &Path) -> Vec<String> {
 
 fn is_run_id(name: &str) -> bool {
     let stamp = name.split('-').next().unwrap_or("");
-    stamp.len() == 16 && stamp.as_bytes()[8] == b'T' && stamp.ends_with('Z') && stamp[..8].bytes().all(|b| b.is_ascii_digit())
+    stamp.len() == 16
+        && stamp.as_bytes()[8] == b'T'
+        && stamp.ends_with('Z')
+        && stamp[..8].bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Keeps the newest `keep` runs and removes the rest. Returns the names removed.
@@ -42,7 +45,9 @@ pub fn remove_old_runs(export_dir: &Path, keep: usize) -> Vec<String> {
 pub fn sweep_leftovers(export_dir: &Path) {
     let mut failed = Vec::new();
     for entry in fs::read_dir(export_dir).into_iter().flatten().flatten() {
-        let Ok(name) = entry.file_name().into_string() else { continue };
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
         if name.starts_with('.') && name.ends_with(".partial") {
             tracing::info!("removing the unfinished run {name} left by an earlier process");
             if let Err(e) = fs::remove_dir_all(entry.path()) {
@@ -74,10 +79,18 @@ mod tests {
     #[test]
     fn keeps_the_newest() {
         let d = tempfile::tempdir().unwrap();
-        for n in ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z", "notes"] {
+        for n in [
+            "20260101T000000Z",
+            "20260102T000000Z",
+            "20260103T000000Z",
+            "notes",
+        ] {
             fs::create_dir(d.path().join(n)).unwrap();
         }
-        assert_eq!(remove_old_runs(d.path(), 2), vec!["20260101T000000Z".to_string()]);
+        assert_eq!(
+            remove_old_runs(d.path(), 2),
+            vec!["20260101T000000Z".to_string()]
+        );
         assert!(d.path().join("notes").exists());
         assert!(d.path().join("20260103T000000Z").exists());
     }

@@ -2,7 +2,6 @@
 //! Ctrl-C or SIGTERM. Only argument handling lives here; the server is in `mod.rs`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -37,15 +36,10 @@ pub struct SandboxArgs {
     /// Seed of the synthetic data and of the random faults.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// A client id to register; repeat it, each paired in order with one --jwks or --jwks-url.
-    #[arg(long = "client-id")]
-    pub client_ids: Vec<String>,
-    /// A JWK Set JSON file with the public keys of the matching --client-id.
-    #[arg(long = "jwks")]
-    pub jwks: Vec<PathBuf>,
-    /// A JWK Set URL for the matching --client-id.
-    #[arg(long = "jwks-url")]
-    pub jwks_urls: Vec<String>,
+    /// Register a client: `CLIENT_ID=JWKS` where JWKS is a JWK Set JSON file (static keys) or an
+    /// http(s) JWK Set URL. Repeat for more clients.
+    #[arg(long = "client", value_name = "CLIENT_ID=JWKS_FILE_OR_URL")]
+    pub clients: Vec<String>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -75,84 +69,41 @@ impl SandboxArgs {
         })
     }
 
-    /// Pairs each `--client-id` with its key source, in command-line order.
-    ///
-    /// clap keeps `--jwks` and `--jwks-url` in separate lists, so the pairing uses the raw
-    /// argument order from `argv` (`--client-id A --jwks-url U --client-id B --jwks F`).
-    pub fn registrations_from(&self, argv: &[String]) -> anyhow::Result<Vec<ClientRegistration>> {
-        let mut sources: Vec<KeySource> = Vec::new();
-        let mut args = argv.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_string())),
-                None => (arg.as_str(), None),
-            };
-            let kind = match flag {
-                "--jwks" => KeySource::File,
-                "--jwks-url" => KeySource::Url,
-                _ => continue,
-            };
-            let value = match inline {
-                Some(v) => v,
-                None => args.next().cloned().unwrap_or_default(),
-            };
-            sources.push(kind(value));
-        }
-        if sources.len() != self.jwks.len() + self.jwks_urls.len() {
-            // argv does not describe these arguments (e.g. built programmatically):
-            // pair files first, then URLs.
-            sources.clear();
-            sources.extend(
-                self.jwks
-                    .iter()
-                    .map(|p| KeySource::File(p.display().to_string())),
-            );
-            sources.extend(self.jwks_urls.iter().cloned().map(KeySource::Url));
-        }
-        if sources.len() != self.client_ids.len() {
-            bail!(
-                "--client-id was given {} time(s) but --jwks/--jwks-url {} time(s); give one key source per client id, in the same order",
-                self.client_ids.len(),
-                sources.len()
-            );
-        }
-        self.client_ids
+    /// The client registrations named by `--client`, with their keys loaded.
+    pub fn registrations(&self) -> anyhow::Result<Vec<ClientRegistration>> {
+        self.clients
             .iter()
-            .zip(sources)
-            .map(|(client_id, source)| {
-                let keys = match source {
-                    KeySource::File(path) => ClientKeys::Jwks(read_jwks(&path)?),
-                    KeySource::Url(url) => {
-                        url::Url::parse(&url)
-                            .with_context(|| format!("--jwks-url `{url}` is not a valid URL"))?;
-                        ClientKeys::JwksUrl(url)
-                    }
+            .map(|spec| {
+                let Some((client_id, source)) = spec.split_once('=') else {
+                    bail!("--client {spec}: write CLIENT_ID=JWKS_FILE or CLIENT_ID=https://host/jwks.json");
                 };
-                Ok(ClientRegistration {
-                    client_id: client_id.clone(),
-                    keys,
-                })
+                if client_id.is_empty() || source.is_empty() {
+                    bail!("--client {spec}: both the client id and the key source are needed");
+                }
+                let keys = if source.starts_with("http://") || source.starts_with("https://") {
+                    url::Url::parse(source)
+                        .with_context(|| format!("--client {client_id}: `{source}` is not a valid URL"))?;
+                    ClientKeys::JwksUrl(source.to_owned())
+                } else {
+                    ClientKeys::Jwks(read_jwks(source)?)
+                };
+                Ok(ClientRegistration { client_id: client_id.to_owned(), keys })
             })
             .collect()
     }
 }
 
-enum KeySource {
-    File(String),
-    Url(String),
-}
-
 fn read_jwks(path: &str) -> anyhow::Result<JwkSet> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--jwks {path}: cannot read the file"))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("--jwks {path}: not a JWK Set (JSON with a `keys` array)"))
+        .with_context(|| format!("--client: JWKS file {path}: cannot read it"))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!("--client: JWKS file {path}: not a JWK Set (JSON with a `keys` array)")
+    })
 }
 
 /// Starts the sandbox, prints its URLs and serves until Ctrl-C or SIGTERM.
 pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
-    let argv: Vec<String> = std::env::args().collect();
-    let registrations = args.registrations_from(&argv)?;
+    let registrations = args.registrations()?;
     let sandbox = Sandbox::start(args.options()?)
         .await
         .with_context(|| format!("--bind {}: cannot start the sandbox", args.bind))?;

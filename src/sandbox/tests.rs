@@ -1109,33 +1109,25 @@ struct TestCli {
 }
 
 #[test]
-fn cli_pairs_client_ids_with_key_sources_in_order() {
+fn cli_registers_clients_from_files_and_urls() {
     use clap::Parser;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("jwks.json");
     let key = ec_key("x");
     std::fs::write(&file, serde_json::to_string(&jwks(&[&key])).expect("json")).expect("write");
-    let argv: Vec<String> = [
+    let b = format!("b={}", file.display());
+    let cli = TestCli::try_parse_from([
         "sandbox",
-        "--client-id",
-        "a",
-        "--jwks-url",
-        "http://127.0.0.1:9/jwks",
-        "--client-id",
-        "b",
-        "--jwks",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        file.display().to_string(),
-        "--page-size=7".into(),
-        "--rate-429".into(),
-        "0.25".into(),
+        "--client",
+        "a=http://127.0.0.1:9/jwks",
+        "--client",
+        b.as_str(),
+        "--page-size=7",
+        "--rate-429",
+        "0.25",
     ])
-    .collect();
-    let cli = TestCli::try_parse_from(&argv).expect("parse");
-    let regs = cli.args.registrations_from(&argv).expect("registrations");
+    .expect("parse");
+    let regs = cli.args.registrations().expect("registrations");
     assert_eq!(regs.len(), 2);
     assert_eq!(regs[0].client_id, "a");
     assert!(matches!(&regs[0].keys, ClientKeys::JwksUrl(u) if u == "http://127.0.0.1:9/jwks"));
@@ -1146,30 +1138,12 @@ fn cli_pairs_client_ids_with_key_sources_in_order() {
     assert_eq!(opts.bind.to_string(), "127.0.0.1:8080");
 
     // Errors name the flag or file.
-    let argv: Vec<String> = ["sandbox", "--client-id", "a"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let cli = TestCli::try_parse_from(&argv).expect("parse");
-    let err = cli.args.registrations_from(&argv).expect_err("unpaired");
-    assert!(err.to_string().contains("--client-id"), "{err}");
-    let argv: Vec<String> = [
-        "sandbox",
-        "--client-id",
-        "a",
-        "--jwks",
-        "/nonexistent/jwks.json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let cli = TestCli::try_parse_from(&argv).expect("parse");
-    let err = format!(
-        "{:#}",
-        cli.args
-            .registrations_from(&argv)
-            .expect_err("missing file")
-    );
+    let cli = TestCli::try_parse_from(["sandbox", "--client", "a"]).expect("parse");
+    let err = cli.args.registrations().expect_err("no source");
+    assert!(err.to_string().contains("--client a"), "{err}");
+    let cli = TestCli::try_parse_from(["sandbox", "--client", "a=/nonexistent/jwks.json"])
+        .expect("parse");
+    let err = format!("{:#}", cli.args.registrations().expect_err("missing file"));
     assert!(err.contains("/nonexistent/jwks.json"), "{err}");
     assert!(TestCli::try_parse_from(["sandbox", "--rate-5xx", "2"]).is_err());
 }

@@ -25,7 +25,10 @@ pub async fn env_with_key(opts: SandboxOptions, alg: Algorithm) -> Env {
     let sandbox = Sandbox::start(opts).await.expect("sandbox starts");
     let key = SigningKey::generate(alg).unwrap();
     let jwks = serde_json::from_value(keys::jwks(std::slice::from_ref(&key))).unwrap();
-    sandbox.register_client(ClientRegistration { client_id: CLIENT_ID.into(), keys: ClientKeys::Jwks(jwks) });
+    sandbox.register_client(ClientRegistration {
+        client_id: CLIENT_ID.into(),
+        keys: ClientKeys::Jwks(jwks),
+    });
     let dir = tempfile::tempdir().unwrap();
     keys::write_key_pair(&key, &dir.path().join("keys")).unwrap();
     Env { sandbox, dir, key }
@@ -76,14 +79,26 @@ impl Env {
 }
 
 /// Fast limits for tests.
-pub const FAST_LIMITS: &str = "limits:\n  concurrency: 4\n  requestsPerSecond: 0\n  maxAttempts: 5\n";
+pub const FAST_LIMITS: &str =
+    "limits:\n  concurrency: 4\n  requestsPerSecond: 0\n  maxAttempts: 5\n";
 
 /// The resources the sandbox holds for these patients and the ALL_SEARCHES list, by type and id.
 pub fn expected(ds: &Dataset, patients: &[String]) -> BTreeMap<String, BTreeMap<String, Value>> {
     let categories: HashSet<&str> = ["laboratory", "vital-signs", "social-history"].into();
     let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     for p in patients {
-        for t in ["Patient", "Condition", "Observation", "MedicationRequest", "AllergyIntolerance", "Immunization", "Procedure", "Encounter", "DiagnosticReport", "DocumentReference"] {
+        for t in [
+            "Patient",
+            "Condition",
+            "Observation",
+            "MedicationRequest",
+            "AllergyIntolerance",
+            "Immunization",
+            "Procedure",
+            "Encounter",
+            "DiagnosticReport",
+            "DocumentReference",
+        ] {
             for r in ds.resources(t, p) {
                 if t == "Observation" {
                     let codes: Vec<&str> = r["category"]
@@ -110,23 +125,47 @@ pub fn read_run(run: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
     let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     for entry in std::fs::read_dir(run).unwrap() {
         let path = entry.unwrap().path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(t) = name.strip_suffix(".ndjson") else { continue };
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(t) = name.strip_suffix(".ndjson") else {
+            continue;
+        };
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.ends_with('\n'), "{name}: every line ends with a newline");
+        assert!(
+            text.ends_with('\n'),
+            "{name}: every line ends with a newline"
+        );
         for line in text.lines() {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: bad line: {e}"));
-            assert_eq!(v["resourceType"], t, "{name}: resourceType matches the file");
+            let v: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: bad line: {e}"));
+            assert_eq!(
+                v["resourceType"], t,
+                "{name}: resourceType matches the file"
+            );
             let id = v["id"].as_str().unwrap().to_owned();
-            assert!(out.entry(t.to_owned()).or_default().insert(id.clone(), v).is_none(), "{name}: {id} written twice");
+            assert!(
+                out.entry(t.to_owned())
+                    .or_default()
+                    .insert(id.clone(), v)
+                    .is_none(),
+                "{name}: {id} written twice"
+            );
         }
     }
     out
 }
 
 /// Asserts the run holds exactly the expected resources, content included.
-pub fn assert_same_data(got: &BTreeMap<String, BTreeMap<String, Value>>, want: &BTreeMap<String, BTreeMap<String, Value>>) {
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "resource types");
+pub fn assert_same_data(
+    got: &BTreeMap<String, BTreeMap<String, Value>>,
+    want: &BTreeMap<String, BTreeMap<String, Value>>,
+) {
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "resource types"
+    );
     for (t, resources) in want {
         let g = &got[t];
         assert_eq!(g.len(), resources.len(), "{t}: record count");

@@ -1,0 +1,230 @@
+//! Bad config, roster and resource files: each gets a message naming the file, field or line and the fix.
+
+use std::path::{Path, PathBuf};
+
+use epic_export::config::load_plan;
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+const GOOD: &str = "name: nightly
+fhir:
+  baseUrl: https://fhir.example.org/api/FHIR/R4
+auth:
+  clientId: abc
+  privateKeyFile: key.pem
+source:
+  search:
+    rosterFile: roster.csv
+    resourcesFile: resources.csv
+";
+
+impl Files {
+    fn new() -> Files {
+        let f = Files {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        f.write(
+            "roster.csv",
+            "patient_id,name\nerXuFYUfucBZaryVksYEcMg3,Camila\neq081-VQEgP8drUUqCWzHfw3,Derrick\n",
+        );
+        f.write("resources.csv", "resource_type,search_params\nPatient,\nObservation,category=laboratory\nObservation,category=vital-signs\n");
+        f
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn err(&self, yaml: &str) -> String {
+        let p = self.write("config.yaml", yaml);
+        load_plan(&p).expect_err("should be rejected").to_string()
+    }
+}
+
+#[test]
+fn a_good_config_becomes_a_plan() {
+    let f = Files::new();
+    let plan = load_plan(&f.write("config.yaml", GOOD)).unwrap();
+    assert_eq!(
+        plan.patients,
+        vec!["erXuFYUfucBZaryVksYEcMg3", "eq081-VQEgP8drUUqCWzHfw3"]
+    );
+    assert_eq!(plan.searches.len(), 3);
+    assert_eq!(plan.searches[1].label(), "Observation?category=laboratory");
+    assert_eq!(
+        plan.private_key_file,
+        f.path().join("key.pem"),
+        "relative to the config file"
+    );
+    assert_eq!(plan.output_dir, f.path().join("epic_data_export"));
+    assert_eq!(plan.scope, "system/Observation.read system/Patient.read");
+    assert_eq!(plan.concurrency, 8);
+    assert_eq!(plan.requests_per_second, Some(10.0));
+    assert!(plan.token_url.is_none());
+}
+
+#[test]
+fn inline_resources_and_patients() {
+    let f = Files::new();
+    let yaml = GOOD.replace(
+        "    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+        "    patients: [a1, b2]\n    resources:\n      - type: Condition\n      - type: Observation\n        params: {category: laboratory}\n",
+    );
+    let plan = load_plan(&f.write("config.yaml", &yaml)).unwrap();
+    assert_eq!(plan.patients, vec!["a1", "b2"]);
+    assert_eq!(
+        plan.searches[1].params,
+        vec![("category".to_string(), "laboratory".to_string())]
+    );
+}
+
+#[test]
+fn config_errors_name_the_field_and_the_fix() {
+    let f = Files::new();
+    let cases: Vec<(String, &[&str])> = vec![
+        ("name: [unclosed\n".into(), &["config.yaml"]),
+        (
+            GOOD.replace("name: nightly\n", ""),
+            &["config.yaml", "name"],
+        ),
+        (GOOD.replace("nightly", "../escape"), &["name", "letters"]),
+        (
+            GOOD.replace("https://fhir.example.org/api/FHIR/R4", "not a url"),
+            &["fhir.baseUrl", "https://"],
+        ),
+        (
+            GOOD.replace("https://fhir.example.org/api/FHIR/R4", "ftp://x/y"),
+            &["fhir.baseUrl", "https"],
+        ),
+        (
+            GOOD.replace("clientId: abc", "clientId: ''"),
+            &["auth.clientId"],
+        ),
+        (
+            GOOD.replace(
+                "privateKeyFile: key.pem",
+                "privateKeyFile: key.pem\n  algorithm: HS256",
+            ),
+            &["auth.algorithm", "RS384"],
+        ),
+        (GOOD.replace("baseUrl:", "baseURL:"), &["baseURL"]),
+        (
+            format!("{GOOD}limits:\n  concurrency: 0\n"),
+            &["limits.concurrency", "1 to 256"],
+        ),
+        (
+            format!("{GOOD}output:\n  keepRuns: 0\n"),
+            &["output.keepRuns"],
+        ),
+        (
+            GOOD.replace("    resourcesFile: resources.csv\n", ""),
+            &["source.search", "resourcesFile"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: abc\n",
+            ),
+            &["source.bulk"],
+        ),
+        (
+            GOOD.replace("roster.csv", "missing.csv"),
+            &["missing.csv", "cannot read"],
+        ),
+    ];
+    for (yaml, needles) in cases {
+        let err = f.err(&yaml);
+        for n in needles {
+            assert!(
+                err.contains(n),
+                "{n:?} not in error: {err}\n--- for config:\n{yaml}"
+            );
+        }
+    }
+}
+
+#[test]
+fn roster_errors_give_file_and_line() {
+    let f = Files::new();
+    f.write("roster.csv", "name,mrn\nCamila,123\n");
+    let err = f.err(GOOD);
+    assert!(
+        err.contains("roster.csv") && err.contains("patient_id"),
+        "{err}"
+    );
+
+    f.write("roster.csv", "fhir_id,name\nabc,A\n\n,Bea\ndef,C\n");
+    let plan = load_plan(&f.write("config.yaml", GOOD));
+    // An empty id on line 4 is an error naming that line; blank lines are skipped.
+    let err = plan.expect_err("empty id").to_string();
+    assert!(
+        err.contains("roster.csv:4") && err.contains("empty"),
+        "{err}"
+    );
+
+    f.write("roster.csv", "id\nabc\nMRN 12345\n");
+    let err = f.err(GOOD);
+    assert!(
+        err.contains("roster.csv:3") && err.contains("FHIR id"),
+        "{err}"
+    );
+
+    f.write("roster.csv", "patient_id\n");
+    assert!(f.err(GOOD).contains("no patients"));
+
+    f.write("roster.csv", "\u{feff}patient_id\nabc\nabc\n");
+    let plan = load_plan(&f.write("config.yaml", GOOD)).unwrap();
+    assert_eq!(
+        plan.patients,
+        vec!["abc"],
+        "BOM tolerated, duplicates exported once"
+    );
+
+    std::fs::write(f.path().join("roster.csv"), b"patient_id\n\xff\xfe\n").unwrap();
+    assert!(f.err(GOOD).contains("UTF-8"));
+}
+
+#[test]
+fn resource_list_errors_give_file_and_line() {
+    let f = Files::new();
+    f.write(
+        "resources.csv",
+        "resource_type,search_params\nPatient,\nObservation,\n",
+    );
+    let err = f.err(GOOD);
+    assert!(
+        err.contains("resources.csv:3") && err.contains("category"),
+        "{err}"
+    );
+
+    f.write(
+        "resources.csv",
+        "resource_type,search_params\nobservation?,category=laboratory\n",
+    );
+    assert!(f.err(GOOD).contains("resources.csv:2"));
+
+    f.write(
+        "resources.csv",
+        "resource_type,search_params\nCondition,patient=123\n",
+    );
+    let err = f.err(GOOD);
+    assert!(
+        err.contains("resources.csv:2") && err.contains("roster"),
+        "{err}"
+    );
+
+    f.write("resources.csv", "type,params\nCondition,\n");
+    assert!(f.err(GOOD).contains("resource_type,search_params"));
+
+    f.write(
+        "resources.csv",
+        "resource_type,search_params\nCondition,\"unterminated\n",
+    );
+    let err = f.err(GOOD);
+    assert!(err.contains("resources.csv"), "{err}");
+}
