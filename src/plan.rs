@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::Algorithm;
-use crate::fhir::retry::RetryPolicy;
+use crate::fhir::Limits;
 
 #[derive(Clone, Debug)]
 pub struct ExportPlan {
@@ -24,10 +24,8 @@ pub struct ExportPlan {
     pub searches: Vec<Search>,
     pub output_dir: PathBuf,
     pub keep_runs: usize,
-    pub concurrency: usize,
-    pub requests_per_second: Option<f64>,
+    pub limits: Limits,
     pub request_timeout: Duration,
-    pub retry: RetryPolicy,
 }
 
 /// One configured search: a resource type and its extra parameters (the patient is added per patient).

@@ -63,8 +63,8 @@ fn a_good_config_becomes_a_plan() {
     );
     assert_eq!(plan.output_dir, f.path().join("epic_data_export"));
     assert_eq!(plan.scope, "system/Observation.read system/Patient.read");
-    assert_eq!(plan.concurrency, 8);
-    assert_eq!(plan.requests_per_second, Some(10.0));
+    assert_eq!(plan.limits.concurrency, 8);
+    assert_eq!(plan.limits.requests_per_second, Some(10.0));
     assert!(plan.token_url.is_none());
 }
 

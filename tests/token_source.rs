@@ -9,7 +9,7 @@ use std::time::Duration;
 use epic_export::auth::{
     Algorithm, AuthError, SigningKey, TokenSource, TokenSourceConfig, discovery,
 };
-use epic_export::fhir::{FhirClient, http_client, retry::RetryPolicy};
+use epic_export::fhir::{FhirClient, Limits, http_client, retry::RetryPolicy};
 use epic_export::sandbox::{Fault, SandboxOptions};
 use support::*;
 
@@ -101,8 +101,11 @@ async fn a_401_renews_once_for_all_concurrent_requests() {
             http_client(Duration::from_secs(10)),
             &env.sandbox.base_url(),
             tokens.clone(),
-            RetryPolicy::default(),
-            None,
+            Limits {
+                concurrency: 8,
+                requests_per_second: None,
+                retry: RetryPolicy::default(),
+            },
         )
         .unwrap(),
     );

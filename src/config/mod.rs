@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::Algorithm;
+use crate::fhir::Limits;
 use crate::fhir::retry::RetryPolicy;
 use crate::plan::{ExportPlan, Search};
 
@@ -355,13 +356,15 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         searches,
         output_dir: resolve(&c.output.directory),
         keep_runs: c.output.keep_runs,
-        concurrency: l.concurrency,
-        requests_per_second: (l.requests_per_second > 0.0).then_some(l.requests_per_second),
-        request_timeout: Duration::from_secs(l.request_timeout_seconds),
-        retry: RetryPolicy {
-            max_attempts: l.max_attempts,
-            ..RetryPolicy::default()
+        limits: Limits {
+            concurrency: l.concurrency,
+            requests_per_second: (l.requests_per_second > 0.0).then_some(l.requests_per_second),
+            retry: RetryPolicy {
+                max_attempts: l.max_attempts,
+                ..RetryPolicy::default()
+            },
         },
+        request_timeout: Duration::from_secs(l.request_timeout_seconds),
     })
 }
 

@@ -91,8 +91,7 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
         conn.http.clone(),
         &plan.fhir_base,
         conn.tokens.clone(),
-        plan.retry.clone(),
-        plan.requests_per_second,
+        plan.limits.clone(),
     )
     .map_err(ExportError::Config)?;
     let run_id = start_ts.strftime("%Y%m%dT%H%M%SZ").to_string();

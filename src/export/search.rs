@@ -4,6 +4,7 @@
 //! recorded and the run goes on; authentication failures stop the run.
 
 use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
@@ -37,7 +38,7 @@ pub enum Fatal {
     WriterGone,
 }
 
-/// Exports every patient with at most `plan.concurrency` requests in flight.
+/// Exports every patient; the client keeps at most `limits.concurrency` requests in flight.
 pub async fn export_patients(
     client: &FhirClient,
     plan: &ExportPlan,
@@ -47,7 +48,7 @@ pub async fn export_patients(
 ) -> Result<(), Fatal> {
     let mut tasks = futures::stream::iter(plan.patients.iter())
         .map(|patient| export_patient(client, &plan.searches, patient, tx, counters))
-        .buffer_unordered(plan.concurrency);
+        .buffer_unordered(plan.limits.concurrency);
     while let Some(result) = tasks.next().await {
         let records = result?;
         progress.patient_done(records);
@@ -63,11 +64,19 @@ async fn export_patient(
     tx: &mpsc::Sender<WriterMsg>,
     counters: &SearchCounters,
 ) -> Result<u64, Fatal> {
-    let mut seen: HashSet<(String, String)> = HashSet::new();
+    // The searches of one patient run concurrently (the client bounds requests in flight), so the last
+    // patients of a roster do not leave most of the concurrency idle. They share one de-duplication set.
+    let seen: Mutex<HashSet<(String, String)>> = Mutex::new(HashSet::new());
+    let results = futures::future::join_all(
+        searches
+            .iter()
+            .map(|search| run_search(client, search, patient, tx, &seen, counters)),
+    )
+    .await;
     let mut records = 0;
     let mut failed = false;
-    for search in searches {
-        match run_search(client, search, patient, tx, &mut seen, counters).await {
+    for (search, result) in searches.iter().zip(results) {
+        match result {
             Ok(n) => records += n,
             Err(SearchError::Fatal(f)) => return Err(f),
             Err(SearchError::Failed {
@@ -134,12 +143,64 @@ pub fn first_url(client: &FhirClient, search: &Search, patient: &str) -> String 
     client.url(&q)
 }
 
+/// Groups a page's resources into one batch of compact NDJSON lines per resource type, leaving out
+/// resources this patient's other searches already returned.
+fn batch_by_type(
+    resources: &[&serde_json::value::RawValue],
+    seen: &Mutex<HashSet<(String, String)>>,
+    counters: &SearchCounters,
+    size_hint: usize,
+) -> Result<Vec<(String, Vec<u8>, u64)>, String> {
+    let mut batches: Vec<(String, Vec<u8>, u64)> = Vec::new();
+    let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for resource in resources {
+        let head = bundle::head(resource)
+            .map_err(|_| "a bundle entry is not a FHIR resource (no resourceType)".to_string())?;
+        if let Some(id) = head.id.as_deref()
+            && !seen.insert((head.resource_type.to_string(), id.to_owned()))
+        {
+            counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let i = match batches
+            .iter()
+            .position(|(t, _, _)| *t == head.resource_type)
+        {
+            Some(i) => i,
+            None => {
+                batches.push((
+                    head.resource_type.to_string(),
+                    Vec::with_capacity(size_hint),
+                    0,
+                ));
+                batches.len() - 1
+            }
+        };
+        push_compact_line(resource.get().as_bytes(), &mut batches[i].1);
+        batches[i].2 += 1;
+    }
+    Ok(batches)
+}
+
+/// `next` links are absolute in FHIR, but some servers send relative ones: resolve those against the
+/// page they came from. An absolute link is kept exactly as sent.
+fn resolve_link(current: &str, next: &str) -> Option<String> {
+    if url::Url::parse(next).is_ok() {
+        return Some(next.to_owned());
+    }
+    url::Url::parse(current)
+        .ok()?
+        .join(next)
+        .ok()
+        .map(String::from)
+}
+
 async fn run_search(
     client: &FhirClient,
     search: &Search,
     patient: &str,
     tx: &mpsc::Sender<WriterMsg>,
-    seen: &mut HashSet<(String, String)>,
+    seen: &Mutex<HashSet<(String, String)>>,
     counters: &SearchCounters,
 ) -> Result<u64, SearchError> {
     let mut url = first_url(client, search, patient);
@@ -191,37 +252,8 @@ async fn run_search(
             return Ok(1);
         }
         let page = bundle::parse_page(&body).map_err(|m| fail(written, bad_body(m)))?;
-        let mut batches: Vec<(String, Vec<u8>, u64)> = Vec::new();
-        for resource in &page.resources {
-            let head = bundle::head(resource).map_err(|_| {
-                fail(
-                    written,
-                    bad_body("a bundle entry is not a FHIR resource (no resourceType)".into()),
-                )
-            })?;
-            if let Some(id) = head.id.as_deref()
-                && !seen.insert((head.resource_type.to_string(), id.to_owned()))
-            {
-                counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let batch = match batches
-                .iter()
-                .position(|(t, _, _)| *t == head.resource_type)
-            {
-                Some(i) => &mut batches[i],
-                None => {
-                    batches.push((
-                        head.resource_type.to_string(),
-                        Vec::with_capacity(body.len()),
-                        0,
-                    ));
-                    batches.last_mut().expect("just pushed")
-                }
-            };
-            push_compact_line(resource.get().as_bytes(), &mut batch.1);
-            batch.2 += 1;
-        }
+        let batches = batch_by_type(&page.resources, seen, counters, body.len())
+            .map_err(|m| fail(written, bad_body(m)))?;
         if !page.outcomes.is_empty() {
             let mut lines = Vec::new();
             for o in &page.outcomes {
@@ -248,15 +280,21 @@ async fn run_search(
             .await
             .map_err(|_| SearchError::Fatal(Fatal::WriterGone))?;
         }
-        match page.next {
+        match page.next.map(|next| resolve_link(&url, &next)) {
             None => return Ok(written),
-            Some(next) if next == url => {
+            Some(None) => {
+                return Err(fail(
+                    written,
+                    bad_body("the server's next link is not a URL".into()),
+                ));
+            }
+            Some(Some(next)) if next == url => {
                 return Err(fail(
                     written,
                     bad_body("the server's next link points at the same page".into()),
                 ));
             }
-            Some(next) => url = next,
+            Some(Some(next)) => url = next,
         }
     }
     Err(fail(
@@ -265,4 +303,28 @@ async fn run_search(
             "the search went on for more than {MAX_PAGES} pages"
         )),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_link;
+
+    #[test]
+    fn next_links_absolute_or_relative() {
+        let cur = "https://h/api/FHIR/R4/Observation?patient=1";
+        let abs = "https://h/api/FHIR/R4/Observation?page=2&x=%20";
+        assert_eq!(resolve_link(cur, abs).as_deref(), Some(abs));
+        assert_eq!(
+            resolve_link(cur, "Observation?page=2").as_deref(),
+            Some("https://h/api/FHIR/R4/Observation?page=2")
+        );
+        assert_eq!(
+            resolve_link(cur, "/other?page=2").as_deref(),
+            Some("https://h/other?page=2")
+        );
+        assert_eq!(
+            resolve_link(cur, "https://evil.example/x").as_deref(),
+            Some("https://evil.example/x")
+        );
+    }
 }

@@ -15,10 +15,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use tokio::sync::Semaphore;
 
 use super::ratelimit::RateLimiter;
 use super::retry::{self, RetryPolicy};
-use crate::auth::{AuthError, TokenSource};
+use crate::auth::{AccessToken, AuthError, TokenSource};
 
 /// The largest response body accepted (one search page or one resource).
 pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
@@ -62,12 +63,23 @@ pub struct Counters {
     pub renewals: AtomicU64,
 }
 
+/// How hard a client may push the server.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Requests started per second; `None` = no limit.
+    pub requests_per_second: Option<f64>,
+    pub retry: RetryPolicy,
+}
+
 pub struct FhirClient {
     http: reqwest::Client,
     base: url::Url,
     tokens: Arc<TokenSource>,
     retry: RetryPolicy,
     limiter: Option<RateLimiter>,
+    in_flight: Semaphore,
     pub counters: Counters,
 }
 
@@ -76,8 +88,7 @@ impl FhirClient {
         http: reqwest::Client,
         base: &str,
         tokens: Arc<TokenSource>,
-        retry: RetryPolicy,
-        requests_per_second: Option<f64>,
+        limits: Limits,
     ) -> Result<Self, String> {
         let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/')))
             .map_err(|e| format!("invalid FHIR base URL: {e}"))?;
@@ -85,8 +96,9 @@ impl FhirClient {
             http,
             base,
             tokens,
-            retry,
-            limiter: requests_per_second.map(RateLimiter::new),
+            retry: limits.retry,
+            limiter: limits.requests_per_second.map(RateLimiter::new),
+            in_flight: Semaphore::new(limits.concurrency.max(1)),
             counters: Counters::default(),
         })
     }
@@ -118,74 +130,120 @@ impl FhirClient {
                 l.wait().await;
             }
             let token = self.tokens.token().await?;
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = self
-                .http
-                .get(parsed.clone())
-                .bearer_auth(token.secret())
-                .header(reqwest::header::ACCEPT, "application/fhir+json")
-                .send()
-                .await;
-            let failure = match sent {
-                Err(e) => super::describe_transport(&e),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    if (200..300).contains(&status) {
-                        match read_body(resp).await {
-                            Ok(body) => return Ok(body),
-                            Err(BodyError::TooLarge) => return Err(FetchError::TooLarge),
-                            Err(BodyError::Transport(m)) => m,
-                        }
-                    } else if status == 401 {
-                        if renewed {
-                            return Err(FetchError::Unauthorized);
-                        }
-                        renewed = true;
-                        attempt -= 1;
-                        self.counters.renewals.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!("the server answered 401; renewing the access token");
-                        self.tokens.invalidate(&token).await;
-                        continue;
-                    } else if retry::is_retryable_status(status)
-                        && attempt < self.retry.max_attempts
-                    {
-                        let wait = resp
-                            .headers()
-                            .get(reqwest::header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| {
-                                retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay)
-                            })
-                            .unwrap_or_else(|| {
-                                retry::backoff(&self.retry, attempt, retry::jitter_unit())
-                            });
-                        tracing::debug!(
-                            status,
-                            attempt,
-                            wait_ms = wait.as_millis() as u64,
-                            "retrying"
-                        );
-                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    } else {
-                        return Err(status_error(status, resp).await);
-                    }
+            let (failure, server_wait) = match self.attempt(&parsed, &token).await {
+                Attempt::Done(body) => return Ok(body),
+                Attempt::Fatal(e) => return Err(e),
+                Attempt::Unauthorized if renewed => return Err(FetchError::Unauthorized),
+                Attempt::Unauthorized => {
+                    renewed = true;
+                    attempt -= 1;
+                    self.counters.renewals.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("the server answered 401; renewing the access token");
+                    self.tokens.invalidate(&token).await;
+                    continue;
                 }
+                Attempt::Retry {
+                    failure,
+                    retry_after,
+                } => (failure, retry_after),
             };
             if attempt >= self.retry.max_attempts {
-                return Err(FetchError::Transport(format!(
-                    "{failure} (after {attempt} attempts)"
-                )));
+                return Err(failure.into_final(attempt));
             }
+            let wait = server_wait
+                .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
-            let wait = retry::backoff(&self.retry, attempt, retry::jitter_unit());
             tracing::debug!(
                 attempt,
                 wait_ms = wait.as_millis() as u64,
-                "transport error ({failure}); retrying"
+                "retrying: {}",
+                failure.describe()
             );
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One request, holding one of the in-flight permits until its body is read.
+    async fn attempt(&self, url: &url::Url, token: &AccessToken) -> Attempt {
+        let _permit = self.in_flight.acquire().await;
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .http
+            .get(url.clone())
+            .bearer_auth(token.secret())
+            .header(reqwest::header::ACCEPT, "application/fhir+json")
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                return Attempt::Retry {
+                    failure: Failure::Transport(super::describe_transport(&e)),
+                    retry_after: None,
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return match read_body(resp).await {
+                Ok(body) => Attempt::Done(body),
+                Err(BodyError::TooLarge) => Attempt::Fatal(FetchError::TooLarge),
+                Err(BodyError::Transport(m)) => Attempt::Retry {
+                    failure: Failure::Transport(m),
+                    retry_after: None,
+                },
+            };
+        }
+        if status == 401 {
+            return Attempt::Unauthorized;
+        }
+        if retry::is_retryable_status(status) {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay));
+            return Attempt::Retry {
+                failure: Failure::Status(Box::new(status_error(status, resp).await)),
+                retry_after,
+            };
+        }
+        Attempt::Fatal(status_error(status, resp).await)
+    }
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Done(Bytes),
+    /// Not worth repeating (for this request; whether the run goes on is the caller's call).
+    Fatal(FetchError),
+    Unauthorized,
+    Retry {
+        failure: Failure,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// A retryable failure, kept to report if the attempts run out.
+enum Failure {
+    Transport(String),
+    Status(Box<FetchError>),
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::Transport(m) => m.clone(),
+            Failure::Status(e) => e.to_string(),
+        }
+    }
+
+    fn into_final(self, attempts: u32) -> FetchError {
+        match self {
+            Failure::Transport(m) => {
+                FetchError::Transport(format!("{m} (after {attempts} attempts)"))
+            }
+            Failure::Status(e) => *e,
         }
     }
 }

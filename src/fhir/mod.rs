@@ -6,7 +6,7 @@ pub mod client;
 pub mod ratelimit;
 pub mod retry;
 
-pub use client::{FetchError, FhirClient};
+pub use client::{FetchError, FhirClient, Limits};
 
 use std::time::Duration;
 

@@ -40,6 +40,9 @@ pub struct SandboxArgs {
     /// http(s) JWK Set URL. Repeat for more clients.
     #[arg(long = "client", value_name = "CLIENT_ID=JWKS_FILE_OR_URL")]
     pub clients: Vec<String>,
+    /// Write the synthetic patients' ids to this roster CSV (`patient_id` column) for `epic-export run`.
+    #[arg(long, value_name = "FILE")]
+    pub write_roster: Option<std::path::PathBuf>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -110,6 +113,16 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
     for reg in registrations {
         tracing::info!(client_id = %reg.client_id, "client registered");
         sandbox.register_client(reg);
+    }
+    if let Some(path) = &args.write_roster {
+        let mut csv = String::from("patient_id\n");
+        for id in sandbox.dataset().patient_ids() {
+            csv.push_str(&id);
+            csv.push('\n');
+        }
+        std::fs::write(path, csv)
+            .with_context(|| format!("--write-roster {}: cannot write it", path.display()))?;
+        println!("Roster: {}", path.display());
     }
     println!("FHIR base URL: {}", sandbox.base_url());
     println!("Token URL: {}", sandbox.token_url());
