@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use jsonwebtoken::jwk::JwkSet;
 
 pub use cli::{SandboxArgs, serve};
@@ -179,6 +180,10 @@ impl Sandbox {
         let app = router(shared.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // Like a production server: no Nagle delay on responses written in several pieces.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
