@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{self, AuthError, KeyError, SigningKey, TokenSource, TokenSourceConfig};
 use crate::fhir::{self, FhirClient};
-use crate::output::{self, FileEntry, OutputError, RunWriter};
+use crate::output::{self, OutputError, RunWriter};
 use crate::plan::ExportPlan;
 use crate::progress::Progress;
 use crate::summary::{Outcome, RunSummary, TypeCount};
@@ -29,6 +29,8 @@ pub enum ExportError {
     Output(#[from] OutputError),
     #[error("{0}")]
     Config(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// An authenticated session with the FHIR server.
@@ -106,14 +108,15 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let result = search::export_patients(&client, plan, &tx, &progress, &counters).await;
     drop(tx);
     progress.finish();
-    let (writer, written) = writer_task
+    let (mut writer, written) = writer_task
         .await
-        .map_err(|e| ExportError::Config(format!("the writer task failed: {e}")))?;
+        .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
+    let closed = written.and_then(|()| writer.close_files());
 
     let mut errors = Vec::new();
-    match (&result, &written) {
+    match (&result, &closed) {
         (_, Err(e)) => errors.push(format!("writing output failed: {e}")),
-        (Err(e), Ok(())) => errors.push(e.to_string()),
+        (Err(e), Ok(_)) => errors.push(e.to_string()),
         _ => {}
     }
     let failed_searches = counters.searches_failed.load(Ordering::Relaxed);
@@ -128,50 +131,49 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     } else {
         Outcome::Success
     };
+    let files = closed.unwrap_or_default();
+    let resources: Vec<TypeCount> = files
+        .iter()
+        .filter(|(_, f)| !f.relative.starts_with(output::ERRORS_DIR))
+        .map(|(t, f)| TypeCount {
+            resource_type: t.clone(),
+            records: f.count,
+            bytes: f.bytes,
+            file: f.relative.clone(),
+        })
+        .collect();
     let transaction_time = start_ts.to_string();
-    let make_summary = |files: &[(String, FileEntry)], dir: &std::path::Path| {
-        let resources: Vec<TypeCount> = files
-            .iter()
-            .filter(|(_, f)| !f.relative.starts_with(output::ERRORS_DIR))
-            .map(|(t, f)| TypeCount {
-                resource_type: t.clone(),
-                records: f.count,
-                bytes: f.bytes,
-                file: f.relative.clone(),
-            })
-            .collect();
-        RunSummary {
-            export: plan.name.clone(),
-            run_id: run_id.clone(),
-            outcome,
-            started_at: transaction_time.clone(),
-            finished_at: jiff::Timestamp::now().to_string(),
-            duration_seconds: started.elapsed().as_secs_f64(),
-            fhir_base_url: plan.fhir_base.clone(),
-            patients_total: plan.patients.len() as u64,
-            patients_complete: counters.patients_complete.load(Ordering::Relaxed),
-            patients_with_errors: counters.patients_with_errors.load(Ordering::Relaxed),
-            searches_failed: failed_searches,
-            requests: client.counters.requests.load(Ordering::Relaxed),
-            retries: client.counters.retries.load(Ordering::Relaxed),
-            token_renewals_after_401: client.counters.renewals.load(Ordering::Relaxed),
-            records_total: resources.iter().map(|r| r.records).sum(),
-            bytes_total: resources.iter().map(|r| r.bytes).sum(),
-            resources,
-            server_outcomes: counters.outcomes.load(Ordering::Relaxed),
-            duplicates_skipped: counters.duplicates.load(Ordering::Relaxed),
-            errors: errors.clone(),
-            output_dir: dir.display().to_string(),
+    let summary = RunSummary {
+        export: plan.name.clone(),
+        run_id: run_id.clone(),
+        outcome,
+        started_at: transaction_time.clone(),
+        finished_at: jiff::Timestamp::now().to_string(),
+        duration_seconds: started.elapsed().as_secs_f64(),
+        fhir_base_url: plan.fhir_base.clone(),
+        patients_total: plan.patients.len() as u64,
+        patients_complete: counters.patients_complete.load(Ordering::Relaxed),
+        patients_with_errors: counters.patients_with_errors.load(Ordering::Relaxed),
+        searches_failed: failed_searches,
+        requests: client.counters.requests.load(Ordering::Relaxed),
+        retries: client.counters.retries.load(Ordering::Relaxed),
+        token_renewals_after_401: client.counters.renewals.load(Ordering::Relaxed),
+        records_total: resources.iter().map(|r| r.records).sum(),
+        bytes_total: resources.iter().map(|r| r.bytes).sum(),
+        resources,
+        server_outcomes: counters.outcomes.load(Ordering::Relaxed),
+        duplicates_skipped: counters.duplicates.load(Ordering::Relaxed),
+        errors,
+        output_dir: if outcome == Outcome::Failed {
+            writer.failed_dir()
+        } else {
+            writer.final_dir()
         }
-    };
-    let mut summary_out = None;
-    let capture = |files: &[(String, FileEntry)], dir: &std::path::Path| {
-        let s = make_summary(files, dir);
-        summary_out = Some(s.clone());
-        s
+        .display()
+        .to_string(),
     };
     let dir = if outcome == Outcome::Failed {
-        let dir = writer.abandon(capture)?;
+        let dir = writer.abandon(&summary)?;
         tracing::error!(export = %plan.name, run_id = %run_id, "export failed; partial files kept in {}", dir.display());
         dir
     } else {
@@ -184,15 +186,13 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let finished = writer.finish(&transaction_time, &request, capture)?;
+        let dir = writer.publish(&transaction_time, &request, &files, &summary)?;
         let export_dir = plan.output_dir.join(&plan.name);
         for old in output::remove_old_runs(&export_dir, plan.keep_runs) {
             tracing::info!("removed old run {old} (keepRuns = {})", plan.keep_runs);
         }
-        finished.dir
+        dir
     };
-    let summary =
-        summary_out.ok_or_else(|| ExportError::Config("the run summary was not built".into()))?;
     tracing::info!(
         export = %plan.name,
         run_id = %run_id,

@@ -141,13 +141,6 @@ pub struct ManifestEntry {
     pub file: FileEntry,
 }
 
-/// What `finish` leaves behind.
-#[derive(Debug, Clone)]
-pub struct FinishedRun {
-    pub dir: PathBuf,
-    pub files: Vec<(String, FileEntry)>,
-}
-
 /// Writes one run. Not `Send`-shared: one task owns it and receives batches.
 pub struct RunWriter {
     export_dir: PathBuf,
@@ -277,7 +270,8 @@ impl RunWriter {
         }
     }
 
-    fn close_all(&mut self) -> Result<Vec<(String, FileEntry)>, OutputError> {
+    /// Flushes, syncs and closes every data and error file; returns them as the manifest lists them.
+    pub fn close_files(&mut self) -> Result<Vec<(String, FileEntry)>, OutputError> {
         let mut entries = Vec::new();
         for (t, f) in std::mem::take(&mut self.files) {
             entries.push((t, f.close().map_err(io_err(&self.partial))?));
@@ -293,61 +287,46 @@ impl RunWriter {
         Ok(entries)
     }
 
-    /// Closes every file, writes `manifest.json` and `summary.json` (from `summary`, given the closed
-    /// files), renames the folder into place and points `latest` at it.
-    pub fn finish<S: Serialize>(
-        mut self,
+    /// Where a failed run's files end up.
+    pub fn failed_dir(&self) -> PathBuf {
+        self.export_dir.join(format!(".{}.failed", self.run_id))
+    }
+
+    /// Writes `manifest.json` (for the closed `files`) and `summary.json`, renames the folder into
+    /// place and points `latest` at it. Returns the published folder.
+    pub fn publish<S: Serialize>(
+        self,
         transaction_time: &str,
         request: &str,
-        summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S,
-    ) -> Result<FinishedRun, OutputError> {
-        let files = self.close_all()?;
-        let (errors, outputs): (Vec<_>, Vec<_>) = files
-            .iter()
-            .cloned()
-            .partition(|(_, f)| f.relative.starts_with(ERRORS_DIR));
+        files: &[(String, FileEntry)],
+        summary: &S,
+    ) -> Result<PathBuf, OutputError> {
+        let entry = |(resource_type, file): &(String, FileEntry)| ManifestEntry {
+            resource_type: resource_type.clone(),
+            file: file.clone(),
+        };
+        let is_error = |(_, f): &&(String, FileEntry)| f.relative.starts_with(ERRORS_DIR);
         let manifest = Manifest {
             transaction_time,
             request,
             requires_access_token: false,
-            output: outputs
-                .into_iter()
-                .map(|(resource_type, file)| ManifestEntry {
-                    resource_type,
-                    file,
-                })
-                .collect(),
-            error: errors
-                .into_iter()
-                .map(|(resource_type, file)| ManifestEntry {
-                    resource_type,
-                    file,
-                })
-                .collect(),
+            output: files.iter().filter(|f| !is_error(f)).map(entry).collect(),
+            error: files.iter().filter(is_error).map(entry).collect(),
         };
-        let final_dir = self.final_dir();
         self.write_json("manifest.json", &manifest)?;
-        let summary = summary(&files, &final_dir);
-        self.write_json("summary.json", &summary)?;
+        self.write_json("summary.json", summary)?;
+        let final_dir = self.final_dir();
         fs::rename(&self.partial, &final_dir).map_err(io_err(&final_dir))?;
         sync_dir(&self.export_dir);
         point_latest(&self.export_dir, &self.run_id).map_err(io_err(&self.export_dir))?;
-        Ok(FinishedRun {
-            dir: final_dir,
-            files,
-        })
+        Ok(final_dir)
     }
 
-    /// Ends a run that failed: closes the files, writes `summary.json`, and renames the folder to
-    /// `.<run-id>.failed` so nothing mistakes it for a complete run. Returns that folder.
-    pub fn abandon<S: Serialize>(
-        mut self,
-        summary: impl FnOnce(&[(String, FileEntry)], &Path) -> S,
-    ) -> Result<PathBuf, OutputError> {
-        let files = self.close_all()?;
-        let failed = self.export_dir.join(format!(".{}.failed", self.run_id));
-        let summary = summary(&files, &failed);
-        self.write_json("summary.json", &summary)?;
+    /// Ends a run that failed: writes `summary.json` and renames the folder to `failed_dir()` so
+    /// nothing mistakes it for a complete run. Returns that folder.
+    pub fn abandon<S: Serialize>(self, summary: &S) -> Result<PathBuf, OutputError> {
+        self.write_json("summary.json", summary)?;
+        let failed = self.failed_dir();
         fs::rename(&self.partial, &failed).map_err(io_err(&failed))?;
         Ok(failed)
     }
