@@ -222,7 +222,7 @@ async fn foreign_origin_next_link_never_gets_the_token() {
     });
 
     let env = env(SandboxOptions {
-        patients: 6,
+        patients: 20,
         page_size: 3,
         ..SandboxOptions::default()
     })
@@ -231,13 +231,20 @@ async fn foreign_origin_next_link_never_gets_the_token() {
     env.sandbox.inject(Fault::ForeignNextLink {
         origin: foreign.clone(),
     });
-    // A patient with Conditions, so the search that is not disturbed has data to show.
+    // A patient whose Conditions fit on one page (no next link to move) and whose lab Observations
+    // need several, so the fault lands on the Observation search whatever order the searches run in.
     let patient: Vec<String> = patients
         .iter()
-        .filter(|p| !env.sandbox.dataset().resources("Condition", p).is_empty())
+        .filter(|p| {
+            let want = expected(env.sandbox.dataset(), &[p.to_string()]);
+            let conditions = want.get("Condition").map_or(0, |c| c.len());
+            let labs = env.sandbox.dataset().resources("Observation", p).len();
+            (1..=3).contains(&conditions) && labs > 6
+        })
         .take(1)
         .cloned()
         .collect();
+    assert_eq!(patient.len(), 1, "the sandbox data has such a patient");
     let config = env.write_config(
         &patient,
         "resource_type,search_params\nObservation,category=laboratory\nCondition,\n",

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use epic_export::auth::{Algorithm, SigningKey, keys};
-use epic_export::sandbox::{ClientKeys, ClientRegistration, Dataset, Sandbox, SandboxOptions};
+use epic_export::sandbox::{
+    ClientKeys, ClientRegistration, Dataset, SEARCH_TYPES, Sandbox, SandboxOptions,
+};
 use serde_json::Value;
 
 pub const CLIENT_ID: &str = "test-client";
@@ -34,20 +36,8 @@ pub async fn env_with_key(opts: SandboxOptions, alg: Algorithm) -> Env {
     Env { sandbox, dir, key }
 }
 
-pub const ALL_SEARCHES: &str = "resource_type,search_params
-Patient,
-Condition,
-Observation,category=laboratory
-Observation,category=vital-signs
-Observation,category=social-history
-MedicationRequest,
-AllergyIntolerance,
-Immunization,
-Procedure,
-Encounter,
-DiagnosticReport,
-DocumentReference,
-";
+/// Every type the sandbox serves, Observation in three categories (the demo's list).
+pub const ALL_SEARCHES: &str = epic_export::demo::DEMO_RESOURCES_CSV;
 
 impl Env {
     pub fn path(&self) -> &Path {
@@ -87,18 +77,7 @@ pub fn expected(ds: &Dataset, patients: &[String]) -> BTreeMap<String, BTreeMap<
     let categories: HashSet<&str> = ["laboratory", "vital-signs", "social-history"].into();
     let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     for p in patients {
-        for t in [
-            "Patient",
-            "Condition",
-            "Observation",
-            "MedicationRequest",
-            "AllergyIntolerance",
-            "Immunization",
-            "Procedure",
-            "Encounter",
-            "DiagnosticReport",
-            "DocumentReference",
-        ] {
+        for &t in std::iter::once(&"Patient").chain(SEARCH_TYPES) {
             for r in ds.resources(t, p) {
                 if t == "Observation" {
                     let codes: Vec<&str> = r["category"]
