@@ -13,15 +13,9 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "config: ok (export {:?}, {} patients, {} searches: {})",
+        "config: ok (export {:?}, {})",
         plan.name,
-        plan.patients.len(),
-        plan.searches.len(),
-        plan.searches
-            .iter()
-            .map(|s| s.label())
-            .collect::<Vec<_>>()
-            .join(", ")
+        plan.describe_source()
     );
     let conn = match connect(plan).await {
         Ok(c) => c,

@@ -20,12 +20,105 @@ pub struct ExportPlan {
     pub key_id: Option<String>,
     pub jwks_url: Option<String>,
     pub scope: String,
-    pub patients: Vec<String>,
-    pub searches: Vec<Search>,
+    pub source: Source,
     pub output_dir: PathBuf,
     pub keep_runs: usize,
     pub limits: Limits,
-    pub request_timeout: Duration,
+}
+
+impl ExportPlan {
+    /// The search-mode part of the plan, if this is a search export.
+    pub fn search(&self) -> Option<&SearchPlan> {
+        match &self.source {
+            Source::Search(s) => Some(s),
+            Source::Bulk(_) => None,
+        }
+    }
+
+    /// One line describing what is exported (no patient ids).
+    pub fn describe_source(&self) -> String {
+        match &self.source {
+            Source::Search(s) => format!(
+                "search mode: {} patients, {} searches: {}",
+                s.patients.len(),
+                s.searches.len(),
+                s.searches
+                    .iter()
+                    .map(Search::label)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Source::Bulk(b) => format!(
+                "bulk mode: {} export of {}",
+                match &b.level {
+                    BulkLevel::Group(g) => format!("Group/{g}"),
+                    BulkLevel::Patient => "Patient-level".into(),
+                    BulkLevel::System => "system-level".into(),
+                },
+                if b.types.is_empty() {
+                    "every type".to_string()
+                } else {
+                    b.types.join(", ")
+                }
+            ),
+        }
+    }
+}
+
+/// Where the data comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Per-patient FHIR searches for a roster.
+    Search(SearchPlan),
+    /// A FHIR Bulk Data `$export`.
+    Bulk(BulkPlan),
+}
+
+#[derive(Clone, Debug)]
+pub struct SearchPlan {
+    pub patients: Vec<String>,
+    pub searches: Vec<Search>,
+}
+
+/// The kick-off level of a bulk export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BulkLevel {
+    Group(String),
+    Patient,
+    System,
+}
+
+/// Which `_since` to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Since {
+    None,
+    /// The `transactionTime` of this export's last successful run (none on the first run).
+    Auto,
+    /// A FHIR instant given in the config.
+    At(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct BulkPlan {
+    pub level: BulkLevel,
+    /// `_type` (empty = every type the server exports).
+    pub types: Vec<String>,
+    /// `_typeFilter` values, e.g. `Observation?category=laboratory`.
+    pub type_filters: Vec<String>,
+    pub since: Since,
+    /// `_outputFormat`, when set.
+    pub output_format: Option<String>,
+    /// Send `DELETE` to the status URL after a complete download.
+    pub delete_after_download: bool,
+    /// Give up polling after this long (the export keeps running on the server; the next run resumes it).
+    pub max_wait: Duration,
+    /// Wait before a new kick-off after the server said the group was requested too recently, when it
+    /// does not say for how long.
+    pub throttle_cooldown: Duration,
+    /// Other origins (`https://host[:port]`) whose file URLs may be downloaded, never with the token.
+    pub file_origins: Vec<String>,
+    /// Other origins trusted with the access token when the manifest requires it.
+    pub token_origins: Vec<String>,
 }
 
 /// One configured search: a resource type and its extra parameters (the patient is added per patient).

@@ -48,22 +48,51 @@ pub struct RunSummary {
     pub finished_at: String,
     pub duration_seconds: f64,
     pub fhir_base_url: String,
-    pub patients_total: u64,
-    pub patients_complete: u64,
-    pub patients_with_errors: u64,
-    pub searches_failed: u64,
+    /// `search` or `bulk`.
+    pub mode: String,
     pub requests: u64,
     pub retries: u64,
     pub token_renewals_after_401: u64,
     pub resources: Vec<TypeCount>,
     pub records_total: u64,
     pub bytes_total: u64,
+    /// OperationOutcome lines the server reported (in `errors/OperationOutcome.ndjson`).
     pub server_outcomes: u64,
-    pub duplicates_skipped: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub search: Option<SearchStats>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bulk: Option<BulkStats>,
     /// Messages about what went wrong, without patient identifiers.
     pub errors: Vec<String>,
     /// Where the files are (the published run folder, or the `.failed` folder).
     pub output_dir: String,
+}
+
+/// Search-mode figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchStats {
+    pub patients_total: u64,
+    pub patients_complete: u64,
+    pub patients_with_errors: u64,
+    pub searches_failed: u64,
+    pub duplicates_skipped: u64,
+}
+
+/// Bulk-mode figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkStats {
+    /// The server's `transactionTime` (the next `_since` for `since: auto`).
+    pub transaction_time: Option<String>,
+    /// The `_since` sent, if any.
+    pub since: Option<String>,
+    /// Whether this run resumed an export an earlier run had kicked off.
+    pub resumed: bool,
+    pub seconds_waiting: f64,
+    pub files_total: u64,
+    pub files_failed: u64,
+    pub deleted_records: u64,
 }
 
 fn human_bytes(n: u64) -> String {
@@ -123,16 +152,28 @@ impl RunSummary {
             self.records_total,
             human_bytes(self.bytes_total)
         );
+        let outcome = match self.outcome {
+            Outcome::Success => "success",
+            Outcome::Partial => "PARTIAL",
+            Outcome::Failed => "FAILED",
+        };
+        let scope = match (&self.search, &self.bulk) {
+            (Some(p), _) => format!(
+                "{} patients ({} with errors)",
+                p.patients_total, p.patients_with_errors
+            ),
+            (None, Some(b)) => format!(
+                "bulk export, {} files ({} failed), {:.0} s waiting for the server{}",
+                b.files_total,
+                b.files_failed,
+                b.seconds_waiting,
+                if b.resumed { ", resumed" } else { "" }
+            ),
+            (None, None) => self.mode.clone(),
+        };
         let _ = writeln!(
             s,
-            "\n{}: {} patients ({} with errors), {} requests, {} retries, {:.1} s, {:.0} records/s",
-            match self.outcome {
-                Outcome::Success => "success",
-                Outcome::Partial => "PARTIAL",
-                Outcome::Failed => "FAILED",
-            },
-            self.patients_total,
-            self.patients_with_errors,
+            "\n{outcome}: {scope}, {} requests, {} retries, {:.1} s, {:.0} records/s",
             self.requests,
             self.retries,
             self.duration_seconds,

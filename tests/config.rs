@@ -51,11 +51,14 @@ fn a_good_config_becomes_a_plan() {
     let f = Files::new();
     let plan = load_plan(&f.write("config.yaml", GOOD)).unwrap();
     assert_eq!(
-        plan.patients,
+        plan.search().unwrap().patients,
         vec!["erXuFYUfucBZaryVksYEcMg3", "eq081-VQEgP8drUUqCWzHfw3"]
     );
-    assert_eq!(plan.searches.len(), 3);
-    assert_eq!(plan.searches[1].label(), "Observation?category=laboratory");
+    assert_eq!(plan.search().unwrap().searches.len(), 3);
+    assert_eq!(
+        plan.search().unwrap().searches[1].label(),
+        "Observation?category=laboratory"
+    );
     assert_eq!(
         plan.private_key_file,
         f.path().join("key.pem"),
@@ -76,9 +79,9 @@ fn inline_resources_and_patients() {
         "    patients: [a1, b2]\n    resources:\n      - type: Condition\n      - type: Observation\n        params: {category: laboratory}\n",
     );
     let plan = load_plan(&f.write("config.yaml", &yaml)).unwrap();
-    assert_eq!(plan.patients, vec!["a1", "b2"]);
+    assert_eq!(plan.search().unwrap().patients, vec!["a1", "b2"]);
     assert_eq!(
-        plan.searches[1].params,
+        plan.search().unwrap().searches[1].params,
         vec![("category".to_string(), "laboratory".to_string())]
     );
 }
@@ -128,9 +131,37 @@ fn config_errors_name_the_field_and_the_fix() {
         (
             GOOD.replace(
                 "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
-                "  bulk:\n    group: abc\n",
+                "  bulk:\n    level: everything\n",
             ),
-            &["source.bulk"],
+            &["source.bulk.level", "patient or system"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: g1\n    since: yesterday\n",
+            ),
+            &["source.bulk.since", "auto"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: g1\n    typeFilters: [laboratory]\n",
+            ),
+            &["typeFilters[0]", "Observation?category=laboratory"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: g1\n    fileHosts: [storage]\n",
+            ),
+            &["fileHosts[0]", "origin"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: g1\n    level: system\n",
+            ),
+            &["source.bulk", "not both"],
         ),
         (
             GOOD.replace("roster.csv", "missing.csv"),
@@ -180,7 +211,7 @@ fn roster_errors_give_file_and_line() {
     f.write("roster.csv", "\u{feff}patient_id\nabc\nabc\n");
     let plan = load_plan(&f.write("config.yaml", GOOD)).unwrap();
     assert_eq!(
-        plan.patients,
+        plan.search().unwrap().patients,
         vec!["abc"],
         "BOM tolerated, duplicates exported once"
     );

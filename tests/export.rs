@@ -41,7 +41,7 @@ async fn exports_exactly_the_sandbox_data() {
     assert_same_data(&got, &want);
     assert!(want["Observation"].len() > 50);
     assert!(
-        report.summary.duplicates_skipped > 0,
+        report.summary.search.as_ref().unwrap().duplicates_skipped > 0,
         "observations in two categories are written once"
     );
 
@@ -254,7 +254,7 @@ async fn foreign_origin_next_link_never_gets_the_token() {
     let report = run(&plan, &RunOptions::default()).await.unwrap();
 
     assert_eq!(report.summary.outcome, Outcome::Partial);
-    assert_eq!(report.summary.searches_failed, 1);
+    assert_eq!(report.summary.search.as_ref().unwrap().searches_failed, 1);
     let failures =
         std::fs::read_to_string(report.dir.join("errors/failed-requests.ndjson")).unwrap();
     assert!(failures.contains("another origin"), "{failures}");
@@ -304,8 +304,8 @@ async fn a_4xx_fails_only_that_search_and_the_run_is_partial() {
     let latest = env.export_dir().join("latest");
     let s = summary(&latest);
     assert_eq!(s["outcome"], "partial");
-    assert_eq!(s["searchesFailed"], 1);
-    assert_eq!(s["patientsWithErrors"], 1);
+    assert_eq!(s["search"]["searchesFailed"], 1);
+    assert_eq!(s["search"]["patientsWithErrors"], 1);
     let failures = std::fs::read_to_string(latest.join("errors/failed-requests.ndjson")).unwrap();
     let f: Value = serde_json::from_str(failures.lines().next().unwrap()).unwrap();
     assert_eq!(f["status"], 403);

@@ -98,13 +98,13 @@ async fn a_401_renews_once_for_all_concurrent_requests() {
     let tokens = source(env.sandbox.token_url(), same_key(&env));
     let client = Arc::new(
         FhirClient::new(
-            http_client(Duration::from_secs(10)),
             &env.sandbox.base_url(),
             tokens.clone(),
             Limits {
                 concurrency: 8,
                 requests_per_second: None,
                 retry: RetryPolicy::default(),
+                request_timeout: Duration::from_secs(10),
             },
         )
         .unwrap(),

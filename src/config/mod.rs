@@ -3,6 +3,7 @@
 //! This module only reads and validates; it does no networking. Every error names the file and the
 //! field (or CSV line) and says what to write instead. Relative paths are relative to the config file.
 
+pub mod bulk;
 pub mod roster;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use serde::Deserialize;
 use crate::auth::Algorithm;
 use crate::fhir::Limits;
 use crate::fhir::retry::RetryPolicy;
-use crate::plan::{ExportPlan, Search};
+use crate::plan::{BulkLevel, BulkPlan, ExportPlan, Search, SearchPlan, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -90,7 +91,7 @@ pub struct SourceConfig {
     #[serde(default)]
     pub search: Option<SearchConfig>,
     #[serde(default)]
-    pub bulk: Option<serde_json::Value>,
+    pub bulk: Option<bulk::BulkConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,6 +207,9 @@ pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
 }
 
 /// Validates a parsed config. `dir` anchors relative paths; `path` is named in errors.
+/// What `invalid(field, message)` builds: a config error naming the field.
+type Invalid<'a> = dyn Fn(&str, String) -> ConfigError + 'a;
+
 pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan, ConfigError> {
     let invalid = |field: &str, message: String| ConfigError::Invalid {
         path: path.to_owned(),
@@ -261,55 +265,22 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
     if let Some(u) = &c.auth.jwks_url {
         parse_http_url(u).map_err(|m| invalid("auth.jwksUrl", m))?;
     }
-    if c.source.bulk.is_some() {
-        return Err(invalid(
-            "source.bulk",
-            "bulk export mode is not supported by this version yet; use source.search".into(),
-        ));
-    }
-    let search = c.source.search.ok_or_else(|| {
-        invalid(
-            "source",
-            "needs a `search:` block (rosterFile and resourcesFile or resources)".into(),
-        )
-    })?;
-    let patients = match (&search.roster_file, search.patients) {
+    let source = match (c.source.search, c.source.bulk) {
         (Some(_), Some(_)) => {
             return Err(invalid(
-                "source.search",
-                "give either rosterFile or patients, not both".into(),
+                "source",
+                "give either `search:` or `bulk:`, not both".into(),
             ));
         }
-        (Some(f), None) => roster::read_roster(&resolve(f))?,
-        (None, Some(p)) => {
-            roster::check_patient_ids(p).map_err(|m| invalid("source.search.patients", m))?
+        (Some(search), None) => Source::Search(search_plan(search, &invalid, &resolve)?),
+        (None, Some(b)) => Source::Bulk(bulk::bulk_plan(b, &invalid)?),
+        (None, None) => {
+            return Err(invalid(
+                "source",
+                "needs a `search:` block (rosterFile and resourcesFile or resources) or a `bulk:` block (group or level)".into(),
+            ));
         }
-        (None, None) => return Err(invalid(
-            "source.search",
-            "needs rosterFile (a CSV with a patient_id column) or patients (a list of FHIR ids)"
-                .into(),
-        )),
     };
-    let searches = match (&search.resources_file, search.resources) {
-        (Some(_), Some(_)) => return Err(invalid("source.search", "give either resourcesFile or resources, not both".into())),
-        (Some(f), None) => roster::read_resources(&resolve(f))?,
-        (None, Some(list)) => {
-            let mut out = Vec::new();
-            for (i, r) in list.into_iter().enumerate() {
-                let params: Vec<(String, String)> = r.params.into_iter().collect();
-                let s = Search::new(r.resource_type, params).map_err(|m| invalid(&format!("source.search.resources[{i}]"), m))?;
-                out.push(s);
-            }
-            out
-        }
-        (None, None) => return Err(invalid("source.search", "needs resourcesFile (CSV: resource_type,search_params) or resources (a list of {type, params})".into())),
-    };
-    if searches.is_empty() {
-        return Err(invalid(
-            "source.search",
-            "lists no resources to export".into(),
-        ));
-    }
     let l = &c.limits;
     if l.concurrency == 0 || l.concurrency > 256 {
         return Err(invalid(
@@ -341,7 +312,7 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
     if c.notify.is_some() {
         tracing::warn!("config field notify is not supported by this version yet and is ignored");
     }
-    let scope = c.auth.scope.unwrap_or_else(|| default_scope(&searches));
+    let scope = c.auth.scope.unwrap_or_else(|| default_scope(&source));
     Ok(ExportPlan {
         name: c.name,
         fhir_base: base.as_str().trim_end_matches('/').to_owned(),
@@ -352,8 +323,7 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         key_id: c.auth.key_id,
         jwks_url: c.auth.jwks_url,
         scope,
-        patients,
-        searches,
+        source,
         output_dir: resolve(&c.output.directory),
         keep_runs: c.output.keep_runs,
         limits: Limits {
@@ -363,14 +333,30 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
                 max_attempts: l.max_attempts,
                 ..RetryPolicy::default()
             },
+            request_timeout: Duration::from_secs(l.request_timeout_seconds),
         },
-        request_timeout: Duration::from_secs(l.request_timeout_seconds),
     })
 }
 
-/// `system/<Type>.read` for every exported type (SMART v1 form, accepted by Epic of every version).
-pub fn default_scope(searches: &[Search]) -> String {
-    let mut types: Vec<&str> = searches.iter().map(|s| s.resource_type.as_str()).collect();
+/// `system/<Type>.read` for every exported type (SMART v1 form, accepted by Epic of every version);
+/// `system/*.read` for a bulk export of every type.
+pub fn default_scope(source: &Source) -> String {
+    let mut types: Vec<&str> = match source {
+        Source::Search(s) => s
+            .searches
+            .iter()
+            .map(|s| s.resource_type.as_str())
+            .collect(),
+        Source::Bulk(b) if b.types.is_empty() => return "system/*.read".into(),
+        Source::Bulk(b) => b.types.iter().map(String::as_str).collect(),
+    };
+    if let Source::Bulk(BulkPlan {
+        level: BulkLevel::Group(_),
+        ..
+    }) = source
+    {
+        types.push("Group");
+    }
     types.sort_unstable();
     types.dedup();
     types
@@ -391,4 +377,62 @@ fn parse_http_url(s: &str) -> Result<url::Url, String> {
         return Err(format!("{s:?} must not have a query or fragment"));
     }
     Ok(u)
+}
+
+/// Validates `source.search`: the roster and the searches (inline or from the CSV files).
+fn search_plan(
+    search: SearchConfig,
+    invalid: &Invalid<'_>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<SearchPlan, ConfigError> {
+    let patients = match (&search.roster_file, search.patients) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "source.search",
+                "give either rosterFile or patients, not both".into(),
+            ));
+        }
+        (Some(f), None) => roster::read_roster(&resolve(f))?,
+        (None, Some(p)) => {
+            roster::check_patient_ids(p).map_err(|m| invalid("source.search.patients", m))?
+        }
+        (None, None) => {
+            return Err(invalid(
+                "source.search",
+                "needs rosterFile (a CSV with a patient_id column) or patients (a list of FHIR ids)".into(),
+            ));
+        }
+    };
+    let searches = match (&search.resources_file, search.resources) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "source.search",
+                "give either resourcesFile or resources, not both".into(),
+            ));
+        }
+        (Some(f), None) => roster::read_resources(&resolve(f))?,
+        (None, Some(list)) => {
+            let mut out = Vec::new();
+            for (i, r) in list.into_iter().enumerate() {
+                let params: Vec<(String, String)> = r.params.into_iter().collect();
+                let s = Search::new(r.resource_type, params)
+                    .map_err(|m| invalid(&format!("source.search.resources[{i}]"), m))?;
+                out.push(s);
+            }
+            out
+        }
+        (None, None) => {
+            return Err(invalid(
+                "source.search",
+                "needs resourcesFile (CSV: resource_type,search_params) or resources (a list of {type, params})".into(),
+            ));
+        }
+    };
+    if searches.is_empty() {
+        return Err(invalid(
+            "source.search",
+            "lists no resources to export".into(),
+        ));
+    }
+    Ok(SearchPlan { patients, searches })
 }

@@ -10,11 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::writer::WriterMsg;
+use super::writer::{self, WriterMsg};
+use super::{ExportError, Retrieved, RunContext, RunReport};
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::{FetchError, FhirClient};
-use crate::plan::{ExportPlan, Search};
+use crate::output::{self, RunWriter};
+use crate::plan::{Search, SearchPlan};
 use crate::progress::Progress;
+use crate::summary::SearchStats;
 
 /// A search never needs more pages than this; a server that keeps sending `next` is broken.
 const MAX_PAGES: usize = 100_000;
@@ -38,20 +41,81 @@ pub enum Fatal {
     WriterGone,
 }
 
+/// Runs a search-mode export: every patient, every search, into a new run folder.
+pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport, ExportError> {
+    let plan = ctx.plan;
+    let writer = RunWriter::create(&plan.output_dir, &plan.name, &ctx.run_id)?;
+    let (tx, rx) = mpsc::channel(writer::CHANNEL_CAPACITY);
+    let writer_task = tokio::task::spawn_blocking(move || writer::run(writer, rx));
+    let progress = Progress::new(
+        search.patients.len() as u64,
+        "patients",
+        ctx.opts.interactive,
+    );
+    let counters = SearchCounters::default();
+    let result = export_patients(
+        &ctx.client,
+        search,
+        plan.limits.concurrency,
+        &tx,
+        &progress,
+        &counters,
+    )
+    .await;
+    drop(tx);
+    progress.finish();
+    let (writer, written) = writer_task
+        .await
+        .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
+
+    let mut fatal = Vec::new();
+    match (&result, written) {
+        (_, Err(e)) => fatal.push(format!("writing output failed: {e}")),
+        (Err(e), Ok(())) => fatal.push(e.to_string()),
+        _ => {}
+    }
+    let failed = counters.searches_failed.load(Ordering::Relaxed);
+    let partial = if failed > 0 {
+        vec![format!(
+            "{failed} searches failed; see errors/{}",
+            output::FAILURES_FILE
+        )]
+    } else {
+        Vec::new()
+    };
+    ctx.conclude(Retrieved {
+        writer,
+        fatal,
+        partial,
+        transaction_time: ctx.start_ts.to_string(),
+        request: format!("{} ({})", plan.fhir_base, plan.describe_source()),
+        server_outcomes: counters.outcomes.load(Ordering::Relaxed),
+        search: Some(SearchStats {
+            patients_total: search.patients.len() as u64,
+            patients_complete: counters.patients_complete.load(Ordering::Relaxed),
+            patients_with_errors: counters.patients_with_errors.load(Ordering::Relaxed),
+            searches_failed: failed,
+            duplicates_skipped: counters.duplicates.load(Ordering::Relaxed),
+        }),
+        bulk: None,
+    })
+}
+
 /// Exports every patient; the client keeps at most `limits.concurrency` requests in flight.
-pub async fn export_patients(
+async fn export_patients(
     client: &FhirClient,
-    plan: &ExportPlan,
+    search: &SearchPlan,
+    concurrency: usize,
     tx: &mpsc::Sender<WriterMsg>,
     progress: &Progress,
     counters: &SearchCounters,
 ) -> Result<(), Fatal> {
-    let mut tasks = futures::stream::iter(plan.patients.iter())
-        .map(|patient| export_patient(client, &plan.searches, patient, tx, counters))
-        .buffer_unordered(plan.limits.concurrency);
+    let mut tasks = futures::stream::iter(search.patients.iter())
+        .map(|patient| export_patient(client, &search.searches, patient, tx, counters))
+        .buffer_unordered(concurrency);
     while let Some(result) = tasks.next().await {
         let records = result?;
-        progress.patient_done(records);
+        progress.item_done(records);
     }
     Ok(())
 }

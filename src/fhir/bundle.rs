@@ -54,7 +54,7 @@ pub struct Page<'a> {
 /// Parses a search-set page. The error says what is wrong without quoting content.
 pub fn parse_page(body: &[u8]) -> Result<Page<'_>, String> {
     let bundle: Bundle<'_> = serde_json::from_slice(body)
-        .map_err(|e| format!("the response is not a FHIR Bundle ({})", e.classify_name()))?;
+        .map_err(|e| format!("the response is not a FHIR Bundle ({})", json_error_kind(&e)))?;
     match bundle.resource_type.as_deref() {
         Some("Bundle") => {}
         Some(other) => return Err(format!("expected a Bundle, got a {other}")),
@@ -91,17 +91,13 @@ pub fn head(resource: &RawValue) -> Result<ResourceHead<'_>, serde_json::Error> 
     serde_json::from_str(resource.get())
 }
 
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-impl ClassifyName for serde_json::Error {
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "I/O error",
-            serde_json::error::Category::Syntax => "invalid JSON",
-            serde_json::error::Category::Data => "unexpected structure",
-            serde_json::error::Category::Eof => "truncated JSON",
-        }
+/// What kind of JSON error this is, in a few words (never quoting the content).
+pub fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "invalid JSON",
+        serde_json::error::Category::Data => "unexpected structure",
+        serde_json::error::Category::Eof => "truncated JSON",
     }
 }
 

@@ -1,7 +1,9 @@
-//! `FhirClient`: authorised GETs against one FHIR server with bounded retries.
+//! `FhirClient`: authorised requests against one FHIR server with bounded retries.
 //!
-//! - The bearer token is only ever sent to the FHIR base URL's origin; a URL on another origin (such as a
-//!   `next` link pointing elsewhere) is refused before any request is made.
+//! - The bearer token is only ever sent to the FHIR base URL's origin (and origins the caller explicitly
+//!   trusts for downloads); a URL on another origin, such as a `next` link pointing elsewhere, is refused
+//!   before any request is made. Download redirects are followed by hand: once a redirect leaves the
+//!   origin, the token is no longer sent.
 //! - 401: the token is handed back to the `TokenSource` and the request is repeated once with a new one.
 //! - 408/429/5xx, timeouts, connection errors and cut-short bodies are retried with `Retry-After` or
 //!   exponential backoff with jitter, up to the policy's attempts.
@@ -15,14 +17,19 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
 use tokio::sync::Semaphore;
 
 use super::ratelimit::RateLimiter;
 use super::retry::{self, RetryPolicy};
 use crate::auth::{AccessToken, AuthError, TokenSource};
 
-/// The largest response body accepted (one search page or one resource).
+/// The largest response body read into memory (one search page, one resource, a manifest).
 pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
+
+/// Redirects followed for one download.
+const MAX_REDIRECTS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -49,9 +56,17 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Errors that make the whole run pointless (authentication), as opposed to one failed search.
+    /// Errors that make the whole run pointless (authentication), as opposed to one failed request.
     pub fn is_fatal(&self) -> bool {
         matches!(self, FetchError::Auth(_) | FetchError::Unauthorized)
+    }
+
+    /// The HTTP status, for errors that have one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            FetchError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
     }
 }
 
@@ -71,10 +86,30 @@ pub struct Limits {
     /// Requests started per second; `None` = no limit.
     pub requests_per_second: Option<f64>,
     pub retry: RetryPolicy,
+    /// Timeout of one request; for downloads, of each read.
+    pub request_timeout: Duration,
+}
+
+/// A successful (2xx) response read into memory.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Which failures `fetch` retries by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryMode {
+    /// Transport errors and 408/429/5xx.
+    All,
+    /// Transport errors only: the caller decides about every status (bulk status polling).
+    TransportOnly,
 }
 
 pub struct FhirClient {
     http: reqwest::Client,
+    download_http: reqwest::Client,
     base: url::Url,
     tokens: Arc<TokenSource>,
     retry: RetryPolicy,
@@ -84,16 +119,12 @@ pub struct FhirClient {
 }
 
 impl FhirClient {
-    pub fn new(
-        http: reqwest::Client,
-        base: &str,
-        tokens: Arc<TokenSource>,
-        limits: Limits,
-    ) -> Result<Self, String> {
+    pub fn new(base: &str, tokens: Arc<TokenSource>, limits: Limits) -> Result<Self, String> {
         let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/')))
             .map_err(|e| format!("invalid FHIR base URL: {e}"))?;
         Ok(FhirClient {
-            http,
+            http: super::http_client(limits.request_timeout),
+            download_http: super::download_client(limits.request_timeout),
             base,
             tokens,
             retry: limits.retry,
@@ -108,20 +139,37 @@ impl FhirClient {
         format!("{}{}", self.base, path_and_query)
     }
 
+    /// The FHIR server's origin, e.g. `https://fhir.example.org`.
+    pub fn origin(&self) -> String {
+        self.base.origin().ascii_serialization()
+    }
+
     pub fn tokens(&self) -> &TokenSource {
         &self.tokens
     }
 
-    /// GETs `url` (which must be on the base's origin) and returns the body.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// GETs `url` (which must be on the base's origin) as FHIR JSON and returns the body.
     pub async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
-        let parsed = url::Url::parse(url).map_err(|_| {
-            FetchError::Transport("the server sent a link that is not a valid URL".into())
-        })?;
-        if parsed.origin() != self.base.origin() {
-            return Err(FetchError::ForeignOrigin {
-                origin: parsed.origin().ascii_serialization(),
-            });
-        }
+        let accept = [(reqwest::header::ACCEPT, "application/fhir+json")];
+        Ok(self
+            .fetch(Method::GET, url, &accept, RetryMode::All)
+            .await?
+            .body)
+    }
+
+    /// Sends an authorised request to `url` (on the base's origin) and reads the 2xx response.
+    pub async fn fetch(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(HeaderName, &str)],
+        mode: RetryMode,
+    ) -> Result<Reply, FetchError> {
+        let parsed = self.same_origin(url)?;
         let mut attempt = 0u32;
         let mut renewed = false;
         loop {
@@ -130,16 +178,15 @@ impl FhirClient {
                 l.wait().await;
             }
             let token = self.tokens.token().await?;
-            let (failure, server_wait) = match self.attempt(&parsed, &token).await {
-                Attempt::Done(body) => return Ok(body),
+            let outcome = self.attempt(&method, &parsed, headers, &token, mode).await;
+            let (failure, server_wait) = match outcome {
+                Attempt::Done(reply) => return Ok(reply),
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Unauthorized if renewed => return Err(FetchError::Unauthorized),
                 Attempt::Unauthorized => {
                     renewed = true;
                     attempt -= 1;
-                    self.counters.renewals.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("the server answered 401; renewing the access token");
-                    self.tokens.invalidate(&token).await;
+                    self.renew(&token).await;
                     continue;
                 }
                 Attempt::Retry {
@@ -150,31 +197,153 @@ impl FhirClient {
             if attempt >= self.retry.max_attempts {
                 return Err(failure.into_final(attempt));
             }
-            let wait = server_wait
-                .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
-            self.counters.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                attempt,
-                wait_ms = wait.as_millis() as u64,
-                "retrying: {}",
-                failure.describe()
-            );
-            tokio::time::sleep(wait).await;
+            self.pause(attempt, server_wait, &failure.describe()).await;
         }
     }
 
+    /// Opens a download for streaming: follows redirects by hand (the token is sent only while the URL
+    /// is on an origin in `token_origins`), renews the token after a 401, and retries 408/429/5xx and
+    /// transport errors. `range_from` asks for the bytes from that offset on (`Range: bytes=N-`).
+    pub async fn open_download(
+        &self,
+        url: &str,
+        token_origins: &[String],
+        range_from: Option<u64>,
+    ) -> Result<reqwest::Response, FetchError> {
+        let start = url::Url::parse(url).map_err(|_| {
+            FetchError::Transport("the manifest lists a file URL that is not a valid URL".into())
+        })?;
+        let mut attempt = 0u32;
+        let mut renewed = false;
+        loop {
+            attempt += 1;
+            let token = self.tokens.token().await?;
+            let mut target = start.clone();
+            let mut with_token = token_origins.contains(&target.origin().ascii_serialization());
+            let mut redirects = 0;
+            let failure = loop {
+                self.counters.requests.fetch_add(1, Ordering::Relaxed);
+                let mut req = self
+                    .download_http
+                    .get(target.clone())
+                    .header(reqwest::header::ACCEPT, "application/fhir+ndjson");
+                if with_token {
+                    req = req.bearer_auth(token.secret());
+                }
+                if let Some(from) = range_from.filter(|n| *n > 0) {
+                    req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+                }
+                let resp = match req.send().await {
+                    Ok(r) => r,
+                    Err(e) => break (Failure::Transport(super::describe_transport(&e)), None),
+                };
+                let status = resp.status();
+                if status.is_redirection() && redirects < MAX_REDIRECTS {
+                    let Some(next) = resp
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .and_then(|l| target.join(l).ok())
+                    else {
+                        return Err(FetchError::Transport(format!(
+                            "HTTP {} without a usable Location header",
+                            status.as_u16()
+                        )));
+                    };
+                    redirects += 1;
+                    // Once a redirect leaves the trusted origins, the token stays behind for good.
+                    with_token =
+                        with_token && token_origins.contains(&next.origin().ascii_serialization());
+                    target = next;
+                    continue;
+                }
+                if status.is_success() {
+                    return Ok(resp);
+                }
+                if status == StatusCode::UNAUTHORIZED && with_token && !renewed {
+                    renewed = true;
+                    attempt -= 1;
+                    self.renew(&token).await;
+                    break (Failure::Transport("HTTP 401".into()), Some(Duration::ZERO));
+                }
+                if retry::is_retryable_status(status.as_u16()) {
+                    let wait = self.retry_after(resp.headers());
+                    break (
+                        Failure::Status(Box::new(status_error(status.as_u16(), resp).await)),
+                        wait,
+                    );
+                }
+                return Err(status_error(status.as_u16(), resp).await);
+            };
+            let (failure, server_wait) = failure;
+            if attempt >= self.retry.max_attempts {
+                return Err(failure.into_final(attempt));
+            }
+            if server_wait != Some(Duration::ZERO) {
+                self.pause(attempt, server_wait, &failure.describe()).await;
+            }
+        }
+    }
+
+    /// Waits before retry number `attempt`: the server's `Retry-After`, or backoff with jitter.
+    pub async fn pause(&self, attempt: u32, server_wait: Option<Duration>, why: &str) {
+        let wait = server_wait
+            .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
+        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            attempt,
+            wait_ms = wait.as_millis() as u64,
+            "retrying: {why}"
+        );
+        tokio::time::sleep(wait).await;
+    }
+
+    async fn renew(&self, stale: &AccessToken) {
+        self.counters.renewals.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("the server answered 401; renewing the access token");
+        self.tokens.invalidate(stale).await;
+    }
+
+    fn same_origin(&self, url: &str) -> Result<url::Url, FetchError> {
+        let parsed = url::Url::parse(url).map_err(|_| {
+            FetchError::Transport("the server sent a link that is not a valid URL".into())
+        })?;
+        if parsed.origin() != self.base.origin() {
+            return Err(FetchError::ForeignOrigin {
+                origin: parsed.origin().ascii_serialization(),
+            });
+        }
+        Ok(parsed)
+    }
+
+    fn retry_after(&self, headers: &HeaderMap) -> Option<Duration> {
+        headers
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay))
+    }
+
     /// One request, holding one of the in-flight permits until its body is read.
-    async fn attempt(&self, url: &url::Url, token: &AccessToken) -> Attempt {
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &url::Url,
+        headers: &[(HeaderName, &str)],
+        token: &AccessToken,
+        mode: RetryMode,
+    ) -> Attempt {
         let _permit = self.in_flight.acquire().await;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let sent = self
+        let mut req = self
             .http
-            .get(url.clone())
-            .bearer_auth(token.secret())
-            .header(reqwest::header::ACCEPT, "application/fhir+json")
-            .send()
-            .await;
-        let resp = match sent {
+            .request(method.clone(), url.clone())
+            .bearer_auth(token.secret());
+        for (name, value) in headers {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                req = req.header(name, v);
+            }
+        }
+        let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
                 return Attempt::Retry {
@@ -183,10 +352,15 @@ impl FhirClient {
                 };
             }
         };
-        let status = resp.status().as_u16();
-        if (200..300).contains(&status) {
+        let status = resp.status();
+        if status.is_success() {
+            let headers = resp.headers().clone();
             return match read_body(resp).await {
-                Ok(body) => Attempt::Done(body),
+                Ok(body) => Attempt::Done(Reply {
+                    status,
+                    headers,
+                    body,
+                }),
                 Err(BodyError::TooLarge) => Attempt::Fatal(FetchError::TooLarge),
                 Err(BodyError::Transport(m)) => Attempt::Retry {
                     failure: Failure::Transport(m),
@@ -194,27 +368,23 @@ impl FhirClient {
                 },
             };
         }
-        if status == 401 {
+        if status == StatusCode::UNAUTHORIZED {
             return Attempt::Unauthorized;
         }
-        if retry::is_retryable_status(status) {
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay));
+        if mode == RetryMode::All && retry::is_retryable_status(status.as_u16()) {
+            let retry_after = self.retry_after(resp.headers());
             return Attempt::Retry {
-                failure: Failure::Status(Box::new(status_error(status, resp).await)),
+                failure: Failure::Status(Box::new(status_error(status.as_u16(), resp).await)),
                 retry_after,
             };
         }
-        Attempt::Fatal(status_error(status, resp).await)
+        Attempt::Fatal(status_error(status.as_u16(), resp).await)
     }
 }
 
 /// What one attempt came to.
 enum Attempt {
-    Done(Bytes),
+    Done(Reply),
     /// Not worth repeating (for this request; whether the run goes on is the caller's call).
     Fatal(FetchError),
     Unauthorized,
@@ -279,18 +449,22 @@ async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
         .await
         .ok()
         .and_then(Result::ok);
-    let outcome: Option<Box<serde_json::value::RawValue>> = body
-        .as_deref()
-        .and_then(|b| serde_json::from_slice::<Box<serde_json::value::RawValue>>(b).ok())
-        .filter(|raw| {
-            crate::fhir::bundle::head(raw).is_ok_and(|h| h.resource_type == "OperationOutcome")
-        });
+    let outcome = body.as_deref().and_then(parse_outcome);
     let diagnostics = outcome.as_deref().and_then(outcome_text);
     FetchError::Status {
         status,
         diagnostics,
         outcome,
     }
+}
+
+/// The body as an OperationOutcome, if it is one.
+pub fn parse_outcome(body: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
+    serde_json::from_slice::<Box<serde_json::value::RawValue>>(body)
+        .ok()
+        .filter(|raw| {
+            crate::fhir::bundle::head(raw).is_ok_and(|h| h.resource_type == "OperationOutcome")
+        })
 }
 
 /// The first issue's diagnostics or details text of an OperationOutcome, shortened.
@@ -303,4 +477,18 @@ pub fn outcome_text(outcome: &serde_json::value::RawValue) -> Option<String> {
         .or_else(|| issue.pointer("/details/text").and_then(|d| d.as_str()))
         .or_else(|| issue.get("code").and_then(|d| d.as_str()))?;
     Some(text.chars().take(300).collect())
+}
+
+/// The `code` of every issue of an OperationOutcome (e.g. `transient`, `processing`).
+pub fn outcome_codes(outcome: &serde_json::value::RawValue) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(outcome.get()).unwrap_or_default();
+    v.get("issue")
+        .and_then(|i| i.as_array())
+        .map(|issues| {
+            issues
+                .iter()
+                .filter_map(|i| i.get("code")?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -6,7 +6,7 @@ pub mod client;
 pub mod ratelimit;
 pub mod retry;
 
-pub use client::{FetchError, FhirClient, Limits};
+pub use client::{FetchError, FhirClient, Limits, Reply, RetryMode};
 
 use std::time::Duration;
 
@@ -34,6 +34,19 @@ pub fn describe_transport(e: &reqwest::Error) -> String {
     } else {
         format!("{kind}: {detail}")
     }
+}
+
+/// The client for bulk file downloads: no total timeout (files can be gigabytes), a read timeout instead,
+/// and no automatic redirects (`FhirClient::open_download` follows them itself, dropping the token when a
+/// redirect leaves the trusted origins).
+pub fn download_client(read_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("epic-export/", env!("CARGO_PKG_VERSION")))
+        .read_timeout(read_timeout)
+        .connect_timeout(Duration::from_secs(15).min(read_timeout))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("building the HTTP client")
 }
 
 /// The one HTTP client configuration used for FHIR and token requests. Redirects are followed only

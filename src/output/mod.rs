@@ -18,7 +18,23 @@ use serde::Serialize;
 
 pub use retention::{remove_old_runs, sweep_leftovers};
 
+/// Writes `value` as JSON to `path` atomically (a temporary file renamed over it), mode 0600.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    text.push(b'\n');
+    write_new_private_file(&tmp, &text)?;
+    fs::rename(&tmp, path)
+}
+
 pub const ERRORS_DIR: &str = "errors";
+pub const DELETED_DIR: &str = "deleted";
+
+/// Whether a file holds exported resources (not errors, not deletions).
+pub fn is_data_file(f: &FileEntry) -> bool {
+    !f.relative.starts_with(ERRORS_DIR) && !f.relative.starts_with(DELETED_DIR)
+}
 pub const OUTCOMES_FILE: &str = "OperationOutcome.ndjson";
 pub const FAILURES_FILE: &str = "failed-requests.ndjson";
 
@@ -131,6 +147,7 @@ pub struct Manifest<'a> {
     pub requires_access_token: bool,
     pub output: Vec<ManifestEntry>,
     pub error: Vec<ManifestEntry>,
+    pub deleted: Vec<ManifestEntry>,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,51 +166,94 @@ pub struct RunWriter {
     files: BTreeMap<String, NdjsonFile>,
     outcomes: Option<NdjsonFile>,
     failures: Option<NdjsonFile>,
+    /// Files joined from downloaded parts (bulk mode).
+    assembled: Vec<(String, FileEntry)>,
     _lock: File,
+}
+
+/// Which unfinished run `RunWriter::open` may resume: one whose staging folder holds the file `marker`
+/// and for which `accept(path of the marker)` says yes.
+pub struct Resume<'a> {
+    pub marker: &'a str,
+    pub accept: &'a dyn Fn(&Path) -> bool,
+}
+
+/// A downloaded piece of one output file, already checked line by line.
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub path: PathBuf,
+    pub count: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Takes the export's lock (`<export>/.lock`), or says another run holds it.
+fn lock_export(export_dir: &Path) -> Result<File, OutputError> {
+    let lock_path = export_dir.join(".lock");
+    let lock = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(OutputError::Busy {
+            path: export_dir.to_owned(),
+            lock: lock_path,
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(OutputError::Io {
+            path: lock_path,
+            source: e,
+        }),
+    }
 }
 
 impl RunWriter {
     /// Locks `<output_dir>/<export>` and creates the partial run folder. `run_id` is the UTC start stamp;
     /// a suffix is added if a run with that id exists.
     pub fn create(output_dir: &Path, export: &str, run_id: &str) -> Result<RunWriter, OutputError> {
+        Self::open(output_dir, export, run_id, None)
+    }
+
+    /// Like `create`, but first looks for the staging folder of an unfinished run that holds a file
+    /// named `marker` for which `resumable` says yes; that run is resumed (same id, its other files
+    /// removed, the marker kept). Every other leftover is swept.
+    pub fn open(
+        output_dir: &Path,
+        export: &str,
+        run_id: &str,
+        resume: Option<Resume<'_>>,
+    ) -> Result<RunWriter, OutputError> {
         let export_dir = output_dir.join(export);
         create_private_dir(&export_dir).map_err(io_err(&export_dir))?;
-        let lock_path = export_dir.join(".lock");
-        let lock = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(OutputError::Busy {
-                    path: export_dir,
-                    lock: lock_path,
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => {
-                return Err(OutputError::Io {
-                    path: lock_path,
-                    source: e,
-                });
-            }
+        let lock = lock_export(&export_dir)?;
+        // We hold the lock, so every partial folder is a leftover of a run that was killed.
+        let resumed = resume
+            .as_ref()
+            .and_then(|r| retention::find_resumable(&export_dir, r.marker, r.accept));
+        if let (Some((_, dir)), Some(r)) = (&resumed, &resume) {
+            retention::clear_except(dir, r.marker).map_err(io_err(dir))?;
         }
-        // We hold the lock, so any partial folder is a leftover of a killed run.
-        sweep_leftovers(&export_dir);
-        let mut id = run_id.to_owned();
-        let mut n = 1;
-        while export_dir.join(&id).exists() {
-            n += 1;
-            id = format!("{run_id}-{n}");
-        }
-        let partial = export_dir.join(format!(".{id}.partial"));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&partial)
-            .map_err(io_err(&partial))?;
+        sweep_leftovers(&export_dir, resumed.as_ref().map(|(_, d)| d.as_path()));
+        let (id, partial) = match resumed {
+            Some(found) => found,
+            None => {
+                let mut id = run_id.to_owned();
+                let mut n = 1;
+                while export_dir.join(&id).exists() {
+                    n += 1;
+                    id = format!("{run_id}-{n}");
+                }
+                let partial = export_dir.join(format!(".{id}.partial"));
+                fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&partial)
+                    .map_err(io_err(&partial))?;
+                (id, partial)
+            }
+        };
         create_private_dir(&partial.join(ERRORS_DIR)).map_err(io_err(&partial))?;
         Ok(RunWriter {
             export_dir,
@@ -202,8 +262,80 @@ impl RunWriter {
             files: BTreeMap::new(),
             outcomes: None,
             failures: None,
+            assembled: Vec::new(),
             _lock: lock,
         })
+    }
+
+    /// The export's folder (`<output>/<export>`), where state between runs is kept.
+    pub fn export_dir(&self) -> &Path {
+        &self.export_dir
+    }
+
+    /// The staging folder of this run (`.<run-id>.partial`).
+    pub fn staging_dir(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Joins downloaded parts (in order) into `relative` (e.g. `Observation.ndjson`,
+    /// `deleted/Patient.ndjson`), counting and hashing on the way; the parts are removed.
+    pub fn assemble(
+        &mut self,
+        resource_type: &str,
+        relative: &str,
+        parts: &[Part],
+    ) -> Result<(), OutputError> {
+        let target = self.partial.join(relative);
+        if let Some(dir) = target.parent() {
+            create_private_dir(dir).map_err(io_err(dir))?;
+        }
+        let entry = match parts {
+            [one] => {
+                fs::rename(&one.path, &target).map_err(io_err(&target))?;
+                FileEntry {
+                    relative: relative.to_owned(),
+                    count: one.count,
+                    bytes: one.bytes,
+                    sha256: one.sha256.clone(),
+                }
+            }
+            _ => {
+                let mut out = BufWriter::with_capacity(
+                    1 << 20,
+                    create_private_file(&target).map_err(io_err(&target))?,
+                );
+                let mut sha = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                let mut buf = vec![0u8; 1 << 20];
+                let (mut count, mut bytes) = (0, 0);
+                for part in parts {
+                    let mut input = File::open(&part.path).map_err(io_err(&part.path))?;
+                    loop {
+                        let n = io::Read::read(&mut input, &mut buf).map_err(io_err(&part.path))?;
+                        if n == 0 {
+                            break;
+                        }
+                        sha.update(&buf[..n]);
+                        out.write_all(&buf[..n]).map_err(io_err(&target))?;
+                        bytes += n as u64;
+                    }
+                    count += part.count;
+                    fs::remove_file(&part.path).map_err(io_err(&part.path))?;
+                }
+                let file = out.into_inner().map_err(|e| OutputError::Io {
+                    path: target.clone(),
+                    source: e.into_error(),
+                })?;
+                file.sync_all().map_err(io_err(&target))?;
+                FileEntry {
+                    relative: relative.to_owned(),
+                    count,
+                    bytes,
+                    sha256: hex(sha.finish().as_ref()),
+                }
+            }
+        };
+        self.assembled.push((resource_type.to_owned(), entry));
+        Ok(())
     }
 
     pub fn run_id(&self) -> &str {
@@ -284,6 +416,7 @@ impl RunWriter {
                 entries.push((t.to_owned(), f.close().map_err(io_err(&self.partial))?));
             }
         }
+        entries.append(&mut self.assembled);
         Ok(entries)
     }
 
@@ -305,13 +438,19 @@ impl RunWriter {
             resource_type: resource_type.clone(),
             file: file.clone(),
         };
-        let is_error = |(_, f): &&(String, FileEntry)| f.relative.starts_with(ERRORS_DIR);
+        let under =
+            |dir: &'static str| move |(_, f): &&(String, FileEntry)| f.relative.starts_with(dir);
         let manifest = Manifest {
             transaction_time,
             request,
             requires_access_token: false,
-            output: files.iter().filter(|f| !is_error(f)).map(entry).collect(),
-            error: files.iter().filter(is_error).map(entry).collect(),
+            output: files
+                .iter()
+                .filter(|f| is_data_file(&f.1))
+                .map(entry)
+                .collect(),
+            error: files.iter().filter(under(ERRORS_DIR)).map(entry).collect(),
+            deleted: files.iter().filter(under(DELETED_DIR)).map(entry).collect(),
         };
         self.write_json("manifest.json", &manifest)?;
         self.write_json("summary.json", summary)?;

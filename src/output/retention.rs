@@ -2,7 +2,7 @@
 //! Only called while holding the export's lock.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Run folders (`20261128T020000Z`, possibly with a `-N` suffix), oldest first.
 fn run_dirs(export_dir: &Path) -> Vec<String> {
@@ -40,14 +40,17 @@ pub fn remove_old_runs(export_dir: &Path, keep: usize) -> Vec<String> {
     removed
 }
 
-/// Removes `.<id>.partial` folders (runs that were killed) and `.<id>.failed` folders except the newest
-/// (kept for diagnosis).
-pub fn sweep_leftovers(export_dir: &Path) {
+/// Removes `.<id>.partial` folders (runs that were killed) but `keep`, and `.<id>.failed` folders except
+/// the newest (kept for diagnosis).
+pub fn sweep_leftovers(export_dir: &Path, keep: Option<&Path>) {
     let mut failed = Vec::new();
     for entry in fs::read_dir(export_dir).into_iter().flatten().flatten() {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
+        if keep == Some(entry.path().as_path()) {
+            continue;
+        }
         if name.starts_with('.') && name.ends_with(".partial") {
             tracing::info!("removing the unfinished run {name} left by an earlier process");
             if let Err(e) = fs::remove_dir_all(entry.path()) {
@@ -62,6 +65,43 @@ pub fn sweep_leftovers(export_dir: &Path) {
     for name in failed {
         let _ = fs::remove_dir_all(export_dir.join(name));
     }
+}
+
+/// The newest `.<id>.partial` folder holding `marker` that `resumable` accepts: `(id, folder)`.
+pub fn find_resumable(
+    export_dir: &Path,
+    marker: &str,
+    resumable: &dyn Fn(&Path) -> bool,
+) -> Option<(String, PathBuf)> {
+    let mut found: Vec<(String, PathBuf)> = fs::read_dir(export_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id = name.strip_prefix('.')?.strip_suffix(".partial")?.to_owned();
+            let path = e.path();
+            (path.join(marker).is_file() && resumable(&path.join(marker))).then_some((id, path))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Empties a staging folder but for the file `keep`.
+pub fn clear_except(dir: &Path, keep: &str) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == keep {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        } else {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,548 @@
+//! Bulk Data mode: kick off a `$export` (or resume one a killed run started), poll until the server is
+//! done, download every file in parallel, and publish the run like search mode.
+//!
+//! Never repeat a kick-off needlessly: Epic allows one per Group per 24 hours. The status URL is saved in
+//! the run's staging folder before the first poll (`state`), and the next run with the same request
+//! resumes it. A "requested this Group too recently" answer is stored as a cool-down, not retried.
+
+pub mod download;
+pub mod manifest;
+pub mod state;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use reqwest::Method;
+use reqwest::header::{ACCEPT, HeaderName};
+
+use self::manifest::{Download, Kind, Manifest};
+use self::state::{Cooldown, LastSuccess, PENDING_FILE, Pending};
+use super::{ExportError, Retrieved, RunContext, RunReport};
+use crate::fhir::client::{outcome_codes, outcome_text, parse_outcome};
+use crate::fhir::{FetchError, RetryMode, retry};
+use crate::output::{Part, Resume, RunWriter};
+use crate::plan::{BulkLevel, BulkPlan, Since};
+use crate::progress::Progress;
+use crate::summary::BulkStats;
+
+/// Epic's words when a Group was exported too recently (protocol-notes 1.7).
+const THROTTLE_TEXT: &str = "too recently";
+/// Poll intervals: the server's `Retry-After` is clamped to this range; without one, backoff doubles up to the top.
+const MIN_POLL: Duration = Duration::from_secs(1);
+const MAX_POLL: Duration = Duration::from_secs(300);
+
+/// The kick-off URL for the plan (`since` already resolved).
+pub fn kickoff_url(base: &str, b: &BulkPlan, since: Option<&str>) -> String {
+    let path = match &b.level {
+        BulkLevel::Group(id) => format!("Group/{id}/$export"),
+        BulkLevel::Patient => "Patient/$export".into(),
+        BulkLevel::System => "$export".into(),
+    };
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    if !b.types.is_empty() {
+        query.append_pair("_type", &b.types.join(","));
+    }
+    for f in &b.type_filters {
+        query.append_pair("_typeFilter", f);
+    }
+    if let Some(s) = since {
+        query.append_pair("_since", s);
+    }
+    if let Some(f) = &b.output_format {
+        query.append_pair("_outputFormat", f);
+    }
+    let query = query.finish();
+    if query.is_empty() {
+        format!("{base}/{path}")
+    } else {
+        format!("{base}/{path}?{query}")
+    }
+}
+
+/// Runs a bulk export end to end.
+pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, ExportError> {
+    let plan = ctx.plan;
+    let export_dir = plan.output_dir.join(&plan.name);
+    let since = match &b.since {
+        Since::None => None,
+        Since::At(t) => Some(t.clone()),
+        Since::Auto => state::read_last_success(&export_dir).map(|s| s.transaction_time),
+    };
+    let kickoff = kickoff_url(&plan.fhir_base, b, since.as_deref());
+    let same_request = |marker: &std::path::Path| {
+        state::read_pending(marker).is_some_and(|p| p.kickoff_url == kickoff)
+    };
+    let resume = Resume {
+        marker: PENDING_FILE,
+        accept: &same_request,
+    };
+    let writer = RunWriter::open(&plan.output_dir, &plan.name, &ctx.run_id, Some(resume))?;
+    let mut stats = BulkStats {
+        since: since.clone(),
+        ..BulkStats::default()
+    };
+    let progress = Progress::new(0, "files", ctx.opts.interactive);
+
+    let waited = Instant::now();
+    let manifest = match obtain_manifest(ctx, b, &writer, &kickoff, &progress, &mut stats).await {
+        Ok(m) => m,
+        Err(Stop::Failed(message)) => {
+            progress.finish();
+            return ctx.conclude(failed(writer, message, kickoff, stats));
+        }
+        Err(Stop::KeepWaiting(message)) => {
+            // The export is still being prepared: keep the staging folder so the next run resumes it.
+            progress.finish();
+            return Err(ExportError::Config(message));
+        }
+    };
+    stats.seconds_waiting = waited.elapsed().as_secs_f64();
+    stats.transaction_time = manifest.transaction_time.clone();
+    let pending = state::read_pending(&writer.staging_dir().join(PENDING_FILE));
+    let mut writer = writer;
+    let got = download_all(ctx, b, &mut writer, &manifest, &progress, &mut stats).await;
+    progress.finish();
+    // The status URL has served its purpose once the files are here.
+    let _ = std::fs::remove_file(writer.staging_dir().join(PENDING_FILE));
+    let complete = got.fatal.is_none() && got.partial.is_empty();
+    let export_dir = writer.export_dir().to_owned();
+    let report = ctx.conclude(Retrieved {
+        writer,
+        fatal: got.fatal.into_iter().collect(),
+        partial: got.partial,
+        transaction_time: manifest
+            .transaction_time
+            .clone()
+            .unwrap_or_else(|| ctx.start_ts.to_string()),
+        request: manifest.request.clone().unwrap_or(kickoff),
+        server_outcomes: got.server_outcomes,
+        search: None,
+        bulk: Some(stats),
+    })?;
+    if complete {
+        if let (true, Some(p)) = (b.delete_after_download, &pending) {
+            match ctx
+                .client
+                .fetch(Method::DELETE, &p.status_url, &[], RetryMode::All)
+                .await
+            {
+                Ok(_) => tracing::info!("told the server the export's files can be deleted"),
+                Err(e) => tracing::warn!(
+                    "DELETE of the export's status URL failed ({e}); the server will expire it"
+                ),
+            }
+        }
+        if let Some(t) = &manifest.transaction_time {
+            let last = LastSuccess {
+                transaction_time: t.clone(),
+                run_id: report.summary.run_id.clone(),
+            };
+            if let Err(e) = state::save_last_success(&export_dir, &last) {
+                tracing::warn!("cannot remember the transactionTime for `since: auto`: {e}");
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn failed(writer: RunWriter, message: String, request: String, stats: BulkStats) -> Retrieved {
+    Retrieved {
+        writer,
+        fatal: vec![message],
+        partial: Vec::new(),
+        transaction_time: String::new(),
+        request,
+        server_outcomes: 0,
+        search: None,
+        bulk: Some(stats),
+    }
+}
+
+enum Stop {
+    /// The run fails with this message.
+    Failed(String),
+    /// Polling gave up but the export goes on at the server; the next run resumes it.
+    KeepWaiting(String),
+}
+
+/// Kicks off (or resumes) the export and polls until the manifest is ready.
+async fn obtain_manifest(
+    ctx: &RunContext<'_>,
+    b: &BulkPlan,
+    writer: &RunWriter,
+    kickoff: &str,
+    progress: &Progress,
+    stats: &mut BulkStats,
+) -> Result<Manifest, Stop> {
+    let marker = writer.staging_dir().join(PENDING_FILE);
+    let mut resumed = state::read_pending(&marker);
+    loop {
+        let pending = match resumed.take() {
+            Some(p) => {
+                stats.resumed = true;
+                tracing::info!(
+                    "resuming the bulk export kicked off at {} (not kicking off again)",
+                    p.kicked_off_at
+                );
+                p
+            }
+            None => {
+                let p = kick_off(ctx, b, writer, kickoff).await?;
+                state::save_pending(writer.staging_dir(), &p).map_err(|e| {
+                    Stop::Failed(format!(
+                        "cannot save the export's status URL in {}: {e}",
+                        marker.display()
+                    ))
+                })?;
+                p
+            }
+        };
+        match poll(ctx, b, &pending, progress).await {
+            Ok(m) => return Ok(m),
+            Err(Poll::Gone(why)) if stats.resumed => {
+                tracing::warn!(
+                    "the export this run resumed is gone ({why}); kicking off a new one"
+                );
+                let _ = std::fs::remove_file(&marker);
+                stats.resumed = false;
+            }
+            Err(Poll::Gone(why)) => {
+                let _ = std::fs::remove_file(&marker);
+                return Err(Stop::Failed(format!("the server ended the export: {why}")));
+            }
+            Err(Poll::Stop(s)) => {
+                if matches!(s, Stop::Failed(_)) {
+                    let _ = std::fs::remove_file(&marker);
+                }
+                return Err(s);
+            }
+        }
+    }
+}
+
+/// Sends the kick-off request. A throttle answer is stored as a cool-down.
+async fn kick_off(
+    ctx: &RunContext<'_>,
+    b: &BulkPlan,
+    writer: &RunWriter,
+    kickoff: &str,
+) -> Result<Pending, Stop> {
+    let export_dir = writer.export_dir();
+    if let Some(c) = state::read_cooldown(export_dir) {
+        let until: Option<jiff::Timestamp> = c.until.parse().ok();
+        if until.is_some_and(|u| u > jiff::Timestamp::now()) {
+            return Err(Stop::Failed(format!(
+                "not kicking off: the server refused the last kick-off ({:?}); the next one is allowed after {} (remove {} to try earlier)",
+                c.message,
+                c.until,
+                state::cooldown_path(export_dir).display()
+            )));
+        }
+    }
+    let headers: [(HeaderName, &str); 2] = [
+        (ACCEPT, "application/fhir+json"),
+        (HeaderName::from_static("prefer"), "respond-async"),
+    ];
+    let kicked_off_at = jiff::Timestamp::now().to_string();
+    let reply = ctx
+        .client
+        .fetch(Method::GET, kickoff, &headers, RetryMode::TransportOnly)
+        .await;
+    let refusal = match reply {
+        Ok(r) if r.status.as_u16() == 202 => {
+            let location = r
+                .headers
+                .get(reqwest::header::CONTENT_LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| url::Url::parse(kickoff).ok()?.join(l).ok());
+            let Some(status_url) = location else {
+                return Err(Stop::Failed("the kick-off was accepted (202) without a Content-Location header; the export cannot be followed".into()));
+            };
+            tracing::info!("bulk export kicked off");
+            let _ = std::fs::remove_file(state::cooldown_path(export_dir));
+            return Ok(Pending {
+                status_url: status_url.to_string(),
+                kickoff_url: kickoff.to_owned(),
+                kicked_off_at,
+            });
+        }
+        Ok(r) => {
+            let text = parse_outcome(&r.body).as_deref().and_then(outcome_text);
+            (r.status.as_u16(), text, None)
+        }
+        Err(FetchError::Status {
+            status,
+            diagnostics,
+            ..
+        }) => (status, diagnostics, None),
+        Err(e) if e.is_fatal() => return Err(Stop::Failed(e.to_string())),
+        Err(e) => return Err(Stop::Failed(format!("the kick-off failed: {e}"))),
+    };
+    let (status, text, _): (u16, Option<String>, Option<()>) = refusal;
+    let words = text.unwrap_or_else(|| "(no OperationOutcome)".into());
+    if words.to_ascii_lowercase().contains(THROTTLE_TEXT) {
+        let until = jiff::Timestamp::now()
+            .checked_add(
+                jiff::SignedDuration::try_from(b.throttle_cooldown)
+                    .unwrap_or(jiff::SignedDuration::from_hours(24)),
+            )
+            .unwrap_or(jiff::Timestamp::MAX);
+        let c = Cooldown {
+            until: until.to_string(),
+            message: words.clone(),
+            kickoff_url: kickoff.to_owned(),
+        };
+        if let Err(e) = state::save_cooldown(export_dir, &c) {
+            tracing::warn!("cannot save the cool-down: {e}");
+        }
+        return Err(Stop::Failed(format!(
+            "the server refused the kick-off (HTTP {status}): {words:?}. Epic allows one export per Group per 24 hours; the next kick-off is allowed after {}",
+            c.until
+        )));
+    }
+    Err(Stop::Failed(format!(
+        "the server refused the kick-off (HTTP {status}): {words}"
+    )))
+}
+
+enum Poll {
+    /// 404/410: the export expired or was cancelled.
+    Gone(String),
+    Stop(Stop),
+}
+
+/// Polls the status URL until the manifest is ready.
+async fn poll(
+    ctx: &RunContext<'_>,
+    b: &BulkPlan,
+    p: &Pending,
+    progress: &Progress,
+) -> Result<Manifest, Poll> {
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    let mut last_progress = String::new();
+    let headers: [(HeaderName, &str); 1] = [(ACCEPT, "application/json")];
+    loop {
+        attempt += 1;
+        let wait = match ctx
+            .client
+            .fetch(
+                Method::GET,
+                &p.status_url,
+                &headers,
+                RetryMode::TransportOnly,
+            )
+            .await
+        {
+            Ok(r) if r.status.as_u16() == 200 => {
+                return serde_json::from_slice::<Manifest>(&r.body).map_err(|e| {
+                    Poll::Stop(Stop::Failed(format!(
+                        "the completion manifest is not valid JSON of the Bulk Data IG: {e}"
+                    )))
+                });
+            }
+            Ok(r) => {
+                let progress_text = r
+                    .headers
+                    .get("x-progress")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.chars().take(100).collect::<String>())
+                    .unwrap_or_else(|| "in progress".into());
+                if progress_text != last_progress {
+                    tracing::info!(progress = %progress_text, "waiting for the server to prepare the export");
+                    progress.set_status(&format!("server: {progress_text}"));
+                    last_progress = progress_text;
+                }
+                server_wait(&r.headers).unwrap_or_else(|| backoff(attempt))
+            }
+            Err(FetchError::Status {
+                status: 404 | 410,
+                diagnostics,
+                ..
+            }) => {
+                return Err(Poll::Gone(diagnostics.unwrap_or_else(|| {
+                    "the status URL answers 404/410 (expired or cancelled)".into()
+                })));
+            }
+            Err(FetchError::Status {
+                status,
+                diagnostics,
+                outcome,
+            }) => {
+                let transient = outcome.as_deref().is_none_or(|o| {
+                    outcome_codes(o)
+                        .iter()
+                        .all(|c| c == "transient" || c == "throttled")
+                }) && (status == 429 || status >= 500);
+                if !transient {
+                    return Err(Poll::Stop(Stop::Failed(format!(
+                        "the server reports the export failed (HTTP {status}): {}",
+                        diagnostics.unwrap_or_else(|| "(no OperationOutcome)".into())
+                    ))));
+                }
+                tracing::warn!(status, "the status URL answered an error; polling on");
+                backoff(attempt)
+            }
+            Err(e) if e.is_fatal() => return Err(Poll::Stop(Stop::Failed(e.to_string()))),
+            Err(e) => {
+                tracing::warn!("polling failed ({e}); polling on");
+                backoff(attempt)
+            }
+        };
+        if started.elapsed() + wait > b.max_wait {
+            return Err(Poll::Stop(Stop::KeepWaiting(format!(
+                "the export was not ready after {:.1} hours (source.bulk.maxWaitHours); it goes on at the server, and the next run with this config resumes it",
+                b.max_wait.as_secs_f64() / 3600.0
+            ))));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The server's `Retry-After`, clamped to [1 s, 5 min]; absurd epoch values end up at the top.
+fn server_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    retry::parse_retry_after(v, SystemTime::now(), MAX_POLL).map(|d| d.clamp(MIN_POLL, MAX_POLL))
+}
+
+/// Exponential backoff for polls without `Retry-After`: 1, 2, 4... up to 5 minutes.
+fn backoff(attempt: u32) -> Duration {
+    MIN_POLL
+        .saturating_mul(1 << attempt.saturating_sub(1).min(9))
+        .min(MAX_POLL)
+}
+
+/// What the downloads came to.
+struct Got {
+    fatal: Option<String>,
+    partial: Vec<String>,
+    server_outcomes: u64,
+}
+
+/// Downloads every file of the manifest in parallel and assembles one file per type.
+async fn download_all(
+    ctx: &RunContext<'_>,
+    b: &BulkPlan,
+    writer: &mut RunWriter,
+    m: &Manifest,
+    progress: &Progress,
+    stats: &mut BulkStats,
+) -> Got {
+    let (downloads, refused) =
+        manifest::plan_downloads(m, &ctx.client.origin(), &b.token_origins, &b.file_origins);
+    stats.files_total = (downloads.len() + refused.len()) as u64;
+    stats.files_failed = refused.len() as u64;
+    progress.set_total(downloads.len() as u64);
+    progress.set_status("downloading");
+    let mut got = Got {
+        fatal: None,
+        partial: refused
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} file of {} not downloaded: {}",
+                    kind_name(r.kind),
+                    r.file.resource_type,
+                    r.reason
+                )
+            })
+            .collect(),
+        server_outcomes: 0,
+    };
+    let parts_dir = writer.staging_dir().join(".parts");
+    if let Err(e) = crate::output::create_private_dir(&parts_dir) {
+        got.fatal = Some(format!("cannot create {}: {e}", parts_dir.display()));
+        return got;
+    }
+    let bytes = AtomicU64::new(0);
+    let mut results: Vec<(usize, Result<download::Downloaded, download::DownloadError>)> =
+        futures::stream::iter(downloads.iter().enumerate())
+            .map(|(i, d)| {
+                let path = parts_dir.join(format!("{i}.ndjson"));
+                let bytes = &bytes;
+                async move {
+                    let r = download::download(&ctx.client, d, &path).await;
+                    if let Ok(done) = &r {
+                        bytes.fetch_add(done.received, Ordering::Relaxed);
+                        progress.item_done(done.part.count);
+                    }
+                    (i, r)
+                }
+            })
+            .buffer_unordered(ctx.plan.limits.concurrency)
+            .collect()
+            .await;
+    results.sort_by_key(|(i, _)| *i);
+    // The parts of each target file, in manifest order.
+    let mut groups: Vec<(Kind, String, Vec<Part>)> = Vec::new();
+    for (i, result) in results {
+        let d: &Download = &downloads[i];
+        match result {
+            Ok(done) => {
+                if let Some(expected) = d.file.count
+                    && expected != done.part.count
+                {
+                    got.partial.push(format!(
+                        "a {} file of {} has {} records but the manifest says {expected}",
+                        kind_name(d.kind),
+                        d.file.resource_type,
+                        done.part.count
+                    ));
+                }
+                match groups
+                    .iter_mut()
+                    .find(|(k, t, _)| *k == d.kind && *t == d.file.resource_type)
+                {
+                    Some(g) => g.2.push(done.part),
+                    None => groups.push((d.kind, d.file.resource_type.clone(), vec![done.part])),
+                }
+            }
+            Err(e) if e.fatal => {
+                got.fatal = Some(e.message);
+                return got;
+            }
+            Err(e) => {
+                stats.files_failed += 1;
+                got.partial.push(format!(
+                    "a {} file of {} failed: {}",
+                    kind_name(d.kind),
+                    d.file.resource_type,
+                    e.message
+                ));
+            }
+        }
+    }
+    for (kind, resource_type, parts) in groups {
+        let records: u64 = parts.iter().map(|p| p.count).sum();
+        match kind {
+            Kind::Error => got.server_outcomes += records,
+            Kind::Deleted => stats.deleted_records += records,
+            Kind::Output => {}
+        }
+        let relative = kind.relative_path(if kind == Kind::Error {
+            "OperationOutcome"
+        } else {
+            &resource_type
+        });
+        if let Err(e) = writer.assemble(&resource_type, &relative, &parts) {
+            got.fatal = Some(format!("writing output failed: {e}"));
+            return got;
+        }
+    }
+    let _ = std::fs::remove_dir(&parts_dir);
+    tracing::info!(
+        files = downloads.len(),
+        bytes = bytes.load(Ordering::Relaxed),
+        "bulk files downloaded"
+    );
+    got
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Output => "output",
+        Kind::Error => "error",
+        Kind::Deleted => "deleted",
+    }
+}
