@@ -32,6 +32,9 @@ pub enum Command {
         /// Synthetic patients in the sandbox (all exported).
         #[arg(long, default_value_t = 20)]
         patients: usize,
+        /// Run a Bulk Data Group export instead of per-patient searches.
+        #[arg(long)]
+        bulk: bool,
     },
     /// One export run from a config file. Exit codes: 0 success, 3 partial, 1 failed.
     Run {
@@ -87,10 +90,15 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Demo { out, patients } => {
+        Command::Demo {
+            out,
+            patients,
+            bulk,
+        } => {
             let report = crate::demo::run(&crate::demo::DemoOptions {
                 out,
                 patients,
+                bulk,
                 interactive: true,
             })
             .await?;

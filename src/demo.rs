@@ -1,6 +1,7 @@
 //! `epic-export demo`: the whole flow offline. Starts the built-in sandbox on an ephemeral loopback port,
 //! makes a throwaway key, registers it, writes a config with a roster and resource list (the same files a
-//! user writes), runs the export from that config and prints the summary.
+//! user writes), runs the export from that config and prints the summary. `--bulk` runs a Bulk Data
+//! Group export of the sandbox's patients instead of per-patient searches.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use anyhow::Context;
 
 use crate::auth::{Algorithm, SigningKey, keys};
 use crate::export::{self, RunOptions, RunReport};
-use crate::sandbox::{ClientKeys, ClientRegistration, Sandbox, SandboxOptions};
+use crate::sandbox::{ClientKeys, ClientRegistration, SANDBOX_GROUP_ID, Sandbox, SandboxOptions};
 
 /// The resource list the demo exports (the original tool's CSV format).
 pub const DEMO_RESOURCES_CSV: &str = "resource_type,search_params
@@ -32,6 +33,8 @@ pub const DEMO_CLIENT_ID: &str = "epic-export-demo";
 pub struct DemoOptions {
     pub out: PathBuf,
     pub patients: usize,
+    /// A Bulk Data Group export instead of per-patient searches.
+    pub bulk: bool,
     pub interactive: bool,
 }
 
@@ -61,11 +64,16 @@ pub fn write_demo_files(
          name: demo\n\
          fhir:\n  baseUrl: {base}\n\
          auth:\n  clientId: {DEMO_CLIENT_ID}\n  privateKeyFile: keys/private.pem\n  algorithm: {alg}\n\
-         source:\n  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n\
+         source:\n{source}\
          output:\n  directory: output\n  keepRuns: 5\n\
          limits:\n  concurrency: 8\n  requestsPerSecond: 0\n",
         base = sandbox.base_url(),
         alg = key.algorithm(),
+        source = if bulk {
+            format!("  bulk:\n    group: {SANDBOX_GROUP_ID}\n")
+        } else {
+            "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n".to_string()
+        },
     );
     let path = dir.join("epic-export.yaml");
     std::fs::write(&path, config).context("writing epic-export.yaml")?;
@@ -90,7 +98,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
         keys: ClientKeys::Jwks(jwks),
     });
     let ids = sandbox.dataset().patient_ids();
-    let config = write_demo_files(&opts.out, &key, &sandbox, &ids)?;
+    let config = write_demo_files(&opts.out, &key, &sandbox, &ids, opts.bulk)?;
     println!(
         "config, key, roster and resource list: {}",
         opts.out.display()

@@ -105,3 +105,28 @@ fn a_missing_config_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn demo_bulk_runs_a_group_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--bulk", "--patients", "4", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("bulk export") && stdout.contains("Observation.ndjson"),
+        "{stdout}"
+    );
+    let config = std::fs::read_to_string(dir.path().join("epic-export.yaml")).unwrap();
+    assert!(config.contains("bulk:") && config.contains("group:"));
+    let patients =
+        std::fs::read_to_string(dir.path().join("output/demo/latest/Patient.ndjson")).unwrap();
+    assert_eq!(patients.lines().count(), 4);
+}

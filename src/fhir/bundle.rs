@@ -53,8 +53,12 @@ pub struct Page<'a> {
 
 /// Parses a search-set page. The error says what is wrong without quoting content.
 pub fn parse_page(body: &[u8]) -> Result<Page<'_>, String> {
-    let bundle: Bundle<'_> = serde_json::from_slice(body)
-        .map_err(|e| format!("the response is not a FHIR Bundle ({})", json_error_kind(&e)))?;
+    let bundle: Bundle<'_> = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "the response is not a FHIR Bundle ({})",
+            json_error_kind(&e)
+        )
+    })?;
     match bundle.resource_type.as_deref() {
         Some("Bundle") => {}
         Some(other) => return Err(format!("expected a Bundle, got a {other}")),

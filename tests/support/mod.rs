@@ -164,3 +164,35 @@ pub async fn run_binary(config: &Path) -> std::process::Output {
         .await
         .unwrap()
 }
+
+impl Env {
+    /// Writes config.yaml for a bulk export; `bulk` is the YAML under `source.bulk` (indented 4).
+    pub fn write_bulk_config(&self, bulk: &str, extra: &str) -> PathBuf {
+        let yaml = format!(
+            "name: test-export\nfhir:\n  baseUrl: {}\nauth:\n  clientId: {CLIENT_ID}\n  privateKeyFile: keys/private.pem\n\
+             source:\n  bulk:\n{bulk}\
+             output:\n  directory: out\n{extra}",
+            self.sandbox.base_url()
+        );
+        let path = self.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+}
+
+/// Every resource of every type the sandbox holds for these patients, by type and id.
+pub fn expected_all(
+    ds: &Dataset,
+    patients: &[String],
+) -> BTreeMap<String, BTreeMap<String, Value>> {
+    let mut out: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for p in patients {
+        for &t in std::iter::once(&"Patient").chain(SEARCH_TYPES) {
+            for r in ds.resources(t, p) {
+                let id = r["id"].as_str().unwrap().to_owned();
+                out.entry(t.to_owned()).or_default().insert(id, r);
+            }
+        }
+    }
+    out
+}

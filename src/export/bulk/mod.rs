@@ -546,3 +546,82 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Deleted => "deleted",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    fn plan(level: BulkLevel) -> BulkPlan {
+        BulkPlan {
+            level,
+            types: vec!["Patient".into(), "Observation".into()],
+            type_filters: vec!["Observation?category=laboratory".into()],
+            since: Since::None,
+            output_format: None,
+            delete_after_download: true,
+            max_wait: Duration::from_secs(60),
+            throttle_cooldown: Duration::from_secs(3600),
+            file_origins: vec![],
+            token_origins: vec![],
+        }
+    }
+
+    #[test]
+    fn kickoff_urls() {
+        let base = "https://h/api/FHIR/R4";
+        assert_eq!(
+            kickoff_url(
+                base,
+                &plan(BulkLevel::Group("g.1".into())),
+                Some("2026-01-01T00:00:00Z")
+            ),
+            "https://h/api/FHIR/R4/Group/g.1/$export?_type=Patient%2CObservation&_typeFilter=Observation%3Fcategory%3Dlaboratory&_since=2026-01-01T00%3A00%3A00Z"
+        );
+        let mut p = plan(BulkLevel::System);
+        p.types.clear();
+        p.type_filters.clear();
+        assert_eq!(kickoff_url(base, &p, None), "https://h/api/FHIR/R4/$export");
+        assert!(
+            kickoff_url(base, &plan(BulkLevel::Patient), None)
+                .starts_with("https://h/api/FHIR/R4/Patient/$export?")
+        );
+    }
+
+    fn headers(retry_after: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(retry_after).unwrap());
+        h
+    }
+
+    #[test]
+    fn poll_waits_are_clamped() {
+        assert_eq!(server_wait(&headers("5")), Some(Duration::from_secs(5)));
+        assert_eq!(
+            server_wait(&headers("0")),
+            Some(MIN_POLL),
+            "never hammer the server"
+        );
+        assert_eq!(
+            server_wait(&headers("18000")),
+            Some(MAX_POLL),
+            "hours are cut to 5 minutes"
+        );
+        assert_eq!(
+            server_wait(&headers("99999999999")),
+            Some(MAX_POLL),
+            "an absurd epoch value"
+        );
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(20));
+        let w = server_wait(&headers(&soon)).unwrap();
+        assert!(
+            w > Duration::from_secs(17) && w <= Duration::from_secs(20),
+            "{w:?}"
+        );
+        assert_eq!(server_wait(&headers("later")), None);
+        assert_eq!(server_wait(&HeaderMap::new()), None);
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(30), MAX_POLL);
+    }
+}

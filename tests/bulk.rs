@@ -1,0 +1,375 @@
+//! Bulk Data mode end to end against the sandbox over real sockets: exact Group data, resume after a
+//! kill, the kick-off throttle, token handling across origins and redirects, dropped connections, count
+//! mismatches, terminal and transient poll errors, and `since: auto`.
+
+mod support;
+
+use std::time::Duration;
+
+use epic_export::export::{RunOptions, run};
+use epic_export::sandbox::{Fault, SANDBOX_GROUP_ID, SandboxOptions};
+use epic_export::summary::Outcome;
+use serde_json::Value;
+use support::*;
+
+fn group_block() -> String {
+    format!("    group: {SANDBOX_GROUP_ID}\n")
+}
+
+fn quick(opts: SandboxOptions) -> SandboxOptions {
+    SandboxOptions {
+        bulk_delay: Duration::from_millis(300),
+        bulk_throttle: Duration::ZERO,
+        ..opts
+    }
+}
+
+async fn run_config(config: &std::path::Path) -> epic_export::export::RunReport {
+    let plan = epic_export::config::load_plan(config).unwrap();
+    run(&plan, &RunOptions::default()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_export_lands_exactly_the_groups_data() {
+    let env = env(quick(SandboxOptions {
+        patients: 8,
+        bulk_file_size: 40,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+
+    let want = expected_all(env.sandbox.dataset(), &env.sandbox.dataset().patient_ids());
+    assert_same_data(&read_run(&report.dir), &want);
+    let bulk = report.summary.bulk.as_ref().unwrap();
+    assert!(
+        bulk.files_total > want.len() as u64,
+        "several files for the big types were joined into one"
+    );
+    assert_eq!(bulk.files_failed, 0);
+
+    // The server's error file lands in errors/, the manifest lists every file with its checksum.
+    let outcomes =
+        std::fs::read_to_string(report.dir.join("errors/OperationOutcome.ndjson")).unwrap();
+    assert!(
+        outcomes.lines().count() >= 1 && outcomes.lines().all(|l| l.contains("OperationOutcome"))
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(report.dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["output"].as_array().unwrap().len(), want.len());
+    assert!(
+        manifest["request"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Group/{SANDBOX_GROUP_ID}/$export"))
+    );
+    assert!(!report.dir.join("bulk-status.json").exists() && !report.dir.join(".parts").exists());
+
+    let stats = env.sandbox.stats();
+    assert_eq!(stats.bulk_kickoffs, 1);
+    assert_eq!(stats.bulk_deletes, 1, "DELETE after a complete download");
+    assert!(env.export_dir().join(".last-success.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_resumes_the_same_export() {
+    let env = env(SandboxOptions {
+        patients: 3,
+        bulk_delay: Duration::from_secs(4),
+        bulk_throttle: Duration::from_secs(3600),
+        ..SandboxOptions::default()
+    })
+    .await;
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .args(["run", "--no-progress", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let saved = std::fs::read_dir(env.export_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("bulk-status.json").exists());
+        if saved && env.sandbox.stats().bulk_polls > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never saved its status URL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().await.unwrap();
+
+    // Same config again: no second kick-off (the throttle would refuse it), the export is resumed.
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+    assert!(report.summary.bulk.as_ref().unwrap().resumed);
+    assert_eq!(env.sandbox.stats().bulk_kickoffs, 1);
+    let want = expected_all(env.sandbox.dataset(), &env.sandbox.dataset().patient_ids());
+    assert_same_data(&read_run(&report.dir), &want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kickoff_throttle_becomes_a_cooldown_not_a_loop() {
+    let env = env(SandboxOptions {
+        patients: 2,
+        bulk_delay: Duration::from_millis(100),
+        bulk_throttle: Duration::from_secs(3600),
+        ..SandboxOptions::default()
+    })
+    .await;
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    assert_eq!(run_config(&config).await.summary.outcome, Outcome::Success);
+
+    let second = run_config(&config).await;
+    assert_eq!(second.summary.outcome, Outcome::Failed);
+    let text = second.summary.errors.join("\n");
+    assert!(
+        text.contains("too recently") && text.contains("next kick-off is allowed after"),
+        "{text}"
+    );
+    assert_eq!(env.sandbox.stats().bulk_kickoffs, 2);
+    assert!(
+        std::fs::read_link(env.export_dir().join("latest")).is_ok(),
+        "the good run stays the latest"
+    );
+
+    // The third run does not even ask.
+    let third = run_config(&config).await;
+    assert_eq!(third.summary.outcome, Outcome::Failed);
+    assert!(
+        third.summary.errors.join("\n").contains("not kicking off"),
+        "{:?}",
+        third.summary.errors
+    );
+    assert_eq!(env.sandbox.stats().bulk_kickoffs, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_to_storage_never_carry_the_token() {
+    let env = env(quick(SandboxOptions {
+        patients: 3,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    for _ in 0..3 {
+        env.sandbox.inject(Fault::RedirectDownload);
+    }
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+    let stats = env.sandbox.stats();
+    assert!(stats.storage_requests >= 3, "{stats:?}");
+    assert_eq!(stats.storage_requests_with_authorization, 0);
+    assert_same_data(
+        &read_run(&report.dir),
+        &expected_all(env.sandbox.dataset(), &env.sandbox.dataset().patient_ids()),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_on_another_host_need_the_allow_list_and_never_get_the_token() {
+    let env = env(quick(SandboxOptions {
+        patients: 2,
+        bulk_files_on_storage: true,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let refused = run_config(&config).await;
+    assert_eq!(refused.summary.outcome, Outcome::Partial);
+    assert!(
+        refused
+            .summary
+            .errors
+            .iter()
+            .any(|e| e.contains("fileHosts")),
+        "{:?}",
+        refused.summary.errors
+    );
+    assert_eq!(
+        env.sandbox.stats().storage_requests,
+        0,
+        "nothing fetched from a host that is not allowed"
+    );
+
+    let allowed = format!(
+        "{}    fileHosts: [\"{}\"]\n",
+        group_block(),
+        env.sandbox.storage_origin()
+    );
+    let config = env.write_bulk_config(&allowed, FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+    let stats = env.sandbox.stats();
+    assert!(stats.storage_requests > 0);
+    assert_eq!(stats.storage_requests_with_authorization, 0);
+    assert_same_data(
+        &read_run(&report.dir),
+        &expected_all(env.sandbox.dataset(), &env.sandbox.dataset().patient_ids()),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_mid_file_recovers_with_exact_content() {
+    let env = env(quick(SandboxOptions {
+        patients: 6,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    env.sandbox
+        .inject(Fault::DropDownload { after_bytes: 3000 });
+    env.sandbox.inject(Fault::DropDownload { after_bytes: 10 });
+    let config = env.write_bulk_config(
+        &group_block(),
+        "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n",
+    );
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+    assert!(report.summary.retries >= 2);
+    assert_same_data(
+        &read_run(&report.dir),
+        &expected_all(env.sandbox.dataset(), &env.sandbox.dataset().patient_ids()),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_mismatch_is_reported() {
+    let env = env(quick(SandboxOptions {
+        patients: 2,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    env.sandbox.inject(Fault::WrongCount);
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(report.summary.outcome, Outcome::Partial);
+    assert!(
+        report
+            .summary
+            .errors
+            .iter()
+            .any(|e| e.contains("manifest says")),
+        "{:?}",
+        report.summary.errors
+    );
+    assert_eq!(
+        env.sandbox.stats().bulk_deletes,
+        0,
+        "an incomplete export is not deleted at the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_poll_errors_keep_polling_and_terminal_ones_fail() {
+    let env = env(quick(SandboxOptions {
+        patients: 2,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    env.sandbox.inject(Fault::PollOutcome {
+        status: 503,
+        code: "transient".into(),
+    });
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+
+    env.sandbox.inject(Fault::PollOutcome {
+        status: 500,
+        code: "processing".into(),
+    });
+    let report = run_config(&config).await;
+    assert_eq!(report.summary.outcome, Outcome::Failed);
+    let text = report.summary.errors.join("\n");
+    assert!(
+        text.contains("export failed") && text.contains("HTTP 500"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_auto_sends_the_previous_transaction_time() {
+    let env = env(quick(SandboxOptions {
+        patients: 3,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    let config = env.write_bulk_config(&format!("{}    since: auto\n", group_block()), FAST_LIMITS);
+    let first = run_config(&config).await;
+    assert_eq!(first.summary.outcome, Outcome::Success);
+    assert!(
+        first.summary.bulk.as_ref().unwrap().since.is_none(),
+        "nothing to start from on the first run"
+    );
+    let t1 = first
+        .summary
+        .bulk
+        .as_ref()
+        .unwrap()
+        .transaction_time
+        .clone()
+        .unwrap();
+
+    let second = run_config(&config).await;
+    assert_eq!(
+        second.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        second.summary.errors
+    );
+    assert_eq!(
+        second.summary.bulk.as_ref().unwrap().since.as_deref(),
+        Some(t1.as_str())
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(second.dir.join("manifest.json")).unwrap()).unwrap();
+    let request = manifest["request"].as_str().unwrap();
+    let sent: String = url::form_urlencoded::parse(request.split_once('?').unwrap().1.as_bytes())
+        .find(|(k, _)| k == "_since")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    assert_eq!(sent, t1, "the server received the previous transactionTime");
+    assert!(
+        second.summary.records_total < first.summary.records_total,
+        "only what changed since"
+    );
+}
