@@ -69,6 +69,7 @@ impl SandboxArgs {
             rate_429: self.rate_429,
             rate_5xx: self.rate_5xx,
             seed: self.seed,
+            ..SandboxOptions::default()
         })
     }
 
