@@ -235,7 +235,12 @@ pub(super) async fn kickoff_system(
     kickoff(&s, None, &uri, &headers).await
 }
 
-async fn kickoff(s: &Arc<Shared>, group: Option<String>, uri: &Uri, headers: &HeaderMap) -> Response {
+async fn kickoff(
+    s: &Arc<Shared>,
+    group: Option<String>,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Response {
     let client = match gate(s, headers).await {
         Ok(client) => client,
         Err(resp) => return resp,
@@ -390,7 +395,9 @@ fn parse_selection(params: &[(String, String)]) -> Result<Selection, Response> {
             )));
         };
         if !known(rt) {
-            return Err(bad(format!("Unsupported resource type in _typeFilter: {rt}.")));
+            return Err(bad(format!(
+                "Unsupported resource type in _typeFilter: {rt}."
+            )));
         }
         let search: Vec<(String, String)> = url::form_urlencoded::parse(search.as_bytes())
             .into_owned()
@@ -435,9 +442,9 @@ fn parse_selection(params: &[(String, String)]) -> Result<Selection, Response> {
 fn split_type_filters(value: &str) -> Vec<String> {
     let mut queries: Vec<String> = Vec::new();
     for piece in value.split(',') {
-        let starts_query = piece.split_once('?').is_some_and(|(t, _)| {
-            !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric())
-        });
+        let starts_query = piece
+            .split_once('?')
+            .is_some_and(|(t, _)| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric()));
         match queries.last_mut() {
             Some(last) if !starts_query => {
                 last.push(',');
@@ -456,7 +463,9 @@ fn split_type_filters(value: &str) -> Vec<String> {
 enum Lookup {
     /// Unknown, deleted or expired.
     Gone,
-    Running { percent: u64 },
+    Running {
+        percent: u64,
+    },
     Ready(ReadyJob),
 }
 
@@ -765,9 +774,7 @@ fn serve_file(s: &Shared, ready: &ReadyJob, n: usize, headers: &HeaderMap) -> Re
             (Source::Fixed(Some(line)), len)
         }
     };
-    let cut_after = match take_fault(&mut s.lock(), |f| {
-        matches!(f, Fault::DropDownload { .. })
-    }) {
+    let cut_after = match take_fault(&mut s.lock(), |f| matches!(f, Fault::DropDownload { .. })) {
         Some(Fault::DropDownload { after_bytes }) => Some(after_bytes),
         _ => None,
     };
@@ -798,7 +805,12 @@ fn serve_file(s: &Shared, ready: &ReadyJob, n: usize, headers: &HeaderMap) -> Re
         finished: false,
     };
     let stream = futures::stream::unfold(producer, |mut p| async move {
-        p.next_piece().map(|piece| (piece, p))
+        let piece = p.next_piece()?;
+        if piece.is_err() {
+            // Let the headers and the bytes before the cut reach the client first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some((piece, p))
     });
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
@@ -916,6 +928,14 @@ impl Producer {
             if self.finished {
                 return None;
             }
+            if self.cut_after == Some(0) {
+                self.finished = true;
+                tracing::info!("injected fault: download connection dropped");
+                return Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "injected fault: download dropped",
+                )));
+            }
             let Some(mut chunk) = self.source.next_chunk() else {
                 self.finished = true;
                 let gz = self.gzip.take()?;
@@ -935,14 +955,6 @@ impl Producer {
                 self.skip = 0;
             }
             if let Some(left) = self.cut_after.as_mut() {
-                if *left == 0 {
-                    self.finished = true;
-                    tracing::info!("injected fault: download connection dropped");
-                    return Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "injected fault: download dropped",
-                    )));
-                }
                 if chunk.len() as u64 > *left {
                     chunk.truncate(*left as usize);
                 }
@@ -984,9 +996,15 @@ mod unit {
     fn bulk_gzip_and_range_headers() {
         let mut h = HeaderMap::new();
         assert!(!accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("br, GZIP;q=0.5"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("br, GZIP;q=0.5"),
+        );
         assert!(accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0"),
+        );
         assert!(!accepts_gzip(&h));
         h.insert(header::RANGE, HeaderValue::from_static("bytes=10-"));
         assert_eq!(range_start(&h), Some(10));

@@ -523,7 +523,12 @@ impl Gen<'_> {
 
     /// `meta.lastUpdated`: a deterministic instant in 2022-2025, so `_since` selects a subset.
     fn meta(&self, resource_type: &str, n: u64) -> Value {
-        let mut r = rng_for(self.seed, self.idx, type_tag(resource_type).unwrap_or(0) ^ 0x3E7A, n);
+        let mut r = rng_for(
+            self.seed,
+            self.idx,
+            type_tag(resource_type).unwrap_or(0) ^ 0x3E7A,
+            n,
+        );
         let day = date_after(2022, r.below(4 * 365));
         let second = r.below(24 * 3600);
         json!({"lastUpdated": format!(

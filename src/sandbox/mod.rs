@@ -351,7 +351,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&format!("{FHIR_PATH}/metadata"), get(fhir::metadata))
         .route(TOKEN_PATH, post(token::token_endpoint))
         .route(&format!("{FHIR_PATH}/$export"), get(bulk::kickoff_system))
-        .route(&format!("{FHIR_PATH}/Patient/$export"), get(bulk::kickoff_patient))
+        .route(
+            &format!("{FHIR_PATH}/Patient/$export"),
+            get(bulk::kickoff_patient),
+        )
         .route(
             &format!("{FHIR_PATH}/Group/{{id}}/$export"),
             get(bulk::kickoff_group),
