@@ -662,3 +662,84 @@ async fn bulk_large_export_is_streamed_in_files_of_3000() {
     }
     assert_eq!(biggest["count"], lines);
 }
+
+#[test]
+fn bulk_cli_flags_and_defaults() {
+    use clap::Parser;
+    let defaults = TestCli::try_parse_from(["sandbox"])
+        .expect("parse")
+        .args
+        .options()
+        .expect("options");
+    let lib = SandboxOptions::default();
+    assert_eq!(defaults.bulk_delay, lib.bulk_delay);
+    assert_eq!(defaults.bulk_retry_after, lib.bulk_retry_after);
+    assert_eq!(defaults.bulk_file_size, lib.bulk_file_size);
+    assert_eq!(defaults.bulk_throttle, lib.bulk_throttle);
+    assert_eq!(defaults.bulk_expiry, lib.bulk_expiry);
+    assert!(!defaults.bulk_files_on_storage);
+    assert_eq!(lib.bulk_retry_after.as_deref(), Some("1"));
+    assert_eq!(lib.bulk_file_size, 3000);
+
+    let opts = TestCli::try_parse_from([
+        "sandbox",
+        "--bulk-delay-ms=50",
+        "--bulk-retry-after=",
+        "--bulk-file-size=10",
+        "--bulk-throttle-secs=0",
+        "--bulk-expiry-secs=5",
+        "--bulk-files-on-storage",
+    ])
+    .expect("parse")
+    .args
+    .options()
+    .expect("options");
+    assert_eq!(opts.bulk_delay, Duration::from_millis(50));
+    assert_eq!(opts.bulk_retry_after, None);
+    assert_eq!(opts.bulk_file_size, 10);
+    assert!(opts.bulk_throttle.is_zero());
+    assert_eq!(opts.bulk_expiry, Duration::from_secs(5));
+    assert!(opts.bulk_files_on_storage);
+    assert!(TestCli::try_parse_from(["sandbox", "--bulk-file-size=0"]).is_err());
+}
+
+#[tokio::test]
+async fn bulk_status_without_retry_after_and_meta_is_deterministic() {
+    let opts = SandboxOptions {
+        bulk_retry_after: None,
+        bulk_delay: Duration::from_secs(30),
+        ..bulk_opts()
+    };
+    let (sb, token) = started(opts).await;
+    let status_url = kickoff_ok(&group_export(&sb), &token, &[("_type", "Patient")]).await;
+    let resp = get(&status_url, &token).await;
+    assert_eq!(resp.status(), 202);
+    assert!(resp.headers().get("retry-after").is_none());
+    // Files of a running export are not served yet.
+    let file = format!(
+        "{}/bulk/file/{}/0",
+        sb.base_url(),
+        status_url.rsplit('/').next().unwrap_or_default()
+    );
+    assert_eq!(get(&file, &token).await.status(), 404);
+    // Unknown jobs are 404 OperationOutcomes.
+    let (status, body) = get_json(&format!("{}/bulk/status/nope", sb.base_url()), &token).await;
+    assert_eq!(status, 404);
+    assert!(!diagnostics(&body).is_empty());
+
+    // meta.lastUpdated is present everywhere and does not depend on the clock.
+    let ds = Dataset::generate(5, 42);
+    for pid in ds.patient_ids() {
+        for t in all_types() {
+            for r in ds.resources(t, &pid) {
+                let at: jiff::Timestamp = r["meta"]["lastUpdated"]
+                    .as_str()
+                    .expect("lastUpdated")
+                    .parse()
+                    .expect("instant");
+                assert!(at >= "2022-01-01T00:00:00Z".parse().expect("t"), "{at}");
+                assert!(at < "2026-01-01T00:00:00Z".parse().expect("t"), "{at}");
+            }
+        }
+    }
+}
