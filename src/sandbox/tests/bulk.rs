@@ -743,3 +743,47 @@ async fn bulk_status_without_retry_after_and_meta_is_deterministic() {
         }
     }
 }
+
+/// A `VmRSS`/`VmHWM` (peak) line of `/proc/self/status`, in bytes (Linux only).
+fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[tokio::test]
+async fn bulk_a_20000_resource_file_is_streamed_not_built_in_memory() {
+    let opts = SandboxOptions {
+        patients: 500,
+        bulk_delay: Duration::ZERO,
+        bulk_file_size: 1_000_000,
+        ..SandboxOptions::default()
+    };
+    let (sb, token) = started(opts).await;
+    let status_url = kickoff_ok(&group_export(&sb), &token, &[("_type", "Observation")]).await;
+    let m = manifest(&status_url, &token).await;
+    let out = &m["output"][0];
+    let count = out["count"].as_u64().expect("count");
+    assert!(count >= 20_000, "{count}");
+    assert_eq!(m["output"].as_array().map(Vec::len), Some(1));
+
+    let before = proc_status_bytes("VmRSS:");
+    let mut resp = get(out["url"].as_str().expect("url"), &token).await;
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = resp.chunk().await.expect("chunk") {
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        bytes += chunk.len() as u64;
+    }
+    assert_eq!(lines, count);
+    // Only meaningful when this test has the process to itself (cargo-nextest).
+    if std::env::var_os("NEXTEST").is_some()
+        && let (Some(before), Some(peak)) = (before, proc_status_bytes("VmHWM:"))
+    {
+        let growth = peak.saturating_sub(before);
+        assert!(
+            growth < bytes / 2,
+            "peak RSS grew by {growth} bytes while streaming a {bytes}-byte file"
+        );
+    }
+}
