@@ -65,10 +65,7 @@ impl Job {
     /// When the export counts as complete: `bulk_delay` after kick-off, and the plan ready.
     fn complete_at(&self, delay: Duration) -> Option<Instant> {
         let (_, ready) = self.plan.as_ref()?;
-        Some(match self.started.checked_add(delay) {
-            Some(t) => t.max(*ready),
-            None => return None,
-        })
+        Some(self.started.checked_add(delay)?.max(*ready))
     }
 
     /// When a complete export stops being served (`None`: not complete, or never).
@@ -296,14 +293,14 @@ async fn kickoff(
         let throttle = s.opts.bulk_throttle;
         let key = (client.clone(), group_key.clone());
         if !throttle.is_zero()
-            && let Some(last) = inner.bulk_kickoffs.get(&key)
+            && let Some(last) = inner.bulk_last_kickoff.get(&key)
             && now.duration_since(*last) < throttle
         {
             drop(inner);
             tracing::warn!(client_id = %client, group = %group_key, "bulk kick-off throttled: {THROTTLED}");
             return error(StatusCode::TOO_MANY_REQUESTS, "throttled", THROTTLED);
         }
-        inner.bulk_kickoffs.insert(key, now);
+        inner.bulk_last_kickoff.insert(key, now);
         let (delay, expiry) = (s.opts.bulk_delay, s.opts.bulk_expiry);
         inner
             .bulk_jobs

@@ -421,7 +421,7 @@ struct Inner {
     /// Bulk export jobs by id.
     bulk_jobs: HashMap<String, bulk::Job>,
     /// (client id, group id or `*`) → the last accepted kick-off (Epic's throttle).
-    bulk_kickoffs: HashMap<(String, String), Instant>,
+    bulk_last_kickoff: HashMap<(String, String), Instant>,
     rng: data::SplitMix64,
     stats: SandboxStats,
 }
