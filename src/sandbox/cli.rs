@@ -40,6 +40,24 @@ pub struct SandboxArgs {
     /// http(s) JWK Set URL. Repeat for more clients.
     #[arg(long = "client", value_name = "CLIENT_ID=JWKS_FILE_OR_URL")]
     pub clients: Vec<String>,
+    /// Bulk Data: milliseconds from kick-off until the export is complete.
+    #[arg(long, default_value_t = 2000)]
+    pub bulk_delay_ms: u64,
+    /// Bulk Data: `Retry-After` sent on 202 status answers (an empty value sends none).
+    #[arg(long, default_value = "1")]
+    pub bulk_retry_after: String,
+    /// Bulk Data: maximum resources per output file.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub bulk_file_size: u64,
+    /// Bulk Data: seconds during which a client may kick off one export per group (0: no limit).
+    #[arg(long, default_value_t = 86_400)]
+    pub bulk_throttle_secs: u64,
+    /// Bulk Data: seconds a completed export stays available.
+    #[arg(long, default_value_t = 3600)]
+    pub bulk_expiry_secs: u64,
+    /// Bulk Data: point manifests at pre-signed URLs on the storage origin (no token).
+    #[arg(long)]
+    pub bulk_files_on_storage: bool,
     /// Write the synthetic patients' ids to this roster CSV (`patient_id` column) for `epic-export run`.
     #[arg(long, value_name = "FILE")]
     pub write_roster: Option<std::path::PathBuf>,
@@ -69,6 +87,14 @@ impl SandboxArgs {
             rate_429: self.rate_429,
             rate_5xx: self.rate_5xx,
             seed: self.seed,
+            bulk_delay: Duration::from_millis(self.bulk_delay_ms),
+            bulk_retry_after: Some(self.bulk_retry_after.trim().to_owned())
+                .filter(|v| !v.is_empty()),
+            bulk_file_size: usize::try_from(self.bulk_file_size)
+                .context("--bulk-file-size is too large")?,
+            bulk_throttle: Duration::from_secs(self.bulk_throttle_secs),
+            bulk_expiry: Duration::from_secs(self.bulk_expiry_secs),
+            bulk_files_on_storage: self.bulk_files_on_storage,
         })
     }
 
@@ -126,6 +152,8 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
     }
     println!("FHIR base URL: {}", sandbox.base_url());
     println!("Token URL: {}", sandbox.token_url());
+    println!("Bulk Data group: {}", super::SANDBOX_GROUP_ID);
+    println!("Storage origin: {}", sandbox.storage_origin());
     shutdown_signal().await;
     tracing::info!("shutting down the sandbox");
     sandbox.shutdown().await;

@@ -2,7 +2,8 @@
 //!
 //! Nothing is stored per resource. [`Dataset::generate`] only derives the patient ids; every
 //! resource is rebuilt on demand from `(seed, patient index, type, ordinal)`, so a data set of
-//! 10,000 patients costs a few hundred kilobytes and the same seed always yields the same JSON.
+//! 10,000 patients costs a few hundred kilobytes and the same seed always yields the same JSON
+//! (`meta.lastUpdated` included: it is derived too, spread over 2022-2025, never from the clock).
 //! This module knows nothing about HTTP, paging or auth (see `fhir.rs` for those).
 
 use std::collections::HashMap;
@@ -126,6 +127,16 @@ impl Dataset {
     /// Patient ids in generation order.
     pub fn patient_ids(&self) -> Vec<String> {
         self.ids.clone()
+    }
+
+    /// The number of patients.
+    pub fn patient_count(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The id of the patient at `index` in [`Dataset::patient_ids`].
+    pub fn patient_id(&self, index: usize) -> Option<&str> {
+        self.ids.get(index).map(String::as_str)
     }
 
     /// The position of a patient id in [`Dataset::patient_ids`].
@@ -503,10 +514,29 @@ impl Gen<'_> {
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("resourceType".into(), json!(resource_type));
                     obj.insert("id".into(), json!(self.id(resource_type, n)));
+                    obj.insert("meta".into(), self.meta(resource_type, n));
                 }
                 v
             })
             .collect()
+    }
+
+    /// `meta.lastUpdated`: a deterministic instant in 2022-2025, so `_since` selects a subset.
+    fn meta(&self, resource_type: &str, n: u64) -> Value {
+        let mut r = rng_for(
+            self.seed,
+            self.idx,
+            type_tag(resource_type).unwrap_or(0) ^ 0x3E7A,
+            n,
+        );
+        let day = date_after(2022, r.below(4 * 365));
+        let second = r.below(24 * 3600);
+        json!({"lastUpdated": format!(
+            "{day}T{:02}:{:02}:{:02}Z",
+            second / 3600,
+            (second / 60) % 60,
+            second % 60
+        )})
     }
 
     fn patient(&self) -> Value {
@@ -523,6 +553,7 @@ impl Gen<'_> {
         json!({
             "resourceType": "Patient",
             "id": self.pid,
+            "meta": self.meta("Patient", 0),
             "active": true,
             "identifier": [{
                 "use": "usual",

@@ -19,7 +19,7 @@ use super::{Fault, SEARCH_TYPES, Shared};
 
 /// Idle time after which a paging session is forgotten.
 const SESSION_TTL: Duration = Duration::from_secs(600);
-const FHIR_JSON: &str = "application/fhir+json";
+pub(super) const FHIR_JSON: &str = "application/fhir+json";
 
 /// What a paging session remembers between pages.
 #[derive(Debug, Clone)]
@@ -34,13 +34,28 @@ pub(super) struct Session {
 /// Token filters: every inner list must match (AND across parameters), by any of its codes
 /// (OR within a comma list). Codes may be given as `system|code`; only the code is compared.
 #[derive(Debug, Clone, Default)]
-struct Filters {
+pub(super) struct Filters {
     category: Vec<Vec<String>>,
     code: Vec<Vec<String>>,
 }
 
 impl Filters {
-    fn matches(&self, resource: &Value) -> bool {
+    /// The `category` and `code` parameters among `params` (others are not looked at).
+    pub(super) fn from_params(params: &[(String, String)]) -> Filters {
+        let lists = |name: &str| -> Vec<Vec<String>> {
+            params
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| token_list(v))
+                .collect()
+        };
+        Filters {
+            category: lists("category"),
+            code: lists("code"),
+        }
+    }
+
+    pub(super) fn matches(&self, resource: &Value) -> bool {
         let all = |lists: &[Vec<String>], codes: &[&str]| {
             lists
                 .iter()
@@ -75,19 +90,19 @@ fn token_list(value: &str) -> Vec<String> {
 }
 
 /// A FHIR JSON response.
-fn fhir(status: StatusCode, body: &Value) -> Response {
+pub(super) fn fhir(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, FHIR_JSON)], bytes).into_response()
 }
 
-fn operation_outcome(severity: &str, code: &str, diagnostics: &str) -> Value {
+pub(super) fn operation_outcome(severity: &str, code: &str, diagnostics: &str) -> Value {
     json!({
         "resourceType": "OperationOutcome",
         "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
     })
 }
 
-fn error(status: StatusCode, code: &str, diagnostics: &str) -> Response {
+pub(super) fn error(status: StatusCode, code: &str, diagnostics: &str) -> Response {
     fhir(status, &operation_outcome("error", code, diagnostics))
 }
 
@@ -107,27 +122,30 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Everything a FHIR request goes through before being served: the `RevokeTokens` fault, the
-/// bearer token, latency, the other queued faults, then the random 429/503 rolls.
-async fn gate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+/// bearer token, latency, the other queued faults, then the random 429/503 rolls. Returns the
+/// client id the token was issued to.
+pub(super) async fn gate(s: &Shared, headers: &HeaderMap) -> Result<String, Response> {
     let authorized = {
         let mut inner = s.lock();
         inner.stats.fhir_requests += 1;
-        if inner.faults.front() == Some(&Fault::RevokeTokens) {
-            inner.faults.pop_front();
+        let first_general = inner.faults.iter().position(Fault::is_general);
+        if let Some(i) = first_general.filter(|i| inner.faults[*i] == Fault::RevokeTokens) {
+            inner.faults.remove(i);
             inner.tokens.clear();
             inner.stats.injected_faults += 1;
             tracing::info!("injected fault: all access tokens revoked");
         }
         let now = Instant::now();
-        let ok = bearer(headers)
+        let client = bearer(headers)
             .and_then(|t| inner.tokens.get(t))
-            .is_some_and(|exp| *exp > now);
-        if !ok {
+            .filter(|(exp, _)| *exp > now)
+            .map(|(_, client)| client.clone());
+        if client.is_none() {
             inner.stats.unauthorized += 1;
         }
-        ok
+        client
     };
-    if !authorized {
+    let Some(client) = authorized else {
         let mut resp = error(
             StatusCode::UNAUTHORIZED,
             "login",
@@ -138,15 +156,19 @@ async fn gate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
             HeaderValue::from_static("Bearer error=\"invalid_token\""),
         );
         return Err(resp);
-    }
+    };
     if !s.opts.latency.is_zero() {
         tokio::time::sleep(s.opts.latency).await;
     }
     let mut inner = s.lock();
-    let fault = match inner.faults.front() {
-        Some(Fault::RevokeTokens) | None => None,
-        Some(_) => inner.faults.pop_front(),
-    };
+    // The first queued fault that any FHIR request can take; the bulk-specific ones wait for
+    // their kind of request (see `bulk.rs`).
+    let fault = inner
+        .faults
+        .iter()
+        .position(Fault::is_general)
+        .filter(|i| inner.faults[*i] != Fault::RevokeTokens)
+        .and_then(|i| inner.faults.remove(i));
     match fault {
         Some(Fault::Status {
             status,
@@ -161,7 +183,7 @@ async fn gate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
             inner.stats.injected_faults += 1;
             inner.foreign_origins.push_back(origin);
         }
-        Some(Fault::RevokeTokens) | None => {}
+        Some(_) | None => {}
     }
     let (r429, r5xx) = (s.opts.rate_429.max(0.0), s.opts.rate_5xx.max(0.0));
     if r429 > 0.0 || r5xx > 0.0 {
@@ -175,7 +197,7 @@ async fn gate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
             return Err(fault_response(StatusCode::SERVICE_UNAVAILABLE, None));
         }
     }
-    Ok(())
+    Ok(client)
 }
 
 fn fault_response(status: StatusCode, retry_after: Option<&str>) -> Response {
@@ -351,10 +373,7 @@ fn new_search(
             "Required search parameter missing: patient.",
         ));
     };
-    let filters = Filters {
-        category: values("category").into_iter().map(token_list).collect(),
-        code: values("code").into_iter().map(token_list).collect(),
-    };
+    let filters = Filters::from_params(params);
     if resource_type == "Observation" && filters.category.is_empty() && filters.code.is_empty() {
         return Err(error(
             StatusCode::BAD_REQUEST,

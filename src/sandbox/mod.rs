@@ -10,11 +10,16 @@
 //! - `GET {base}/Patient/{id}` and `GET {base}/{Type}?patient=...` searches over a deterministic
 //!   synthetic data set (`data.rs`), with opaque `next` links, deliberately short pages,
 //!   OperationOutcome entries and Epic's "Observation needs category or code" rule (`fhir.rs`);
+//! - FHIR Bulk Data export (`Group/{id}/$export`, `Patient/$export`, `$export`): kick-off,
+//!   status polling with `X-Progress`, a manifest, streamed (optionally gzip) NDJSON files,
+//!   DELETE, Epic's per-group throttle, and a second "storage" origin serving the same files
+//!   through pre-signed URLs (`bulk.rs`);
 //! - knobs for latency, random 429/503 answers and queued [`Fault`]s.
 //!
-//! It is not a general FHIR server: no writes, no `_include`, no Bulk Data yet, and only the
-//! search parameters an exporter uses. The CLI wrapper lives in `cli.rs`.
+//! It is not a general FHIR server: no writes, no `_include`, and only the search and export
+//! parameters an exporter uses. The CLI wrapper lives in `cli.rs`.
 
+mod bulk;
 mod cli;
 mod data;
 mod fhir;
@@ -37,6 +42,8 @@ pub use data::{Dataset, SEARCH_TYPES};
 pub const FHIR_PATH: &str = "/api/FHIR/R4";
 /// The token endpoint path, relative to the server origin (Epic's layout).
 pub const TOKEN_PATH: &str = "/oauth2/token";
+/// The id of the Group holding every sandbox patient (the shape of Epic's sandbox group id).
+pub const SANDBOX_GROUP_ID: &str = "e3iabhmS8rsueyz7vaimuiaSmfGvi.QwjVXJANlPOgR83";
 
 /// How to run a [`Sandbox`].
 #[derive(Debug, Clone)]
@@ -57,6 +64,23 @@ pub struct SandboxOptions {
     pub rate_5xx: f64,
     /// Seed of the data set and of the random fault rolls. Default 42.
     pub seed: u64,
+    /// Time from a Bulk Data kick-off until the export is complete (status polls answer 202
+    /// before that). Default 2 s.
+    pub bulk_delay: Duration,
+    /// `Retry-After` value sent verbatim on 202 status answers; `None` sends no header.
+    /// Default `Some("1")`.
+    pub bulk_retry_after: Option<String>,
+    /// Maximum resources per output file (Epic: 3,000); a type with more gets several files.
+    /// Default 3000.
+    pub bulk_file_size: usize,
+    /// A client may kick off one export per group in this window (Epic's throttle);
+    /// `Duration::ZERO` disables it. Default 24 h.
+    pub bulk_throttle: Duration,
+    /// Once an export is complete, its status URL and files answer 404 after this. Default 1 h.
+    pub bulk_expiry: Duration,
+    /// Whether manifests point at the storage origin's pre-signed URLs (and say
+    /// `requiresAccessToken: false`) instead of the token-protected FHIR origin. Default false.
+    pub bulk_files_on_storage: bool,
 }
 
 impl Default for SandboxOptions {
@@ -70,6 +94,12 @@ impl Default for SandboxOptions {
             rate_429: 0.0,
             rate_5xx: 0.0,
             seed: 42,
+            bulk_delay: Duration::from_secs(2),
+            bulk_retry_after: Some("1".to_string()),
+            bulk_file_size: 3000,
+            bulk_throttle: Duration::from_secs(24 * 3600),
+            bulk_expiry: Duration::from_secs(3600),
+            bulk_files_on_storage: false,
         }
     }
 }
@@ -90,12 +120,14 @@ pub enum ClientKeys {
     JwksUrl(String),
 }
 
-/// A scripted misbehaviour. Faults are queued FIFO; each one is taken by one FHIR request
-/// (token requests never take faults).
+/// A scripted misbehaviour. Faults are queued FIFO; each one is taken by one request (token
+/// requests never take faults).
 ///
-/// `RevokeTokens` is taken by the very next FHIR request, before authentication, so that
-/// request gets a 401. The other faults are taken by the next *authenticated* FHIR request
-/// (a 401 does not use them up).
+/// The general faults (`Status`, `ForeignNextLink`, `RevokeTokens`) are taken in order by FHIR
+/// requests, bulk ones included: `RevokeTokens` by the very next FHIR request, before
+/// authentication, so that request gets a 401; the other two by the next *authenticated* FHIR
+/// request (a 401 does not use them up). The Bulk Data faults wait in the queue for the next
+/// request of their kind, letting other requests pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Answer with this status (and `Retry-After` verbatim, if given) and an OperationOutcome.
@@ -108,6 +140,27 @@ pub enum Fault {
     ForeignNextLink { origin: String },
     /// Invalidate every token issued so far, then serve the request normally (so it gets 401).
     RevokeTokens,
+    /// The next bulk file download on the FHIR origin answers `307 Temporary Redirect` to the
+    /// storage origin's pre-signed URL of that file.
+    RedirectDownload,
+    /// The next bulk file download (either origin) is sent uncompressed with the `Content-Length`
+    /// of the whole body, but the connection is closed after `after_bytes` body bytes.
+    DropDownload { after_bytes: u64 },
+    /// The next manifest served states a `count` one too high for its first output file.
+    WrongCount,
+    /// The next bulk status poll answers `status` with an OperationOutcome issue of this `code`
+    /// (e.g. 500 + `transient` for a retryable problem, 500 + `processing` for a failed job).
+    PollOutcome { status: u16, code: String },
+}
+
+impl Fault {
+    /// Whether any FHIR request takes this fault (as opposed to one kind of bulk request).
+    fn is_general(&self) -> bool {
+        matches!(
+            self,
+            Fault::Status { .. } | Fault::ForeignNextLink { .. } | Fault::RevokeTokens
+        )
+    }
 }
 
 /// Counters for assertions in tests and for the demo's summary.
@@ -119,6 +172,18 @@ pub struct SandboxStats {
     pub unauthorized: u64,
     pub injected_faults: u64,
     pub random_faults: u64,
+    /// Bulk kick-off requests that got past the token check and the general faults.
+    pub bulk_kickoffs: u64,
+    /// Bulk status polls (GET) that got past the token check and the general faults.
+    pub bulk_polls: u64,
+    /// Bulk file requests let in by a token (FHIR origin) or a valid signature (storage origin).
+    pub bulk_downloads: u64,
+    /// Bulk DELETE requests that got past the token check and the general faults.
+    pub bulk_deletes: u64,
+    /// Every request that reached the storage origin.
+    pub storage_requests: u64,
+    /// Storage-origin requests that carried an `Authorization` header (clients should not).
+    pub storage_requests_with_authorization: u64,
 }
 
 /// Why the sandbox could not start.
@@ -141,34 +206,23 @@ pub enum SandboxError {
 /// A running sandbox server. Dropping it without [`Sandbox::shutdown`] aborts the server task.
 pub struct Sandbox {
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::watch::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Sandbox {
     /// Binds `opts.bind`, spawns the server and returns once it is listening.
     pub async fn start(opts: SandboxOptions) -> Result<Sandbox, SandboxError> {
-        let addr = opts.bind;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| SandboxError::Bind { addr, source })?;
-        let mut local = listener
-            .local_addr()
-            .map_err(|source| SandboxError::LocalAddr { addr, source })?;
-        if local.ip().is_unspecified() {
-            // Listening on all interfaces: advertise loopback, which always reaches us.
-            local.set_ip(if local.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
-        }
+        let (listener, local) = bind(opts.bind).await?;
+        // The storage origin: same IP, another ephemeral port.
+        let (storage_listener, storage_local) = bind(SocketAddr::new(opts.bind.ip(), 0)).await?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(SandboxError::HttpClient)?;
         let shared = Arc::new(Shared {
             origin: format!("http://{local}"),
+            storage_origin: format!("http://{storage_local}"),
             dataset: Arc::new(Dataset::generate(opts.patients, opts.seed)),
             http,
             inner: Mutex::new(Inner {
@@ -178,22 +232,35 @@ impl Sandbox {
             opts,
         });
         let app = router(shared.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let storage_app = Router::new()
+            .fallback(bulk::storage_file)
+            .with_state(shared.clone());
+        let (stop, stopped) = tokio::sync::watch::channel(());
         let task = tokio::spawn(async move {
             // Like a production server: no Nagle delay on responses written in several pieces.
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
+            let storage_listener = storage_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            // Either the stop signal or the sender being dropped stops both servers.
+            let until_stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
+                let _ = rx.changed().await;
+            };
+            let (served, storage_served) = tokio::join!(
+                axum::serve(listener, app).with_graceful_shutdown(until_stopped(stopped.clone())),
+                axum::serve(storage_listener, storage_app)
+                    .with_graceful_shutdown(until_stopped(stopped)),
+            );
             if let Err(e) = served {
                 tracing::error!(error = %e, "sandbox server stopped with an error");
             }
+            if let Err(e) = storage_served {
+                tracing::error!(error = %e, "sandbox storage server stopped with an error");
+            }
         });
-        tracing::info!(base_url = %shared.base_url(), "sandbox listening");
+        tracing::info!(base_url = %shared.base_url(), storage_origin = %shared.storage_origin, "sandbox listening");
         Ok(Sandbox {
             shared,
             stop: Some(stop),
@@ -209,6 +276,12 @@ impl Sandbox {
     /// The token endpoint, e.g. `http://127.0.0.1:PORT/oauth2/token` (the required `aud`).
     pub fn token_url(&self) -> String {
         self.shared.token_url()
+    }
+
+    /// The storage origin, e.g. `http://127.0.0.1:PORT2`: a second listener serving bulk files
+    /// through pre-signed URLs, without tokens.
+    pub fn storage_origin(&self) -> String {
+        self.shared.storage_origin.clone()
     }
 
     /// Registers (or replaces) a client.
@@ -250,6 +323,25 @@ impl Drop for Sandbox {
     }
 }
 
+/// Binds `addr`; returns the listener and the address clients should use to reach it.
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), SandboxError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| SandboxError::Bind { addr, source })?;
+    let mut local = listener
+        .local_addr()
+        .map_err(|source| SandboxError::LocalAddr { addr, source })?;
+    if local.ip().is_unspecified() {
+        // Listening on all interfaces: advertise loopback, which always reaches us.
+        local.set_ip(if local.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok((listener, local))
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
@@ -258,6 +350,23 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route(&format!("{FHIR_PATH}/metadata"), get(fhir::metadata))
         .route(TOKEN_PATH, post(token::token_endpoint))
+        .route(&format!("{FHIR_PATH}/$export"), get(bulk::kickoff_system))
+        .route(
+            &format!("{FHIR_PATH}/Patient/$export"),
+            get(bulk::kickoff_patient),
+        )
+        .route(
+            &format!("{FHIR_PATH}/Group/{{id}}/$export"),
+            get(bulk::kickoff_group),
+        )
+        .route(
+            &format!("{FHIR_PATH}/{}/{{job}}", bulk::STATUS_PATH),
+            get(bulk::status).delete(bulk::delete),
+        )
+        .route(
+            &format!("{FHIR_PATH}/{}/{{job}}/{{n}}", bulk::FILE_PATH),
+            get(bulk::file),
+        )
         .route(&format!("{FHIR_PATH}/{{resource_type}}"), get(fhir::search))
         .route(
             &format!("{FHIR_PATH}/{{resource_type}}/{{id}}"),
@@ -272,6 +381,8 @@ pub(crate) struct Shared {
     opts: SandboxOptions,
     /// `http://host:port`, as clients reach us.
     origin: String,
+    /// `http://host:port2` of the storage listener (pre-signed bulk file URLs).
+    storage_origin: String,
     dataset: Arc<Dataset>,
     http: reqwest::Client,
     inner: Mutex<Inner>,
@@ -301,12 +412,16 @@ struct Inner {
     jwks_cache: HashMap<String, (JwkSet, Instant)>,
     /// (client id, jti) → the assertion's `exp` (Unix seconds).
     seen_jti: HashMap<(String, String), i64>,
-    /// access token → expiry.
-    tokens: HashMap<String, Instant>,
+    /// access token → (expiry, client id).
+    tokens: HashMap<String, (Instant, String)>,
     faults: VecDeque<Fault>,
     /// Origins waiting for the next page that has a `next` link.
     foreign_origins: VecDeque<String>,
     sessions: HashMap<String, fhir::Session>,
+    /// Bulk export jobs by id.
+    bulk_jobs: HashMap<String, bulk::Job>,
+    /// (client id, group id or `*`) → the last accepted kick-off (Epic's throttle).
+    bulk_last_kickoff: HashMap<(String, String), Instant>,
     rng: data::SplitMix64,
     stats: SandboxStats,
 }

@@ -1147,3 +1147,5 @@ fn cli_registers_clients_from_files_and_urls() {
     assert!(err.contains("/nonexistent/jwks.json"), "{err}");
     assert!(TestCli::try_parse_from(["sandbox", "--rate-5xx", "2"]).is_err());
 }
+
+mod bulk;

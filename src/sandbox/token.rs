@@ -97,8 +97,10 @@ pub(super) async fn token_endpoint(State(s): State<Arc<Shared>>, body: Bytes) ->
             {
                 let mut inner = s.lock();
                 let now = Instant::now();
-                inner.tokens.retain(|_, exp| *exp > now);
-                inner.tokens.insert(token.clone(), now + lifetime);
+                inner.tokens.retain(|_, (exp, _)| *exp > now);
+                inner
+                    .tokens
+                    .insert(token.clone(), (now + lifetime, client_id.clone()));
                 inner.stats.tokens_issued += 1;
             }
             tracing::info!(client_id = %client_id, "access token issued");
