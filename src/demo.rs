@@ -44,6 +44,7 @@ pub fn write_demo_files(
     key: &SigningKey,
     sandbox: &Sandbox,
     patient_ids: &[String],
+    bulk: bool,
 ) -> anyhow::Result<PathBuf> {
     let keys_dir = dir.join("keys");
     if keys_dir.join("private.pem").exists() {

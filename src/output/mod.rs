@@ -242,7 +242,9 @@ impl RunWriter {
             None => {
                 let mut id = run_id.to_owned();
                 let mut n = 1;
-                while export_dir.join(&id).exists() {
+                while export_dir.join(&id).exists()
+                    || export_dir.join(format!(".{id}.failed")).exists()
+                {
                     n += 1;
                     id = format!("{run_id}-{n}");
                 }
