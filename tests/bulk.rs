@@ -373,3 +373,20 @@ async fn since_auto_sends_the_previous_transaction_time() {
         "only what changed since"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_kickoff_is_retried_and_a_bad_one_quotes_the_server() {
+    let env = env(quick(SandboxOptions { patients: 2, ..SandboxOptions::default() })).await;
+    env.sandbox.inject(Fault::Status { status: 503, retry_after: None });
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(report.summary.outcome, Outcome::Success, "{:?}", report.summary.errors);
+    assert_eq!(env.sandbox.stats().bulk_kickoffs, 1);
+
+    // An unknown group: the server's OperationOutcome is quoted.
+    let config = env.write_bulk_config("    group: no-such-group\n", FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(report.summary.outcome, Outcome::Failed);
+    let text = report.summary.errors.join("\n");
+    assert!(text.contains("refused the kick-off (HTTP 404)"), "{text}");
+}

@@ -244,42 +244,39 @@ async fn kick_off(
         (ACCEPT, "application/fhir+json"),
         (HeaderName::from_static("prefer"), "respond-async"),
     ];
-    let kicked_off_at = jiff::Timestamp::now().to_string();
-    let reply = ctx
-        .client
-        .fetch(Method::GET, kickoff, &headers, RetryMode::TransportOnly)
-        .await;
-    let refusal = match reply {
-        Ok(r) if r.status.as_u16() == 202 => {
-            let location = r
-                .headers
-                .get(reqwest::header::CONTENT_LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|l| url::Url::parse(kickoff).ok()?.join(l).ok());
-            let Some(status_url) = location else {
-                return Err(Stop::Failed("the kick-off was accepted (202) without a Content-Location header; the export cannot be followed".into()));
-            };
-            tracing::info!("bulk export kicked off");
-            let _ = std::fs::remove_file(state::cooldown_path(export_dir));
-            return Ok(Pending {
-                status_url: status_url.to_string(),
-                kickoff_url: kickoff.to_owned(),
-                kicked_off_at,
-            });
+    let mut attempt = 0;
+    let (status, text) = loop {
+        attempt += 1;
+        let kicked_off_at = jiff::Timestamp::now().to_string();
+        let reply = ctx.client.fetch(Method::GET, kickoff, &headers, RetryMode::TransportOnly).await;
+        let (status, text) = match reply {
+            Ok(r) if r.status.as_u16() == 202 => {
+                let location = r
+                    .headers
+                    .get(reqwest::header::CONTENT_LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| url::Url::parse(kickoff).ok()?.join(l).ok());
+                let Some(status_url) = location else {
+                    return Err(Stop::Failed(
+                        "the kick-off was accepted (202) without a Content-Location header; the export cannot be followed".into(),
+                    ));
+                };
+                tracing::info!(status_url = %status_url, "bulk export kicked off");
+                let _ = std::fs::remove_file(state::cooldown_path(export_dir));
+                return Ok(Pending { status_url: status_url.to_string(), kickoff_url: kickoff.to_owned(), kicked_off_at });
+            }
+            Ok(r) => (r.status.as_u16(), parse_outcome(&r.body).as_deref().and_then(outcome_text)),
+            Err(FetchError::Status { status, diagnostics, .. }) => (status, diagnostics),
+            Err(e) if e.is_fatal() => return Err(Stop::Failed(e.to_string())),
+            Err(e) => return Err(Stop::Failed(format!("the kick-off failed: {e}"))),
+        };
+        let throttled = text.as_deref().is_some_and(|t| t.to_ascii_lowercase().contains(THROTTLE_TEXT));
+        // A busy server (429/5xx without Epic's throttle words) is asked again a few times.
+        if throttled || !retry::is_retryable_status(status) || attempt >= ctx.client.retry_policy().max_attempts {
+            break (status, text);
         }
-        Ok(r) => {
-            let text = parse_outcome(&r.body).as_deref().and_then(outcome_text);
-            (r.status.as_u16(), text, None)
-        }
-        Err(FetchError::Status {
-            status,
-            diagnostics,
-            ..
-        }) => (status, diagnostics, None),
-        Err(e) if e.is_fatal() => return Err(Stop::Failed(e.to_string())),
-        Err(e) => return Err(Stop::Failed(format!("the kick-off failed: {e}"))),
+        ctx.client.pause(attempt, None, &format!("the kick-off answered HTTP {status}")).await;
     };
-    let (status, text, _): (u16, Option<String>, Option<()>) = refusal;
     let words = text.unwrap_or_else(|| "(no OperationOutcome)".into());
     if words.to_ascii_lowercase().contains(THROTTLE_TEXT) {
         let until = jiff::Timestamp::now()
