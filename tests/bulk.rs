@@ -376,11 +376,23 @@ async fn since_auto_sends_the_previous_transaction_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_kickoff_is_retried_and_a_bad_one_quotes_the_server() {
-    let env = env(quick(SandboxOptions { patients: 2, ..SandboxOptions::default() })).await;
-    env.sandbox.inject(Fault::Status { status: 503, retry_after: None });
+    let env = env(quick(SandboxOptions {
+        patients: 2,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    env.sandbox.inject(Fault::Status {
+        status: 503,
+        retry_after: None,
+    });
     let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
     let report = run_config(&config).await;
-    assert_eq!(report.summary.outcome, Outcome::Success, "{:?}", report.summary.errors);
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
     assert_eq!(env.sandbox.stats().bulk_kickoffs, 1);
 
     // An unknown group: the server's OperationOutcome is quoted.
@@ -389,4 +401,117 @@ async fn a_busy_kickoff_is_retried_and_a_bad_one_quotes_the_server() {
     assert_eq!(report.summary.outcome, Outcome::Failed);
     let text = report.summary.errors.join("\n");
     assert!(text.contains("refused the kick-off (HTTP 404)"), "{text}");
+}
+
+/// A file server without range support: the first answer is cut off after `cut` bytes, later answers
+/// send `second` whole.
+async fn flaky_file_server(first: Vec<u8>, cut: usize, second: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/file.ndjson", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let body = if n == 0 { &first } else { &second };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+ndjson\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock
+                .write_all(if n == 0 { &body[..cut] } else { body })
+                .await;
+            let _ = sock.shutdown().await;
+            n += 1;
+        }
+    });
+    url
+}
+
+async fn fetch_file(env: &Env, url: String) -> (Result<(u64, u64), String>, Vec<u8>) {
+    use epic_export::export::bulk::{download, manifest};
+    use epic_export::export::writer::WriterMsg;
+    let key = epic_export::auth::SigningKey::load(&env.path().join("keys/private.pem"), None, None)
+        .unwrap();
+    let tokens = std::sync::Arc::new(epic_export::auth::TokenSource::new(
+        epic_export::fhir::http_client(Duration::from_secs(5)),
+        epic_export::auth::TokenSourceConfig {
+            client_id: CLIENT_ID.into(),
+            token_url: env.sandbox.token_url(),
+            scope: "system/*.read".into(),
+            key,
+            jku: None,
+        },
+    ));
+    let limits = epic_export::fhir::Limits {
+        concurrency: 1,
+        requests_per_second: None,
+        retry: epic_export::fhir::retry::RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_secs(1),
+        },
+        request_timeout: Duration::from_secs(5),
+    };
+    let client =
+        epic_export::fhir::FhirClient::new(&env.sandbox.base_url(), tokens, limits).unwrap();
+    let d = manifest::Download {
+        kind: manifest::Kind::Output,
+        file: manifest::FileRef {
+            resource_type: "Condition".into(),
+            url,
+            count: None,
+        },
+        token_origins: vec![],
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let collect = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Some(msg) = rx.recv().await {
+            if let WriterMsg::Resources { lines, .. } = msg {
+                all.extend_from_slice(&lines);
+            }
+        }
+        all
+    });
+    let result = download::download(&client, &d, &tx)
+        .await
+        .map_err(|e| e.message);
+    drop(tx);
+    (result, collect.await.unwrap())
+}
+
+fn conditions(n: usize, tag: &str) -> Vec<u8> {
+    (0..n)
+        .map(|i| format!("{{\"resourceType\":\"Condition\",\"id\":\"c{i}\",\"note\":\"{tag}\"}}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() {
+    let env = env(SandboxOptions::default()).await;
+    let body = conditions(2000, "same");
+    let url = flaky_file_server(body.clone(), body.len() / 2 + 7, body.clone()).await;
+    let (result, written) = fetch_file(&env, url).await;
+    assert_eq!(result.unwrap().0, 2000);
+    assert_eq!(written, body, "every line exactly once, in order");
+
+    // The server changes the file between the two answers: refused, never mixed.
+    let url = flaky_file_server(conditions(2000, "first"), 50_000, conditions(2000, "other")).await;
+    let (result, _) = fetch_file(&env, url).await;
+    assert!(result.unwrap_err().contains("different content"));
+
+    // A line that is not JSON, or of another type, fails the file and names the line.
+    let mut bad = conditions(3, "x");
+    bad.extend_from_slice(b"{\"resourceType\":\"Patient\",\"id\":\"p\"}\n");
+    let url = flaky_file_server(bad.clone(), bad.len(), bad).await;
+    let (result, _) = fetch_file(&env, url).await;
+    let err = result.unwrap_err();
+    assert!(
+        err.contains("line 4") && err.contains("expected Condition"),
+        "{err}"
+    );
 }

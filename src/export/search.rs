@@ -45,8 +45,7 @@ pub enum Fatal {
 pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport, ExportError> {
     let plan = ctx.plan;
     let writer = RunWriter::create(&plan.output_dir, &plan.name, &ctx.run_id)?;
-    let (tx, rx) = mpsc::channel(writer::CHANNEL_CAPACITY);
-    let writer_task = tokio::task::spawn_blocking(move || writer::run(writer, rx));
+    let (tx, writer_task) = writer::spawn(writer);
     let progress = Progress::new(
         search.patients.len() as u64,
         "patients",

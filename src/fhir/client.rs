@@ -217,7 +217,11 @@ impl FhirClient {
         let mut renewed = false;
         loop {
             attempt += 1;
-            let token = self.tokens.token().await?;
+            // No token is fetched for a file that will never get one.
+            let token = match token_origins.is_empty() {
+                true => None,
+                false => Some(self.tokens.token().await?),
+            };
             let mut target = start.clone();
             let mut with_token = token_origins.contains(&target.origin().ascii_serialization());
             let mut redirects = 0;
@@ -227,8 +231,8 @@ impl FhirClient {
                     .download_http
                     .get(target.clone())
                     .header(reqwest::header::ACCEPT, "application/fhir+ndjson");
-                if with_token {
-                    req = req.bearer_auth(token.secret());
+                if let (true, Some(t)) = (with_token, &token) {
+                    req = req.bearer_auth(t.secret());
                 }
                 if let Some(from) = range_from.filter(|n| *n > 0) {
                     req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
@@ -260,10 +264,14 @@ impl FhirClient {
                 if status.is_success() {
                     return Ok(resp);
                 }
-                if status == StatusCode::UNAUTHORIZED && with_token && !renewed {
+                if let (true, false, Some(t)) = (
+                    status == StatusCode::UNAUTHORIZED && with_token,
+                    renewed,
+                    &token,
+                ) {
                     renewed = true;
                     attempt -= 1;
-                    self.renew(&token).await;
+                    self.renew(t).await;
                     break (Failure::Transport("HTTP 401".into()), Some(Duration::ZERO));
                 }
                 if retry::is_retryable_status(status.as_u16()) {

@@ -163,11 +163,10 @@ pub struct RunWriter {
     export_dir: PathBuf,
     run_id: String,
     partial: PathBuf,
-    files: BTreeMap<String, NdjsonFile>,
+    /// Data and deleted-resource files by relative path, with their resource type.
+    files: BTreeMap<String, (String, NdjsonFile)>,
     outcomes: Option<NdjsonFile>,
     failures: Option<NdjsonFile>,
-    /// Files joined from downloaded parts (bulk mode).
-    assembled: Vec<(String, FileEntry)>,
     _lock: File,
 }
 
@@ -176,15 +175,6 @@ pub struct RunWriter {
 pub struct Resume<'a> {
     pub marker: &'a str,
     pub accept: &'a dyn Fn(&Path) -> bool,
-}
-
-/// A downloaded piece of one output file, already checked line by line.
-#[derive(Clone, Debug)]
-pub struct Part {
-    pub path: PathBuf,
-    pub count: u64,
-    pub bytes: u64,
-    pub sha256: String,
 }
 
 /// Takes the export's lock (`<export>/.lock`), or says another run holds it.
@@ -264,7 +254,6 @@ impl RunWriter {
             files: BTreeMap::new(),
             outcomes: None,
             failures: None,
-            assembled: Vec::new(),
             _lock: lock,
         })
     }
@@ -279,67 +268,6 @@ impl RunWriter {
         &self.partial
     }
 
-    /// Joins downloaded parts (in order) into `relative` (e.g. `Observation.ndjson`,
-    /// `deleted/Patient.ndjson`), counting and hashing on the way; the parts are removed.
-    pub fn assemble(
-        &mut self,
-        resource_type: &str,
-        relative: &str,
-        parts: &[Part],
-    ) -> Result<(), OutputError> {
-        let target = self.partial.join(relative);
-        if let Some(dir) = target.parent() {
-            create_private_dir(dir).map_err(io_err(dir))?;
-        }
-        let entry = match parts {
-            [one] => {
-                fs::rename(&one.path, &target).map_err(io_err(&target))?;
-                FileEntry {
-                    relative: relative.to_owned(),
-                    count: one.count,
-                    bytes: one.bytes,
-                    sha256: one.sha256.clone(),
-                }
-            }
-            _ => {
-                let mut out = BufWriter::with_capacity(
-                    1 << 20,
-                    create_private_file(&target).map_err(io_err(&target))?,
-                );
-                let mut sha = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-                let mut buf = vec![0u8; 1 << 20];
-                let (mut count, mut bytes) = (0, 0);
-                for part in parts {
-                    let mut input = File::open(&part.path).map_err(io_err(&part.path))?;
-                    loop {
-                        let n = io::Read::read(&mut input, &mut buf).map_err(io_err(&part.path))?;
-                        if n == 0 {
-                            break;
-                        }
-                        sha.update(&buf[..n]);
-                        out.write_all(&buf[..n]).map_err(io_err(&target))?;
-                        bytes += n as u64;
-                    }
-                    count += part.count;
-                    fs::remove_file(&part.path).map_err(io_err(&part.path))?;
-                }
-                let file = out.into_inner().map_err(|e| OutputError::Io {
-                    path: target.clone(),
-                    source: e.into_error(),
-                })?;
-                file.sync_all().map_err(io_err(&target))?;
-                FileEntry {
-                    relative: relative.to_owned(),
-                    count,
-                    bytes,
-                    sha256: hex(sha.finish().as_ref()),
-                }
-            }
-        };
-        self.assembled.push((resource_type.to_owned(), entry));
-        Ok(())
-    }
-
     pub fn run_id(&self) -> &str {
         &self.run_id
     }
@@ -349,22 +277,56 @@ impl RunWriter {
         self.export_dir.join(&self.run_id)
     }
 
-    /// Appends `count` NDJSON lines of `resource_type`.
+    /// Appends `count` NDJSON lines of `resource_type` to `<Type>.ndjson`.
     pub fn append(
         &mut self,
         resource_type: &str,
         lines: &[u8],
         count: u64,
     ) -> Result<(), OutputError> {
-        let file = match self.files.get_mut(resource_type) {
-            Some(f) => f,
-            None => {
-                let f = NdjsonFile::create(&self.partial, format!("{resource_type}.ndjson"))
+        self.append_typed(
+            format!("{resource_type}.ndjson"),
+            resource_type,
+            lines,
+            count,
+        )
+    }
+
+    /// Appends `count` lines of the server's deleted-resource entries of `resource_type` (bulk mode)
+    /// to `deleted/<Type>.ndjson`.
+    pub fn append_deleted(
+        &mut self,
+        resource_type: &str,
+        lines: &[u8],
+        count: u64,
+    ) -> Result<(), OutputError> {
+        self.append_typed(
+            format!("{DELETED_DIR}/{resource_type}.ndjson"),
+            resource_type,
+            lines,
+            count,
+        )
+    }
+
+    fn append_typed(
+        &mut self,
+        relative: String,
+        resource_type: &str,
+        lines: &[u8],
+        count: u64,
+    ) -> Result<(), OutputError> {
+        let file = match self.files.entry(relative) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                if let Some(dir) = self.partial.join(e.key()).parent() {
+                    create_private_dir(dir).map_err(io_err(dir))?;
+                }
+                let f = NdjsonFile::create(&self.partial, e.key().clone())
                     .map_err(io_err(&self.partial))?;
-                self.files.entry(resource_type.to_owned()).or_insert(f)
+                e.insert((resource_type.to_owned(), f))
             }
         };
-        file.append(lines, count).map_err(io_err(&self.partial))
+        file.1.append(lines, count).map_err(io_err(&self.partial))
     }
 
     /// Appends OperationOutcome lines the server reported (search outcome entries).
@@ -407,7 +369,7 @@ impl RunWriter {
     /// Flushes, syncs and closes every data and error file; returns them as the manifest lists them.
     pub fn close_files(&mut self) -> Result<Vec<(String, FileEntry)>, OutputError> {
         let mut entries = Vec::new();
-        for (t, f) in std::mem::take(&mut self.files) {
+        for (_, (t, f)) in std::mem::take(&mut self.files) {
             entries.push((t, f.close().map_err(io_err(&self.partial))?));
         }
         for (t, slot) in [
@@ -418,7 +380,6 @@ impl RunWriter {
                 entries.push((t.to_owned(), f.close().map_err(io_err(&self.partial))?));
             }
         }
-        entries.append(&mut self.assembled);
         Ok(entries)
     }
 

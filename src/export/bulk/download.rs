@@ -1,124 +1,152 @@
-//! Downloading one bulk file into a part file: streamed (memory stays flat whatever the size), gzip decoded
-//! on the fly by the HTTP client, every line checked as JSON whose `resourceType` is the expected one, and
-//! counted and hashed on the way. A dropped connection restarts the file cleanly, or resumes it with
-//! `Range` when the server sent an uncompressed body that it says it can serve in ranges.
+//! Downloading one bulk file: streamed (memory stays flat whatever the size), gzip decoded on the fly by
+//! the HTTP client, every line checked as JSON whose `resourceType` is the expected one, and handed to the
+//! writer task in batches of complete lines (files of one type are joined there, in whatever order their
+//! lines arrive).
+//!
+//! A dropped connection resumes with `Range` when the server sent an uncompressed body it can serve in
+//! ranges; otherwise the file is fetched again and the lines already written are skipped after checking
+//! that they are the same (their SHA-256 must match), so nothing is written twice or lost.
 
-use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-
+use aws_lc_rs::digest::{Context, SHA256};
 use futures::StreamExt;
 use reqwest::StatusCode;
+use tokio::sync::mpsc;
 
-use super::manifest::Download;
+use super::manifest::{Download, Kind};
+use crate::export::writer::WriterMsg;
 use crate::fhir::FhirClient;
 use crate::fhir::bundle::{ResourceHead, json_error_kind};
-use crate::output::Part;
 
 /// The longest NDJSON line accepted (one resource).
 pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+/// Lines are handed to the writer in batches of about this size.
+const BATCH_BYTES: usize = 256 * 1024;
 
-/// A part file being written.
-struct PartWriter {
-    out: BufWriter<File>,
-    count: u64,
-    bytes: u64,
-    sha: aws_lc_rs::digest::Context,
-}
-
-impl PartWriter {
-    fn create(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?;
-        Ok(PartWriter {
-            out: BufWriter::with_capacity(1 << 20, file),
-            count: 0,
-            bytes: 0,
-            sha: new_sha(),
-        })
-    }
-
-    /// Starts the file over (after a dropped connection without range support).
-    fn reset(&mut self) -> std::io::Result<()> {
-        self.out.flush()?;
-        let file = self.out.get_mut();
-        file.set_len(0)?;
-        file.rewind()?;
-        self.count = 0;
-        self.bytes = 0;
-        self.sha = new_sha();
-        Ok(())
-    }
-
-    fn line(&mut self, line: &[u8]) -> std::io::Result<()> {
-        self.out.write_all(line)?;
-        self.out.write_all(b"\n")?;
-        self.sha.update(line);
-        self.sha.update(b"\n");
-        self.count += 1;
-        self.bytes += line.len() as u64 + 1;
-        Ok(())
-    }
-
-    fn finish(self, path: &Path) -> std::io::Result<Part> {
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        let sha256 = self
-            .sha
-            .finish()
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Ok(Part {
-            path: path.to_owned(),
-            count: self.count,
-            bytes: self.bytes,
-            sha256,
-        })
-    }
-}
-
-fn new_sha() -> aws_lc_rs::digest::Context {
-    aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256)
-}
-
-/// How a download ended.
-pub struct Downloaded {
-    pub part: Part,
-    /// The body's byte count as received (after gzip decoding).
-    pub received: u64,
-}
-
-/// Why a file failed; the message names the file's type and what went wrong (no content).
+/// Why a file failed; the message names what went wrong (never content).
 #[derive(Debug)]
 pub struct DownloadError {
     pub message: String,
+    /// The run cannot go on (authentication, the writer stopped).
     pub fatal: bool,
 }
 
-/// Downloads `d` into `part_path`, retrying dropped connections up to the client's attempts.
+impl DownloadError {
+    fn file(message: String) -> Self {
+        DownloadError {
+            message,
+            fatal: false,
+        }
+    }
+}
+
+/// The lines of one file taken so far and their hash (to recognise them when the file is fetched
+/// again), and how many of a refetched file's lines are still to be skipped.
+struct Lines {
+    line_type: String,
+    taken: u64,
+    sha: Context,
+    skip: u64,
+    skipped: Context,
+}
+
+impl Lines {
+    /// Starts a response: after a refetch from the start, the lines already taken are skipped.
+    fn restart(&mut self, from_start: bool) {
+        self.skip = if from_start { self.taken } else { 0 };
+        self.skipped = Context::new(&SHA256);
+    }
+
+    fn line(&mut self, line: &[u8], batch: &mut Batch<'_>) -> Result<(), DownloadError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        if self.skip > 0 {
+            check_line(line, &self.line_type, self.taken - self.skip + 1)?;
+            self.skipped.update(line);
+            self.skipped.update(b"\n");
+            self.skip -= 1;
+            if self.skip == 0
+                && self.skipped.clone().finish().as_ref() != self.sha.clone().finish().as_ref()
+            {
+                return Err(DownloadError::file(
+                    "the server sent different content when the file was fetched again".into(),
+                ));
+            }
+            return Ok(());
+        }
+        check_line(line, &self.line_type, self.taken + 1)?;
+        self.sha.update(line);
+        self.sha.update(b"\n");
+        self.taken += 1;
+        batch.lines.extend_from_slice(line);
+        batch.lines.push(b'\n');
+        batch.count += 1;
+        Ok(())
+    }
+}
+
+/// Lines being collected for the writer.
+struct Batch<'a> {
+    d: &'a Download,
+    tx: &'a mpsc::Sender<WriterMsg>,
+    lines: Vec<u8>,
+    count: u64,
+}
+
+impl Batch<'_> {
+    async fn flush(&mut self) -> Result<(), DownloadError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let lines = std::mem::replace(&mut self.lines, Vec::with_capacity(BATCH_BYTES + 64 * 1024));
+        let count = std::mem::take(&mut self.count);
+        let resource_type = self.d.file.resource_type.clone();
+        let msg = match self.d.kind {
+            Kind::Output => WriterMsg::Resources {
+                resource_type,
+                lines,
+                count,
+            },
+            Kind::Error => WriterMsg::Outcomes { lines, count },
+            Kind::Deleted => WriterMsg::Deleted {
+                resource_type,
+                lines,
+                count,
+            },
+        };
+        self.tx.send(msg).await.map_err(|_| DownloadError {
+            message: "the output writer stopped".into(),
+            fatal: true,
+        })
+    }
+}
+
+/// Downloads `d`, sending its lines to the writer. Returns the number of lines (records) in the file and
+/// the bytes received after decoding.
 pub async fn download(
     client: &FhirClient,
     d: &Download,
-    part_path: &Path,
-) -> Result<Downloaded, DownloadError> {
-    let io = |e: std::io::Error| DownloadError {
-        message: format!("writing {}: {e}", part_path.display()),
-        fatal: true,
-    };
-    let line_type = d.kind.line_type(&d.file.resource_type).to_owned();
-    let mut out = PartWriter::create(part_path).map_err(io)?;
+    tx: &mpsc::Sender<WriterMsg>,
+) -> Result<(u64, u64), DownloadError> {
     let max_attempts = client.retry_policy().max_attempts;
+    let mut lines = Lines {
+        line_type: d.kind.line_type(&d.file.resource_type).to_owned(),
+        taken: 0,
+        sha: Context::new(&SHA256),
+        skip: 0,
+        skipped: Context::new(&SHA256),
+    };
+    let mut batch = Batch {
+        d,
+        tx,
+        lines: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
+        count: 0,
+    };
     let mut attempt = 0u32;
     // Where the next request starts in the server's byte stream, when resuming with Range.
     let mut resume_from: Option<u64> = None;
-    let mut received_total = 0u64;
+    let mut received = 0u64;
     loop {
         attempt += 1;
         let resp = client
@@ -128,19 +156,17 @@ pub async fn download(
                 message: e.to_string(),
                 fatal: e.is_fatal(),
             })?;
-        let start = match (resume_from, content_range_start(&resp)) {
-            (Some(from), Some(start))
-                if resp.status() == StatusCode::PARTIAL_CONTENT && start == from =>
+        let resumed_at = match resume_from {
+            Some(from)
+                if resp.status() == StatusCode::PARTIAL_CONTENT
+                    && content_range_start(&resp) == Some(from) =>
             {
-                from
+                Some(from)
             }
-            (Some(_), _) => {
-                // The server sent the whole file again: start over.
-                out.reset().map_err(io)?;
-                0
-            }
-            (None, _) => 0,
+            _ => None,
         };
+        lines.restart(resumed_at.is_none());
+        let start = resumed_at.unwrap_or(0);
         // Resuming by byte offset is only sound on an uncompressed body of known length.
         let rangeable = resp
             .headers()
@@ -153,53 +179,62 @@ pub async fn download(
                 .is_none();
         let mut stream = resp.bytes_stream();
         let mut carry: Vec<u8> = Vec::new();
-        // Bytes of this response up to the end of the last complete line written.
+        // Bytes of this response, and of them up to the end of the last complete line handled.
+        let mut body = 0u64;
         let mut complete = 0u64;
-        let mut line_no = out.count;
         let failure = loop {
             match stream.next().await {
                 None => break None,
                 Some(Err(e)) => break Some(crate::fhir::describe_transport(&e)),
                 Some(Ok(chunk)) => {
-                    received_total += chunk.len() as u64;
-                    carry.extend_from_slice(&chunk);
-                    let Some(last_nl) = carry.iter().rposition(|&b| b == b'\n') else {
+                    body += chunk.len() as u64;
+                    // Complete lines straight from the chunk; only a line split across chunks is copied.
+                    let Some(last_nl) = chunk.iter().rposition(|&b| b == b'\n') else {
+                        carry.extend_from_slice(&chunk);
                         if carry.len() > MAX_LINE_BYTES {
-                            return Err(DownloadError {
-                                message: format!("a line is longer than {MAX_LINE_BYTES} bytes"),
-                                fatal: false,
-                            });
+                            return Err(DownloadError::file(format!(
+                                "a line is longer than {MAX_LINE_BYTES} bytes"
+                            )));
                         }
                         continue;
                     };
-                    for line in carry[..last_nl].split(|&b| b == b'\n') {
-                        line_no += 1;
-                        write_checked(&mut out, line, &line_type, line_no)?;
+                    let (head, tail) = chunk.split_at(last_nl + 1);
+                    let mut pieces = head[..last_nl].split(|&b| b == b'\n');
+                    if !carry.is_empty() {
+                        carry.extend_from_slice(pieces.next().unwrap_or_default());
+                        lines.line(&carry, &mut batch)?;
+                        carry.clear();
                     }
-                    complete += last_nl as u64 + 1;
-                    carry.drain(..=last_nl);
+                    for line in pieces {
+                        lines.line(line, &mut batch)?;
+                    }
+                    carry.extend_from_slice(tail);
+                    complete = body - carry.len() as u64;
+                    if batch.lines.len() >= BATCH_BYTES {
+                        batch.flush().await?;
+                    }
                 }
             }
         };
+        received += body;
         match failure {
             None => {
                 if !carry.is_empty() {
                     // A last line without its newline.
-                    write_checked(&mut out, &carry, &line_type, line_no + 1)?;
+                    lines.line(&carry, &mut batch)?;
                 }
-                let part = out.finish(part_path).map_err(io)?;
-                return Ok(Downloaded {
-                    part,
-                    received: received_total,
-                });
+                if lines.skip > 0 {
+                    return Err(DownloadError::file(
+                        "the server sent fewer lines when the file was fetched again".into(),
+                    ));
+                }
+                batch.flush().await?;
+                return Ok((lines.taken, received));
             }
             Some(why) if attempt < max_attempts => {
-                if rangeable {
-                    resume_from = Some(start + complete);
-                } else {
-                    resume_from = None;
-                    out.reset().map_err(io)?;
-                }
+                batch.flush().await?;
+                // Resume by offset only if this response got past the lines being skipped.
+                resume_from = (rangeable && lines.skip == 0).then_some(start + complete);
                 tracing::warn!(
                     resource_type = %d.file.resource_type,
                     attempt,
@@ -209,46 +244,29 @@ pub async fn download(
                 client.pause(attempt, None, &why).await;
             }
             Some(why) => {
-                return Err(DownloadError {
-                    message: format!("{why} (after {attempt} attempts)"),
-                    fatal: false,
-                });
+                return Err(DownloadError::file(format!(
+                    "{why} (after {attempt} attempts)"
+                )));
             }
         }
     }
 }
 
-/// Checks one NDJSON line and writes it. Blank lines are skipped.
-fn write_checked(
-    out: &mut PartWriter,
-    line: &[u8],
-    line_type: &str,
-    line_no: u64,
-) -> Result<(), DownloadError> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if line.iter().all(u8::is_ascii_whitespace) {
-        return Ok(());
-    }
-    let bad = |what: String| DownloadError {
-        message: format!("line {line_no}: {what}"),
-        fatal: false,
-    };
+/// Checks that one NDJSON line is a JSON resource of the expected type.
+fn check_line(line: &[u8], line_type: &str, line_no: u64) -> Result<(), DownloadError> {
     let head: ResourceHead<'_> = serde_json::from_slice(line).map_err(|e| {
-        bad(format!(
-            "not a FHIR resource in JSON ({})",
+        DownloadError::file(format!(
+            "line {line_no}: not a FHIR resource in JSON ({})",
             json_error_kind(&e)
         ))
     })?;
     if head.resource_type != line_type {
-        return Err(bad(format!(
-            "resourceType is {}, expected {line_type}",
+        return Err(DownloadError::file(format!(
+            "line {line_no}: resourceType is {}, expected {line_type}",
             head.resource_type
         )));
     }
-    out.line(line).map_err(|e| DownloadError {
-        message: format!("writing the download: {e}"),
-        fatal: true,
-    })
+    Ok(())
 }
 
 /// The first byte position of a `Content-Range: bytes N-M/T` answer.

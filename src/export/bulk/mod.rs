@@ -16,12 +16,13 @@ use futures::StreamExt;
 use reqwest::Method;
 use reqwest::header::{ACCEPT, HeaderName};
 
-use self::manifest::{Download, Kind, Manifest};
+use self::manifest::{Kind, Manifest};
 use self::state::{Cooldown, LastSuccess, PENDING_FILE, Pending};
+use super::writer;
 use super::{ExportError, Retrieved, RunContext, RunReport};
 use crate::fhir::client::{outcome_codes, outcome_text, parse_outcome};
 use crate::fhir::{FetchError, RetryMode, retry};
-use crate::output::{Part, Resume, RunWriter};
+use crate::output::{Resume, RunWriter};
 use crate::plan::{BulkLevel, BulkPlan, Since};
 use crate::progress::Progress;
 use crate::summary::BulkStats;
@@ -100,8 +101,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     stats.seconds_waiting = waited.elapsed().as_secs_f64();
     stats.transaction_time = manifest.transaction_time.clone();
     let pending = state::read_pending(&writer.staging_dir().join(PENDING_FILE));
-    let mut writer = writer;
-    let got = download_all(ctx, b, &mut writer, &manifest, &progress, &mut stats).await;
+    let (writer, got) = download_all(ctx, b, writer, &manifest, &progress, &mut stats).await?;
     progress.finish();
     // The status URL has served its purpose once the files are here.
     let _ = std::fs::remove_file(writer.staging_dir().join(PENDING_FILE));
@@ -248,7 +248,10 @@ async fn kick_off(
     let (status, text) = loop {
         attempt += 1;
         let kicked_off_at = jiff::Timestamp::now().to_string();
-        let reply = ctx.client.fetch(Method::GET, kickoff, &headers, RetryMode::TransportOnly).await;
+        let reply = ctx
+            .client
+            .fetch(Method::GET, kickoff, &headers, RetryMode::TransportOnly)
+            .await;
         let (status, text) = match reply {
             Ok(r) if r.status.as_u16() == 202 => {
                 let location = r
@@ -263,19 +266,41 @@ async fn kick_off(
                 };
                 tracing::info!(status_url = %status_url, "bulk export kicked off");
                 let _ = std::fs::remove_file(state::cooldown_path(export_dir));
-                return Ok(Pending { status_url: status_url.to_string(), kickoff_url: kickoff.to_owned(), kicked_off_at });
+                return Ok(Pending {
+                    status_url: status_url.to_string(),
+                    kickoff_url: kickoff.to_owned(),
+                    kicked_off_at,
+                });
             }
-            Ok(r) => (r.status.as_u16(), parse_outcome(&r.body).as_deref().and_then(outcome_text)),
-            Err(FetchError::Status { status, diagnostics, .. }) => (status, diagnostics),
+            Ok(r) => (
+                r.status.as_u16(),
+                parse_outcome(&r.body).as_deref().and_then(outcome_text),
+            ),
+            Err(FetchError::Status {
+                status,
+                diagnostics,
+                ..
+            }) => (status, diagnostics),
             Err(e) if e.is_fatal() => return Err(Stop::Failed(e.to_string())),
             Err(e) => return Err(Stop::Failed(format!("the kick-off failed: {e}"))),
         };
-        let throttled = text.as_deref().is_some_and(|t| t.to_ascii_lowercase().contains(THROTTLE_TEXT));
+        let throttled = text
+            .as_deref()
+            .is_some_and(|t| t.to_ascii_lowercase().contains(THROTTLE_TEXT));
         // A busy server (429/5xx without Epic's throttle words) is asked again a few times.
-        if throttled || !retry::is_retryable_status(status) || attempt >= ctx.client.retry_policy().max_attempts {
+        if throttled
+            || !retry::is_retryable_status(status)
+            || attempt >= ctx.client.retry_policy().max_attempts
+        {
             break (status, text);
         }
-        ctx.client.pause(attempt, None, &format!("the kick-off answered HTTP {status}")).await;
+        ctx.client
+            .pause(
+                attempt,
+                None,
+                &format!("the kick-off answered HTTP {status}"),
+            )
+            .await;
     };
     let words = text.unwrap_or_else(|| "(no OperationOutcome)".into());
     if words.to_ascii_lowercase().contains(THROTTLE_TEXT) {
@@ -417,15 +442,15 @@ struct Got {
     server_outcomes: u64,
 }
 
-/// Downloads every file of the manifest in parallel and assembles one file per type.
+/// Downloads every file of the manifest in parallel; the writer task joins the files of each type.
 async fn download_all(
     ctx: &RunContext<'_>,
     b: &BulkPlan,
-    writer: &mut RunWriter,
+    writer: RunWriter,
     m: &Manifest,
     progress: &Progress,
     stats: &mut BulkStats,
-) -> Got {
+) -> Result<(RunWriter, Got), ExportError> {
     let (downloads, refused) =
         manifest::plan_downloads(m, &ctx.client.origin(), &b.token_origins, &b.file_origins);
     stats.files_total = (downloads.len() + refused.len()) as u64;
@@ -447,57 +472,42 @@ async fn download_all(
             .collect(),
         server_outcomes: 0,
     };
-    let parts_dir = writer.staging_dir().join(".parts");
-    if let Err(e) = crate::output::create_private_dir(&parts_dir) {
-        got.fatal = Some(format!("cannot create {}: {e}", parts_dir.display()));
-        return got;
-    }
+    let (tx, writer_task) = writer::spawn(writer);
     let bytes = AtomicU64::new(0);
-    let mut results: Vec<(usize, Result<download::Downloaded, download::DownloadError>)> =
-        futures::stream::iter(downloads.iter().enumerate())
-            .map(|(i, d)| {
-                let path = parts_dir.join(format!("{i}.ndjson"));
-                let bytes = &bytes;
-                async move {
-                    let r = download::download(&ctx.client, d, &path).await;
-                    if let Ok(done) = &r {
-                        bytes.fetch_add(done.received, Ordering::Relaxed);
-                        progress.item_done(done.part.count);
-                    }
-                    (i, r)
+    let mut results = futures::stream::iter(downloads.iter())
+        .map(|d| {
+            let (tx, bytes) = (&tx, &bytes);
+            async move {
+                let r = download::download(&ctx.client, d, tx).await;
+                if let Ok((records, received)) = &r {
+                    bytes.fetch_add(*received, Ordering::Relaxed);
+                    progress.item_done(*records);
                 }
-            })
-            .buffer_unordered(ctx.plan.limits.concurrency)
-            .collect()
-            .await;
-    results.sort_by_key(|(i, _)| *i);
-    // The parts of each target file, in manifest order.
-    let mut groups: Vec<(Kind, String, Vec<Part>)> = Vec::new();
-    for (i, result) in results {
-        let d: &Download = &downloads[i];
+                (d, r)
+            }
+        })
+        .buffer_unordered(ctx.plan.limits.concurrency);
+    while let Some((d, result)) = results.next().await {
         match result {
-            Ok(done) => {
+            Ok((records, _)) => {
+                match d.kind {
+                    Kind::Error => got.server_outcomes += records,
+                    Kind::Deleted => stats.deleted_records += records,
+                    Kind::Output => {}
+                }
                 if let Some(expected) = d.file.count
-                    && expected != done.part.count
+                    && expected != records
                 {
                     got.partial.push(format!(
-                        "a {} file of {} has {} records but the manifest says {expected}",
+                        "a {} file of {} has {records} records but the manifest says {expected}",
                         kind_name(d.kind),
                         d.file.resource_type,
-                        done.part.count
                     ));
-                }
-                match groups
-                    .iter_mut()
-                    .find(|(k, t, _)| *k == d.kind && *t == d.file.resource_type)
-                {
-                    Some(g) => g.2.push(done.part),
-                    None => groups.push((d.kind, d.file.resource_type.clone(), vec![done.part])),
                 }
             }
             Err(e) if e.fatal => {
                 got.fatal = Some(e.message);
-                return got;
+                break;
             }
             Err(e) => {
                 stats.files_failed += 1;
@@ -510,30 +520,20 @@ async fn download_all(
             }
         }
     }
-    for (kind, resource_type, parts) in groups {
-        let records: u64 = parts.iter().map(|p| p.count).sum();
-        match kind {
-            Kind::Error => got.server_outcomes += records,
-            Kind::Deleted => stats.deleted_records += records,
-            Kind::Output => {}
-        }
-        let relative = kind.relative_path(if kind == Kind::Error {
-            "OperationOutcome"
-        } else {
-            &resource_type
-        });
-        if let Err(e) = writer.assemble(&resource_type, &relative, &parts) {
-            got.fatal = Some(format!("writing output failed: {e}"));
-            return got;
-        }
+    drop(results);
+    drop(tx);
+    let (writer, written) = writer_task
+        .await
+        .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
+    if let Err(e) = written {
+        got.fatal = Some(format!("writing output failed: {e}"));
     }
-    let _ = std::fs::remove_dir(&parts_dir);
     tracing::info!(
         files = downloads.len(),
         bytes = bytes.load(Ordering::Relaxed),
         "bulk files downloaded"
     );
-    got
+    Ok((writer, got))
 }
 
 fn kind_name(k: Kind) -> &'static str {
