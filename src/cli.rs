@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{Algorithm, SigningKey, keys};
+use crate::export::ExportError;
 use crate::logging::{self, LogFormat};
+
+/// Exit code of a run that stopped early on purpose and will be resumed by the next run.
+pub const EXIT_UNFINISHED: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,7 +40,8 @@ pub enum Command {
         #[arg(long)]
         bulk: bool,
     },
-    /// One export run from a config file. Exit codes: 0 success, 3 partial, 1 failed.
+    /// One export run from a config file. Exit codes: 0 success, 3 partial, 4 unfinished (a bulk
+    /// export still being prepared or interrupted: the next run resumes it), 1 failed.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -110,15 +115,20 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             no_progress,
         } => {
             let plan = crate::config::load_plan(&config)?;
-            let report = crate::export::run(
-                &plan,
-                &crate::export::RunOptions {
-                    interactive: !no_progress,
-                },
-            )
-            .await?;
-            println!("{}", report.summary.render_table());
-            Ok(report.summary.outcome.exit_code() as u8)
+            let options = crate::export::RunOptions {
+                interactive: !no_progress,
+            };
+            match crate::export::run(&plan, &options).await {
+                Ok(report) => {
+                    println!("{}", report.summary.render_table());
+                    Ok(report.summary.outcome.exit_code() as u8)
+                }
+                Err(ExportError::Unfinished(why)) => {
+                    eprintln!("unfinished: {why}");
+                    Ok(EXIT_UNFINISHED)
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Command::Check { config } => {
             let plan = crate::config::load_plan(&config)?;

@@ -515,3 +515,41 @@ async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() 
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_up_the_wait_leaves_the_export_for_the_next_run() {
+    let env = env(SandboxOptions {
+        patients: 2,
+        bulk_delay: Duration::from_secs(4),
+        bulk_throttle: Duration::from_secs(3600),
+        ..SandboxOptions::default()
+    })
+    .await;
+    let config = env.write_bulk_config(
+        &format!("{}    maxWaitHours: 0.0003\n", group_block()),
+        FAST_LIMITS,
+    );
+    let out = run_binary(&config).await;
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "unfinished: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("maxWaitHours") && stderr.contains("resumes"),
+        "{stderr}"
+    );
+
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+    assert!(report.summary.bulk.as_ref().unwrap().resumed);
+    assert_eq!(env.sandbox.stats().bulk_kickoffs, 1);
+}

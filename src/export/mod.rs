@@ -30,6 +30,9 @@ pub enum ExportError {
     Config(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The run stopped early but left its state so that the next run carries on (a bulk export).
+    #[error("{0}")]
+    Unfinished(String),
 }
 
 /// An authenticated session with the FHIR server.

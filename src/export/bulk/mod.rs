@@ -95,7 +95,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         Err(Stop::KeepWaiting(message)) => {
             // The export is still being prepared: keep the staging folder so the next run resumes it.
             progress.finish();
-            return Err(ExportError::Config(message));
+            return Err(ExportError::Unfinished(message));
         }
     };
     stats.seconds_waiting = waited.elapsed().as_secs_f64();
@@ -103,13 +103,21 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     let pending = state::read_pending(&writer.staging_dir().join(PENDING_FILE));
     let (writer, got) = download_all(ctx, b, writer, &manifest, &progress, &mut stats).await?;
     progress.finish();
+    if let Some(why) = &got.fatal {
+        // Authentication or the disk failed mid-download: the export itself is fine, so keep the staging
+        // folder with its status URL and let the next run download it again rather than kick off anew.
+        drop(writer);
+        return Err(ExportError::Unfinished(format!(
+            "the download stopped: {why}; the next run with this config downloads the same export again"
+        )));
+    }
     // The status URL has served its purpose once the files are here.
     let _ = std::fs::remove_file(writer.staging_dir().join(PENDING_FILE));
-    let complete = got.fatal.is_none() && got.partial.is_empty();
+    let complete = got.partial.is_empty();
     let export_dir = writer.export_dir().to_owned();
     let report = ctx.conclude(Retrieved {
         writer,
-        fatal: got.fatal.into_iter().collect(),
+        fatal: Vec::new(),
         partial: got.partial,
         transaction_time: manifest
             .transaction_time
