@@ -66,6 +66,14 @@ pub enum Command {
         #[arg(long, required = true, num_args = 1..)]
         key: Vec<PathBuf>,
     },
+    /// What an export Job's pod runs: the config from $EPIC_EXPORT_JOB, one run, the report in the
+    /// termination message.
+    Job {
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
+    },
+    /// Print the EpicExport CustomResourceDefinition (YAML), as committed in crds/epicexport.yaml.
+    Crd,
     /// Run the Epic-compatible sandbox server.
     Sandbox(crate::sandbox::SandboxArgs),
 }
@@ -168,6 +176,11 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 .map(|k| SigningKey::load(k, None, None))
                 .collect::<Result<Vec<_>, _>>()?;
             println!("{}", serde_json::to_string_pretty(&keys::jwks(&keys))?);
+            Ok(0)
+        }
+        Command::Job { termination_log } => Ok(crate::operator::run_job(&termination_log).await),
+        Command::Crd => {
+            print!("{}", crate::operator::crd::crd_yaml());
             Ok(0)
         }
         Command::Sandbox(args) => {

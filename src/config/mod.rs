@@ -198,12 +198,17 @@ pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let config: Config = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
+    plan_from_text(&text, path, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Parses and validates config text (YAML, or JSON, which is YAML too). `origin` names the source in
+/// errors; `dir` anchors relative paths.
+pub fn plan_from_text(text: &str, origin: &Path, dir: &Path) -> Result<ExportPlan, ConfigError> {
+    let config: Config = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: origin.to_owned(),
         message: e.to_string(),
     })?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    plan_from_config(config, path, dir)
+    plan_from_config(config, origin, dir)
 }
 
 /// Validates a parsed config. `dir` anchors relative paths; `path` is named in errors.

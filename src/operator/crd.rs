@@ -1,0 +1,343 @@
+//! The `EpicExport` custom resource (`fhirexport.dev/v1alpha1`): its spec mirrors the standalone config
+//! (DESIGN.md 4.1) with Kubernetes references instead of paths, plus CronJob-style scheduling fields and
+//! pod settings; its status is kstatus-compatible. Field docs become the CRD's descriptions
+//! (`kubectl explain epicexport.spec`). `epic-export crd` prints the CRD; `crds/epicexport.yaml` is its
+//! committed output.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::ConcurrencyPolicy;
+
+/// An export of patient data from Epic (or any SMART Backend Services FHIR server) to NDJSON files on a
+/// PersistentVolume, run on a schedule as Kubernetes Jobs.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fhirexport.dev",
+    version = "v1alpha1",
+    kind = "EpicExport",
+    plural = "epicexports",
+    shortname = "epx",
+    namespaced,
+    status = "EpicExportStatus",
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Suspended","type":"boolean","jsonPath":".spec.suspend"}"#,
+    printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastScheduleTime"}"#,
+    printcolumn = r#"{"name":"Result","type":"string","jsonPath":".status.lastRun.outcome"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.size() <= 52").message("the name must be at most 52 characters, so that run (Job) names fit in 63")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EpicExportSpec {
+    /// The FHIR server.
+    pub fhir: FhirSpec,
+    /// SMART Backend Services authentication.
+    pub auth: AuthSpec,
+    /// What to export: exactly one of `search` (per-patient searches) or `bulk` (a Bulk Data export).
+    pub source: SourceSpec,
+    /// Where the NDJSON files go.
+    pub output: OutputSpec,
+    /// How hard to push the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    /// Notifications about each run's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+    /// When to run: 5-field cron (minute hour day-of-month month day-of-week) or a macro such as `@daily`,
+    /// evaluated in `timeZone`.
+    #[x_kube(validation = Rule::new("!self.contains('TZ=')").message("put the time zone in timeZone, not in the schedule"))]
+    pub schedule: String,
+    /// IANA time zone of the schedule (e.g. `America/Chicago`); default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Stop starting new runs; a running one finishes.
+    #[serde(default)]
+    pub suspend: bool,
+    /// What to do when a run is due while another is active: `Forbid` (default: skip it until the active
+    /// one ends), `Replace` (stop the active one) or `Allow`.
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+    /// A run that could not start within this many seconds of its scheduled time is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub starting_deadline_seconds: Option<i64>,
+    /// Finished successful runs (Jobs) to keep.
+    #[serde(default = "default_successful_history")]
+    #[schemars(range(min = 0))]
+    pub successful_runs_history_limit: i32,
+    /// Finished failed runs (Jobs) to keep.
+    #[serde(default = "default_failed_history")]
+    #[schemars(range(min = 0))]
+    pub failed_runs_history_limit: i32,
+    /// Settings of the export Jobs' pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSettings>,
+}
+
+fn default_successful_history() -> i32 {
+    3
+}
+fn default_failed_history() -> i32 {
+    1
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FhirSpec {
+    /// FHIR R4 base URL, e.g. `https://fhir.epic.com/interconnect-fhir-oauth/api/FHIR/R4`.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("baseUrl must be an http(s) URL"))]
+    pub base_url: String,
+    /// Token endpoint; discovered from `{baseUrl}/.well-known/smart-configuration` when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// The client id of the Epic app (non-production or production).
+    #[x_kube(validation = Rule::new("self.size() > 0").message("clientId must not be empty"))]
+    pub client_id: String,
+    /// The Secret (in the same namespace) and key holding the PEM private key.
+    pub key_secret_ref: SecretKeyRef,
+    /// `RS256`, `RS384`, `RS512`, `ES256` or `ES384`; default from the key (RS384 for RSA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// Key id sent as `kid`; default the RFC 7638 thumbprint of the public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// JWK Set URL sent as the `jku` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Requested scope; default `system/<Type>.read` for each exported type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+/// A key in a Secret of the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+/// A key in a ConfigMap of the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    pub config_map_name: String,
+    pub key: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.search) != has(self.bulk)").message("set exactly one of source.search and source.bulk"))]
+pub struct SourceSpec {
+    /// Per-patient FHIR searches for a roster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchSpec>,
+    /// A FHIR Bulk Data `$export`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.resourcesRef) != has(self.resources)").message("set exactly one of resourcesRef and resources"))]
+pub struct SearchSpec {
+    /// The roster CSV (header row; the FHIR id in a `patient_id`, `fhir_id` or `id` column).
+    pub roster_ref: ConfigMapKeyRef,
+    /// The resource list CSV (`resource_type,search_params`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources_ref: Option<ConfigMapKeyRef>,
+    /// The resources to export, inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<ResourceSearch>>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ResourceSearch {
+    /// FHIR resource type, e.g. `Observation`.
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    /// Extra search parameters, e.g. `{category: laboratory}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.group) != has(self.level)").message("set exactly one of group and level"))]
+pub struct BulkSpec {
+    /// Group id for a Group export (the only level Epic supports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `patient` or `system`, instead of a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 'patient' || self == 'system'").message("level is patient or system"))]
+    pub level: Option<String>,
+    /// `_type`: resource types to export (default all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    /// `_typeFilter` values, e.g. `Observation?category=laboratory`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub type_filters: Vec<String>,
+    /// `auto` (the transactionTime of the last successful run) or a FHIR instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// `_outputFormat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_format: Option<String>,
+    /// Send DELETE to the status URL after a complete download (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_after_download: Option<bool>,
+    /// Stop polling after this many hours (default 72); the next run resumes the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait_hours: Option<f64>,
+    /// Other hosts whose file URLs may be downloaded, never with the token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_hosts: Vec<String>,
+    /// Other hosts trusted with the access token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_hosts: Vec<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// The PersistentVolumeClaim (same namespace) the runs write to.
+    pub volume_claim_name: String,
+    /// A folder inside the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+    /// Complete runs to keep on the volume (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub keep_runs: Option<u32>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Requests in flight at once (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub concurrency: Option<u32>,
+    /// Requests per second; 0 = no limit (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NotifySpec {
+    /// E-mail the run summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<EmailSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmailSpec {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `none`, `starttls` or `tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    pub from: String,
+    pub to: Vec<String>,
+    /// Which outcomes to report: `success`, `partial`, `failure` (default all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    /// A Secret with `username` and `password` keys for SMTP AUTH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_secret_ref: Option<SecretName>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretName {
+    pub name: String,
+}
+
+/// Settings of the export Jobs' pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSettings {
+    /// Container image; default the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Seconds a run may take before Kubernetes stops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<i64>,
+    /// Pod retries of a failed run (default 0: a failed export is reported, not repeated blindly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_limit: Option<i32>,
+}
+
+/// Observed state, kstatus-compatible (conditions `Ready`, `Running`, `Stalled`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EpicExportStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The scheduled time of the latest run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<String>,
+    /// Names of the runs (Jobs) in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub active: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<LastRun>,
+    /// The `transactionTime` of the last successful bulk run (the next `since: auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transaction_time: Option<String>,
+}
+
+/// What the latest finished run reported.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LastRun {
+    pub job_name: String,
+    /// `success`, `partial` or `failed`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default)]
+    pub records: u64,
+    #[serde(default)]
+    pub bytes: u64,
+    /// Records per resource type.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub records_by_type: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_path: Option<String>,
+}
+
+/// The CRD as YAML, as `epic-export crd` prints it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_saphyr::to_string(&EpicExport::crd()).unwrap_or_default()
+}

@@ -1,0 +1,387 @@
+//! Building an export run's Kubernetes Job from an `EpicExport` (pure: no API calls), and the compact
+//! run report the Job's pod leaves in its termination message.
+//!
+//! The pod runs `epic-export job`. Its whole configuration is the standalone config (DESIGN.md 4.1) as
+//! JSON in the `EPIC_EXPORT_JOB` environment variable, so `kubectl describe` shows it; it holds no
+//! secret, only paths: the key Secret is mounted read-only (mode 0400), the roster and resource
+//! ConfigMaps as files, the PersistentVolumeClaim for output. The pod runs as non-root with a read-only
+//! root file system, no privilege escalation, every capability dropped and the RuntimeDefault seccomp
+//! profile.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, KeyToPath,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::crd::{ConfigMapKeyRef, EpicExport};
+use crate::summary::RunSummary;
+
+/// The environment variable holding the run's config (JSON).
+pub const JOB_CONFIG_ENV: &str = "EPIC_EXPORT_JOB";
+/// Label on every Job naming its EpicExport.
+pub const EXPORT_LABEL: &str = "fhirexport.dev/export";
+/// Annotation with the run's scheduled time (RFC 3339).
+pub const SCHEDULED_ANNOTATION: &str = "fhirexport.dev/scheduled-at";
+/// The Kubernetes limit for a termination message.
+pub const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+const KEY_DIR: &str = "/var/run/secrets/epic-export/key";
+const CONFIG_DIR: &str = "/etc/epic-export";
+const DATA_DIR: &str = "/data";
+const UID: i64 = 65532;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("EpicExport {0} has no uid yet (it must come from the API server)")]
+    NoUid(String),
+    #[error("EpicExport {name}: {field}: {message}")]
+    Invalid {
+        name: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// What differs from one run to the next.
+#[derive(Clone, Debug)]
+pub struct RunInputs {
+    pub job_name: String,
+    /// The scheduled time, RFC 3339.
+    pub scheduled_at: String,
+}
+
+/// The Job for one run of `export`, with `image` unless the spec names another.
+pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Job, BuildError> {
+    let name = export.name_any();
+    let owner = export
+        .controller_owner_ref(&())
+        .ok_or_else(|| BuildError::NoUid(name.clone()))?;
+    let spec = &export.spec;
+    let settings = spec.job.clone().unwrap_or_default();
+    let config = run_config(export)?;
+
+    let mut volumes = vec![Volume {
+        name: "key".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(spec.auth.key_secret_ref.name.clone()),
+            items: Some(vec![KeyToPath {
+                key: spec.auth.key_secret_ref.key.clone(),
+                path: "private.pem".into(),
+                mode: Some(0o400),
+                ..KeyToPath::default()
+            }]),
+            default_mode: Some(0o400),
+            optional: Some(false),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "key".into(),
+        mount_path: KEY_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    for (i, cm) in config_maps(export).into_iter().enumerate() {
+        let volume = format!("config-{i}");
+        volumes.push(Volume {
+            name: volume.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cm.clone(),
+                optional: Some(false),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: volume,
+            mount_path: format!("{CONFIG_DIR}/{cm}"),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    volumes.push(Volume {
+        name: "data".into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: spec.output.volume_claim_name.clone(),
+            read_only: Some(false),
+        }),
+        ..Volume::default()
+    });
+    mounts.push(VolumeMount {
+        name: "data".into(),
+        mount_path: DATA_DIR.into(),
+        sub_path: spec.output.sub_path.clone(),
+        ..VolumeMount::default()
+    });
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
+    mounts.push(VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    });
+
+    let labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "epic-export".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "epic-export-operator".to_string(),
+        ),
+        (EXPORT_LABEL.to_string(), name.clone()),
+    ]);
+    let container = Container {
+        name: "export".into(),
+        image: Some(settings.image.clone().unwrap_or_else(|| image.to_owned())),
+        args: Some(vec!["job".into(), "--log-format".into(), "json".into()]),
+        env: Some(vec![EnvVar {
+            name: JOB_CONFIG_ENV.into(),
+            value: Some(config.to_string()),
+            ..EnvVar::default()
+        }]),
+        resources: settings.resources.clone(),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        restart_policy: Some("Never".into()),
+        containers: vec![container],
+        volumes: Some(volumes),
+        service_account_name: settings.service_account_name.clone(),
+        automount_service_account_token: Some(false),
+        node_selector: settings.node_selector.clone(),
+        tolerations: settings.tolerations.clone(),
+        affinity: settings.affinity.clone(),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(UID),
+            run_as_group: Some(UID),
+            fs_group: Some(UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(run.job_name.clone()),
+            namespace: export.namespace(),
+            labels: Some(labels.clone()),
+            annotations: Some(BTreeMap::from([(
+                SCHEDULED_ANNOTATION.to_string(),
+                run.scheduled_at.clone(),
+            )])),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(settings.backoff_limit.unwrap_or(0)),
+            active_deadline_seconds: settings.active_deadline_seconds,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The ConfigMaps the pod needs (roster, resource list), without repeats.
+fn config_maps(export: &EpicExport) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(search) = &export.spec.source.search {
+        for r in std::iter::once(&search.roster_ref).chain(search.resources_ref.as_ref()) {
+            if !names.contains(&r.config_map_name) {
+                names.push(r.config_map_name.clone());
+            }
+        }
+    }
+    names
+}
+
+fn mounted(r: &ConfigMapKeyRef) -> String {
+    format!("{CONFIG_DIR}/{}/{}", r.config_map_name, r.key)
+}
+
+/// The standalone config the pod runs, with paths into its mounts.
+pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
+    let name = export.name_any();
+    let spec = &export.spec;
+    let source = match (&spec.source.search, &spec.source.bulk) {
+        (Some(s), None) => {
+            let mut search = json!({ "rosterFile": mounted(&s.roster_ref) });
+            match (&s.resources_ref, &s.resources) {
+                (Some(r), None) => search["resourcesFile"] = json!(mounted(r)),
+                (None, Some(list)) => {
+                    search["resources"] = serde_json::to_value(list).unwrap_or_default()
+                }
+                _ => {
+                    return Err(BuildError::Invalid {
+                        name,
+                        field: "spec.source.search",
+                        message: "set exactly one of resourcesRef and resources".into(),
+                    });
+                }
+            }
+            json!({ "search": search })
+        }
+        (None, Some(b)) => json!({ "bulk": serde_json::to_value(b).unwrap_or_default() }),
+        _ => {
+            return Err(BuildError::Invalid {
+                name,
+                field: "spec.source",
+                message: "set exactly one of search and bulk".into(),
+            });
+        }
+    };
+    let mut auth = json!({ "clientId": spec.auth.client_id, "privateKeyFile": format!("{KEY_DIR}/private.pem") });
+    for (k, v) in [
+        ("algorithm", &spec.auth.algorithm),
+        ("keyId", &spec.auth.key_id),
+        ("jwksUrl", &spec.auth.jwks_url),
+        ("scope", &spec.auth.scope),
+    ] {
+        if let Some(v) = v {
+            auth[k] = json!(v);
+        }
+    }
+    let mut config = json!({
+        "name": name,
+        "fhir": serde_json::to_value(&spec.fhir).unwrap_or_default(),
+        "auth": auth,
+        "source": source,
+        "output": { "directory": DATA_DIR },
+    });
+    if let Some(keep) = spec.output.keep_runs {
+        config["output"]["keepRuns"] = json!(keep);
+    }
+    if let Some(l) = &spec.limits {
+        config["limits"] = serde_json::to_value(l).unwrap_or_default();
+    }
+    Ok(config)
+}
+
+/// The run report a Job's pod leaves in its termination message (at most 4 KiB).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReportMessage {
+    pub outcome: String,
+    pub run_id: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub records_by_type: BTreeMap<String, u64>,
+    pub errors: Vec<String>,
+    pub output_dir: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_time: Option<String>,
+    /// Errors left out to fit the size limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub errors_omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl RunReportMessage {
+    pub fn from_summary(s: &RunSummary) -> Self {
+        RunReportMessage {
+            outcome: serde_json::to_value(s.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            run_id: s.run_id.clone(),
+            started_at: s.started_at.clone(),
+            finished_at: s.finished_at.clone(),
+            records: s.records_total,
+            bytes: s.bytes_total,
+            records_by_type: s
+                .resources
+                .iter()
+                .map(|r| (r.resource_type.clone(), r.records))
+                .collect(),
+            errors: s.errors.clone(),
+            output_dir: s.output_dir.clone(),
+            transaction_time: s.bulk.as_ref().and_then(|b| b.transaction_time.clone()),
+            errors_omitted: 0,
+        }
+    }
+
+    /// JSON of at most `TERMINATION_MESSAGE_MAX` bytes: errors are shortened, then dropped from the end
+    /// (counted in `errorsOmitted`), then the per-type counts if still needed.
+    pub fn to_message(&self) -> String {
+        let mut m = self.clone();
+        for e in &mut m.errors {
+            if e.len() > 300 {
+                let cut = (0..=300)
+                    .rev()
+                    .find(|i| e.is_char_boundary(*i))
+                    .unwrap_or(0);
+                e.truncate(cut);
+                e.push('…');
+            }
+        }
+        loop {
+            let text = serde_json::to_string(&m).unwrap_or_default();
+            if text.len() <= TERMINATION_MESSAGE_MAX {
+                return text;
+            }
+            if m.errors.pop().is_some() {
+                m.errors_omitted += 1;
+            } else if !m.records_by_type.is_empty() {
+                m.records_by_type.clear();
+            } else {
+                m.output_dir.truncate(200);
+                return serde_json::to_string(&m)
+                    .unwrap_or_default()
+                    .chars()
+                    .take(TERMINATION_MESSAGE_MAX)
+                    .collect();
+            }
+        }
+    }
+}
+
+/// True when `job` belongs to `export` (its controller owner reference).
+pub fn owned_by(job: &Job, export: &EpicExport) -> bool {
+    let uid = export.meta().uid.as_deref();
+    job.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}

@@ -1,0 +1,216 @@
+//! Export Jobs built from an EpicExport (pure), and `epic-export job`, the pod's entry point, run against
+//! the sandbox with its report in the termination message.
+
+mod support;
+
+use epic_export::operator::crd::EpicExport;
+use epic_export::operator::job::{
+    JOB_CONFIG_ENV, RunInputs, RunReportMessage, TERMINATION_MESSAGE_MAX, build_job, run_config,
+};
+use epic_export::sandbox::SandboxOptions;
+use support::*;
+
+fn export(yaml_spec: &str) -> EpicExport {
+    let doc = format!(
+        "apiVersion: fhirexport.dev/v1alpha1\nkind: EpicExport\nmetadata:\n  name: nightly\n  namespace: phi\n  uid: 1234-abcd\nspec:\n{yaml_spec}"
+    );
+    serde_saphyr::from_str(&doc).unwrap()
+}
+
+const SEARCH_SPEC: &str = "  schedule: \"0 2 * * *\"
+  fhir:
+    baseUrl: https://fhir.example.org/api/FHIR/R4
+  auth:
+    clientId: abc
+    keySecretRef: {name: epic-key, key: private.pem}
+  source:
+    search:
+      rosterRef: {configMapName: roster, key: roster.csv}
+      resourcesRef: {configMapName: roster, key: resources.csv}
+  output:
+    volumeClaimName: exports
+    subPath: nightly
+  job:
+    activeDeadlineSeconds: 7200
+";
+
+fn inputs() -> RunInputs {
+    RunInputs {
+        job_name: "nightly-29400000".into(),
+        scheduled_at: "2026-11-28T02:00:00-06:00".into(),
+    }
+}
+
+#[test]
+fn the_job_is_locked_down_and_mounts_what_the_run_needs() {
+    let e = export(SEARCH_SPEC);
+    let job = build_job(&e, &inputs(), "registry.example.org/epic-export:0.1.0").unwrap();
+    let v = serde_json::to_value(&job).unwrap();
+    assert_eq!(v["metadata"]["name"], "nightly-29400000");
+    assert_eq!(v["metadata"]["namespace"], "phi");
+    assert_eq!(v["metadata"]["labels"]["fhirexport.dev/export"], "nightly");
+    assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "1234-abcd");
+    assert_eq!(v["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(v["spec"]["backoffLimit"], 0);
+    assert_eq!(v["spec"]["activeDeadlineSeconds"], 7200);
+    let pod = &v["spec"]["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "registry.example.org/epic-export:0.1.0");
+    assert_eq!(c["args"][0], "job");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+
+    let volumes = pod["volumes"].as_array().unwrap();
+    let key = volumes.iter().find(|v| v["name"] == "key").unwrap();
+    assert_eq!(key["secret"]["secretName"], "epic-key");
+    assert_eq!(key["secret"]["items"][0]["mode"], 0o400);
+    assert_eq!(
+        volumes
+            .iter()
+            .filter(|v| v["configMap"]["name"] == "roster")
+            .count(),
+        1,
+        "one volume per ConfigMap"
+    );
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["persistentVolumeClaim"]["claimName"] == "exports")
+    );
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .filter(|m| m["name"] != "data" && m["name"] != "tmp")
+            .all(|m| m["readOnly"] == true)
+    );
+    assert_eq!(
+        mounts.iter().find(|m| m["name"] == "data").unwrap()["subPath"],
+        "nightly"
+    );
+
+    // The config travels in the environment (shown by kubectl describe) and holds no secret.
+    let env = &c["env"][0];
+    assert_eq!(env["name"], JOB_CONFIG_ENV);
+    let config: serde_json::Value = serde_json::from_str(env["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        config["auth"]["privateKeyFile"],
+        "/var/run/secrets/epic-export/key/private.pem"
+    );
+    assert_eq!(
+        config["source"]["search"]["rosterFile"],
+        "/etc/epic-export/roster/roster.csv"
+    );
+    assert!(!env["value"].as_str().unwrap().contains("PRIVATE KEY"));
+
+    let mut other = e.clone();
+    other.spec.job.as_mut().unwrap().image = Some("mirror.local/epic-export:pinned".into());
+    let job = build_job(&other, &inputs(), "default-image").unwrap();
+    assert_eq!(
+        job.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("mirror.local/epic-export:pinned")
+    );
+
+    let mut no_uid = e;
+    no_uid.metadata.uid = None;
+    assert!(build_job(&no_uid, &inputs(), "img").is_err());
+}
+
+#[test]
+fn a_bulk_export_becomes_a_bulk_config() {
+    let spec = SEARCH_SPEC.replace(
+        "    search:\n      rosterRef: {configMapName: roster, key: roster.csv}\n      resourcesRef: {configMapName: roster, key: resources.csv}\n",
+        "    bulk:\n      group: e3iab\n      since: auto\n",
+    );
+    let config = run_config(&export(&spec)).unwrap();
+    assert_eq!(config["source"]["bulk"]["group"], "e3iab");
+    assert_eq!(config["source"]["bulk"]["since"], "auto");
+    // The pod's config is a valid standalone config (only the key file is missing here).
+    let plan = epic_export::config::plan_from_text(
+        &config.to_string(),
+        std::path::Path::new("env"),
+        std::path::Path::new("/"),
+    );
+    assert!(plan.is_ok(), "{:?}", plan.err());
+}
+
+#[test]
+fn the_termination_message_fits_in_4_kib() {
+    let report = RunReportMessage {
+        outcome: "partial".into(),
+        errors: (0..200)
+            .map(|i| format!("search {i} failed: {}", "x".repeat(500)))
+            .collect(),
+        ..RunReportMessage::default()
+    };
+    let text = report.to_message();
+    assert!(text.len() <= TERMINATION_MESSAGE_MAX, "{}", text.len());
+    let back: RunReportMessage = serde_json::from_str(&text).unwrap();
+    assert!(back.errors_omitted > 0 && !back.errors.is_empty());
+    assert_eq!(back.outcome, "partial");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_command_runs_the_export_and_reports_in_the_termination_message() {
+    let env = env(SandboxOptions {
+        patients: 3,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    let config_path = env.write_config(&patients, ALL_SEARCHES, FAST_LIMITS);
+    let plan_text = std::fs::read_to_string(&config_path).unwrap();
+    // The pod gets absolute paths; make this config's relative ones absolute the same way.
+    let dir = env.path().display().to_string();
+    let plan_text = plan_text
+        .replace("keys/private.pem", &format!("{dir}/keys/private.pem"))
+        .replace(
+            "rosterFile: roster.csv",
+            &format!("rosterFile: {dir}/roster.csv"),
+        )
+        .replace(
+            "resourcesFile: resources.csv",
+            &format!("resourcesFile: {dir}/resources.csv"),
+        )
+        .replace("directory: out", &format!("directory: {dir}/out"));
+    let log = env.path().join("termination-log");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .args(["job", "--termination-log"])
+        .arg(&log)
+        .env(JOB_CONFIG_ENV, &plan_text)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: RunReportMessage = serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
+    assert_eq!(report.outcome, "success");
+    assert_eq!(report.records_by_type["Patient"], 3);
+    assert!(report.records > 3 && report.output_dir.contains("test-export"));
+
+    // Without its config the pod fails with a message naming the variable, also in the report.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .args(["job", "--termination-log"])
+        .arg(&log)
+        .env_remove(JOB_CONFIG_ENV)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: RunReportMessage = serde_json::from_slice(&std::fs::read(&log).unwrap()).unwrap();
+    assert_eq!(report.outcome, "failed");
+    assert!(report.errors[0].contains(JOB_CONFIG_ENV));
+}
