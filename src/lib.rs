@@ -3,7 +3,8 @@
 //! Flow: a front end (`config`) validates into an `ExportPlan` (`plan`); `export` authenticates (`auth`),
 //! retrieves over HTTP (`fhir`), streams into a run folder (`output`) and reports a `RunSummary`
 //! (`summary`). `sandbox` is the built-in Epic-compatible server that `demo`, the tests and the
-//! benchmarks run against. `cli` is the command line.
+//! benchmarks run against. `cli` is the command line. `schedule` decides when scheduled runs are due
+//! (cron in a time zone, Kubernetes CronJob semantics; pure).
 
 pub mod auth;
 pub mod check;
