@@ -74,8 +74,33 @@ pub enum Command {
     },
     /// Print the EpicExport CustomResourceDefinition (YAML), as committed in crds/epicexport.yaml.
     Crd,
+    /// Run the Kubernetes operator: reconcile EpicExports into export Jobs (in-cluster config or
+    /// KUBECONFIG).
+    Controller(ControllerArgs),
     /// Run the Epic-compatible sandbox server.
     Sandbox(crate::sandbox::SandboxArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
+    /// Image of the export Jobs (unless an EpicExport sets spec.job.image): the operator's own.
+    #[arg(long, env = "EPIC_EXPORT_IMAGE")]
+    pub image: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Act only while holding a coordination.k8s.io Lease (needed with more than one replica).
+    #[arg(long, env = "LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's name in the Lease and in Events (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -179,6 +204,29 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Job { termination_log } => Ok(crate::operator::run_job(&termination_log).await),
+        Command::Controller(args) => {
+            let identity = args
+                .identity
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("epic-export-{}", std::process::id()));
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the Kubernetes API: {e} (in a pod, check the ServiceAccount; outside, KUBECONFIG)"
+                )
+            })?;
+            let options = crate::operator::ControllerOptions {
+                settings: crate::operator::controller::Settings {
+                    image: args.image,
+                    namespace: args.namespace,
+                    identity: identity.clone(),
+                },
+                http_addr: Some(args.metrics_addr),
+                leader_election: args.leader_elect.then(|| {
+                    crate::operator::lease::LeaseSettings::new(args.lease_namespace, identity)
+                }),
+            };
+            crate::operator::serve_controller(client, options, terminated()).await
+        }
         Command::Crd => {
             print!("{}", crate::operator::crd::crd_yaml());
             Ok(0)
@@ -188,4 +236,28 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Completes on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
 }

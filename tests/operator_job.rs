@@ -38,6 +38,7 @@ fn inputs() -> RunInputs {
     RunInputs {
         job_name: "nightly-29400000".into(),
         scheduled_at: "2026-11-28T02:00:00-06:00".into(),
+        since: None,
     }
 }
 

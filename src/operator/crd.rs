@@ -310,6 +310,9 @@ pub struct EpicExportStatus {
     /// The `transactionTime` of the last successful bulk run (the next `since: auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transaction_time: Option<String>,
+    /// The last value of the `fhirexport.dev/run-now` annotation that started a run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_now_handled: Option<String>,
 }
 
 /// What the latest finished run reported.

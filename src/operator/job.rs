@@ -56,6 +56,9 @@ pub struct RunInputs {
     pub job_name: String,
     /// The scheduled time, RFC 3339.
     pub scheduled_at: String,
+    /// For a bulk export with `since: auto`: the last successful run's `transactionTime`, as recorded
+    /// in the EpicExport's status (`None`: the pod uses its own record on the volume).
+    pub since: Option<String>,
 }
 
 /// The Job for one run of `export`, with `image` unless the spec names another.
@@ -66,7 +69,10 @@ pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Jo
         .ok_or_else(|| BuildError::NoUid(name.clone()))?;
     let spec = &export.spec;
     let settings = spec.job.clone().unwrap_or_default();
-    let config = run_config(export)?;
+    let mut config = run_config(export)?;
+    if let (Some(since), Some(bulk)) = (&run.since, config.pointer_mut("/source/bulk")) {
+        bulk["since"] = json!(since);
+    }
 
     let mut volumes = vec![Volume {
         name: "key".into(),

@@ -1,29 +1,35 @@
-//! The Kubernetes side: the `EpicExport` custom resource (`crd`) and the export Jobs built from it
-//! (`job`), with the pod's entry point (`epic-export job`, `run_job`).
+//! The Kubernetes side: the `EpicExport` custom resource (`crd`), the export Jobs built from it
+//! (`job`), with the pod's entry point (`epic-export job`, `run_job`), and the operator that runs them
+//! on schedule (`controller`, with its `metrics`).
 
+pub mod controller;
 pub mod crd;
+pub mod http;
 pub mod job;
+pub mod lease;
+pub mod metrics;
 
 use std::path::Path;
 
 use job::{JOB_CONFIG_ENV, RunReportMessage};
 
 /// What an export Job's pod runs (`epic-export job`): the config from `EPIC_EXPORT_JOB`, one export run,
-/// and the run report written to `termination_log` for the controller. Returns the exit code.
+/// and the run report written to `termination_log` for the controller. Returns the exit code (as
+/// `epic-export run`: 0 success, 3 partial, 4 unfinished, 1 failed).
 pub async fn run_job(termination_log: &Path) -> u8 {
     let (code, report) = match job_run().await {
         Ok(summary) => (
             summary.outcome.exit_code() as u8,
             RunReportMessage::from_summary(&summary),
         ),
-        Err(message) => {
+        Err((code, outcome, message)) => {
             tracing::error!("{message}");
             let report = RunReportMessage {
-                outcome: "failed".into(),
+                outcome: outcome.into(),
                 errors: vec![message],
                 ..RunReportMessage::default()
             };
-            (1, report)
+            (code, report)
         }
     };
     if let Err(e) = std::fs::write(termination_log, report.to_message()) {
@@ -35,14 +41,102 @@ pub async fn run_job(termination_log: &Path) -> u8 {
     code
 }
 
-async fn job_run() -> Result<crate::summary::RunSummary, String> {
+type JobFailure = (u8, &'static str, String);
+
+async fn job_run() -> Result<crate::summary::RunSummary, JobFailure> {
+    let failed = |message: String| (1, "failed", message);
     let text = std::env::var(JOB_CONFIG_ENV).map_err(|_| {
-        format!("the environment variable {JOB_CONFIG_ENV} (the run's config) is not set")
+        failed(format!(
+            "the environment variable {JOB_CONFIG_ENV} (the run's config) is not set"
+        ))
     })?;
     let plan = crate::config::plan_from_text(&text, Path::new(JOB_CONFIG_ENV), Path::new("/"))
-        .map_err(|e| e.to_string())?;
-    let report = crate::export::run(&plan, &crate::export::RunOptions { interactive: false })
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(report.summary)
+        .map_err(|e| failed(e.to_string()))?;
+    match crate::export::run(&plan, &crate::export::RunOptions { interactive: false }).await {
+        Ok(report) => Ok(report.summary),
+        Err(crate::export::ExportError::Unfinished(why)) => Err((
+            crate::cli::EXIT_UNFINISHED,
+            "unfinished",
+            format!("unfinished: {why}"),
+        )),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+/// How `epic-export controller` runs.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    pub settings: controller::Settings,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: not served).
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Take a Lease before acting (for more than one replica).
+    pub leader_election: Option<lease::LeaseSettings>,
+}
+
+/// Runs the operator until SIGTERM/Ctrl-C (exit 0) or until it loses its lease (exit 1).
+pub async fn serve_controller(
+    client: kube::Client,
+    options: ControllerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<u8> {
+    use futures::FutureExt;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = options.http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /metrics and health: {e}"))?;
+        tracing::info!("metrics and health on http://{}", listener.local_addr()?);
+        let app = http::router(metrics.clone(), ready.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+    let stop = shutdown.boxed().shared();
+    if let Some(lease_settings) = &options.leader_election {
+        // A standby is healthy and ready: it is waiting, as it should.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::select! {
+            _ = lease::acquire(&client, lease_settings) => {}
+            _ = stop.clone() => return Ok(0),
+        }
+    }
+    let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+    if let Some(lease_settings) = options.leader_election.clone() {
+        let client = client.clone();
+        tokio::spawn(async move {
+            lease::hold(&client, &lease_settings).await;
+            let _ = lost_tx.send(true);
+        });
+    }
+    let stop_controller = {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = lost_rx.wait_for(|lost| *lost) => {}
+            }
+        }
+        .boxed()
+        .shared()
+    };
+    let lost = stop_controller.clone();
+    controller::run(
+        client.clone(),
+        options.settings,
+        metrics,
+        ready,
+        stop_controller,
+    )
+    .await?;
+    drop(lost);
+    if let Some(lease_settings) = &options.leader_election {
+        if stop.peek().is_none() {
+            // Stopped without a shutdown request: the lease was lost.
+            return Ok(1);
+        }
+        lease::release(&client, lease_settings).await;
+    }
+    Ok(0)
 }

@@ -1,0 +1,484 @@
+//! The EpicExport controller (`epic-export controller`): watches EpicExports, the Jobs they own and
+//! the Secrets and ConfigMaps they refer to (metadata only), and reconciles each export through a
+//! pipeline of named steps:
+//!
+//! `dereference` (read) → `validate` (pure) → `decide` (pure) → build (`operator::job`, pure) →
+//! `apply` (write) → `status` (pure; written only when it changed).
+//!
+//! A mistake in the spec or a missing Secret/ConfigMap key marks the export `Stalled`, emits one
+//! Warning Event and waits for a change (a fixed Secret or ConfigMap re-triggers through the watches).
+//! API errors back off per export, exponentially, capped at five minutes.
+
+pub mod apply;
+pub mod decide;
+pub mod dereference;
+pub mod status;
+pub mod validate;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+
+use self::apply::{ApplyError, Started};
+use self::decide::{Note, Trigger};
+use self::status::{StatusInput, rfc3339};
+use self::validate::SpecError;
+use super::crd::EpicExport;
+use super::job::{EXPORT_LABEL, RunInputs, build_job};
+use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
+
+/// The `reportingController` of Events and the Lease holder prefix.
+pub const CONTROLLER_NAME: &str = "epic-export-operator";
+
+const BACKOFF_START: Duration = Duration::from_secs(5);
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+
+/// What the controller needs besides the client.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The image export Jobs run unless an EpicExport names another (the operator's own).
+    pub image: String,
+    /// Watch only this namespace (default: all).
+    pub namespace: Option<String>,
+    /// This replica's name, in Events.
+    pub identity: String,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    image: String,
+    metrics: Arc<Metrics>,
+    /// Consecutive failures per export (uid), for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// The schedule notes emitted in the last pass per export (uid), so a repeated note is one Event.
+    noted: Mutex<HashMap<String, BTreeSet<String>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl ReconcileError {
+    fn reason(&self) -> String {
+        match self {
+            ReconcileError::Kube(kube::Error::Api(e)) => format!("api_{}", e.code),
+            ReconcileError::Kube(_) => "api_unreachable".into(),
+        }
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Context {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.into(),
+                instance: Some(settings.identity.clone()),
+            },
+        );
+        Context {
+            client,
+            recorder,
+            image: settings.image.clone(),
+            metrics,
+            failures: Mutex::default(),
+            noted: Mutex::default(),
+        }
+    }
+
+    async fn publish(&self, export: &EpicExport, note: &Note, action: &str) {
+        let mut text = note.message.clone();
+        if text.len() > 1000 {
+            let cut = (0..=1000)
+                .rev()
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            text.truncate(cut);
+            text.push('…');
+        }
+        let event = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.into(),
+            note: Some(text),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &export.object_ref(&())).await {
+            tracing::warn!(export = %status::describe(export), "cannot publish Event {}: {e}", note.reason);
+        }
+    }
+}
+
+/// One reconcile pass of one export.
+pub async fn reconcile(
+    export: Arc<EpicExport>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    ctx.metrics.reconciles.inc();
+    if export.meta().deletion_timestamp.is_some() {
+        // Its Jobs go with it (owner references).
+        return Ok(Action::await_change());
+    }
+    let now = Timestamp::now();
+    let observed = dereference::dereference(&ctx.client, &export).await?;
+    let valid = match validate::validate(&export, &observed) {
+        Ok(v) => v,
+        Err(e) => return stalled(&ctx, &export, &observed, e, now).await,
+    };
+    let plan = decide::decide(&export, &valid, &observed.runs, now);
+    let job = match &plan.start {
+        None => None,
+        Some(start) => {
+            let inputs = RunInputs {
+                job_name: start.job_name.clone(),
+                scheduled_at: rfc3339(start.scheduled),
+                since: since_for(&export),
+            };
+            match build_job(&export, &inputs, &ctx.image) {
+                Ok(job) => Some(job),
+                Err(e) => {
+                    let error = SpecError {
+                        reason: "InvalidSpec",
+                        field: "spec".into(),
+                        message: e.to_string(),
+                    };
+                    return stalled(&ctx, &export, &observed, error, now).await;
+                }
+            }
+        }
+    };
+    let (runs, started) =
+        match apply::start_run(&ctx.client, &export, &observed.runs, &plan.stop, job).await {
+            Ok(done) => done,
+            Err(ApplyError::Conflict(e)) => return stalled(&ctx, &export, &observed, e, now).await,
+            Err(ApplyError::Kube(e)) => return Err(e.into()),
+        };
+    let next = (!export.spec.suspend)
+        .then(|| valid.schedule.next_after(now))
+        .flatten();
+    let old = export.status.clone().unwrap_or_default();
+    let new = status::next_status(&StatusInput {
+        export: &export,
+        runs: &runs,
+        spec_error: None,
+        plan: Some(&plan),
+        next,
+        report: observed.report.as_ref(),
+        now,
+    });
+    apply::write_status(&ctx.client, &export, &new).await?;
+
+    for name in &plan.stop {
+        let note = Note {
+            warning: false,
+            reason: "RunStopped",
+            message: format!(
+                "stopped run {name}: a new run replaces it (concurrencyPolicy Replace)"
+            ),
+        };
+        ctx.publish(&export, &note, "Stop").await;
+    }
+    if let (Some(start), Some(Started::Created)) = (&plan.start, &started) {
+        let why = match &start.trigger {
+            Trigger::Schedule => format!("scheduled for {}", rfc3339(start.scheduled)),
+            Trigger::OnDemand(token) => format!("on demand (run-now {token:?})"),
+        };
+        let note = Note {
+            warning: false,
+            reason: "RunStarted",
+            message: format!("started run {} ({why})", start.job_name),
+        };
+        ctx.publish(&export, &note, "Start").await;
+    }
+    let fresh = ctx.fresh_notes(&export, &plan.notes);
+    for note in fresh {
+        ctx.publish(&export, &note, "Schedule").await;
+    }
+    if let Some(note) = status::finished_run_note(&old, &new) {
+        ctx.publish(&export, &note, "Finish").await;
+        ctx.count_run(&export, &new);
+    }
+    if old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Stalled" && c.status == "True")
+    {
+        let note = Note {
+            warning: false,
+            reason: "Valid",
+            message: "the spec and its references are valid again".into(),
+        };
+        ctx.publish(&export, &note, "Validate").await;
+    }
+    apply::prune(&ctx.client, &export, &plan.prune).await?;
+
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&uid(&export));
+    Ok(match plan.requeue_at {
+        Some(at) => Action::requeue(
+            Duration::try_from(at.duration_since(now)).unwrap_or(Duration::from_millis(100)),
+        ),
+        None => Action::await_change(),
+    })
+}
+
+/// `since` for a bulk run with `since: auto`: the last successful transactionTime the controller
+/// recorded (the pod falls back to its own record on the volume when there is none).
+fn since_for(export: &EpicExport) -> Option<String> {
+    let bulk = export.spec.source.bulk.as_ref()?;
+    if bulk.since.as_deref() != Some("auto") {
+        return None;
+    }
+    export.status.as_ref()?.last_transaction_time.clone()
+}
+
+/// Marks the export Stalled (one Warning Event per distinct problem) and waits for a change.
+async fn stalled(
+    ctx: &Context,
+    export: &EpicExport,
+    observed: &dereference::Observed,
+    error: SpecError,
+    now: Timestamp,
+) -> Result<Action, ReconcileError> {
+    tracing::warn!(export = %status::describe(export), "not runnable: {error}");
+    let old = export.status.clone().unwrap_or_default();
+    let new = status::next_status(&StatusInput {
+        export,
+        runs: &observed.runs,
+        spec_error: Some(&error),
+        plan: None,
+        next: None,
+        report: observed.report.as_ref(),
+        now,
+    });
+    apply::write_status(&ctx.client, export, &new).await?;
+    if let Some(note) = status::spec_error_note(&old, &error) {
+        ctx.publish(export, &note, "Validate").await;
+    }
+    if let Some(note) = status::finished_run_note(&old, &new) {
+        ctx.publish(export, &note, "Finish").await;
+        ctx.count_run(export, &new);
+    }
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&uid(export));
+    Ok(Action::await_change())
+}
+
+impl Context {
+    /// The notes not already emitted in this export's previous pass.
+    fn fresh_notes(&self, export: &EpicExport, notes: &[Note]) -> Vec<Note> {
+        let keys: BTreeSet<String> = notes
+            .iter()
+            .map(|n| format!("{}|{}", n.reason, n.message))
+            .collect();
+        let mut noted = self.noted.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = noted.insert(uid(export), keys).unwrap_or_default();
+        notes
+            .iter()
+            .filter(|n| !previous.contains(&format!("{}|{}", n.reason, n.message)))
+            .cloned()
+            .collect()
+    }
+
+    fn count_run(&self, export: &EpicExport, status: &crate::operator::crd::EpicExportStatus) {
+        let Some(last) = &status.last_run else { return };
+        self.metrics
+            .runs
+            .get_or_create(&OutcomeLabels {
+                outcome: last.outcome.clone(),
+            })
+            .inc();
+        self.metrics.records.inc_by(last.records);
+        self.metrics.bytes.inc_by(last.bytes);
+        let parse = |t: &Option<String>| t.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+        if let (Some(start), Some(end)) = (parse(&last.started_at), parse(&last.finished_at)) {
+            self.metrics
+                .run_duration
+                .observe(end.duration_since(start).as_secs_f64().max(0.0));
+        }
+        if last.outcome == "success"
+            && let Some(end) = parse(&last.finished_at)
+        {
+            self.metrics
+                .last_success
+                .get_or_create(&ExportLabels {
+                    namespace: export.namespace().unwrap_or_default(),
+                    export: export.name_any(),
+                })
+                .set(end.as_second() as f64);
+        }
+    }
+}
+
+/// Exponential per-export backoff for API errors: 5 s, 10 s, 20 s … capped at 5 min, with jitter.
+pub fn error_policy(export: Arc<EpicExport>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            reason: error.reason(),
+        })
+        .inc();
+    let attempt = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(uid(&export)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(attempt, jitter_ms());
+    tracing::warn!(
+        export = %status::describe(&export),
+        attempt,
+        retry_in_s = delay.as_secs_f64(),
+        "reconcile failed: {error}"
+    );
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `attempt` (1-based), plus `jitter_ms` (capped at the cap).
+pub fn backoff(attempt: u32, jitter_ms: u64) -> Duration {
+    let exp = BACKOFF_START.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    (exp + Duration::from_millis(jitter_ms)).min(BACKOFF_CAP)
+}
+
+fn jitter_ms() -> u64 {
+    u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 4 // 0..1 s
+}
+
+fn uid(export: &EpicExport) -> String {
+    export.uid().unwrap_or_else(|| status::describe(export))
+}
+
+/// Which exports refer to a Secret or ConfigMap: the watches' mapper.
+fn referring(
+    store: &Store<EpicExport>,
+    kind: &'static str,
+    ns: Option<String>,
+    name: &str,
+) -> Vec<ObjectRef<EpicExport>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|e| e.namespace() == ns)
+        .filter(|e| {
+            let spec = &e.spec;
+            match kind {
+                "Secret" => {
+                    spec.auth.key_secret_ref.name == name
+                        || spec
+                            .notify
+                            .as_ref()
+                            .and_then(|n| n.email.as_ref())
+                            .and_then(|m| m.smtp_secret_ref.as_ref())
+                            .is_some_and(|s| s.name == name)
+                }
+                _ => spec.source.search.as_ref().is_some_and(|s| {
+                    s.roster_ref.config_map_name == name
+                        || s.resources_ref
+                            .as_ref()
+                            .is_some_and(|r| r.config_map_name == name)
+                }),
+            }
+        })
+        .map(|e| ObjectRef::from_obj(&*e))
+        .collect()
+}
+
+/// Runs the controller until `shutdown` completes. `ready` is set once the EpicExport cache is
+/// filled. Fails at once, with the fix, when the CRD is not installed.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let exports: Api<EpicExport> = api(&client, &settings.namespace);
+    if let Err(e) = exports.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "cannot list EpicExports ({e}): is the CRD installed? `epic-export crd | kubectl apply -f -` (or install the Helm chart), and check the operator's RBAC"
+        );
+    }
+    let jobs: Api<Job> = api(&client, &settings.namespace);
+    let secrets: Api<PartialObjectMeta<Secret>> = api(&client, &settings.namespace);
+    let config_maps: Api<PartialObjectMeta<ConfigMap>> = api(&client, &settings.namespace);
+    let ctx = Arc::new(Context::new(client.clone(), &settings, metrics));
+
+    let controller = Controller::new(exports, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let (secret_store, map_store) = (store.clone(), store.clone());
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        if ready_store.wait_until_ready().await.is_ok() {
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("EpicExport cache ready");
+        }
+    });
+    controller
+        .owns(jobs, watcher::Config::default().labels(EXPORT_LABEL))
+        .watches_stream(
+            watcher(secrets, watcher::Config::default()).touched_objects(),
+            move |s| referring(&secret_store, "Secret", s.namespace(), &s.name_any()),
+        )
+        .watches_stream(
+            watcher(config_maps, watcher::Config::default()).touched_objects(),
+            move |c| referring(&map_store, "ConfigMap", c.namespace(), &c.name_any()),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!("controller: {e}");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1, 0), Duration::from_secs(5));
+        assert_eq!(backoff(2, 0), Duration::from_secs(10));
+        assert_eq!(backoff(3, 0), Duration::from_secs(20));
+        assert_eq!(backoff(7, 0), Duration::from_secs(300));
+        assert_eq!(backoff(40, 999), Duration::from_secs(300));
+        assert_eq!(backoff(1, 500), Duration::from_millis(5500));
+    }
+}

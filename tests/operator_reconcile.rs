@@ -1,0 +1,503 @@
+//! The controller's pure steps: `validate`, `decide` and `status`, with an injected clock.
+
+use epic_export::operator::controller::decide::{
+    RUN_NOW_ANNOTATION, Trigger, decide, history_to_prune, on_demand_job_name,
+};
+use epic_export::operator::controller::dereference::{
+    FinishedReport, Observed, RefCheck, Reference, Run, RunState,
+};
+use epic_export::operator::controller::status::{
+    StatusInput, finished_run_note, next_status, spec_error_note,
+};
+use epic_export::operator::controller::validate::{Validated, validate};
+use epic_export::operator::crd::EpicExport;
+use epic_export::operator::job::RunReportMessage;
+use epic_export::schedule::job_name;
+use jiff::Timestamp;
+
+const SPEC: &str = "  schedule: \"0 2 * * *\"
+  fhir:
+    baseUrl: https://fhir.example.org/api/FHIR/R4
+  auth:
+    clientId: abc
+    keySecretRef: {name: epic-key, key: private.pem}
+  source:
+    search:
+      rosterRef: {configMapName: roster, key: roster.csv}
+      resources:
+        - type: Patient
+  output:
+    volumeClaimName: exports
+";
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+/// An EpicExport created at 2026-11-27T01:30Z, with `extra` spec lines and `meta` metadata lines.
+fn export_with(extra: &str, meta: &str) -> EpicExport {
+    let doc = format!(
+        "apiVersion: fhirexport.dev/v1alpha1\nkind: EpicExport\nmetadata:\n  name: nightly\n  namespace: phi\n  uid: u-1\n  generation: 2\n  creationTimestamp: \"2026-11-27T01:30:00Z\"\n{meta}spec:\n{SPEC}{extra}"
+    );
+    serde_saphyr::from_str(&doc).unwrap_or_else(|e| panic!("{e}\n{doc}"))
+}
+
+fn export(extra: &str) -> EpicExport {
+    export_with(extra, "")
+}
+
+fn present() -> Observed {
+    Observed {
+        references: vec![
+            Reference {
+                field: "spec.auth.keySecretRef",
+                kind: "Secret",
+                name: "epic-key".into(),
+                key: "private.pem".into(),
+                check: RefCheck::Present,
+            },
+            Reference {
+                field: "spec.source.search.rosterRef",
+                kind: "ConfigMap",
+                name: "roster".into(),
+                key: "roster.csv".into(),
+                check: RefCheck::Present,
+            },
+        ],
+        ..Observed::default()
+    }
+}
+
+fn valid(e: &EpicExport) -> Validated {
+    validate(e, &present()).expect("valid")
+}
+
+fn run(name: &str, state: RunState, started: &str) -> Run {
+    let started = ts(started);
+    Run {
+        name: name.into(),
+        state,
+        scheduled_at: None,
+        created: Some(started),
+        started: Some(started),
+        finished: (state != RunState::Active)
+            .then(|| started + jiff::SignedDuration::from_mins(10)),
+        failure: (state == RunState::Failed)
+            .then(|| "BackoffLimitExceeded: Job has reached the specified backoff limit".into()),
+    }
+}
+
+#[test]
+fn validation_names_the_field_and_the_fix() {
+    let bad_cron = validate(&export("").tap_schedule("0 25 * * *"), &present()).unwrap_err();
+    assert_eq!(bad_cron.field, "spec.schedule");
+    assert_eq!(bad_cron.reason, "InvalidSchedule");
+
+    let bad_zone = validate(&export("  timeZone: Mars/Olympus\n"), &present()).unwrap_err();
+    assert_eq!(bad_zone.field, "spec.timeZone");
+    assert!(bad_zone.message.contains("Mars/Olympus"), "{bad_zone}");
+
+    let mut missing = present();
+    missing.references[0].check = RefCheck::Missing;
+    let e = validate(&export(""), &missing).unwrap_err();
+    assert_eq!(
+        (e.reason, e.field.as_str()),
+        ("SecretNotFound", "spec.auth.keySecretRef")
+    );
+    assert!(
+        e.message.contains("\"epic-key\"") && e.message.contains("create it"),
+        "{e}"
+    );
+
+    let mut no_key = present();
+    no_key.references[1].check = RefCheck::KeyMissing {
+        keys: vec!["patients.csv".into()],
+    };
+    let e = validate(&export(""), &no_key).unwrap_err();
+    assert_eq!(
+        (e.reason, e.field.as_str()),
+        ("KeyNotFound", "spec.source.search.rosterRef")
+    );
+    assert!(
+        e.message.contains("roster.csv") && e.message.contains("patients.csv"),
+        "{e}"
+    );
+
+    // What the CRD schema cannot see goes through the standalone config validation.
+    let e = validate(&export("").tap_source_resources("Observation"), &present()).unwrap_err();
+    assert!(e.field.starts_with("spec.source.search"), "{e}");
+    assert!(
+        e.message.contains("category") || e.message.contains("code"),
+        "{e}"
+    );
+
+    let e = validate(&export("  limits: {concurrency: 0}\n"), &present()).unwrap_err();
+    assert_eq!(e.field, "spec.limits.concurrency", "{e}");
+}
+
+trait Tweak {
+    fn tap_schedule(self, cron: &str) -> Self;
+    fn tap_source_resources(self, ty: &str) -> Self;
+}
+
+impl Tweak for EpicExport {
+    fn tap_schedule(mut self, cron: &str) -> Self {
+        self.spec.schedule = cron.into();
+        self
+    }
+    fn tap_source_resources(mut self, ty: &str) -> Self {
+        let search = self.spec.source.search.as_mut().unwrap();
+        search.resources.as_mut().unwrap()[0].resource_type = ty.into();
+        self
+    }
+}
+
+#[test]
+fn the_first_due_slot_starts_one_run_with_a_deterministic_name() {
+    let e = export("");
+    let now = ts("2026-11-27T02:00:30Z");
+    let plan = decide(&e, &valid(&e), &[], now);
+    let start = plan.start.expect("a run starts");
+    assert_eq!(
+        start.job_name,
+        job_name("nightly", ts("2026-11-27T02:00:00Z"))
+    );
+    assert_eq!(start.trigger, Trigger::Schedule);
+    assert_eq!(plan.record_schedule, Some(ts("2026-11-27T02:00:00Z")));
+    assert_eq!(plan.requeue_at, Some(ts("2026-11-28T02:00:00.1Z")));
+
+    // Before the slot: nothing, look again at 02:00:00.1.
+    let plan = decide(&e, &valid(&e), &[], ts("2026-11-27T01:59:00Z"));
+    assert_eq!(plan.start, None);
+    assert_eq!(plan.requeue_at, Some(ts("2026-11-27T02:00:00.1Z")));
+}
+
+#[test]
+fn an_existing_job_for_the_slot_is_adopted_not_duplicated() {
+    let e = export("");
+    let name = job_name("nightly", ts("2026-11-27T02:00:00Z"));
+    let runs = [run(&name, RunState::Active, "2026-11-27T02:00:01Z")];
+    let plan = decide(&e, &valid(&e), &runs, ts("2026-11-27T02:00:30Z"));
+    assert_eq!(plan.start, None, "no second Job");
+    assert_eq!(
+        plan.record_schedule,
+        Some(ts("2026-11-27T02:00:00Z")),
+        "the slot is recorded"
+    );
+}
+
+#[test]
+fn concurrency_policies() {
+    let now = ts("2026-11-28T02:00:30Z");
+    let mut e = export("");
+    e.status = Some(epic_export::operator::crd::EpicExportStatus {
+        last_schedule_time: Some("2026-11-27T02:00:00Z".into()),
+        ..Default::default()
+    });
+    let active = [run(
+        "nightly-29400000",
+        RunState::Active,
+        "2026-11-27T02:00:00Z",
+    )];
+
+    let plan = decide(&e, &valid(&e), &active, now);
+    assert_eq!(plan.start, None, "Forbid (the default) waits");
+    assert_eq!(plan.record_schedule, None, "the slot stays due");
+    assert_eq!(plan.notes[0].reason, "JobAlreadyActive");
+
+    e.spec.concurrency_policy = epic_export::schedule::ConcurrencyPolicy::Replace;
+    let plan = decide(&e, &valid(&e), &active, now);
+    assert!(plan.start.is_some());
+    assert_eq!(plan.stop, vec!["nightly-29400000".to_string()]);
+
+    e.spec.concurrency_policy = epic_export::schedule::ConcurrencyPolicy::Allow;
+    let plan = decide(&e, &valid(&e), &active, now);
+    assert!(plan.start.is_some());
+    assert!(plan.stop.is_empty());
+}
+
+#[test]
+fn suspend_and_starting_deadline() {
+    let e = export("  suspend: true\n");
+    let plan = decide(&e, &valid(&e), &[], ts("2026-11-27T02:00:30Z"));
+    assert_eq!((plan.start, plan.requeue_at), (None, None));
+
+    // The operator was down at 02:00 and comes back at 02:10; the deadline is 5 minutes.
+    let e = export("  startingDeadlineSeconds: 300\n");
+    let plan = decide(&e, &valid(&e), &[], ts("2026-11-27T02:10:00Z"));
+    assert_eq!(plan.start, None);
+    assert_eq!(plan.notes[0].reason, "MissSchedule");
+    // Within the deadline it still starts (late).
+    let plan = decide(&e, &valid(&e), &[], ts("2026-11-27T02:04:00Z"));
+    assert!(plan.start.is_some());
+}
+
+#[test]
+fn only_the_most_recent_missed_run_starts_after_an_outage() {
+    let mut e = export("");
+    e.status = Some(epic_export::operator::crd::EpicExportStatus {
+        last_schedule_time: Some("2026-11-20T02:00:00Z".into()),
+        ..Default::default()
+    });
+    let plan = decide(&e, &valid(&e), &[], ts("2026-11-27T09:00:00Z"));
+    let start = plan.start.unwrap();
+    assert_eq!(
+        start.scheduled,
+        ts("2026-11-27T02:00:00Z"),
+        "not a backlog of 7"
+    );
+}
+
+#[test]
+fn run_now_starts_one_run_per_new_value() {
+    let meta = format!("  annotations:\n    {RUN_NOW_ANNOTATION}: \"2026-11-27-a\"\n");
+    let mut e = export_with("", &meta);
+    e.status = Some(epic_export::operator::crd::EpicExportStatus {
+        last_schedule_time: Some("2026-11-27T02:00:00Z".into()),
+        ..Default::default()
+    });
+    let now = ts("2026-11-27T10:00:00Z");
+    let plan = decide(&e, &valid(&e), &[], now);
+    let start = plan.start.expect("starts now");
+    assert_eq!(
+        start.job_name,
+        on_demand_job_name("nightly", "2026-11-27-a")
+    );
+    assert!(start.job_name.len() <= 63);
+    assert_eq!(start.trigger, Trigger::OnDemand("2026-11-27-a".into()));
+
+    // Once handled (recorded in status), the same value does nothing.
+    let mut handled = e.clone();
+    handled.status = Some(epic_export::operator::crd::EpicExportStatus {
+        run_now_handled: Some("2026-11-27-a".into()),
+        last_schedule_time: Some("2026-11-27T02:00:00Z".into()),
+        ..Default::default()
+    });
+    assert_eq!(decide(&handled, &valid(&handled), &[], now).start, None);
+
+    // The Job exists already (status write lost): adopt, record, no second run.
+    let runs = [run(
+        &start.job_name,
+        RunState::Active,
+        "2026-11-27T10:00:00Z",
+    )];
+    let plan = decide(&e, &valid(&e), &runs, now);
+    assert_eq!(plan.start, None);
+    assert_eq!(plan.run_now_handled.as_deref(), Some("2026-11-27-a"));
+
+    // Forbid and another run active: it waits.
+    let runs = [run(
+        "nightly-29400000",
+        RunState::Active,
+        "2026-11-27T09:00:00Z",
+    )];
+    let plan = decide(&e, &valid(&e), &runs, now);
+    assert_eq!(plan.start, None);
+    assert!(plan.notes.iter().any(|n| n.reason == "JobAlreadyActive"));
+    assert_eq!(plan.run_now_handled, None, "still pending");
+
+    // A 52-character export name still gives a valid Job name.
+    let long = "a".repeat(52);
+    assert_eq!(on_demand_job_name(&long, "x").len(), 62);
+}
+
+#[test]
+fn history_keeps_the_newest_runs_per_outcome() {
+    let runs = [
+        run("n-1", RunState::Succeeded, "2026-11-21T02:00:00Z"),
+        run("n-2", RunState::Succeeded, "2026-11-22T02:00:00Z"),
+        run("n-3", RunState::Failed, "2026-11-23T02:00:00Z"),
+        run("n-4", RunState::Succeeded, "2026-11-24T02:00:00Z"),
+        run("n-5", RunState::Failed, "2026-11-25T02:00:00Z"),
+        run("n-6", RunState::Succeeded, "2026-11-26T02:00:00Z"),
+        run("n-7", RunState::Active, "2026-11-27T02:00:00Z"),
+    ];
+    assert_eq!(history_to_prune(&runs, 3, 1), vec!["n-1", "n-3"]);
+    assert_eq!(
+        history_to_prune(&runs, 0, 0),
+        vec!["n-1", "n-2", "n-3", "n-4", "n-5", "n-6"]
+    );
+    assert!(history_to_prune(&runs, 10, 10).is_empty());
+}
+
+fn report(job: &str, outcome: &str) -> FinishedReport {
+    FinishedReport {
+        job: job.into(),
+        message: Some(RunReportMessage {
+            outcome: outcome.into(),
+            records: 120,
+            bytes: 4096,
+            records_by_type: [
+                ("Patient".to_string(), 20u64),
+                ("Observation".to_string(), 100),
+            ]
+            .into(),
+            output_dir: "/data/nightly/20261127T020000Z".into(),
+            transaction_time: Some("2026-11-27T02:00:05Z".into()),
+            ..RunReportMessage::default()
+        }),
+    }
+}
+
+#[test]
+fn status_records_the_finished_run_and_is_stable() {
+    let e = export("");
+    let now = ts("2026-11-27T02:20:00Z");
+    let runs = [run(
+        "nightly-29400000",
+        RunState::Succeeded,
+        "2026-11-27T02:00:00Z",
+    )];
+    let rep = report("nightly-29400000", "success");
+    let input = StatusInput {
+        export: &e,
+        runs: &runs,
+        spec_error: None,
+        plan: None,
+        next: Some(ts("2026-11-28T02:00:00Z")),
+        report: Some(&rep),
+        now,
+    };
+    let s = next_status(&input);
+    let last = s.last_run.clone().unwrap();
+    assert_eq!(
+        (last.outcome.as_str(), last.records, last.bytes),
+        ("success", 120, 4096)
+    );
+    assert_eq!(last.records_by_type["Observation"], 100);
+    assert_eq!(last.finished_at.as_deref(), Some("2026-11-27T02:10:00Z"));
+    assert_eq!(
+        s.last_successful_time.as_deref(),
+        Some("2026-11-27T02:10:00Z")
+    );
+    assert_eq!(
+        s.last_transaction_time.as_deref(),
+        Some("2026-11-27T02:00:05Z")
+    );
+    assert_eq!(
+        s.next_schedule_time.as_deref(),
+        Some("2026-11-28T02:00:00Z")
+    );
+    assert_eq!(s.observed_generation, Some(2));
+    let cond = |s: &epic_export::operator::crd::EpicExportStatus, t: &str| {
+        s.conditions.iter().find(|c| c.type_ == t).cloned().unwrap()
+    };
+    assert_eq!(cond(&s, "Ready").status, "True");
+    assert_eq!(cond(&s, "Stalled").status, "False");
+    assert_eq!(cond(&s, "Running").status, "False");
+    let note = finished_run_note(&Default::default(), &s).unwrap();
+    assert_eq!((note.reason, note.warning), ("RunSucceeded", false));
+
+    // The same world an hour later: the same status (no write, no Event).
+    let mut again = e.clone();
+    again.status = Some(s.clone());
+    let later = StatusInput {
+        export: &again,
+        now: ts("2026-11-27T03:20:00Z"),
+        ..input
+    };
+    assert_eq!(next_status(&later), s);
+    assert_eq!(finished_run_note(&s, &next_status(&later)), None);
+
+    // A run starts: Running flips and only its lastTransitionTime moves.
+    let mut runs2 = runs.to_vec();
+    runs2.push(run(
+        "nightly-29401440",
+        RunState::Active,
+        "2026-11-28T02:00:00Z",
+    ));
+    let started = next_status(&StatusInput {
+        runs: &runs2,
+        now: ts("2026-11-28T02:00:01Z"),
+        ..later
+    });
+    assert_eq!(cond(&started, "Running").status, "True");
+    assert_eq!(
+        cond(&started, "Running").last_transition_time.0,
+        ts("2026-11-28T02:00:01Z")
+    );
+    assert_eq!(
+        cond(&started, "Ready").last_transition_time,
+        cond(&s, "Ready").last_transition_time
+    );
+    assert_eq!(started.active, vec!["nightly-29401440".to_string()]);
+}
+
+#[test]
+fn a_failed_run_without_a_report_says_why() {
+    let e = export("");
+    let runs = [run(
+        "nightly-29400000",
+        RunState::Failed,
+        "2026-11-27T02:00:00Z",
+    )];
+    let rep = FinishedReport {
+        job: "nightly-29400000".into(),
+        message: None,
+    };
+    let s = next_status(&StatusInput {
+        export: &e,
+        runs: &runs,
+        spec_error: None,
+        plan: None,
+        next: None,
+        report: Some(&rep),
+        now: ts("2026-11-27T03:00:00Z"),
+    });
+    let last = s.last_run.clone().unwrap();
+    assert_eq!(last.outcome, "failed");
+    assert!(
+        last.errors[0].contains("BackoffLimitExceeded"),
+        "{:?}",
+        last.errors
+    );
+    assert_eq!(s.last_successful_time, None);
+    let note = finished_run_note(&Default::default(), &s).unwrap();
+    assert_eq!((note.reason, note.warning), ("RunFailed", true));
+
+    // A partial run is a warning too, and does not move since/lastSuccessfulTime.
+    let rep = report("nightly-29400000", "partial");
+    let s = next_status(&StatusInput {
+        export: &e,
+        runs: &runs,
+        spec_error: None,
+        plan: None,
+        next: None,
+        report: Some(&rep),
+        now: ts("2026-11-27T03:00:00Z"),
+    });
+    assert_eq!(s.last_transaction_time, None);
+    assert_eq!(
+        finished_run_note(&Default::default(), &s).unwrap().reason,
+        "RunPartial"
+    );
+}
+
+#[test]
+fn a_spec_error_stalls_once() {
+    let e = export("");
+    let mut missing = present();
+    missing.references[0].check = RefCheck::Missing;
+    let error = validate(&e, &missing).unwrap_err();
+    let s = next_status(&StatusInput {
+        export: &e,
+        runs: &[],
+        spec_error: Some(&error),
+        plan: None,
+        next: None,
+        report: None,
+        now: ts("2026-11-27T03:00:00Z"),
+    });
+    let stalled = s.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "SecretNotFound")
+    );
+    assert!(stalled.message.contains("spec.auth.keySecretRef"));
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+    assert_eq!(s.next_schedule_time, None);
+    // One Warning Event for it, not one per pass.
+    assert!(spec_error_note(&Default::default(), &error).is_some());
+    assert!(spec_error_note(&s, &error).is_none());
+}
