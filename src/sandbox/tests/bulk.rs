@@ -437,7 +437,8 @@ async fn bulk_throttle_answers_like_epic() {
 #[tokio::test]
 async fn bulk_delete_then_404_and_expiry() {
     let opts = SandboxOptions {
-        bulk_expiry: Duration::from_millis(300),
+        // Long enough that a loaded CI machine still fetches the file before it expires.
+        bulk_expiry: Duration::from_secs(3),
         ..bulk_opts()
     };
     let (sb, token) = started(opts).await;
@@ -463,12 +464,12 @@ async fn bulk_delete_then_404_and_expiry() {
     assert_eq!(again.status(), 404);
     assert_eq!(sb.stats().bulk_deletes, 2);
 
-    // Expiry: served for 300 ms after completion, then gone.
+    // Expiry: served for 3 s after completion, then gone.
     let status_url = kickoff_ok(&group_export(&sb), &token, &[("_type", "Patient")]).await;
     let m = manifest(&status_url, &token).await;
     let file = m["output"][0]["url"].as_str().expect("url").to_string();
     assert_eq!(get(&file, &token).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let (status, body) = get_json(&status_url, &token).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(get(&file, &token).await.status(), 404);
