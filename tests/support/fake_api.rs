@@ -68,7 +68,9 @@ impl Request {
         let item = Target::parse(&self.path).is_some_and(|t| t.name.is_some());
         match (self.method.as_str(), item) {
             ("GET", true) => "get",
-            ("GET", false) if matches!(self.param("watch").as_deref(), Some("true" | "1")) => "watch",
+            ("GET", false) if matches!(self.param("watch").as_deref(), Some("true" | "1")) => {
+                "watch"
+            }
             ("GET", false) => "list",
             ("POST", _) => "create",
             ("PUT", _) => "update",
@@ -119,8 +121,16 @@ impl Default for FakeApi {
 
 impl FakeApi {
     pub fn new() -> FakeApi {
-        let state = State { objects: BTreeMap::new(), rv: 1, history: Vec::new(), log: Vec::new() };
-        FakeApi { state: Arc::new(Mutex::new(state)), changed: Arc::new(watch::channel(()).0) }
+        let state = State {
+            objects: BTreeMap::new(),
+            rv: 1,
+            history: Vec::new(),
+            log: Vec::new(),
+        };
+        FakeApi {
+            state: Arc::new(Mutex::new(state)),
+            changed: Arc::new(watch::channel(()).0),
+        }
     }
 
     /// A `kube::Client` (default namespace "default") talking to this fake.
@@ -172,7 +182,12 @@ impl FakeApi {
     /// Non-GET requests received after the first `mark` requests (take `requests().len()` as a mark).
     pub fn writes_since(&self, mark: usize) -> Vec<Request> {
         let st = self.lock();
-        st.log.iter().skip(mark).filter(|r| r.method != "GET").cloned().collect()
+        st.log
+            .iter()
+            .skip(mark)
+            .filter(|r| r.method != "GET")
+            .cloned()
+            .collect()
     }
 
     /// Plays the Job controller: the Job has started (`startTime`, `active: 1`).
@@ -284,7 +299,10 @@ impl FakeApi {
         result
     }
 
-    async fn handle(self, req: http::Request<kube::client::Body>) -> Result<http::Response<RespBody>, Infallible> {
+    async fn handle(
+        self,
+        req: http::Request<kube::client::Body>,
+    ) -> Result<http::Response<RespBody>, Infallible> {
         let (parts, body) = req.into_parts();
         let body = body.collect_bytes().await.unwrap_or_default();
         let request = Request {
@@ -292,7 +310,10 @@ impl FakeApi {
             path: parts.uri.path().to_owned(),
             query: parts.uri.query().unwrap_or_default().to_owned(),
         };
-        let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
         let content_type = content_type.unwrap_or_default().to_owned();
         self.lock().log.push(request.clone());
 
@@ -300,19 +321,40 @@ impl FakeApi {
             return Ok(respond(Ok((200, version_info()))));
         }
         let Some(target) = Target::parse(&request.path) else {
-            let message = format!("the server could not find the requested resource ({})", request.path);
+            let message = format!(
+                "the server could not find the requested resource ({})",
+                request.path
+            );
             return Ok(respond(Err(status(404, "NotFound", &message))));
         };
         let reply = match (request.method.as_str(), target.name.is_some()) {
             ("GET", false) if request.verb() == "watch" => return Ok(self.watch(&target, &request)),
             ("GET", false) => Ok((200, self.lock().list(&target, &request))),
-            ("GET", true) => self.lock().objects.get(&target.key()).cloned().map(|o| (200, o)).ok_or_else(|| target.not_found()),
-            ("POST", false) => parse(&body).and_then(|obj| self.mutate(|st| st.create(&target, obj))),
-            ("PUT", true) => parse(&body).and_then(|obj| self.mutate(|st| st.replace(&target, obj))),
-            ("PATCH", true) => parse(&body).and_then(|patch| self.mutate(|st| st.patch(&target, &content_type, patch))),
+            ("GET", true) => self
+                .lock()
+                .objects
+                .get(&target.key())
+                .cloned()
+                .map(|o| (200, o))
+                .ok_or_else(|| target.not_found()),
+            ("POST", false) => {
+                parse(&body).and_then(|obj| self.mutate(|st| st.create(&target, obj)))
+            }
+            ("PUT", true) => {
+                parse(&body).and_then(|obj| self.mutate(|st| st.replace(&target, obj)))
+            }
+            ("PATCH", true) => parse(&body)
+                .and_then(|patch| self.mutate(|st| st.patch(&target, &content_type, patch))),
             ("DELETE", true) => self.mutate(|st| st.delete(&target, &request, &body)),
-            ("DELETE", false) => Ok((200, self.mutate(|st| st.delete_collection(&target, &request)))),
-            _ => Err(status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
+            ("DELETE", false) => Ok((
+                200,
+                self.mutate(|st| st.delete_collection(&target, &request)),
+            )),
+            _ => Err(status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )),
         };
         Ok(respond(reply))
     }
@@ -321,7 +363,10 @@ impl FakeApi {
     fn watch(&self, target: &Target, req: &Request) -> http::Response<RespBody> {
         let filter = Filter::new(target, req);
         let since = req.param("resourceVersion").unwrap_or_default();
-        let timeout = req.param("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(290);
+        let timeout = req
+            .param("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(290);
         let mut rx = self.changed.subscribe();
         let (initial, cursor) = {
             rx.borrow_and_update();
@@ -329,7 +374,10 @@ impl FakeApi {
             match since.parse::<u64>() {
                 // "Any version": start with the current objects as ADDED, then follow changes.
                 Err(_) | Ok(0) => {
-                    let objects = st.objects.iter().filter(|(k, o)| filter.matches(&k.0, &k.1, o));
+                    let objects = st
+                        .objects
+                        .iter()
+                        .filter(|(k, o)| filter.matches(&k.0, &k.1, o));
                     let lines: String = objects.map(|(_, o)| event_line("ADDED", o)).collect();
                     (lines, st.history.len())
                 }
@@ -337,29 +385,36 @@ impl FakeApi {
             }
         };
         let state = self.state.clone();
-        let stream = futures::stream::unfold((cursor, rx, initial), move |(mut cursor, mut rx, pending)| {
-            let state = state.clone();
-            let filter = filter.clone();
-            async move {
-                let mut lines = pending;
-                while lines.is_empty() {
-                    // Mark the current ping as seen before reading, so a change racing with the read
-                    // still wakes us up.
-                    rx.borrow_and_update();
-                    {
-                        let st = state.lock().unwrap_or_else(|e| e.into_inner());
-                        let changes = st.history[cursor..].iter();
-                        let changes = changes.filter(|c| filter.matches(&c.collection, &c.ns, &c.object));
-                        lines = changes.map(|c| event_line(c.kind, &c.object)).collect();
-                        cursor = st.history.len();
+        let stream = futures::stream::unfold(
+            (cursor, rx, initial),
+            move |(mut cursor, mut rx, pending)| {
+                let state = state.clone();
+                let filter = filter.clone();
+                async move {
+                    let mut lines = pending;
+                    while lines.is_empty() {
+                        // Mark the current ping as seen before reading, so a change racing with the read
+                        // still wakes us up.
+                        rx.borrow_and_update();
+                        {
+                            let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                            let changes = st.history[cursor..].iter();
+                            let changes =
+                                changes.filter(|c| filter.matches(&c.collection, &c.ns, &c.object));
+                            lines = changes.map(|c| event_line(c.kind, &c.object)).collect();
+                            cursor = st.history.len();
+                        }
+                        if lines.is_empty() && rx.changed().await.is_err() {
+                            return None;
+                        }
                     }
-                    if lines.is_empty() && rx.changed().await.is_err() {
-                        return None;
-                    }
+                    Some((
+                        Ok::<_, Infallible>(Bytes::from(lines)),
+                        (cursor, rx, String::new()),
+                    ))
                 }
-                Some((Ok::<_, Infallible>(Bytes::from(lines)), (cursor, rx, String::new())))
-            }
-        });
+            },
+        );
         let stream = stream.take_until(tokio::time::sleep(Duration::from_secs(timeout)));
         http::Response::builder()
             .status(200)
@@ -377,7 +432,10 @@ impl State {
     /// bumps the resourceVersion and records a watch event. Returns the stored object.
     fn store(&mut self, collection: &str, mut obj: Value) -> Value {
         let meta = object_at(&mut obj, "metadata");
-        let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or_default();
+        let ns = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let name = meta.get("name").and_then(Value::as_str).unwrap_or_default();
         let key = key(collection, ns, name);
         let old = self.objects.get(&key);
@@ -386,7 +444,12 @@ impl State {
                 let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
                 let generation = generation + i64::from(old.get("spec") != obj.get("spec"));
                 let meta = object_at(&mut obj, "metadata");
-                for field in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+                for field in [
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                ] {
                     match old["metadata"].get(field) {
                         Some(v) => meta.insert(field.into(), v.clone()),
                         None if field.starts_with("deletion") => None, // may be set (by `remove`)
@@ -406,10 +469,13 @@ impl State {
         }
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
         self.rv += 1;
-        object_at(&mut obj, "metadata").insert("resourceVersion".into(), self.rv.to_string().into());
+        object_at(&mut obj, "metadata")
+            .insert("resourceVersion".into(), self.rv.to_string().into());
         self.objects.insert(key.clone(), obj.clone());
         self.record(kind, &key, &obj);
-        let finalized = obj["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+        let finalized = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty);
         if finalized && obj["metadata"].get("deletionTimestamp").is_some() {
             self.remove(&key, true);
         }
@@ -420,7 +486,10 @@ impl State {
     /// records DELETED and, when `cascade`, deletes its dependents. Returns the object (None if absent).
     fn remove(&mut self, key: &Key, cascade: bool) -> Option<Value> {
         let mut obj = self.objects.get(key)?.clone();
-        if obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty()) {
+        if obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+        {
             let meta = object_at(&mut obj, "metadata");
             if meta.contains_key("deletionTimestamp") {
                 return Some(obj);
@@ -431,7 +500,8 @@ impl State {
         }
         self.objects.remove(key);
         self.rv += 1;
-        object_at(&mut obj, "metadata").insert("resourceVersion".into(), self.rv.to_string().into());
+        object_at(&mut obj, "metadata")
+            .insert("resourceVersion".into(), self.rv.to_string().into());
         self.record("DELETED", key, &obj);
         if cascade {
             let uid = obj["metadata"]["uid"].clone();
@@ -439,7 +509,9 @@ impl State {
                 .objects
                 .iter()
                 .filter(|(k, o)| {
-                    let owned = o["metadata"]["ownerReferences"].as_array().is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid));
+                    let owned = o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid));
                     let job_pod = key.0 == JOBS
                         && k.0 == "api/v1/pods"
                         && k.1 == key.1
@@ -457,7 +529,13 @@ impl State {
 
     fn record(&mut self, kind: &'static str, key: &Key, obj: &Value) {
         let (collection, ns) = (key.0.clone(), key.1.clone());
-        self.history.push(Change { rv: self.rv, collection, ns, kind, object: obj.clone() });
+        self.history.push(Change {
+            rv: self.rv,
+            collection,
+            ns,
+            kind,
+            object: obj.clone(),
+        });
     }
 
     fn list(&self, target: &Target, req: &Request) -> Value {
@@ -483,12 +561,27 @@ impl State {
             meta.insert("namespace".into(), ns.clone().into());
         }
         meta.remove("resourceVersion");
-        let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let mut name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-        if let Some(prefix) = meta.get("generateName").and_then(Value::as_str).filter(|_| name.is_empty()) {
+        let ns = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let mut name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(prefix) = meta
+            .get("generateName")
+            .and_then(Value::as_str)
+            .filter(|_| name.is_empty())
+        {
             name = loop {
                 let candidate = format!("{prefix}{}", random_suffix());
-                if !self.objects.contains_key(&key(&target.collection, &ns, &candidate)) {
+                if !self
+                    .objects
+                    .contains_key(&key(&target.collection, &ns, &candidate))
+                {
                     break candidate;
                 }
             };
@@ -497,7 +590,10 @@ impl State {
         if name.is_empty() {
             return Err(status(422, "Invalid", "name or generateName is required"));
         }
-        if self.objects.contains_key(&key(&target.collection, &ns, &name)) {
+        if self
+            .objects
+            .contains_key(&key(&target.collection, &ns, &name))
+        {
             let message = format!("{} \"{name}\" already exists", target.resource());
             return Err(status(409, "AlreadyExists", &message));
         }
@@ -508,7 +604,11 @@ impl State {
     }
 
     fn replace(&mut self, target: &Target, mut obj: Value) -> Reply {
-        let old = self.objects.get(&target.key()).cloned().ok_or_else(|| target.not_found())?;
+        let old = self
+            .objects
+            .get(&target.key())
+            .cloned()
+            .ok_or_else(|| target.not_found())?;
         check_resource_version(&old, obj["metadata"]["resourceVersion"].as_str())?;
         let obj = if target.sub.as_deref() == Some("status") {
             with_status_of(old, &obj)
@@ -536,9 +636,9 @@ impl State {
         let mut obj = old.clone();
         match content_type.split(';').next().unwrap_or_default().trim() {
             "application/apply-patch+yaml" if to_status => obj = with_status_of(obj, &patch),
-            "application/merge-patch+json" | "application/strategic-merge-patch+json" | "application/apply-patch+yaml" => {
-                json_patch::merge(&mut obj, &patch)
-            }
+            "application/merge-patch+json"
+            | "application/strategic-merge-patch+json"
+            | "application/apply-patch+yaml" => json_patch::merge(&mut obj, &patch),
             "application/json-patch+json" => {
                 // kube-runtime emits `test` ops with a null value for paths that may be absent; the
                 // real server accepts those, json_patch would fail them.
@@ -549,9 +649,16 @@ impl State {
                 });
                 let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops.collect()))
                     .map_err(|e| status(400, "BadRequest", &e.to_string()))?;
-                json_patch::patch(&mut obj, &ops.0).map_err(|e| status(422, "Invalid", &e.to_string()))?;
+                json_patch::patch(&mut obj, &ops.0)
+                    .map_err(|e| status(422, "Invalid", &e.to_string()))?;
             }
-            other => return Err(status(415, "UnsupportedMediaType", &format!("unsupported patch type {other}"))),
+            other => {
+                return Err(status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("unsupported patch type {other}"),
+                ));
+            }
         }
         let obj = if to_status {
             with_status_of(old, &obj)
@@ -565,14 +672,31 @@ impl State {
 
     fn delete(&mut self, target: &Target, req: &Request, body: &[u8]) -> Reply {
         let options: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let old = self.objects.get(&target.key()).ok_or_else(|| target.not_found())?;
+        let old = self
+            .objects
+            .get(&target.key())
+            .ok_or_else(|| target.not_found())?;
         check_resource_version(old, options["preconditions"]["resourceVersion"].as_str())?;
-        if let Some(uid) = options["preconditions"]["uid"].as_str().filter(|u| old["metadata"]["uid"] != *u) {
-            return Err(status(409, "Conflict", &format!("precondition failed: UID in precondition: {uid}")));
+        if let Some(uid) = options["preconditions"]["uid"]
+            .as_str()
+            .filter(|u| old["metadata"]["uid"] != *u)
+        {
+            return Err(status(
+                409,
+                "Conflict",
+                &format!("precondition failed: UID in precondition: {uid}"),
+            ));
         }
-        let policy = options["propagationPolicy"].as_str().map(str::to_owned).or_else(|| req.param("propagationPolicy"));
+        let policy = options["propagationPolicy"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| req.param("propagationPolicy"));
         // Like the real server, Jobs deleted through the REST API orphan their pods by default.
-        let default = if target.plural == "jobs" { "Orphan" } else { "Background" };
+        let default = if target.plural == "jobs" {
+            "Orphan"
+        } else {
+            "Background"
+        };
         let cascade = policy.as_deref().unwrap_or(default) != "Orphan";
         let obj = self.remove(&target.key(), cascade).expect("checked above");
         Ok((200, obj))
@@ -580,7 +704,12 @@ impl State {
 
     fn delete_collection(&mut self, target: &Target, req: &Request) -> Value {
         let filter = Filter::new(target, req);
-        let keys: Vec<Key> = self.objects.iter().filter(|(k, o)| filter.matches(&k.0, &k.1, o)).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(k, o)| filter.matches(&k.0, &k.1, o))
+            .map(|(k, _)| k.clone())
+            .collect();
         let items: Vec<Value> = keys.iter().filter_map(|k| self.remove(k, true)).collect();
         json!({"kind": format!("{}List", kind_of(&target.plural)), "apiVersion": api_version(&target.collection),
                "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})
@@ -643,7 +772,11 @@ impl Target {
     }
 
     fn key(&self) -> Key {
-        key(&self.collection, self.ns.as_deref().unwrap_or_default(), self.name.as_deref().unwrap_or_default())
+        key(
+            &self.collection,
+            self.ns.as_deref().unwrap_or_default(),
+            self.name.as_deref().unwrap_or_default(),
+        )
     }
 
     /// `jobs.batch` style resource name, as used in Status messages.
@@ -655,7 +788,11 @@ impl Target {
     }
 
     fn not_found(&self) -> Value {
-        let message = format!("{} \"{}\" not found", self.resource(), self.name.as_deref().unwrap_or_default());
+        let message = format!(
+            "{} \"{}\" not found",
+            self.resource(),
+            self.name.as_deref().unwrap_or_default()
+        );
         status(404, "NotFound", &message)
     }
 }
@@ -690,7 +827,12 @@ impl Filter {
 fn labels_match(selector: &str, obj: &Value) -> bool {
     let label = |k: &str| obj["metadata"]["labels"][k.trim()].as_str();
     let set = |s: &str| -> Vec<String> {
-        s.trim().trim_start_matches('(').trim_end_matches(')').split(',').map(|v| v.trim().to_owned()).collect()
+        s.trim()
+            .trim_start_matches('(')
+            .trim_end_matches(')')
+            .split(',')
+            .map(|v| v.trim().to_owned())
+            .collect()
     };
     split_terms(selector).iter().all(|term| {
         let term = term.trim();
@@ -732,26 +874,33 @@ fn split_terms(selector: &str) -> Vec<&str> {
 
 /// Field selectors on any dotted path (`metadata.name=x`, `status.phase!=Running`).
 fn fields_match(selector: &str, obj: &Value) -> bool {
-    selector.split(',').filter(|t| !t.trim().is_empty()).all(|term| {
-        let (path, value, negate) = match term.split_once("!=") {
-            Some((p, v)) => (p, v, true),
-            None => match term.split_once("==").or_else(|| term.split_once('=')) {
-                Some((p, v)) => (p, v, false),
-                None => return false,
-            },
-        };
-        let pointer = format!("/{}", path.trim().replace('.', "/"));
-        let actual = match obj.pointer(&pointer) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => String::new(),
-            Some(other) => other.to_string(),
-        };
-        (actual == value.trim()) != negate
-    })
+    selector
+        .split(',')
+        .filter(|t| !t.trim().is_empty())
+        .all(|term| {
+            let (path, value, negate) = match term.split_once("!=") {
+                Some((p, v)) => (p, v, true),
+                None => match term.split_once("==").or_else(|| term.split_once('=')) {
+                    Some((p, v)) => (p, v, false),
+                    None => return false,
+                },
+            };
+            let pointer = format!("/{}", path.trim().replace('.', "/"));
+            let actual = match obj.pointer(&pointer) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            (actual == value.trim()) != negate
+        })
 }
 
 fn key(collection: &str, ns: &str, name: &str) -> Key {
-    (collection.trim_matches('/').to_owned(), ns.to_owned(), name.to_owned())
+    (
+        collection.trim_matches('/').to_owned(),
+        ns.to_owned(),
+        name.to_owned(),
+    )
 }
 
 /// The object as compared for "did anything change": without resourceVersion and managedFields.
@@ -791,7 +940,11 @@ fn object_at<'a>(obj: &'a mut Value, field: &str) -> &'a mut Map<String, Value> 
     if !obj.is_object() {
         *obj = json!({});
     }
-    let slot = obj.as_object_mut().unwrap().entry(field).or_insert_with(|| json!({}));
+    let slot = obj
+        .as_object_mut()
+        .unwrap()
+        .entry(field)
+        .or_insert_with(|| json!({}));
     if !slot.is_object() {
         *slot = json!({});
     }
@@ -802,7 +955,8 @@ fn object_at<'a>(obj: &'a mut Value, field: &str) -> &'a mut Map<String, Value> 
 fn fill_type_meta(collection: &str, obj: &mut Value) {
     let plural = collection.rsplit('/').next().unwrap_or_default();
     if let Some(map) = obj.as_object_mut() {
-        map.entry("apiVersion").or_insert_with(|| api_version(collection).into());
+        map.entry("apiVersion")
+            .or_insert_with(|| api_version(collection).into());
         map.entry("kind").or_insert_with(|| kind_of(plural).into());
     }
 }
@@ -810,7 +964,9 @@ fn fill_type_meta(collection: &str, obj: &mut Value) {
 /// `api/v1/pods` → `v1`, `apis/batch/v1/jobs` → `batch/v1`.
 fn api_version(collection: &str) -> String {
     let without_plural = collection.rsplit_once('/').map_or("", |(head, _)| head);
-    let version = without_plural.strip_prefix("apis/").or_else(|| without_plural.strip_prefix("api/"));
+    let version = without_plural
+        .strip_prefix("apis/")
+        .or_else(|| without_plural.strip_prefix("api/"));
     version.unwrap_or(without_plural).to_owned()
 }
 
@@ -830,19 +986,32 @@ fn kind_of(plural: &str) -> String {
     // pods → Pod, leases → Lease, ...
     let singular = plural.strip_suffix('s').unwrap_or(plural);
     let mut chars = singular.chars();
-    chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+    chars
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
 }
 
 /// Kinds whose main endpoint ignores `.status` (it is written through `/status`).
 fn has_status_subresource(plural: &str) -> bool {
     matches!(
         plural,
-        "pods" | "jobs" | "cronjobs" | "deployments" | "statefulsets" | "epicexports" | "services" | "persistentvolumeclaims" | "namespaces" | "nodes"
+        "pods"
+            | "jobs"
+            | "cronjobs"
+            | "deployments"
+            | "statefulsets"
+            | "epicexports"
+            | "services"
+            | "persistentvolumeclaims"
+            | "namespaces"
+            | "nodes"
     )
 }
 
 fn parse(body: &[u8]) -> Result<Value, Value> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| status(400, "BadRequest", &format!("invalid JSON body: {e}")))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| status(400, "BadRequest", &format!("invalid JSON body: {e}")))?;
     Ok(value)
 }
 
@@ -852,7 +1021,8 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn respond(reply: Reply) -> http::Response<RespBody> {
-    let (code, body) = reply.unwrap_or_else(|status| (status["code"].as_u64().unwrap_or(500) as u16, status));
+    let (code, body) =
+        reply.unwrap_or_else(|status| (status["code"].as_u64().unwrap_or(500) as u16, status));
     http::Response::builder()
         .status(code)
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -872,12 +1042,17 @@ fn version_info() -> Value {
 /// Now as RFC 3339 with second precision, e.g. `2025-06-01T02:00:00Z`.
 fn now() -> String {
     let now = jiff::Timestamp::now();
-    jiff::Timestamp::from_second(now.as_second()).unwrap_or(now).to_string()
+    jiff::Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
 }
 
 /// Five characters from the alphabet Kubernetes uses for generated names.
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4().into_bytes();
-    bytes[..5].iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    bytes[..5]
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
