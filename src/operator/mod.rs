@@ -103,19 +103,19 @@ pub async fn serve_controller(
         }
     }
     let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
-    if let Some(lease_settings) = options.leader_election.clone() {
+    let holder = options.leader_election.clone().map(|lease_settings| {
         let client = client.clone();
         tokio::spawn(async move {
             lease::hold(&client, &lease_settings).await;
             let _ = lost_tx.send(true);
-        });
-    }
+        })
+    });
     let stop_controller = {
         let stop = stop.clone();
         async move {
             tokio::select! {
                 _ = stop => {}
-                _ = lost_rx.wait_for(|lost| *lost) => {}
+                Ok(_) = lost_rx.wait_for(|lost| *lost) => {}
             }
         }
         .boxed()
@@ -131,6 +131,10 @@ pub async fn serve_controller(
     )
     .await?;
     drop(lost);
+    if let Some(holder) = holder {
+        holder.abort();
+        let _ = holder.await;
+    }
     if let Some(lease_settings) = &options.leader_election {
         if stop.peek().is_none() {
             // Stopped without a shutdown request: the lease was lost.

@@ -442,10 +442,14 @@ pub async fn run(
     let (secret_store, map_store) = (store.clone(), store.clone());
     let ready_store = store.clone();
     tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!("EpicExport cache ready");
-        }
+        // Polled again every half second: kube's store readiness wakes only the last of several
+        // concurrent waiters (the controller itself waits too), but once ready it stays ready.
+        while tokio::time::timeout(Duration::from_millis(500), ready_store.wait_until_ready())
+            .await
+            .is_err()
+        {}
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("EpicExport cache ready");
     });
     controller
         .owns(jobs, watcher::Config::default().labels(EXPORT_LABEL))
