@@ -1,0 +1,184 @@
+//! The exact API requests of the controller's critical writes, checked with tower-test: the status
+//! write (server-side apply on the status subresource with our field manager, and no request at all
+//! when nothing changed), and the adoption of an existing run on 409 instead of a duplicate.
+
+use std::time::Duration;
+
+use epic_export::operator::controller::apply::{ApplyError, FIELD_MANAGER, Started, start_run, write_status};
+use epic_export::operator::controller::dereference::dereference;
+use epic_export::operator::crd::{EpicExport, EpicExportStatus};
+use epic_export::operator::job::{RunInputs, build_job};
+use http::{Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+fn client() -> (kube::Client, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    (kube::Client::new(service, "default"), handle)
+}
+
+fn export() -> EpicExport {
+    serde_json::from_value(json!({
+        "apiVersion": "fhirexport.dev/v1alpha1",
+        "kind": "EpicExport",
+        "metadata": {"name": "nightly", "namespace": "phi", "uid": "u-1", "generation": 1},
+        "spec": {
+            "schedule": "0 2 * * *",
+            "fhir": {"baseUrl": "https://fhir.example.org/api/FHIR/R4"},
+            "auth": {"clientId": "abc", "keySecretRef": {"name": "epic-key", "key": "private.pem"}},
+            "source": {"search": {"rosterRef": {"configMapName": "roster", "key": "roster.csv"}, "resources": [{"type": "Patient"}]}},
+            "output": {"volumeClaimName": "exports"},
+        }
+    }))
+    .unwrap()
+}
+
+fn respond(code: u16, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+async fn body_json(req: Request<Body>) -> Value {
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[tokio::test]
+async fn status_is_written_with_server_side_apply_and_only_when_it_changed() {
+    let (client, mut handle) = client();
+    let e = export();
+    let status = EpicExportStatus {
+        observed_generation: Some(1),
+        last_schedule_time: Some("2026-12-01T02:00:00Z".into()),
+        ..EpicExportStatus::default()
+    };
+    let server = tokio::spawn(async move {
+        let (req, send) = handle.next_request().await.expect("a request");
+        assert_eq!(req.method(), "PATCH");
+        let uri = req.uri().to_string();
+        assert_eq!(
+            uri,
+            format!("/apis/fhirexport.dev/v1alpha1/namespaces/phi/epicexports/nightly/status?&force=true&fieldManager={FIELD_MANAGER}")
+        );
+        assert_eq!(req.headers()["content-type"], "application/apply-patch+yaml");
+        let body = body_json(req).await;
+        assert_eq!(body["apiVersion"], "fhirexport.dev/v1alpha1");
+        assert_eq!(body["kind"], "EpicExport");
+        assert_eq!(body["status"]["lastScheduleTime"], "2026-12-01T02:00:00Z");
+        assert_eq!(body.as_object().unwrap().len(), 3, "only apiVersion, kind and status: {body}");
+        let mut obj = serde_json::to_value(export()).unwrap();
+        obj["status"] = body["status"].clone();
+        send.send_response(respond(200, obj));
+        handle
+    });
+    assert!(write_status(&client, &e, &status).await.unwrap());
+    let mut handle = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+
+    // The same status again: no request.
+    let mut same = e.clone();
+    same.status = Some(status.clone());
+    assert!(!write_status(&client, &same, &status).await.unwrap());
+    let extra = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+    assert!(extra.is_err(), "no request for an unchanged status");
+}
+
+fn job_named(name: &str, owner_uid: &str) -> Value {
+    let e = export();
+    let mut job = serde_json::to_value(
+        build_job(
+            &e,
+            &RunInputs {
+                job_name: name.into(),
+                scheduled_at: "2026-12-01T02:00:00Z".into(),
+                since: None,
+            },
+            "img",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    job["metadata"]["ownerReferences"][0]["uid"] = json!(owner_uid);
+    job["metadata"]["creationTimestamp"] = json!("2026-12-01T02:00:01Z");
+    job
+}
+
+#[tokio::test]
+async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
+    for (owner, adopted) in [("u-1", true), ("someone-else", false)] {
+        let (client, mut handle) = client();
+        let e = export();
+        let job = serde_json::from_value(job_named("nightly-29401560", "u-1")).unwrap();
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), "POST");
+            assert_eq!(req.uri().path(), "/apis/batch/v1/namespaces/phi/jobs");
+            send.send_response(respond(
+                409,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "jobs.batch \"nightly-29401560\" already exists"}),
+            ));
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.method(), "GET");
+            assert_eq!(req.uri().path(), "/apis/batch/v1/namespaces/phi/jobs/nightly-29401560");
+            send.send_response(respond(200, job_named("nightly-29401560", owner)));
+        });
+        let result = start_run(&client, &e, &[], &[], Some(job)).await;
+        server.await.unwrap();
+        match result {
+            Ok((runs, Some(Started::Adopted))) if adopted => {
+                assert_eq!(runs.len(), 1);
+                assert_eq!(runs[0].name, "nightly-29401560");
+            }
+            Err(ApplyError::Conflict(e)) if !adopted => {
+                assert_eq!(e.reason, "JobNameTaken");
+                assert!(e.message.contains("nightly-29401560"), "{e}");
+            }
+            other => panic!("owner {owner}: unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn dereference_reads_only_what_the_export_refers_to() {
+    let (client, mut handle) = client();
+    let e = export();
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (req, send) = handle.next_request().await.unwrap();
+            let uri = req.uri().to_string();
+            seen.push(format!("{} {uri}", req.method()));
+            let body = if uri.contains("/secrets/epic-key") {
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "epic-key"}, "data": {"private.pem": "eA=="}})
+            } else if uri.contains("/configmaps/roster") {
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "roster"}, "data": {"other.csv": "x"}})
+            } else {
+                json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": "5"}, "items": []})
+            };
+            send.send_response(respond(200, body));
+        }
+        seen
+    });
+    let observed = dereference(&client, &e).await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(
+        seen,
+        vec![
+            "GET /api/v1/namespaces/phi/secrets/epic-key",
+            "GET /api/v1/namespaces/phi/configmaps/roster",
+            "GET /apis/batch/v1/namespaces/phi/jobs?&labelSelector=fhirexport.dev%2Fexport%3Dnightly",
+        ]
+    );
+    use epic_export::operator::controller::dereference::RefCheck;
+    assert_eq!(observed.references[0].check, RefCheck::Present);
+    assert_eq!(
+        observed.references[1].check,
+        RefCheck::KeyMissing { keys: vec!["other.csv".into()] }
+    );
+    assert!(format!("{observed:?}").find("eA==").is_none(), "no key material kept");
+}
