@@ -125,11 +125,21 @@ async fn bench(n: usize) {
             .path
             .rsplit('/')
             .find(|s| {
-                ["epicexports", "jobs", "secrets", "configmaps", "events", "pods", "status"]
-                    .contains(s)
+                [
+                    "epicexports",
+                    "jobs",
+                    "secrets",
+                    "configmaps",
+                    "events",
+                    "pods",
+                    "status",
+                ]
+                .contains(s)
             })
             .unwrap_or("other");
-        *by_kind.entry(format!("{} {}", r.verb(), resource)).or_default() += 1;
+        *by_kind
+            .entry(format!("{} {}", r.verb(), resource))
+            .or_default() += 1;
     }
     let jobs = fake.list("apis/batch/v1/jobs", None).len();
     println!("exports: {n}, runs started: {jobs}");
@@ -144,13 +154,20 @@ async fn bench(n: usize) {
         requests.len() as f64 / n as f64
     );
     for (kind, count) in by_kind {
-        println!("  {kind:<24} {count:>7}  ({:.2}/export)", count as f64 / n as f64);
+        println!(
+            "  {kind:<24} {count:>7}  ({:.2}/export)",
+            count as f64 / n as f64
+        );
     }
     println!(
         "peak RSS (controller + fake API server + {n} objects): {}",
         std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")))
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ")))
             .unwrap_or_else(|| "unknown".into())
     );
 }

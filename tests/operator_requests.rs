@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use epic_export::operator::controller::apply::{ApplyError, FIELD_MANAGER, Started, start_run, write_status};
+use epic_export::operator::controller::apply::{
+    ApplyError, FIELD_MANAGER, Started, start_run, write_status,
+};
 use epic_export::operator::controller::dereference::dereference;
 use epic_export::operator::crd::{EpicExport, EpicExportStatus};
 use epic_export::operator::job::{RunInputs, build_job};
@@ -64,21 +66,33 @@ async fn status_is_written_with_server_side_apply_and_only_when_it_changed() {
         let uri = req.uri().to_string();
         assert_eq!(
             uri,
-            format!("/apis/fhirexport.dev/v1alpha1/namespaces/phi/epicexports/nightly/status?&force=true&fieldManager={FIELD_MANAGER}")
+            format!(
+                "/apis/fhirexport.dev/v1alpha1/namespaces/phi/epicexports/nightly/status?&force=true&fieldManager={FIELD_MANAGER}"
+            )
         );
-        assert_eq!(req.headers()["content-type"], "application/apply-patch+yaml");
+        assert_eq!(
+            req.headers()["content-type"],
+            "application/apply-patch+yaml"
+        );
         let body = body_json(req).await;
         assert_eq!(body["apiVersion"], "fhirexport.dev/v1alpha1");
         assert_eq!(body["kind"], "EpicExport");
         assert_eq!(body["status"]["lastScheduleTime"], "2026-12-01T02:00:00Z");
-        assert_eq!(body.as_object().unwrap().len(), 3, "only apiVersion, kind and status: {body}");
+        assert_eq!(
+            body.as_object().unwrap().len(),
+            3,
+            "only apiVersion, kind and status: {body}"
+        );
         let mut obj = serde_json::to_value(export()).unwrap();
         obj["status"] = body["status"].clone();
         send.send_response(respond(200, obj));
         handle
     });
     assert!(write_status(&client, &e, &status).await.unwrap());
-    let mut handle = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+    let mut handle = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
 
     // The same status again: no request.
     let mut same = e.clone();
@@ -124,7 +138,10 @@ async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
             ));
             let (req, send) = handle.next_request().await.unwrap();
             assert_eq!(req.method(), "GET");
-            assert_eq!(req.uri().path(), "/apis/batch/v1/namespaces/phi/jobs/nightly-29401560");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/batch/v1/namespaces/phi/jobs/nightly-29401560"
+            );
             send.send_response(respond(200, job_named("nightly-29401560", owner)));
         });
         let result = start_run(&client, &e, &[], &[], Some(job)).await;
@@ -178,7 +195,12 @@ async fn dereference_reads_only_what_the_export_refers_to() {
     assert_eq!(observed.references[0].check, RefCheck::Present);
     assert_eq!(
         observed.references[1].check,
-        RefCheck::KeyMissing { keys: vec!["other.csv".into()] }
+        RefCheck::KeyMissing {
+            keys: vec!["other.csv".into()]
+        }
     );
-    assert!(format!("{observed:?}").find("eA==").is_none(), "no key material kept");
+    assert!(
+        format!("{observed:?}").find("eA==").is_none(),
+        "no key material kept"
+    );
 }

@@ -121,7 +121,9 @@ pub struct AuthSpec {
 /// A key in a Secret of the same namespace.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SecretKeyRef {
+    /// The Secret's name.
     pub name: String,
+    /// The key holding the value (for a private key: a PEM file, e.g. `private.pem`).
     pub key: String,
 }
 
@@ -129,7 +131,9 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigMapKeyRef {
+    /// The ConfigMap's name.
     pub config_map_name: String,
+    /// The key holding the CSV file, e.g. `roster.csv`.
     pub key: String,
 }
 
@@ -241,13 +245,17 @@ pub struct NotifySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EmailSpec {
+    /// SMTP server host name.
     pub host: String,
+    /// SMTP port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// `none`, `starttls` or `tls`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
+    /// Sender address.
     pub from: String,
+    /// Recipient addresses.
     pub to: Vec<String>,
     /// Which outcomes to report: `success`, `partial`, `failure` (default all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -259,6 +267,7 @@ pub struct EmailSpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SecretName {
+    /// The Secret's name (same namespace).
     pub name: String,
 }
 
@@ -271,12 +280,15 @@ pub struct JobSettings {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// ServiceAccount of the pods (they get no API token: the export needs none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
     /// Seconds a run may take before Kubernetes stops it.
@@ -291,6 +303,7 @@ pub struct JobSettings {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct EpicExportStatus {
+    /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -298,8 +311,10 @@ pub struct EpicExportStatus {
     /// The scheduled time of the latest run started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<String>,
+    /// When the next scheduled run is due (absent when suspended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<String>,
+    /// When the last successful run finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_time: Option<String>,
     /// Names of the runs (Jobs) in progress.
@@ -319,22 +334,29 @@ pub struct EpicExportStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct LastRun {
+    /// The run's Job.
     pub job_name: String,
     /// `success`, `partial` or `failed`.
     pub outcome: String,
+    /// When the run's pod started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// When the run finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// Resources exported.
     #[serde(default)]
     pub records: u64,
+    /// NDJSON bytes written.
     #[serde(default)]
     pub bytes: u64,
     /// Records per resource type.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub records_by_type: BTreeMap<String, u64>,
+    /// What went wrong (shortened; the run's summary.json has everything).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// The run's folder in the pod (`/data` is the volume's `subPath`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_path: Option<String>,
 }

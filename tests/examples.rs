@@ -1,0 +1,147 @@
+//! The manifests under `examples/` stay in step with the code: every EpicExport deserializes into the
+//! CRD types without losing a field and passes the controller's validation; the operator Deployment's
+//! arguments are ones `epic-export` accepts, and its RBAC grants what the controller does.
+
+use std::collections::BTreeSet;
+
+use clap::Parser;
+use epic_export::cli::Cli;
+use epic_export::operator::controller::dereference::{Observed, RefCheck, Reference};
+use epic_export::operator::controller::validate::validate;
+use epic_export::operator::crd::EpicExport;
+use serde_json::Value;
+
+fn docs(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("examples/{file}: {e}"));
+    serde_saphyr::from_multiple::<Value>(&text).unwrap_or_else(|e| panic!("examples/{file}: {e}"))
+}
+
+/// Drops nulls and makes every number a float, so that a round trip compares what was written.
+fn strip(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), strip(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(strip).collect()),
+        Value::Number(n) => serde_json::json!(n.as_f64()),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn example_exports_are_complete_and_valid() {
+    let mut seen = 0;
+    for file in ["epicexport-search.yaml", "epicexport-bulk.yaml"] {
+        for doc in docs(file).into_iter().filter(|d| d["kind"] == "EpicExport") {
+            seen += 1;
+            let mut export: EpicExport =
+                serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let back = serde_json::to_value(&export).unwrap();
+            // Every field written in the example is a field of the CRD (none silently dropped).
+            let written = strip(&doc["spec"]);
+            let kept = strip(&back["spec"]);
+            for (k, v) in written.as_object().unwrap() {
+                assert_eq!(Some(v), kept.get(k), "{file}: spec.{k} does not round-trip");
+            }
+            export.metadata.uid = Some("example".into());
+            let all_present = Observed {
+                references: vec![Reference {
+                    field: "spec.auth.keySecretRef",
+                    kind: "Secret",
+                    name: "epic-key".into(),
+                    key: "private.pem".into(),
+                    check: RefCheck::Present,
+                }],
+                ..Observed::default()
+            };
+            validate(&export, &all_present).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+    assert_eq!(seen, 2);
+}
+
+#[test]
+fn the_operator_deployment_runs_a_real_command_with_enough_rbac() {
+    let docs = docs("operator.yaml");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = std::iter::once("epic-export")
+        .chain(
+            container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap()),
+        )
+        .chain(["--image", "x"])
+        .collect();
+    Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let env: BTreeSet<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(env.contains("EPIC_EXPORT_IMAGE") && env.contains("POD_NAME"));
+
+    let rules: Vec<(String, String, String)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .flat_map(|d| d["rules"].as_array().unwrap().clone())
+        .flat_map(|r| {
+            let groups: Vec<String> = r["apiGroups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_str().unwrap().to_owned())
+                .collect();
+            let resources: Vec<String> = r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_str().unwrap().to_owned())
+                .collect();
+            let verbs: Vec<String> = r["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_str().unwrap().to_owned())
+                .collect();
+            let mut out = Vec::new();
+            for g in &groups {
+                for res in &resources {
+                    for v in &verbs {
+                        out.push((g.clone(), res.clone(), v.clone()));
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    // What the controller does (see tests/operator_controller.rs for the requests themselves).
+    for (group, resource, verb) in [
+        ("fhirexport.dev", "epicexports", "list"),
+        ("fhirexport.dev", "epicexports", "watch"),
+        ("fhirexport.dev", "epicexports/status", "patch"),
+        ("batch", "jobs", "create"),
+        ("batch", "jobs", "delete"),
+        ("batch", "jobs", "watch"),
+        ("", "pods", "list"),
+        ("", "secrets", "get"),
+        ("", "secrets", "watch"),
+        ("", "configmaps", "get"),
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
+        ("coordination.k8s.io", "leases", "update"),
+        ("coordination.k8s.io", "leases", "create"),
+    ] {
+        assert!(
+            rules.contains(&(group.into(), resource.into(), verb.into())),
+            "RBAC lacks {verb} {group}/{resource}"
+        );
+    }
+}
