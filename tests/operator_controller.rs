@@ -79,6 +79,24 @@ fn this_hour() -> Timestamp {
     Timestamp::from_second(now - now.rem_euclid(3600)).unwrap()
 }
 
+/// The scheduled run of `export`: the one Job labelled with it, whose name must be the deterministic
+/// one for the hour it was scheduled for (this hour, or the next if the test crossed the hour).
+async fn scheduled_run(fake: &FakeApi, export: &str) -> (String, Timestamp) {
+    let hour = this_hour();
+    let job = eventually("the run's Job", || async {
+        fake.list(JOBS, Some(NS))
+            .into_iter()
+            .find(|j| j["metadata"]["labels"]["fhirexport.dev/export"] == export)
+    })
+    .await;
+    let name = job["metadata"]["name"].as_str().unwrap().to_owned();
+    let slot = [hour, hour + jiff::SignedDuration::from_hours(1)]
+        .into_iter()
+        .find(|slot| job_name(export, *slot) == name)
+        .unwrap_or_else(|| panic!("{name} is not the run for {hour} (or the hour after)"));
+    (name, slot)
+}
+
 struct Operator {
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<anyhow::Result<u8>>,
@@ -195,8 +213,8 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
         .unwrap();
     let op = Operator::start(&fake, None, Some(port));
 
-    let name = job_name("nightly", this_hour());
-    let job = eventually("the run's Job", || async { fake.get(JOBS, NS, &name) }).await;
+    let (name, slot) = scheduled_run(&fake, "nightly").await;
+    let job = fake.get(JOBS, NS, &name).unwrap();
     // Owned, labelled, locked down, with the key mounted read-only and no secret in the spec.
     let owner = &job["metadata"]["ownerReferences"][0];
     assert_eq!(
@@ -235,7 +253,7 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
     })
     .await;
     assert_eq!(s["active"], json!([name]));
-    assert_eq!(s["lastScheduleTime"], this_hour().to_string());
+    assert_eq!(s["lastScheduleTime"], slot.to_string());
     assert_eq!(condition(&s, "Ready")["status"], "True");
     assert!(s["nextScheduleTime"].as_str().is_some());
 
@@ -314,10 +332,8 @@ async fn a_restarted_operator_adopts_the_run_it_had_started() {
     secret(&fake);
     config_map(&fake);
     export(&fake, "nightly", json!({}), json!({}));
-    let name = job_name("nightly", this_hour());
-
     let first = Operator::start(&fake, None, None);
-    eventually("the Job", || async { fake.get(JOBS, NS, &name) }).await;
+    let (name, slot) = scheduled_run(&fake, "nightly").await;
     first.stop().await;
     // The status write of that pass was lost: lastScheduleTime is back to two hours ago.
     let mut obj = fake.get(EXPORTS, NS, "nightly").unwrap();
@@ -327,7 +343,7 @@ async fn a_restarted_operator_adopts_the_run_it_had_started() {
 
     let second = Operator::start(&fake, None, None);
     eventually("the slot recorded again", || async {
-        (status(&fake, "nightly")["lastScheduleTime"] == this_hour().to_string()).then_some(())
+        (status(&fake, "nightly")["lastScheduleTime"] == slot.to_string()).then_some(())
     })
     .await;
     assert_eq!(status(&fake, "nightly")["active"], json!([name]));
@@ -380,10 +396,7 @@ async fn a_missing_secret_stalls_until_it_is_created() {
     })
     .await;
     assert_eq!(condition(&s, "Stalled")["status"], "False");
-    eventually("the run starts", || async {
-        fake.get(JOBS, NS, &job_name("nightly", this_hour()))
-    })
-    .await;
+    scheduled_run(&fake, "nightly").await;
     op.stop().await;
 }
 
@@ -454,8 +467,7 @@ async fn of_two_replicas_only_the_leader_acts_and_a_standby_takes_over() {
     .await;
     let b = Operator::start(&fake, Some(lease("b")), None);
     export(&fake, "nightly", json!({}), json!({}));
-    let name = job_name("nightly", this_hour());
-    eventually("the run", || async { fake.get(JOBS, NS, &name) }).await;
+    let (name, _) = scheduled_run(&fake, "nightly").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lease_now = fake
         .get(LEASES, "epic-export-system", "epic-export-operator")

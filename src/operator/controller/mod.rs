@@ -464,8 +464,13 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!("controller: {e}");
+            use kube::runtime::controller::Error;
+            match result {
+                // A watch failed (RBAC, API unreachable): kube retries it with backoff.
+                Err(Error::QueueError(e)) => tracing::warn!("watch failed, retrying: {e}"),
+                // Reconcile errors were logged by `error_policy`; a deleted object needs nothing.
+                Err(e) => tracing::debug!("controller: {e}"),
+                Ok(_) => {}
             }
         })
         .await;
