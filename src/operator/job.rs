@@ -352,14 +352,7 @@ impl RunReportMessage {
     pub fn to_message(&self) -> String {
         let mut m = self.clone();
         for e in &mut m.errors {
-            if e.len() > 300 {
-                let cut = (0..=300)
-                    .rev()
-                    .find(|i| e.is_char_boundary(*i))
-                    .unwrap_or(0);
-                e.truncate(cut);
-                e.push('…');
-            }
+            shorten(e, 300);
         }
         loop {
             let text = serde_json::to_string(&m).unwrap_or_default();
@@ -379,6 +372,18 @@ impl RunReportMessage {
                     .collect();
             }
         }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes (at a character boundary) and marks the cut with `…`.
+pub fn shorten(text: &mut String, max: usize) {
+    if text.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
     }
 }
 

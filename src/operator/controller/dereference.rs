@@ -141,15 +141,10 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
     let key_ref = &export.spec.auth.key_secret_ref;
     let check = match secrets.get_opt(&key_ref.name).await? {
         None => RefCheck::Missing,
-        Some(secret) => {
-            let keys: BTreeSet<String> = secret
-                .data
-                .iter()
-                .flat_map(|d| d.keys().cloned())
-                .chain(secret.string_data.iter().flat_map(|d| d.keys().cloned()))
-                .collect();
-            key_check(keys, &key_ref.key)
-        }
+        Some(secret) => key_check(
+            key_names(secret.data.as_ref(), secret.string_data.as_ref()),
+            &key_ref.key,
+        ),
     };
     references.push(Reference {
         field: "spec.auth.keySecretRef",
@@ -170,15 +165,7 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
         for (field, r) in refs {
             let check = match maps.get_opt(&r.config_map_name).await? {
                 None => RefCheck::Missing,
-                Some(cm) => {
-                    let keys: BTreeSet<String> = cm
-                        .data
-                        .iter()
-                        .flat_map(|d| d.keys().cloned())
-                        .chain(cm.binary_data.iter().flat_map(|d| d.keys().cloned()))
-                        .collect();
-                    key_check(keys, &r.key)
-                }
+                Some(cm) => key_check(key_names(cm.data.as_ref(), cm.binary_data.as_ref()), &r.key),
             };
             references.push(Reference {
                 field,
@@ -218,6 +205,17 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
         runs,
         report,
     })
+}
+
+/// The key names of a Secret's or ConfigMap's two data maps (the values are not looked at).
+fn key_names<A, B>(
+    a: Option<&std::collections::BTreeMap<String, A>>,
+    b: Option<&std::collections::BTreeMap<String, B>>,
+) -> BTreeSet<String> {
+    a.into_iter()
+        .flat_map(|m| m.keys().cloned())
+        .chain(b.into_iter().flat_map(|m| m.keys().cloned()))
+        .collect()
 }
 
 fn key_check(keys: BTreeSet<String>, key: &str) -> RefCheck {

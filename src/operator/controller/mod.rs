@@ -105,14 +105,8 @@ impl Context {
 
     async fn publish(&self, export: &EpicExport, note: &Note, action: &str) {
         let mut text = note.message.clone();
-        if text.len() > 1000 {
-            let cut = (0..=1000)
-                .rev()
-                .find(|i| text.is_char_boundary(*i))
-                .unwrap_or(0);
-            text.truncate(cut);
-            text.push('…');
-        }
+        // Event notes are limited to 1 kB.
+        super::job::shorten(&mut text, 1000);
         let event = Event {
             type_: if note.warning {
                 EventType::Warning
