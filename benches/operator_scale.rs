@@ -65,6 +65,7 @@ async fn bench(n: usize) {
         );
     }
     let before = fake.requests().len();
+    let rss_before = proc_status("VmRSS");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let operator = tokio::spawn(serve_controller(
