@@ -14,6 +14,9 @@ if cargo tree --locked -e normal -i ring 2>/dev/null | grep -q '^ring'; then
   echo "ring is in the dependency tree: two rustls providers panic at run time"; cargo tree -e normal -i ring; exit 1
 fi
 
+echo "== chart and manifests"
+scripts/check-manifests.sh
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast

@@ -1,6 +1,9 @@
 //! The manifests under `examples/` stay in step with the code: every EpicExport deserializes into the
 //! CRD types without losing a field and passes the controller's validation; the operator Deployment's
-//! arguments are ones `epic-export` accepts, and its RBAC grants what the controller does.
+//! arguments are ones `epic-export` accepts, and its RBAC grants what the controller does; the sandbox
+//! kustomization's server arguments parse, its key Secret matches the JWKS the sandbox trusts, and its
+//! roster lists exactly the sandbox's patients. (scripts/check-manifests.sh checks the schemas, the CEL
+//! rules and the Helm chart.)
 
 use std::collections::BTreeSet;
 
@@ -35,7 +38,12 @@ fn strip(v: &Value) -> Value {
 #[test]
 fn example_exports_are_complete_and_valid() {
     let mut seen = 0;
-    for file in ["epicexport-search.yaml", "epicexport-bulk.yaml"] {
+    for file in [
+        "epicexport-search.yaml",
+        "epicexport-bulk.yaml",
+        "epicexport-email.yaml",
+        "sandbox/export.yaml",
+    ] {
         for doc in docs(file).into_iter().filter(|d| d["kind"] == "EpicExport") {
             seen += 1;
             let mut export: EpicExport =
@@ -61,7 +69,93 @@ fn example_exports_are_complete_and_valid() {
             validate(&export, &all_present).unwrap_or_else(|e| panic!("{file}: {e}"));
         }
     }
-    assert_eq!(seen, 2);
+    assert_eq!(seen, 4);
+}
+
+#[test]
+fn the_sandbox_example_is_consistent_with_the_sandbox() {
+    use epic_export::auth::{SigningKey, keys};
+    use epic_export::cli::Command;
+    use epic_export::sandbox::Dataset;
+
+    let all: Vec<Value> = ["sandbox.yaml", "key-secret.yaml", "export.yaml"]
+        .iter()
+        .flat_map(|f| docs(&format!("sandbox/{f}")))
+        .collect();
+    let find = |kind: &str, name: &str| {
+        all.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("examples/sandbox: no {kind} {name}"))
+    };
+    let export = find("EpicExport", "sandbox-search");
+
+    // The server's command line, with the pod IP the kubelet substitutes.
+    let deployment = find("Deployment", "epic-sandbox");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = std::iter::once("epic-export".to_string())
+        .chain(
+            container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().replace("$(POD_IP)", "10.1.2.3")),
+        )
+        .collect();
+    let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let Command::Sandbox(sandbox) = cli.command else {
+        panic!("the sandbox Deployment does not run `epic-export sandbox`")
+    };
+    assert_eq!(sandbox.bind.port(), 8080);
+    let registrations = sandbox.clients.clone();
+    assert_eq!(registrations.len(), 1);
+    let (client_id, jwks_path) = registrations[0].split_once('=').unwrap();
+    assert_eq!(export["spec"]["auth"]["clientId"], client_id);
+
+    // The JWKS file the sandbox reads is the ConfigMap's key, and the Secret's key is its private half.
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| jwks_path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .expect("the --client JWKS file is on no mounted volume");
+    let file = &jwks_path[mount["mountPath"].as_str().unwrap().len() + 1..];
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let config_map = find("ConfigMap", volume["configMap"]["name"].as_str().unwrap());
+    let trusted: Value = serde_json::from_str(config_map["data"][file].as_str().unwrap()).unwrap();
+    let key_ref = &export["spec"]["auth"]["keySecretRef"];
+    let pem = find("Secret", key_ref["name"].as_str().unwrap())["stringData"]
+        [key_ref["key"].as_str().unwrap()]
+    .as_str()
+    .unwrap();
+    let key = SigningKey::from_pem(
+        pem.as_bytes(),
+        std::path::Path::new("key-secret.yaml"),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        keys::jwks(&[key]),
+        trusted,
+        "the Secret's key is not the one the sandbox trusts"
+    );
+
+    // The roster is every sandbox patient.
+    let roster_ref = &export["spec"]["source"]["search"]["rosterRef"];
+    let roster = find("ConfigMap", roster_ref["configMapName"].as_str().unwrap())["data"]
+        [roster_ref["key"].as_str().unwrap()]
+    .as_str()
+    .unwrap();
+    let listed: Vec<&str> = roster.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        listed,
+        Dataset::generate(sandbox.patients, sandbox.seed).patient_ids()
+    );
 }
 
 #[test]

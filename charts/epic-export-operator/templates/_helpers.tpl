@@ -1,0 +1,91 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "epic-export-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: the release name, with the chart name unless it already contains it. */}}
+{{- define "epic-export-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "epic-export-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "epic-export-operator.labels" -}}
+helm.sh/chart: {{ include "epic-export-operator.chart" . }}
+{{ include "epic-export-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: epic-export
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The labels that select the operator's pods. */}}
+{{- define "epic-export-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "epic-export-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "epic-export-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "epic-export-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's image: repository@digest, or repository:tag (default the appVersion). */}}
+{{- define "epic-export-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Leader election is on exactly when there is more than one replica. */}}
+{{- define "epic-export-operator.leaderElection" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{/*
+The rules the controller uses, the same as examples/operator.yaml (scripts/check_manifests.py compares
+them). Bound cluster-wide by a ClusterRole, or in watchNamespace by a Role.
+*/}}
+{{- define "epic-export-operator.rules" -}}
+# The EpicExports it reconciles, and their status.
+- apiGroups: [fhirexport.dev]
+  resources: [epicexports]
+  verbs: [get, list, watch]
+- apiGroups: [fhirexport.dev]
+  resources: [epicexports/status]
+  verbs: [get, patch]
+# The runs: it creates, adopts, stops (concurrencyPolicy Replace) and cleans up export Jobs, and reads
+# the pods' termination messages (the run reports).
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
+# References: watched as metadata only (a change re-triggers the export); `get` checks that the
+# referenced key exists. Secret contents are never logged or copied.
+- apiGroups: [""]
+  resources: [secrets, configmaps]
+  verbs: [get, list, watch]
+# Events on the EpicExports (the recorder patches repeated ones into a series).
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
