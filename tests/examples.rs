@@ -89,7 +89,7 @@ fn the_sandbox_example_is_consistent_with_the_sandbox() {
     };
     let export = find("EpicExport", "sandbox-search");
 
-    // The server's command line, with the pod IP the kubelet substitutes.
+    // The server's command line.
     let deployment = find("Deployment", "epic-sandbox");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let args: Vec<String> = std::iter::once("epic-export".to_string())
@@ -98,7 +98,7 @@ fn the_sandbox_example_is_consistent_with_the_sandbox() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|a| a.as_str().unwrap().replace("$(POD_IP)", "10.1.2.3")),
+                .map(|a| a.as_str().unwrap().to_owned()),
         )
         .collect();
     let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
@@ -106,6 +106,14 @@ fn the_sandbox_example_is_consistent_with_the_sandbox() {
         panic!("the sandbox Deployment does not run `epic-export sandbox`")
     };
     assert_eq!(sandbox.bind.port(), 8080);
+    // It tells clients the Service's name: the origin of the export's baseUrl (else the token
+    // endpoint and `next` links would point where the Job cannot, or will not, go).
+    let base_url = export["spec"]["fhir"]["baseUrl"].as_str().unwrap();
+    let public = sandbox.public_url.clone().expect("--public-url");
+    assert_eq!(
+        base_url,
+        format!("{public}{}", epic_export::sandbox::FHIR_PATH)
+    );
     let registrations = sandbox.clients.clone();
     assert_eq!(registrations.len(), 1);
     let (client_id, jwks_path) = registrations[0].split_once('=').unwrap();

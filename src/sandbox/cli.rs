@@ -15,6 +15,11 @@ pub struct SandboxArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
+    /// The URL clients reach the sandbox at, when not the listening address (e.g. behind a
+    /// Kubernetes Service: `http://epic-sandbox.my-namespace.svc:8080`). Used in SMART discovery,
+    /// as the token audience and in `next` links.
+    #[arg(long, value_name = "URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
     /// Number of synthetic patients.
     #[arg(long, default_value_t = 10)]
     pub patients: usize,
@@ -63,6 +68,23 @@ pub struct SandboxArgs {
     pub write_roster: Option<std::path::PathBuf>,
 }
 
+/// An http(s) origin (scheme, host, optional port; no path), without a trailing slash.
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "`{s}` must be an http:// or https:// URL with a host"
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(format!(
+            "`{s}` must be an origin only (e.g. http://epic-sandbox.ns.svc:8080): the sandbox serves FHIR under {}",
+            super::FHIR_PATH
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if (0.0..=1.0).contains(&rate) {
@@ -80,6 +102,7 @@ impl SandboxArgs {
         }
         Ok(SandboxOptions {
             bind: self.bind,
+            public_origin: self.public_url.clone(),
             patients: self.patients,
             page_size: usize::try_from(self.page_size).context("--page-size is too large")?,
             latency: Duration::from_millis(self.latency_ms),

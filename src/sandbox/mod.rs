@@ -50,6 +50,10 @@ pub const SANDBOX_GROUP_ID: &str = "e3iabhmS8rsueyz7vaimuiaSmfGvi.QwjVXJANlPOgR8
 pub struct SandboxOptions {
     /// Address to listen on; port 0 picks an ephemeral port. Default `127.0.0.1:0`.
     pub bind: SocketAddr,
+    /// The origin clients reach the server at (e.g. `http://epic-sandbox.ns.svc:8080` behind a
+    /// Kubernetes Service), used in SMART discovery, the token audience and `next` links. Default:
+    /// the listening address (loopback when listening on all interfaces).
+    pub public_origin: Option<String>,
     /// Number of synthetic patients. Default 10.
     pub patients: usize,
     /// Maximum entries per search page. Default 20.
@@ -87,6 +91,7 @@ impl Default for SandboxOptions {
     fn default() -> Self {
         SandboxOptions {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_origin: None,
             patients: 10,
             page_size: 20,
             latency: Duration::ZERO,
@@ -221,7 +226,10 @@ impl Sandbox {
             .build()
             .map_err(SandboxError::HttpClient)?;
         let shared = Arc::new(Shared {
-            origin: format!("http://{local}"),
+            origin: opts
+                .public_origin
+                .clone()
+                .unwrap_or_else(|| format!("http://{local}")),
             storage_origin: format!("http://{storage_local}"),
             dataset: Arc::new(Dataset::generate(opts.patients, opts.seed)),
             http,

@@ -1149,3 +1149,65 @@ fn cli_registers_clients_from_files_and_urls() {
 }
 
 mod bulk;
+
+/// Behind a Service the sandbox is reached by another name than the address it listens on: with a
+/// public URL, discovery, the token audience and `next` links all use that name.
+#[tokio::test]
+async fn a_public_url_is_what_clients_are_told() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let public = format!("http://localhost:{port}");
+    let (sb, token) = started(SandboxOptions {
+        bind: SocketAddr::from(([0, 0, 0, 0], port)),
+        public_origin: Some(public.clone()),
+        page_size: 1,
+        ..SandboxOptions::default()
+    })
+    .await;
+    assert_eq!(sb.base_url(), format!("{public}{FHIR_PATH}"));
+    let conf: Value = reqwest::get(format!(
+        "{public}{FHIR_PATH}/.well-known/smart-configuration"
+    ))
+    .await
+    .expect("GET")
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(conf["token_endpoint"], format!("{public}{TOKEN_PATH}"));
+    let pid = sb.dataset().patient_ids()[0].clone();
+    let (status, page) = get_json(
+        &format!("{public}{FHIR_PATH}/Observation?patient={pid}&category=laboratory"),
+        &token,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let next = next_link(&page).expect("next");
+    assert!(next.starts_with(&format!("{public}{FHIR_PATH}")), "{next}");
+    assert_eq!(get_json(&next, &token).await.0, 200);
+}
+
+#[test]
+fn public_url_must_be_an_origin() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::SandboxArgs,
+    }
+    let parse = |url: &str| {
+        Cli::try_parse_from(["sandbox", "--public-url", url]).map(|c| c.args.public_url)
+    };
+    assert_eq!(
+        parse("http://epic-sandbox.demo.svc:8080/").unwrap(),
+        Some("http://epic-sandbox.demo.svc:8080".to_string())
+    );
+    for bad in ["epic-sandbox:8080", "ftp://x", "http://x/api/FHIR/R4"] {
+        let e = parse(bad)
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"))
+            .to_string();
+        assert!(e.contains("--public-url"), "{e}");
+    }
+}
