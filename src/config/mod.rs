@@ -57,9 +57,48 @@ pub struct Config {
     /// Used by `epic-export schedule`; `run` ignores it.
     #[serde(default)]
     pub schedule: Option<serde_json::Value>,
-    /// E-mail settings (used once notifications are supported).
+    /// Notifications about each run's outcome.
     #[serde(default)]
-    pub notify: Option<serde_json::Value>,
+    pub notify: Option<NotifyConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NotifyConfig {
+    #[serde(default)]
+    pub email: Option<EmailConfig>,
+}
+
+/// `notify.email` (DESIGN.md 4.1). The password never comes from the config itself: `passwordEnv`
+/// names an environment variable, `passwordFile` a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmailConfig {
+    pub host: String,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `none`, `starttls` or `tls`.
+    #[serde(default)]
+    pub tls: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    pub from: String,
+    pub to: Vec<String>,
+    /// Outcomes to report: `success`, `partial`, `failure` (default all).
+    #[serde(default)]
+    pub on: Vec<String>,
+    /// A PEM CA certificate to trust (e.g. a local bridge's self-signed certificate).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Skip certificate verification; accepted only for loopback hosts.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
