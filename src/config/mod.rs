@@ -4,6 +4,7 @@
 //! field (or CSV line) and says what to write instead. Relative paths are relative to the config file.
 
 pub mod bulk;
+pub mod ini;
 pub mod roster;
 
 use std::collections::BTreeMap;
@@ -228,10 +229,9 @@ pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
     {
-        return Err(ConfigError::Parse {
-            path: path.to_owned(),
-            message: "INI configs of the original tool are not supported by this version yet; write the YAML config described in README.md".into(),
-        });
+        // The original tool's INI: its paths are already anchored at its app folder.
+        let config = ini::config_from_ini(path)?;
+        return plan_from_config(config, path, path.parent().unwrap_or(Path::new(".")));
     }
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
