@@ -49,6 +49,23 @@ pub enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Run the export on a schedule: `schedule.cron` in `schedule.timeZone` from the config (or
+    /// --cron), one run at a time; a run missed while stopped is made up at start if at most
+    /// `schedule.startingDeadlineSeconds` (default 3600) late. SIGTERM/Ctrl-C lets the current run
+    /// finish, or abandons it cleanly after --grace-seconds.
+    Schedule {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Cron expression (5 fields or @daily…), instead of the config's `schedule.cron`.
+        #[arg(long)]
+        cron: Option<String>,
+        /// IANA time zone of the cron expression, instead of the config's `schedule.timeZone`.
+        #[arg(long)]
+        time_zone: Option<String>,
+        /// Seconds a run may go on after a stop request before it is abandoned.
+        #[arg(long, default_value_t = 300)]
+        grace_seconds: u64,
+    },
     /// Validate the config and key, get a token, and explain any failure (never prints the token).
     Check {
         #[arg(long, short)]
@@ -146,22 +163,45 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Run {
             config,
             no_progress,
+        } => run_once(&config, !no_progress).await,
+        Command::Schedule {
+            config,
+            cron,
+            time_zone,
+            grace_seconds,
         } => {
-            let plan = crate::config::load_plan(&config)?;
-            let options = crate::export::RunOptions {
-                interactive: !no_progress,
+            let from_config = crate::config::load_schedule(&config)?;
+            let (expr, zone, deadline) = match (cron, from_config) {
+                (Some(c), from) => (c, time_zone.or(from.and_then(|f| f.time_zone)), None),
+                (None, Some(f)) => (
+                    f.cron,
+                    time_zone.or(f.time_zone),
+                    f.starting_deadline_seconds,
+                ),
+                (None, None) => anyhow::bail!(
+                    "{}: no schedule: add `schedule: {{cron: \"0 2 * * *\", timeZone: America/Chicago}}` to the config, or pass --cron (an INI file has no schedule)",
+                    config.display()
+                ),
             };
-            match crate::export::run(&plan, &options).await {
-                Ok(report) => {
-                    println!("{}", report.summary.render_table());
-                    Ok(report.summary.outcome.exit_code() as u8)
-                }
-                Err(ExportError::Unfinished(why)) => {
-                    eprintln!("unfinished: {why}");
-                    Ok(EXIT_UNFINISHED)
-                }
-                Err(e) => Err(e.into()),
-            }
+            let schedule = crate::schedule::Schedule::parse(&expr, zone.as_deref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                terminated().await;
+                let _ = stop_tx.send(true);
+            });
+            crate::scheduler::run(
+                crate::scheduler::SchedulerOptions {
+                    config,
+                    schedule,
+                    deadline: deadline
+                        .map(std::time::Duration::from_secs)
+                        .unwrap_or(crate::scheduler::DEFAULT_DEADLINE),
+                    grace: std::time::Duration::from_secs(grace_seconds),
+                },
+                stop_rx,
+            )
+            .await
         }
         Command::Check { config } => {
             let plan = crate::config::load_plan(&config)?;
@@ -235,6 +275,24 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             crate::sandbox::serve(args).await?;
             Ok(0)
         }
+    }
+}
+
+/// One export run from a config file (YAML or the original INI), as `epic-export run` does and each
+/// run of `epic-export schedule`. Returns the exit code.
+pub async fn run_once(config: &std::path::Path, interactive: bool) -> anyhow::Result<u8> {
+    let plan = crate::config::load_plan(config)?;
+    let options = crate::export::RunOptions { interactive };
+    match crate::export::run(&plan, &options).await {
+        Ok(report) => {
+            println!("{}", report.summary.render_table());
+            Ok(report.summary.outcome.exit_code() as u8)
+        }
+        Err(ExportError::Unfinished(why)) => {
+            eprintln!("unfinished: {why}");
+            Ok(EXIT_UNFINISHED)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

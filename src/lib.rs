@@ -4,7 +4,8 @@
 //! retrieves over HTTP (`fhir`), streams into a run folder (`output`) and reports a `RunSummary`
 //! (`summary`). `sandbox` is the built-in Epic-compatible server that `demo`, the tests and the
 //! benchmarks run against. `cli` is the command line. `schedule` decides when scheduled runs are due
-//! (cron in a time zone, Kubernetes CronJob semantics; pure).
+//! (cron in a time zone, Kubernetes CronJob semantics; pure); `scheduler` is the standalone
+//! `epic-export schedule` loop built on it.
 
 pub mod auth;
 pub mod check;
@@ -20,4 +21,5 @@ pub mod plan;
 pub mod progress;
 pub mod sandbox;
 pub mod schedule;
+pub mod scheduler;
 pub mod summary;

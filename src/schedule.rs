@@ -109,6 +109,11 @@ impl Schedule {
         self.tz.iana_name().unwrap_or("UTC")
     }
 
+    /// The time zone, e.g. to show an instant in local time.
+    pub fn time_zone(&self) -> &TimeZone {
+        &self.tz
+    }
+
     /// First scheduled instant strictly after `after`.
     ///
     /// `None` when the expression never matches again (e.g. `0 0 30 2 *`).

@@ -57,10 +57,25 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Used by `epic-export schedule`; `run` ignores it.
     #[serde(default)]
-    pub schedule: Option<serde_json::Value>,
+    pub schedule: Option<ScheduleConfig>,
     /// Notifications about each run's outcome.
     #[serde(default)]
     pub notify: Option<NotifyConfig>,
+}
+
+/// `schedule`: when `epic-export schedule` runs the export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// 5-field cron or a macro such as `@daily`.
+    pub cron: String,
+    /// IANA time zone of `cron`; default UTC.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// At start, a run missed while the scheduler was down is made up only if it is at most this
+    /// late (default 3600).
+    #[serde(default)]
+    pub starting_deadline_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -238,6 +253,25 @@ pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
         source,
     })?;
     plan_from_text(&text, path, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The `schedule` block of the config at `path` (`None` for an INI file or a config without one).
+pub fn load_schedule(path: &Path) -> Result<Option<ScheduleConfig>, ConfigError> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
+    {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let config: Config = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(config.schedule)
 }
 
 /// Parses and validates config text (YAML, or JSON, which is YAML too). `origin` names the source in
