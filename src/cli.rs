@@ -22,6 +22,10 @@ pub struct Cli {
     /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Also write the log to this file, rotated daily (FILE.YYYY-MM-DD). With an INI config the
+    /// default is the original tool's backend_epic.log (or its [paths] log_file).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -123,7 +127,16 @@ pub struct ControllerArgs {
 /// Parses arguments, runs the command, and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let log_file = cli.log_file.clone().or_else(|| match &cli.command {
+        Command::Run { config, .. } | Command::Schedule { config, .. } => {
+            crate::config::ini::log_file(config)
+        }
+        _ => None,
+    });
+    if let Err(e) = logging::init(cli.log_format, log_file.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -285,8 +298,31 @@ pub async fn run_once(config: &std::path::Path, interactive: bool) -> anyhow::Re
     let options = crate::export::RunOptions { interactive };
     match crate::export::run(&plan, &options).await {
         Ok(report) => {
-            println!("{}", report.summary.render_table());
-            Ok(report.summary.outcome.exit_code() as u8)
+            let summary = &report.summary;
+            println!("{}", summary.render_table());
+            // The original tool's closing log lines: each file with its records and size.
+            for r in &summary.resources {
+                tracing::info!(
+                    file = %r.file,
+                    records = r.records,
+                    bytes = r.bytes,
+                    "{}: {} records, {}",
+                    r.file,
+                    r.records,
+                    crate::summary::human_bytes(r.bytes)
+                );
+            }
+            tracing::info!(
+                outcome = ?summary.outcome,
+                records = summary.records_total,
+                bytes = summary.bytes_total,
+                "export {} finished: {} records, {} in {}",
+                summary.export,
+                summary.records_total,
+                crate::summary::human_bytes(summary.bytes_total),
+                summary.output_dir
+            );
+            Ok(summary.outcome.exit_code() as u8)
         }
         Err(ExportError::Unfinished(why)) => {
             eprintln!("unfinished: {why}");

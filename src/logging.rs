@@ -1,7 +1,13 @@
-//! Log setup: plain text or JSON lines on stderr, filtered by `RUST_LOG` (default `info`).
-//! At the default level our logs carry counts and messages, never patient ids or resource content.
+//! Log setup: plain text or JSON lines on stderr, filtered by `RUST_LOG` (default `info`), and
+//! optionally also to a log file rotated daily (`--log-file`; the original tool's `backend_epic.log`
+//! for an INI config). At the default level our logs carry counts and messages, never patient ids or
+//! resource content.
 
+use std::path::{Path, PathBuf};
+
+use tracing_appender::rolling::{RollingFileAppender, Rotation};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -10,15 +16,45 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; a second call is a no-op (tests).
-pub fn init(format: LogFormat) {
+/// A daily-rotated log file: `PATH` becomes `PATH.YYYY-MM-DD` (UTC), one file a day.
+fn appender(path: &Path) -> Result<RollingFileAppender, String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("--log-file {}: not a file name", path.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        format!(
+            "--log-file {}: cannot create {}: {e}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    RollingFileAppender::builder()
+        .rotation(Rotation::DAILY)
+        .filename_prefix(name.to_string_lossy())
+        .build(&dir)
+        .map_err(|e| format!("--log-file {}: {e}", path.display()))
+}
+
+/// Installs the global subscriber (a second call is a no-op, for tests). With `file`, every line
+/// also goes to that daily-rotated file, without terminal colours.
+pub fn init(format: LogFormat, file: Option<&Path>) -> Result<(), String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = match file {
+        Some(path) => BoxMakeWriter::new(std::io::stderr.and(appender(path)?)),
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .with_ansi(file.is_none())
         .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    Ok(())
 }

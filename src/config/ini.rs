@@ -278,6 +278,33 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
+/// The log file of an INI config: `[paths] log_file`, else `backend_epic.log` in `app_folder_name`
+/// (or beside the INI file), as the original tool wrote. `None` for other configs or an unreadable
+/// INI (whose error the run reports).
+pub fn log_file(path: &Path) -> Option<PathBuf> {
+    if !path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
+    {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let sections = parse(&text, path).ok()?;
+    let ini = Resolved {
+        sections: &sections,
+        path,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let app = match ini.get("paths", "app_folder_name").ok()? {
+        Some(p) => dir.join(ini.path_value("paths", "app_folder_name", &p).ok()?),
+        None => dir.to_owned(),
+    };
+    Some(match ini.get("paths", "log_file").ok()? {
+        Some(f) => app.join(ini.path_value("paths", "log_file", &f).ok()?),
+        None => app.join("backend_epic.log"),
+    })
+}
+
 fn parse(text: &str, path: &Path) -> Result<Sections, ConfigError> {
     let mut sections = Sections::new();
     let mut current: Option<String> = None;
