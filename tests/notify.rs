@@ -400,3 +400,42 @@ fn email_plan_defaults() {
         ))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_fails_before_writing_still_reports_the_failure() {
+    let server = smtp_server("starttls").await;
+    let env = env(SandboxOptions {
+        patients: 1,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    let notify = format!(
+        "notify:\n  email:\n    host: 127.0.0.1\n    port: {}\n    caFile: {}\n    username: {USER}\n    passwordEnv: TEST_SMTP_PASSWORD\n    from: {USER}\n    to: [team@example.org]\n    on: [failure]\n",
+        server.port,
+        fixtures().join("ca.pem").display()
+    );
+    let config = env.write_config(&patients, ALL_SEARCHES, &format!("{FAST_LIMITS}{notify}"));
+    // An unregistered client id: the token request fails before anything is written.
+    let yaml = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("clientId: test-client", "clientId: not-registered");
+    std::fs::write(&config, yaml).unwrap();
+    let out = run(&config, &[("TEST_SMTP_PASSWORD", PASSWORD)]).await;
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+    let json = server.maildir.path().join("1.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.maildir.path().join("1.eml").exists() {
+        assert!(std::time::Instant::now() < deadline, "no message arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let parsed: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(
+        parsed["subject"],
+        "[epic-export] test-export: failed — 0 records"
+    );
+    let text = parsed["parts"][0]["content"].as_str().unwrap();
+    assert!(text.contains("nothing was written"), "{text}");
+    assert!(text.contains("Errors (1):"), "{text}");
+    assert!(!text.contains(&patients[0]));
+}
