@@ -17,6 +17,18 @@ fi
 echo "== chart and manifests"
 scripts/check-manifests.sh
 
+echo "== SMTP test server venv (aiosmtpd, for tests/notify.rs)"
+smtp_venv=target/smtp-venv
+smtp_requirements=scripts/smtp-test-requirements.txt
+if [[ ! -x "$smtp_venv/bin/python" ]] || ! cmp -s "$smtp_requirements" "$smtp_venv/requirements.txt"; then
+  echo "making $smtp_venv from $smtp_requirements"
+  rm -rf "$smtp_venv"
+  python3 -m venv "$smtp_venv"
+  "$smtp_venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$smtp_requirements"
+  cp "$smtp_requirements" "$smtp_venv/requirements.txt"
+fi
+export EPIC_EXPORT_TEST_PYTHON="$PWD/$smtp_venv/bin/python"
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast

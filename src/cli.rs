@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::auth::{Algorithm, SigningKey, keys};
 use crate::export::ExportError;
 use crate::logging::{self, LogFormat};
+use crate::summary::NotificationStatus;
 
 /// Exit code of a run that stopped early on purpose and will be resumed by the next run.
 pub const EXIT_UNFINISHED: u8 = 4;
@@ -296,8 +297,21 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
 pub async fn run_once(config: &std::path::Path, interactive: bool) -> anyhow::Result<u8> {
     let plan = crate::config::load_plan(config)?;
     let options = crate::export::RunOptions { interactive };
+    let started_at = jiff::Timestamp::now();
+    let started = std::time::Instant::now();
     match crate::export::run(&plan, &options).await {
-        Ok(report) => {
+        Ok(mut report) => {
+            // Best-effort: the outcome and exit code stay what the export decided.
+            let result = crate::notify::notify_run(plan.email.as_ref(), &report.summary).await;
+            if let Some(record) = result.record() {
+                report.summary.notification = Some(NotificationStatus {
+                    email: Some(record),
+                });
+                let path = report.dir.join("summary.json");
+                if let Err(e) = crate::output::write_json_atomic(&path, &report.summary) {
+                    tracing::warn!("cannot record the notification in {}: {e}", path.display());
+                }
+            }
             let summary = &report.summary;
             println!("{}", summary.render_table());
             // The original tool's closing log lines: each file with its records and size.
@@ -328,7 +342,20 @@ pub async fn run_once(config: &std::path::Path, interactive: bool) -> anyhow::Re
             eprintln!("unfinished: {why}");
             Ok(EXIT_UNFINISHED)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            // Nothing was written (key, authentication, output folder); still report the failure
+            // if asked to. There is no summary.json to record the result in.
+            if plan.email.is_some() {
+                let summary = crate::notify::summary_of_failed_start(
+                    &plan,
+                    started_at,
+                    started.elapsed().as_secs_f64(),
+                    &e.to_string(),
+                );
+                let _ = crate::notify::notify_run(plan.email.as_ref(), &summary).await;
+            }
+            Err(e.into())
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod export;
 pub mod fhir;
 pub mod logging;
+pub mod notify;
 pub mod operator;
 pub mod output;
 pub mod plan;

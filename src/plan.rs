@@ -24,6 +24,8 @@ pub struct ExportPlan {
     pub output_dir: PathBuf,
     pub keep_runs: usize,
     pub limits: Limits,
+    /// `notify.email`: where to report each run's outcome.
+    pub email: Option<crate::notify::EmailPlan>,
 }
 
 impl ExportPlan {

@@ -66,6 +66,18 @@ pub struct RunSummary {
     pub errors: Vec<String>,
     /// Where the files are (the published run folder, or the `.failed` folder).
     pub output_dir: String,
+    /// What became of the notifications about this run (added after the run, summary.json rewritten).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub notification: Option<NotificationStatus>,
+}
+
+/// `notification` in summary.json, e.g. `{"email": "sent to 2 recipients"}` or
+/// `{"email": "failed: cannot connect to ..."}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationStatus {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub email: Option<String>,
 }
 
 /// Search-mode figures.
@@ -190,6 +202,9 @@ impl RunSummary {
             let _ = writeln!(s, "error: {e}");
         }
         let _ = writeln!(s, "run folder: {}", self.output_dir);
+        if let Some(email) = self.notification.as_ref().and_then(|n| n.email.as_ref()) {
+            let _ = writeln!(s, "e-mail notification: {email}");
+        }
         s
     }
 }

@@ -16,6 +16,9 @@ use serde::Deserialize;
 use crate::auth::Algorithm;
 use crate::fhir::Limits;
 use crate::fhir::retry::RetryPolicy;
+use lettre::message::Mailbox;
+
+use crate::notify::{EmailPlan, OnSet, PasswordSource, TlsMode, is_loopback_host};
 use crate::plan::{BulkLevel, BulkPlan, ExportPlan, Search, SearchPlan, Source};
 
 #[derive(Debug, thiserror::Error)]
@@ -387,9 +390,10 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             "must be at least 1 (the run just written)".into(),
         ));
     }
-    if c.notify.is_some() {
-        tracing::warn!("config field notify is not supported by this version yet and is ignored");
-    }
+    let email = match c.notify.and_then(|n| n.email) {
+        Some(e) => Some(email_plan(e, &invalid, &resolve)?),
+        None => None,
+    };
     let scope = c.auth.scope.unwrap_or_else(|| default_scope(&source));
     Ok(ExportPlan {
         name: c.name,
@@ -413,6 +417,135 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             },
             request_timeout: Duration::from_secs(l.request_timeout_seconds),
         },
+        email,
+    })
+}
+
+/// Validates `notify.email`. The password itself is not read here: a missing environment variable or
+/// file is reported when the notification is sent.
+fn email_plan(
+    e: EmailConfig,
+    invalid: &Invalid<'_>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<EmailPlan, ConfigError> {
+    let host = e.host.trim().to_owned();
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(invalid(
+            "notify.email.host",
+            format!(
+                "{:?} is not a host name or address: write e.g. smtp.example.org or 127.0.0.1",
+                e.host
+            ),
+        ));
+    }
+    let tls = match &e.tls {
+        Some(t) => TlsMode::parse(t).map_err(|m| invalid("notify.email.tls", m))?,
+        None => TlsMode::Starttls,
+    };
+    let port = match e.port {
+        Some(0) => return Err(invalid("notify.email.port", "must be 1 to 65535".into())),
+        Some(p) => p,
+        None => tls.default_port(),
+    };
+    let mailbox = |field: &str, s: &str| {
+        s.trim().parse::<Mailbox>().map_err(|err| {
+            invalid(
+                field,
+                format!("{s:?} is not an e-mail address ({err}): write e.g. me@example.org or \"Exports <me@example.org>\""),
+            )
+        })
+    };
+    let from = mailbox("notify.email.from", &e.from)?;
+    if e.to.is_empty() {
+        return Err(invalid("notify.email.to", "lists no recipients".into()));
+    }
+    let to =
+        e.to.iter()
+            .map(|t| mailbox("notify.email.to", t))
+            .collect::<Result<Vec<_>, _>>()?;
+    let password = match (e.password_env, e.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "notify.email",
+                "give either passwordEnv or passwordFile, not both".into(),
+            ));
+        }
+        (Some(v), None) => {
+            if v.is_empty() || v.contains('=') || v.contains('\0') {
+                return Err(invalid(
+                    "notify.email.passwordEnv",
+                    format!("{v:?} is not an environment variable name"),
+                ));
+            }
+            Some(PasswordSource::Env(v))
+        }
+        (None, Some(f)) => Some(PasswordSource::File(resolve(&f))),
+        (None, None) => None,
+    };
+    let username = e.username.filter(|u| !u.is_empty());
+    match (&username, &password) {
+        (Some(_), None) => {
+            return Err(invalid(
+                "notify.email.passwordEnv",
+                "username is set but no password source: set passwordEnv (an environment variable) or passwordFile".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "notify.email.username",
+                "a password source is set but no username to log in with".into(),
+            ));
+        }
+        _ => {}
+    }
+    let ca_file = e.ca_file.as_deref().map(resolve);
+    if let Some(ca) = &ca_file
+        && !ca.is_file()
+    {
+        return Err(invalid(
+            "notify.email.caFile",
+            format!(
+                "{} is not a readable file (a PEM CA certificate)",
+                ca.display()
+            ),
+        ));
+    }
+    if e.insecure_skip_verify {
+        if !is_loopback_host(&host) {
+            return Err(invalid(
+                "notify.email.insecureSkipVerify",
+                format!(
+                    "is only allowed for a loopback host (127.0.0.1, ::1, localhost), not {host:?}: trust the server's certificate with caFile instead"
+                ),
+            ));
+        }
+        tracing::warn!(
+            "notify.email.insecureSkipVerify: the certificate of {host} will not be verified (loopback only)"
+        );
+    }
+    let on = OnSet::parse(&e.on).map_err(|m| invalid("notify.email.on", m))?;
+    let timeout = match e.timeout_seconds {
+        Some(0) => {
+            return Err(invalid(
+                "notify.email.timeoutSeconds",
+                "must be at least 1".into(),
+            ));
+        }
+        Some(t) => Duration::from_secs(t),
+        None => Duration::from_secs(30),
+    };
+    Ok(EmailPlan {
+        host,
+        port,
+        tls,
+        from,
+        to,
+        username,
+        password,
+        ca_file,
+        insecure_skip_verify: e.insecure_skip_verify,
+        on,
+        timeout,
     })
 }
 

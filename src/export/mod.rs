@@ -202,6 +202,7 @@ impl RunContext<'_> {
             }
             .display()
             .to_string(),
+            notification: None,
         };
         let run_id = summary.run_id.clone();
         let dir = if outcome == Outcome::Failed {

@@ -1,0 +1,272 @@
+//! E-mail notifications about standalone runs (`notify.email`, DESIGN.md 4.1).
+//!
+//! After `epic-export run` ends, the run's `RunSummary` is rendered into a short message (`message`,
+//! pure: counts, sizes, duration, shortened errors, the output folder; never patient ids or resource
+//! content) and sent over SMTP (`smtp`, lettre with rustls/aws-lc-rs). Sending is best-effort: a
+//! notification failure never changes the export's result or exit code; it is logged and recorded in
+//! the run's `summary.json` under `notification.email`.
+
+pub mod message;
+pub mod smtp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lettre::message::Mailbox;
+
+use crate::summary::{Outcome, RunSummary};
+
+/// How the SMTP connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain text (port 25 by default). Only sensible on loopback.
+    None,
+    /// STARTTLS required (port 587 by default).
+    Starttls,
+    /// TLS from the first byte, "SMTPS" (port 465 by default).
+    Tls,
+}
+
+impl TlsMode {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(TlsMode::None),
+            "starttls" => Ok(TlsMode::Starttls),
+            "tls" => Ok(TlsMode::Tls),
+            _ => Err(format!(
+                "{s:?} is not a TLS mode: use none, starttls or tls"
+            )),
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            TlsMode::None => 25,
+            TlsMode::Starttls => 587,
+            TlsMode::Tls => 465,
+        }
+    }
+}
+
+/// Where the SMTP password comes from (never the config file itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// An environment variable, read at send time.
+    Env(String),
+    /// A file (trailing newline trimmed), read at send time.
+    File(PathBuf),
+}
+
+/// Which outcomes are reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnSet {
+    pub success: bool,
+    pub partial: bool,
+    pub failure: bool,
+}
+
+impl Default for OnSet {
+    fn default() -> Self {
+        OnSet {
+            success: true,
+            partial: true,
+            failure: true,
+        }
+    }
+}
+
+impl OnSet {
+    /// Parses `on:`; an empty list means every outcome.
+    pub fn parse(values: &[String]) -> Result<Self, String> {
+        if values.is_empty() {
+            return Ok(OnSet::default());
+        }
+        let mut on = OnSet {
+            success: false,
+            partial: false,
+            failure: false,
+        };
+        for v in values {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "success" => on.success = true,
+                "partial" => on.partial = true,
+                "failure" | "failed" => on.failure = true,
+                _ => {
+                    return Err(format!(
+                        "{v:?} is not an outcome: use success, partial or failure"
+                    ));
+                }
+            }
+        }
+        Ok(on)
+    }
+
+    pub fn includes(&self, outcome: Outcome) -> bool {
+        match outcome {
+            Outcome::Success => self.success,
+            Outcome::Partial => self.partial,
+            Outcome::Failed => self.failure,
+        }
+    }
+}
+
+/// The validated `notify.email` block.
+#[derive(Clone, Debug)]
+pub struct EmailPlan {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub from: Mailbox,
+    pub to: Vec<Mailbox>,
+    pub username: Option<String>,
+    pub password: Option<PasswordSource>,
+    /// A PEM CA certificate added to the trust roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate (only allowed for loopback hosts).
+    pub insecure_skip_verify: bool,
+    pub on: OnSet,
+    pub timeout: Duration,
+}
+
+/// Whether `host` is a loopback name or address (`localhost`, 127.0.0.0/8, ::1).
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    h.parse::<std::net::IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
+}
+
+/// The summary of a run that failed before it wrote anything (key, authentication, output folder),
+/// for the notification only.
+pub fn summary_of_failed_start(
+    plan: &crate::plan::ExportPlan,
+    started_at: jiff::Timestamp,
+    duration_seconds: f64,
+    error: &str,
+) -> RunSummary {
+    RunSummary {
+        export: plan.name.clone(),
+        run_id: started_at.strftime("%Y%m%dT%H%M%SZ").to_string(),
+        outcome: Outcome::Failed,
+        started_at: started_at.to_string(),
+        finished_at: jiff::Timestamp::now().to_string(),
+        duration_seconds,
+        fhir_base_url: plan.fhir_base.clone(),
+        mode: match plan.source {
+            crate::plan::Source::Search(_) => "search".into(),
+            crate::plan::Source::Bulk(_) => "bulk".into(),
+        },
+        requests: 0,
+        retries: 0,
+        token_renewals_after_401: 0,
+        resources: Vec::new(),
+        records_total: 0,
+        bytes_total: 0,
+        server_outcomes: 0,
+        search: None,
+        bulk: None,
+        errors: vec![error.to_owned()],
+        output_dir: format!(
+            "{} (nothing was written)",
+            plan.output_dir.join(&plan.name).display()
+        ),
+        notification: None,
+    }
+}
+
+/// What became of a notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotifyResult {
+    /// No `notify.email`, or the outcome is not in `on`.
+    Skipped,
+    Sent {
+        recipients: usize,
+    },
+    Failed(String),
+}
+
+impl NotifyResult {
+    /// The text recorded in `summary.json` (`notification.email`), if anything was attempted.
+    pub fn record(&self) -> Option<String> {
+        match self {
+            NotifyResult::Skipped => None,
+            NotifyResult::Sent { recipients } => Some(format!(
+                "sent to {recipients} recipient{}",
+                if *recipients == 1 { "" } else { "s" }
+            )),
+            NotifyResult::Failed(reason) => Some(format!("failed: {reason}")),
+        }
+    }
+}
+
+/// Sends the notification for a finished run if `notify.email` is set and the outcome is in `on`.
+/// Never fails: problems come back as `NotifyResult::Failed` (and are logged as warnings).
+pub async fn notify_run(plan: Option<&EmailPlan>, summary: &RunSummary) -> NotifyResult {
+    notify_run_with(plan, summary, &smtp::SendOptions::default()).await
+}
+
+/// `notify_run` with explicit retry settings.
+pub async fn notify_run_with(
+    plan: Option<&EmailPlan>,
+    summary: &RunSummary,
+    options: &smtp::SendOptions,
+) -> NotifyResult {
+    let Some(plan) = plan else {
+        return NotifyResult::Skipped;
+    };
+    if !plan.on.includes(summary.outcome) {
+        tracing::debug!(
+            "no e-mail: outcome {:?} is not in notify.email.on",
+            summary.outcome
+        );
+        return NotifyResult::Skipped;
+    }
+    let rendered = message::render(summary);
+    match smtp::send(plan, &rendered, options).await {
+        Ok(n) => {
+            tracing::info!(
+                "notification e-mail sent to {n} recipient(s) via {}:{}",
+                plan.host,
+                plan.port
+            );
+            NotifyResult::Sent { recipients: n }
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            tracing::warn!(
+                "notification e-mail not sent (the export's result is unchanged): {reason}"
+            );
+            NotifyResult::Failed(reason)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_set_and_modes() {
+        assert_eq!(OnSet::parse(&[]).unwrap(), OnSet::default());
+        let on = OnSet::parse(&["failure".into()]).unwrap();
+        assert!(on.includes(Outcome::Failed) && !on.includes(Outcome::Success));
+        assert!(OnSet::parse(&["sometimes".into()]).is_err());
+        assert_eq!(TlsMode::parse("STARTTLS").unwrap().default_port(), 587);
+        assert_eq!(TlsMode::parse("tls").unwrap().default_port(), 465);
+        assert_eq!(TlsMode::parse("none").unwrap().default_port(), 25);
+        assert!(TlsMode::parse("ssl").is_err());
+        assert!(is_loopback_host("127.0.0.1"));
+        assert!(is_loopback_host("localhost"));
+        assert!(is_loopback_host("[::1]"));
+        assert!(!is_loopback_host("smtp.example.org"));
+        assert!(!is_loopback_host("10.0.0.1"));
+        assert_eq!(
+            NotifyResult::Sent { recipients: 2 }.record().unwrap(),
+            "sent to 2 recipients"
+        );
+        assert_eq!(NotifyResult::Skipped.record(), None);
+    }
+}
