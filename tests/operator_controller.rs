@@ -6,6 +6,8 @@
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
+#[path = "support/smtp.rs"]
+mod smtp;
 
 use std::future::Future;
 use std::time::Duration;
@@ -495,4 +497,77 @@ async fn of_two_replicas_only_the_leader_acts_and_a_standby_takes_over() {
     })
     .await;
     assert_eq!(b.stop().await, 0);
+}
+
+/// One e-mail per finished run, sent by the controller with the Secret's credentials, also for a
+/// run whose pod never reported (killed past its deadline); the result lands in `lastRun`.
+#[tokio::test]
+async fn each_finished_run_sends_one_email_even_when_the_pod_never_reported() {
+    let server = smtp::smtp_server("none").await;
+    let fake = FakeApi::new();
+    secret(&fake);
+    config_map(&fake);
+    fake.put(
+        "api/v1/secrets",
+        json!({"metadata": {"name": "smtp", "namespace": NS}, "data": {
+            "username": base64(smtp::USER), "password": base64(smtp::PASSWORD)}}),
+    );
+    export(
+        &fake,
+        "nightly",
+        json!({"notify": {"email": {
+            "host": "127.0.0.1", "port": server.port, "tls": "none",
+            "from": "exports@example.org", "to": ["team@example.org"],
+            "smtpSecretRef": {"name": "smtp"}}}}),
+        json!({}),
+    );
+    let op = Operator::start(&fake, None, None);
+    let (name, _) = scheduled_run(&fake, "nightly").await;
+    fake.finish_job(NS, &name, true, &report("success", 42));
+    let s = eventually("the e-mail recorded in lastRun", || async {
+        let s = status(&fake, "nightly");
+        s["lastRun"]["notification"].as_str().is_some().then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["notification"], "sent to 1 recipient", "{s}");
+    let mail = |n: u32| server.maildir.path().join(format!("{n}.json"));
+    let first: Value = serde_json::from_str(&std::fs::read_to_string(mail(1)).unwrap()).unwrap();
+    assert_eq!(
+        first["subject"],
+        "[epic-export] nightly: success — 42 records"
+    );
+
+    // A run killed by Kubernetes leaves no report: the e-mail says so, once.
+    let mut obj = fake.get(EXPORTS, NS, "nightly").unwrap();
+    obj["metadata"]["annotations"] = json!({"fhirexport.dev/run-now": "again"});
+    fake.put(EXPORTS, obj);
+    let again = on_demand_job_name("nightly", "again");
+    eventually("the second run", || async { fake.get(JOBS, NS, &again) }).await;
+    let mut job = fake.get(JOBS, NS, &again).unwrap();
+    job["status"] = json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+        "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline",
+        "lastTransitionTime": Timestamp::now().to_string()}]});
+    fake.put(JOBS, job);
+    eventually("the second e-mail", || async {
+        mail(2).exists().then_some(())
+    })
+    .await;
+    let second: Value = serde_json::from_str(&std::fs::read_to_string(mail(2)).unwrap()).unwrap();
+    assert_eq!(
+        second["subject"],
+        "[epic-export] nightly: failed — 0 records"
+    );
+    // Steady state: no third message.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!mail(3).exists(), "one e-mail per run");
+    assert_eq!(
+        status(&fake, "nightly")["lastRun"]["notification"],
+        "sent to 1 recipient"
+    );
+    op.stop().await;
+}
+
+fn base64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
 }

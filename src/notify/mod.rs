@@ -55,6 +55,18 @@ pub enum PasswordSource {
     Env(String),
     /// A file (trailing newline trimmed), read at send time.
     File(PathBuf),
+    /// Given directly (the operator reads it from a Secret); never shown by `Debug`.
+    Value(SecretValue),
+}
+
+/// A password held in memory; `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(pub String);
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Which outcomes are reported.

@@ -83,6 +83,7 @@ fn password(plan: &EmailPlan) -> Result<Option<String>, SendError> {
             Ok(p) => Ok(Some(p)),
             Err(_) => Err(SendError::PasswordEnvMissing(var.clone())),
         },
+        Some(PasswordSource::Value(v)) => Ok(Some(v.0.clone())),
         Some(PasswordSource::File(path)) => match std::fs::read_to_string(path) {
             Ok(p) => Ok(Some(p.trim_end_matches(['\n', '\r']).to_owned())),
             Err(source) => Err(SendError::PasswordFile {

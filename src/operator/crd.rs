@@ -260,7 +260,8 @@ pub struct EmailSpec {
     /// Which outcomes to report: `success`, `partial`, `failure` (default all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<String>,
-    /// A Secret with `username` and `password` keys for SMTP AUTH.
+    /// A Secret with `username` and `password` keys for SMTP AUTH (read by the operator, which sends
+    /// the e-mail about each finished run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_secret_ref: Option<SecretName>,
 }
@@ -359,6 +360,9 @@ pub struct LastRun {
     /// The run's folder in the pod (`/data` is the volume's `subPath`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_path: Option<String>,
+    /// What became of the e-mail about this run (`sent to N recipients` or `failed: ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<String>,
 }
 
 /// The CRD as YAML, as `epic-export crd` prints it.

@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod decide;
 pub mod dereference;
+pub mod notify;
 pub mod status;
 pub mod validate;
 
@@ -209,10 +210,7 @@ pub async fn reconcile(
     for note in fresh {
         ctx.publish(&export, &note, "Schedule").await;
     }
-    if let Some(note) = status::finished_run_note(&old, &new) {
-        ctx.publish(&export, &note, "Finish").await;
-        ctx.count_run(&export, &new);
-    }
+    ctx.finished(&export, &old, &new).await?;
     if old
         .conditions
         .iter()
@@ -272,10 +270,7 @@ async fn stalled(
     if let Some(note) = status::spec_error_note(&old, &error) {
         ctx.publish(export, &note, "Validate").await;
     }
-    if let Some(note) = status::finished_run_note(&old, &new) {
-        ctx.publish(export, &note, "Finish").await;
-        ctx.count_run(export, &new);
-    }
+    ctx.finished(export, &old, &new).await?;
     ctx.failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -284,6 +279,34 @@ async fn stalled(
 }
 
 impl Context {
+    /// When a run first landed in `lastRun` (status `new` already written): its Event, its metrics,
+    /// and its e-mail, whose result is then recorded in `lastRun.notification`.
+    async fn finished(
+        &self,
+        export: &EpicExport,
+        old: &crate::operator::crd::EpicExportStatus,
+        new: &crate::operator::crd::EpicExportStatus,
+    ) -> Result<(), kube::Error> {
+        let Some(note) = status::finished_run_note(old, new) else {
+            return Ok(());
+        };
+        self.publish(export, &note, "Finish").await;
+        self.count_run(export, new);
+        let Some(last) = &new.last_run else {
+            return Ok(());
+        };
+        if let Some(record) = notify::send_for_run(&self.client, export, last).await {
+            let mut written = export.clone();
+            written.status = Some(new.clone());
+            let mut with = new.clone();
+            if let Some(l) = with.last_run.as_mut() {
+                l.notification = Some(record);
+            }
+            apply::write_status(&self.client, &written, &with).await?;
+        }
+        Ok(())
+    }
+
     /// The notes not already emitted in this export's previous pass.
     fn fresh_notes(&self, export: &EpicExport, notes: &[Note]) -> Vec<Note> {
         let keys: BTreeSet<String> = notes
