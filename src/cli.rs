@@ -192,8 +192,20 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     time_zone.or(f.time_zone),
                     f.starting_deadline_seconds,
                 ),
+                (None, None) if is_ini(&config) => {
+                    // The original tool's scheduler ran the export daily; keep that, at 02:00 local
+                    // time, unless told otherwise.
+                    let zone = time_zone
+                        .or_else(|| jiff::tz::TimeZone::system().iana_name().map(str::to_owned));
+                    tracing::info!(
+                        "{} has no [schedule]: running daily at 02:00 ({}); set [schedule] cron = ... or pass --cron to change it",
+                        config.display(),
+                        zone.as_deref().unwrap_or("UTC")
+                    );
+                    ("0 2 * * *".to_owned(), zone, None)
+                }
                 (None, None) => anyhow::bail!(
-                    "{}: no schedule: add `schedule: {{cron: \"0 2 * * *\", timeZone: America/Chicago}}` to the config, or pass --cron (an INI file has no schedule)",
+                    "{}: no schedule: add `schedule: {{cron: \"0 2 * * *\", timeZone: America/Chicago}}` to the config, or pass --cron",
                     config.display()
                 ),
             };
@@ -290,6 +302,11 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+fn is_ini(path: &std::path::Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
 }
 
 /// One export run from a config file (YAML or the original INI), as `epic-export run` does and each

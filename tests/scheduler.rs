@@ -110,3 +110,67 @@ async fn no_schedule_and_bad_cron_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 25 * * *"));
 }
+
+#[tokio::test]
+async fn the_original_ini_runs_daily_at_two_unless_its_schedule_section_says_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let ini = dir.path().join("backend_epic_using_jwt.ini");
+    let base = "[paths]\nprivate_key_path = private.pem\n[oauth_settings]\nclient_id = x\ntoken_endpoint = https://fhir.example.org/oauth2/token\n";
+    std::fs::write(&ini, base).unwrap();
+    std::fs::write(dir.path().join("epic_sandbox_roster.csv"), "patient_id\nabc\n").unwrap();
+    std::fs::write(dir.path().join("epic_sandbox_resources.csv"), "resource_type\nPatient\n").unwrap();
+    assert!(epic_export::config::load_schedule(&ini).unwrap().is_none());
+
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .args(["schedule", "--time-zone", "America/Chicago", "--config"])
+        .arg(&ini)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("stops")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("running daily at 02:00 (America/Chicago)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("02:00:00 C"), "{stderr}");
+
+    std::fs::write(
+        &ini,
+        format!("{base}[schedule]\ncron = 30 1 * * 1-5\ntime_zone = Europe/Paris\nstarting_deadline_seconds = 600\n"),
+    )
+    .unwrap();
+    let s = epic_export::config::load_schedule(&ini).unwrap().unwrap();
+    assert_eq!(
+        (
+            s.cron.as_str(),
+            s.time_zone.as_deref(),
+            s.starting_deadline_seconds
+        ),
+        ("30 1 * * 1-5", Some("Europe/Paris"), Some(600))
+    );
+    std::fs::write(
+        &ini,
+        format!("{base}[schedule]\ntime_zone = Europe/Paris\n"),
+    )
+    .unwrap();
+    let e = epic_export::config::load_schedule(&ini)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[schedule] cron"), "{e}");
+}

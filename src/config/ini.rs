@@ -46,6 +46,10 @@ const KNOWN: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "schedule",
+        &["cron", "time_zone", "starting_deadline_seconds"],
+    ),
+    (
         "email",
         &[
             "smtp_host",
@@ -276,6 +280,41 @@ fn parse_bool(v: &str) -> Option<bool> {
         "false" | "no" | "0" | "off" => Some(false),
         _ => None,
     }
+}
+
+/// `[schedule]` of an INI config (`cron`, `time_zone`, `starting_deadline_seconds`; not in the
+/// original tool, whose scheduler had its own), or `None` without that section.
+pub fn schedule_from_ini(path: &Path) -> Result<Option<super::ScheduleConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let sections = parse(&text, path)?;
+    if !sections.contains_key("schedule") {
+        return Ok(None);
+    }
+    let ini = Resolved {
+        sections: &sections,
+        path,
+    };
+    let cron = ini
+        .get("schedule", "cron")?
+        .ok_or_else(|| ini.missing("schedule", "cron", "e.g. 0 2 * * * for 02:00 every day"))?;
+    let starting_deadline_seconds = match ini.get("schedule", "starting_deadline_seconds")? {
+        None => None,
+        Some(v) => Some(v.parse().map_err(|_| {
+            ini.invalid(
+                "schedule",
+                "starting_deadline_seconds",
+                "use a number of seconds",
+            )
+        })?),
+    };
+    Ok(Some(super::ScheduleConfig {
+        cron,
+        time_zone: ini.get("schedule", "time_zone")?,
+        starting_deadline_seconds,
+    }))
 }
 
 /// The log file of an INI config: `[paths] log_file`, else `backend_epic.log` in `app_folder_name`

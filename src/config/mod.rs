@@ -258,13 +258,13 @@ pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
     plan_from_text(&text, path, path.parent().unwrap_or(Path::new(".")))
 }
 
-/// The `schedule` block of the config at `path` (`None` for an INI file or a config without one).
+/// The `schedule` block of the config at `path` (an INI file's `[schedule]`), `None` without one.
 pub fn load_schedule(path: &Path) -> Result<Option<ScheduleConfig>, ConfigError> {
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
     {
-        return Ok(None);
+        return ini::schedule_from_ini(path);
     }
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
