@@ -117,8 +117,16 @@ async fn the_original_ini_runs_daily_at_two_unless_its_schedule_section_says_oth
     let ini = dir.path().join("backend_epic_using_jwt.ini");
     let base = "[paths]\nprivate_key_path = private.pem\n[oauth_settings]\nclient_id = x\ntoken_endpoint = https://fhir.example.org/oauth2/token\n";
     std::fs::write(&ini, base).unwrap();
-    std::fs::write(dir.path().join("epic_sandbox_roster.csv"), "patient_id\nabc\n").unwrap();
-    std::fs::write(dir.path().join("epic_sandbox_resources.csv"), "resource_type\nPatient\n").unwrap();
+    std::fs::write(
+        dir.path().join("epic_sandbox_roster.csv"),
+        "patient_id\nabc\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("epic_sandbox_resources.csv"),
+        "resource_type\nPatient\n",
+    )
+    .unwrap();
     assert!(epic_export::config::load_schedule(&ini).unwrap().is_none());
 
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
