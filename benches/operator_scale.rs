@@ -75,9 +75,11 @@ async fn bench(n: usize) {
                 image: "epic-export:bench".into(),
                 namespace: None,
                 identity: "bench".into(),
+                rotation: Default::default(),
             },
             http_addr: None,
             leader_election: None,
+            jwks: None,
         },
         async {
             let _ = stop_rx.await;

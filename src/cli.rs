@@ -123,6 +123,17 @@ pub struct ControllerArgs {
     /// This replica's name in the Lease and in Events (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Serve the JWK Set endpoint (`/jwks/<namespace>/<export>.json`) on this address (e.g.
+    /// 0.0.0.0:8081); not served when unset.
+    #[arg(long, env = "JWKS_ADDR")]
+    pub jwks_addr: Option<std::net::SocketAddr>,
+    /// Cache-Control max-age of the JWK Set, in seconds; a key rotation waits this long (plus a
+    /// margin) after publishing the next key before signing with it.
+    #[arg(long, env = "JWKS_MAX_AGE", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=104_400))]
+    pub jwks_max_age: u64,
+    /// Cache-Control max-age while a rotation is under way, in seconds.
+    #[arg(long, env = "JWKS_ROTATION_MAX_AGE", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=104_400))]
+    pub jwks_rotation_max_age: u64,
 }
 
 /// Parses arguments, runs the command, and returns the process exit code.
@@ -280,16 +291,26 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     "cannot reach the Kubernetes API: {e} (in a pod, check the ServiceAccount; outside, KUBECONFIG)"
                 )
             })?;
+            let jwks = crate::operator::jwks::JwksSettings {
+                max_age: std::time::Duration::from_secs(args.jwks_max_age),
+                rotation_max_age: std::time::Duration::from_secs(args.jwks_rotation_max_age),
+                ..Default::default()
+            };
             let options = crate::operator::ControllerOptions {
                 settings: crate::operator::controller::Settings {
                     image: args.image,
                     namespace: args.namespace,
                     identity: identity.clone(),
+                    rotation: crate::operator::controller::rotation::RotationTiming {
+                        cache_lifetime: jwks.max_age,
+                        ..Default::default()
+                    },
                 },
                 http_addr: Some(args.metrics_addr),
                 leader_election: args.leader_elect.then(|| {
                     crate::operator::lease::LeaseSettings::new(args.lease_namespace, identity)
                 }),
+                jwks: args.jwks_addr.map(|addr| (addr, jwks)),
             };
             crate::operator::serve_controller(client, options, terminated()).await
         }

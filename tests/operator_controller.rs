@@ -119,9 +119,11 @@ impl Operator {
                     .as_ref()
                     .map(|l| l.identity.clone())
                     .unwrap_or("op-0".into()),
+                rotation: Default::default(),
             },
             http_addr: http,
             leader_election: lease,
+            jwks: None,
         };
         let done = tokio::spawn(serve_controller(fake.client(), options, async {
             let _ = rx.await;

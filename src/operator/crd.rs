@@ -110,12 +110,26 @@ pub struct AuthSpec {
     /// Key id sent as `kid`; default the RFC 7638 thumbprint of the public key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
-    /// JWK Set URL sent as the `jku` header.
+    /// JWK Set URL sent as the `jku` header: the URL registered with Epic, e.g. the operator's own
+    /// `https://<host>/jwks/<namespace>/<export>.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
     /// Requested scope; default `system/<Type>.read` for each exported type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// Let the operator rotate the key in `keySecretRef`: on request (the `fhirexport.dev/rotate-key`
+    /// annotation) and, with `every`, on a schedule. The operator needs `update` on Secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+}
+
+/// Key rotation: publish a next key, wait out the JWKS caches, switch signing, retire the old key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct RotationSpec {
+    /// Rotate when the signing key is this old, e.g. `90d` (units `m`, `h`, `d`, `w`; at least 1h).
+    /// Without it, only the annotation starts a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
 }
 
 /// A key in a Secret of the same namespace.
@@ -329,6 +343,51 @@ pub struct EpicExportStatus {
     /// The last value of the `fhirexport.dev/run-now` annotation that started a run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_now_handled: Option<String>,
+    /// Where the key rotation stands (present when `spec.auth.rotation` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotation: Option<KeyRotationStatus>,
+}
+
+/// The key rotation's progress; every time is RFC 3339.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRotationStatus {
+    /// `Idle`, `Generating`, `Publishing` (next key published, waiting out the caches), `Retiring`
+    /// (signing with the new key, the old one still published) or `Blocked` (see `message`).
+    pub phase: String,
+    /// The `kid` export runs sign with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_kid: Option<String>,
+    /// The `kid` of the published next key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_kid: Option<String>,
+    /// The `kid` of the old key, still published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_kid: Option<String>,
+    /// When the next key was first published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at: Option<String>,
+    /// When signing switches to the next key (published time + cache lifetime + margin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_after: Option<String>,
+    /// When signing switched to the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<String>,
+    /// When the retiring key leaves the JWKS (5 minutes after its last use), once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after: Option<String>,
+    /// When the last rotation switched keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_time: Option<String>,
+    /// When `every` starts the next rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_time: Option<String>,
+    /// The last value of the `fhirexport.dev/rotate-key` annotation acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_handled: Option<String>,
+    /// What the rotation waits for, or why it cannot go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What the latest finished run reported.

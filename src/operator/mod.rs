@@ -1,11 +1,14 @@
 //! The Kubernetes side: the `EpicExport` custom resource (`crd`), the export Jobs built from it
 //! (`job`), with the pod's entry point (`epic-export job`, `run_job`), and the operator that runs them
-//! on schedule (`controller`, with its `metrics`).
+//! on schedule (`controller`, with its `metrics`), and the JWK Set endpoint publishing the public keys
+//! of the key Secrets (`jwks`, with the Secret layout in `key_secret`).
 
 pub mod controller;
 pub mod crd;
 pub mod http;
 pub mod job;
+pub mod jwks;
+pub mod key_secret;
 pub mod lease;
 pub mod metrics;
 
@@ -71,6 +74,8 @@ pub struct ControllerOptions {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Take a Lease before acting (for more than one replica).
     pub leader_election: Option<lease::LeaseSettings>,
+    /// Where the JWK Set endpoint is served (every replica serves it), and how.
+    pub jwks: Option<(std::net::SocketAddr, jwks::JwksSettings)>,
 }
 
 /// Runs the operator until SIGTERM/Ctrl-C (exit 0) or until it loses its lease (exit 1).
@@ -93,6 +98,25 @@ pub async fn serve_controller(
         let app = http::router(metrics.clone(), ready.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
     }
+    let _jwks = match options.jwks {
+        Some((addr, settings)) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {addr} for the JWK Set endpoint: {e}")
+            })?;
+            tracing::info!(
+                "JWK Set endpoint on http://{}/jwks/",
+                listener.local_addr()?
+            );
+            let client = client.clone();
+            let namespace = options.settings.namespace.clone();
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = jwks::serve(client, namespace, listener, settings).await {
+                    tracing::error!("JWK Set endpoint stopped: {e}");
+                }
+            })))
+        }
+        None => None,
+    };
     let stop = shutdown.boxed().shared();
     if let Some(lease_settings) = &options.leader_election {
         // A standby is healthy and ready: it is waiting, as it should.
@@ -143,4 +167,13 @@ pub async fn serve_controller(
         lease::release(&client, lease_settings).await;
     }
     Ok(0)
+}
+
+/// Stops a background task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -1,16 +1,19 @@
 //! Reconcile step 5, `apply`: make the decided changes (stop runs, start a run, write status, delete
-//! old runs) with the API server. Creating a run is idempotent: its Job name is deterministic, and a
+//! old runs, a key rotation step in the key Secret) with the API server. Creating a run is idempotent: its Job name is deterministic, and a
 //! Job of that name that already exists and belongs to this export is adopted, never duplicated.
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::dereference::{Run, RunState};
 use super::validate::SpecError;
+use crate::auth::keys::{Algorithm, SigningKey};
 use crate::operator::crd::{EpicExport, EpicExportStatus};
 use crate::operator::job::owned_by;
+use crate::operator::key_secret::{self, KeyChange, KeyKids, Signing};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "epic-export-operator";
@@ -124,4 +127,95 @@ async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), kube::Error> {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// What became of a key Secret change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyWrite {
+    Written,
+    /// The Secret no longer holds the keys the plan was made for (someone else changed it): look again.
+    Stale,
+    /// The operator may not do it; the message says how to allow it.
+    Refused(String),
+}
+
+/// Makes a rotation step in the key Secret: read it, check it still holds the keys `expected`, edit,
+/// and replace it with its resourceVersion (a concurrent change makes this fail, never lose data).
+/// A next key is generated here with the signing key's algorithm; the private key goes only into the
+/// Secret.
+pub async fn change_key(
+    client: &Client,
+    export: &EpicExport,
+    expected: &KeyKids,
+    change: &KeyChange,
+) -> Result<KeyWrite, kube::Error> {
+    let ns = export.namespace().unwrap_or_default();
+    let key_ref = &export.spec.auth.key_secret_ref;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let refused = |what: &str| {
+        KeyWrite::Refused(format!(
+            "the operator may not {what} Secret {:?}: grant it `update` on Secrets (Helm value keyRotation.enabled=true), or rotate by hand",
+            key_ref.name
+        ))
+    };
+    let mut secret = match secrets.get(&key_ref.name).await {
+        Ok(s) => s,
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(KeyWrite::Stale),
+        Err(kube::Error::Api(e)) if e.code == 403 => return Ok(refused("read")),
+        Err(e) => return Err(e),
+    };
+    let signing = super::dereference::signing_of(export);
+    match key_secret::read(&secret, &key_ref.key, &signing) {
+        Ok(set) if set.kids() == *expected => {}
+        _ => return Ok(KeyWrite::Stale),
+    }
+    let new_key = match change {
+        KeyChange::AddNext => {
+            let alg = signing_algorithm(&secret, &key_ref.key, &signing);
+            // RSA key generation takes a while: off the async threads.
+            let key = tokio::task::spawn_blocking(move || {
+                SigningKey::generate(alg).and_then(|k| k.to_pkcs8_pem())
+            })
+            .await;
+            match key {
+                Ok(Ok(pem)) => Some(pem),
+                Ok(Err(e)) => return Ok(KeyWrite::Refused(format!("cannot generate a key: {e}"))),
+                Err(e) => return Ok(KeyWrite::Refused(format!("cannot generate a key: {e}"))),
+            }
+        }
+        _ => None,
+    };
+    let data = secret.data.get_or_insert_with(Default::default);
+    if key_secret::edit(data, &key_ref.key, change, new_key).is_err() {
+        return Ok(KeyWrite::Stale);
+    }
+    match secrets
+        .replace(
+            &key_ref.name,
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            },
+            &secret,
+        )
+        .await
+    {
+        Ok(_) => Ok(KeyWrite::Written),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(KeyWrite::Stale),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(refused("update")),
+        Err(e) => Err(e),
+    }
+}
+
+/// The algorithm of the signing key, for a new key of the same kind.
+fn signing_algorithm(secret: &Secret, key: &str, signing: &Signing) -> Algorithm {
+    let pem = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
+        .unwrap_or_default();
+    SigningKey::from_pem(pem, std::path::Path::new(key), signing.algorithm, None)
+        .map(|k| k.algorithm())
+        .unwrap_or(Algorithm::RS384)
 }

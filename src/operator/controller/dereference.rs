@@ -15,6 +15,7 @@ use kube::{Client, ResourceExt};
 
 use crate::operator::crd::EpicExport;
 use crate::operator::job::{EXPORT_LABEL, RunReportMessage, SCHEDULED_ANNOTATION, owned_by};
+use crate::operator::key_secret::{self, KeyKids, KeySetError, Signing};
 
 /// Whether a referenced object and key exist.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +26,10 @@ pub enum RefCheck {
     /// The object exists without the key; `keys` are the keys it has (names only).
     KeyMissing {
         keys: Vec<String>,
+    },
+    /// A key Secret slot holds no usable private key (read only when the export rotates its key).
+    Invalid {
+        reason: String,
     },
 }
 
@@ -128,8 +133,17 @@ pub struct FinishedReport {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
     pub references: Vec<Reference>,
+    /// The key Secret's key ids by slot, when the export rotates its key and the Secret is usable.
+    pub keys: Option<ObservedKeys>,
     pub runs: Vec<Run>,
     pub report: Option<FinishedReport>,
+}
+
+/// What key rotation needs from the key Secret.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObservedKeys {
+    pub kids: KeyKids,
+    pub secret_created: Option<Timestamp>,
 }
 
 /// Reads the references, runs and (for the newest finished run not yet in `status.lastRun`) its
@@ -139,8 +153,24 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
     let mut references = Vec::new();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let key_ref = &export.spec.auth.key_secret_ref;
+    let mut keys = None;
     let check = match secrets.get_opt(&key_ref.name).await? {
         None => RefCheck::Missing,
+        Some(secret) if export.spec.auth.rotation.is_some() => {
+            match key_secret::read(&secret, &key_ref.key, &signing_of(export)) {
+                Ok(set) => {
+                    keys = Some(ObservedKeys {
+                        kids: set.kids(),
+                        secret_created: secret.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    });
+                    RefCheck::Present
+                }
+                Err(KeySetError::Missing { keys, .. }) => RefCheck::KeyMissing { keys },
+                Err(e) => RefCheck::Invalid {
+                    reason: e.to_string(),
+                },
+            }
+        }
         Some(secret) => key_check(
             key_names(secret.data.as_ref(), secret.string_data.as_ref()),
             &key_ref.key,
@@ -202,9 +232,23 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
     };
     Ok(Observed {
         references,
+        keys,
         runs,
         report,
     })
+}
+
+/// How the export signs (an unparsable algorithm is left to `validate` to report).
+pub fn signing_of(export: &EpicExport) -> Signing {
+    Signing {
+        algorithm: export
+            .spec
+            .auth
+            .algorithm
+            .as_deref()
+            .and_then(|a| a.parse().ok()),
+        key_id: export.spec.auth.key_id.clone(),
+    }
 }
 
 /// The key names of a Secret's or ConfigMap's two data maps (the values are not looked at).

@@ -13,6 +13,7 @@ pub mod apply;
 pub mod decide;
 pub mod dereference;
 pub mod notify;
+pub mod rotation;
 pub mod status;
 pub mod validate;
 
@@ -35,6 +36,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use self::apply::{ApplyError, Started};
 use self::decide::{Note, Trigger};
+use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationTiming};
 use self::status::{StatusInput, rfc3339};
 use self::validate::SpecError;
 use super::crd::EpicExport;
@@ -56,6 +58,8 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// This replica's name, in Events.
     pub identity: String,
+    /// The waits of key rotations (the cache lifetime is the JWKS endpoint's `max-age`).
+    pub rotation: RotationTiming,
 }
 
 /// Shared by every reconcile.
@@ -63,6 +67,7 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     image: String,
+    rotation: RotationTiming,
     metrics: Arc<Metrics>,
     /// Consecutive failures per export (uid), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -98,6 +103,7 @@ impl Context {
             client,
             recorder,
             image: settings.image.clone(),
+            rotation: settings.rotation,
             metrics,
             failures: Mutex::default(),
             noted: Mutex::default(),
@@ -172,8 +178,14 @@ pub async fn reconcile(
     let next = (!export.spec.suspend)
         .then(|| valid.schedule.next_after(now))
         .flatten();
+    let rotated = match &observed.keys {
+        Some(keys) if export.spec.auth.rotation.is_some() => {
+            Some(ctx.rotate_key(&export, &valid, keys, &runs, now).await?)
+        }
+        _ => None,
+    };
     let old = export.status.clone().unwrap_or_default();
-    let new = status::next_status(&StatusInput {
+    let mut new = status::next_status(&StatusInput {
         export: &export,
         runs: &runs,
         spec_error: None,
@@ -182,7 +194,16 @@ pub async fn reconcile(
         report: observed.report.as_ref(),
         now,
     });
+    if export.spec.auth.rotation.is_none() {
+        new.key_rotation = None;
+    }
+    if let Some(rotated) = &rotated {
+        new.key_rotation = Some(rotated.status.clone());
+    }
     apply::write_status(&ctx.client, &export, &new).await?;
+    for note in rotated.iter().flat_map(|r| &r.notes) {
+        ctx.publish(&export, note, "RotateKey").await;
+    }
 
     for name in &plan.stop {
         let note = Note {
@@ -229,12 +250,93 @@ pub async fn reconcile(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&uid(&export));
-    Ok(match plan.requeue_at {
+    let wake = [plan.requeue_at, rotated.and_then(|r| r.wake_at)]
+        .into_iter()
+        .flatten()
+        .min();
+    Ok(match wake {
         Some(at) => Action::requeue(
             Duration::try_from(at.duration_since(now)).unwrap_or(Duration::from_millis(100)),
         ),
         None => Action::await_change(),
     })
+}
+
+/// The outcome of a key rotation step.
+struct Rotated {
+    status: crate::operator::crd::KeyRotationStatus,
+    notes: Vec<Note>,
+    wake_at: Option<Timestamp>,
+}
+
+impl Context {
+    /// Decides the key rotation step and makes its Secret change.
+    async fn rotate_key(
+        &self,
+        export: &EpicExport,
+        valid: &validate::Validated,
+        keys: &dereference::ObservedKeys,
+        runs: &[dereference::Run],
+        now: Timestamp,
+    ) -> Result<Rotated, kube::Error> {
+        let previous = export.status.as_ref().and_then(|s| s.key_rotation.as_ref());
+        let plan = rotation::plan(&RotationInput {
+            now,
+            every: valid.rotate_every,
+            request: export
+                .annotations()
+                .get(ROTATE_KEY_ANNOTATION)
+                .map(String::as_str),
+            previous,
+            kids: &keys.kids,
+            secret_created: keys.secret_created,
+            runs,
+            timing: self.rotation,
+        });
+        let Some(change) = &plan.change else {
+            return Ok(Rotated {
+                status: plan.status,
+                notes: plan.notes,
+                wake_at: plan.wake_at,
+            });
+        };
+        Ok(
+            match apply::change_key(&self.client, export, &keys.kids, change).await? {
+                apply::KeyWrite::Written => {
+                    tracing::info!(export = %status::describe(export), "key rotation: {change:?} written");
+                    Rotated {
+                        status: plan.status,
+                        notes: plan.notes,
+                        wake_at: plan.wake_at,
+                    }
+                }
+                // The Secret changed meanwhile: its watch event brings a fresh pass; look again soon anyway.
+                apply::KeyWrite::Stale => Rotated {
+                    status: previous.cloned().unwrap_or(plan.status),
+                    notes: Vec::new(),
+                    wake_at: Some(now + Duration::from_secs(1)),
+                },
+                apply::KeyWrite::Refused(why) => {
+                    let status = rotation::blocked(&plan, previous, &why);
+                    let repeated = previous
+                        .is_some_and(|p| p.phase == "Blocked" && p.message == status.message);
+                    let notes = (!repeated)
+                        .then(|| Note {
+                            warning: true,
+                            reason: "KeyRotationBlocked",
+                            message: why.clone(),
+                        })
+                        .into_iter()
+                        .collect();
+                    Rotated {
+                        status,
+                        notes,
+                        wake_at: Some(now + Duration::from_secs(300)),
+                    }
+                }
+            },
+        )
+    }
 }
 
 /// `since` for a bulk run with `since: auto`: the last successful transactionTime the controller

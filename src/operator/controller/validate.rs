@@ -30,6 +30,8 @@ pub struct SpecError {
 pub struct Validated {
     pub schedule: Schedule,
     pub concurrency: ConcurrencyPolicy,
+    /// `spec.auth.rotation.every`, parsed.
+    pub rotate_every: Option<jiff::SignedDuration>,
 }
 
 pub fn validate(export: &EpicExport, observed: &Observed) -> Result<Validated, SpecError> {
@@ -67,6 +69,13 @@ pub fn validate(export: &EpicExport, observed: &Observed) -> Result<Validated, S
                     r.kind, r.name
                 ),
             ),
+            RefCheck::Invalid { reason } => (
+                "InvalidKey",
+                format!(
+                    "{} {:?}: {reason}; put a PEM private key there (`epic-export keygen --k8s-secret`)",
+                    r.kind, r.name
+                ),
+            ),
             RefCheck::KeyMissing { keys } => (
                 "KeyNotFound",
                 format!(
@@ -89,10 +98,37 @@ pub fn validate(export: &EpicExport, observed: &Observed) -> Result<Validated, S
         });
     }
     check_run_config(export)?;
+    let rotate_every = check_rotation(export)?;
     Ok(Validated {
         schedule,
         concurrency: spec.concurrency_policy,
+        rotate_every,
     })
+}
+
+/// `spec.auth.rotation`: a valid `every`, and no fixed `keyId` (each key needs its own `kid`).
+fn check_rotation(export: &EpicExport) -> Result<Option<jiff::SignedDuration>, SpecError> {
+    let auth = &export.spec.auth;
+    let Some(rotation) = &auth.rotation else {
+        return Ok(None);
+    };
+    if auth.key_id.is_some() {
+        return Err(SpecError {
+            reason: "InvalidSpec",
+            field: "spec.auth.keyId".into(),
+            message: "a fixed keyId cannot be rotated (the next key needs its own kid): remove keyId, and each key is known by its RFC 7638 thumbprint".into(),
+        });
+    }
+    rotation
+        .every
+        .as_deref()
+        .map(super::rotation::parse_every)
+        .transpose()
+        .map_err(|message| SpecError {
+            reason: "InvalidSpec",
+            field: "spec.auth.rotation.every".into(),
+            message,
+        })
 }
 
 /// Runs the Job's config through the standalone config validation, with the mounted files (which
