@@ -2,7 +2,8 @@
 //! runs start as Jobs with the right name, mounts and security; finished Jobs land in status, Events
 //! and metrics; a restarted operator adopts instead of duplicating; a missing Secret stalls until it
 //! is created; history is cleaned up; an idle operator writes nothing; leader election lets one of
-//! two replicas act.
+//! two replicas act; a key rotation completes while runs keep authenticating against the sandbox,
+//! which fetches the keys from the operator's JWK Set endpoint.
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
@@ -12,11 +13,16 @@ mod smtp;
 use std::future::Future;
 use std::time::Duration;
 
+use epic_export::auth::keys::{Algorithm, SigningKey};
+use epic_export::auth::token::{TokenSource, TokenSourceConfig};
 use epic_export::operator::controller::Settings;
 use epic_export::operator::controller::decide::on_demand_job_name;
+use epic_export::operator::controller::rotation::RotationTiming;
 use epic_export::operator::job::RunReportMessage;
+use epic_export::operator::jwks::JwksSettings;
 use epic_export::operator::lease::LeaseSettings;
 use epic_export::operator::{ControllerOptions, serve_controller};
+use epic_export::sandbox::{ClientKeys, ClientRegistration, Sandbox, SandboxOptions};
 use epic_export::schedule::job_name;
 use fake_api::FakeApi;
 use jiff::Timestamp;
@@ -110,8 +116,14 @@ impl Operator {
         lease: Option<LeaseSettings>,
         http: Option<std::net::SocketAddr>,
     ) -> Operator {
-        let (tx, rx) = oneshot::channel();
-        let options = ControllerOptions {
+        Operator::start_with(fake, Operator::options(lease, http))
+    }
+
+    fn options(
+        lease: Option<LeaseSettings>,
+        http: Option<std::net::SocketAddr>,
+    ) -> ControllerOptions {
+        ControllerOptions {
             settings: Settings {
                 image: IMAGE.into(),
                 namespace: None,
@@ -124,7 +136,11 @@ impl Operator {
             http_addr: http,
             leader_election: lease,
             jwks: None,
-        };
+        }
+    }
+
+    fn start_with(fake: &FakeApi, options: ControllerOptions) -> Operator {
+        let (tx, rx) = oneshot::channel();
         let done = tokio::spawn(serve_controller(fake.client(), options, async {
             let _ = rx.await;
         }));
@@ -572,4 +588,234 @@ async fn each_finished_run_sends_one_email_even_when_the_pod_never_reported() {
 fn base64(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// What an export pod does first: sign an assertion with the key it was given and get a token from
+/// the sandbox, which checks the signature against the operator's JWK Set URL. Returns the kid.
+async fn authenticate(key_pem: &[u8], sandbox: &Sandbox, jwks_url: &str) -> Result<String, String> {
+    let key = SigningKey::from_pem(key_pem, std::path::Path::new("private.pem"), None, None)
+        .map_err(|e| e.to_string())?;
+    let kid = key.kid().to_owned();
+    let tokens = TokenSource::new(
+        reqwest::Client::new(),
+        TokenSourceConfig {
+            client_id: "abc".into(),
+            token_url: sandbox.token_url(),
+            scope: "system/Patient.read".into(),
+            key,
+            jku: Some(jwks_url.to_owned()),
+        },
+    );
+    tokens
+        .request()
+        .await
+        .map(|_| kid)
+        .map_err(|e| e.to_string())
+}
+
+/// The key an export pod created now would mount: the Secret's `private.pem`.
+fn mounted_key(fake: &FakeApi) -> Vec<u8> {
+    use base64::Engine;
+    let secret = fake.get("api/v1/secrets", NS, "epic-key").unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["private.pem"].as_str().unwrap())
+        .unwrap()
+}
+
+fn secret_keys(fake: &FakeApi) -> Vec<String> {
+    let secret = fake.get("api/v1/secrets", NS, "epic-key").unwrap();
+    secret["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// A whole key rotation on request, with the sandbox configured like Epic for a JWK Set URL (it
+/// fetches the operator's endpoint and caches it per Cache-Control): a run that started before the
+/// rotation keeps renewing its token with the old key until it ends, new runs sign with whatever the
+/// Secret holds at their start, and not one token request fails. Then the old key is gone from the
+/// JWKS and from the Secret, and no longer accepted.
+#[tokio::test]
+async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwks_url() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let jwks_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let jwks_url = format!("http://{jwks_addr}/jwks/{NS}/nightly.json");
+    sandbox.register_client(ClientRegistration {
+        client_id: "abc".into(),
+        keys: ClientKeys::JwksUrl(jwks_url.clone()),
+    });
+    let fake = FakeApi::new();
+    let first = SigningKey::generate(Algorithm::ES384).unwrap();
+    fake.put(
+        "api/v1/secrets",
+        json!({"metadata": {"name": "epic-key", "namespace": NS}, "data": {
+            "private.pem": base64(&first.to_pkcs8_pem().unwrap())}}),
+    );
+    config_map(&fake);
+    export(
+        &fake,
+        "nightly",
+        json!({
+            "fhir": {"baseUrl": sandbox.base_url()},
+            "auth": {"clientId": "abc", "keySecretRef": {"name": "epic-key", "key": "private.pem"},
+                     "jwksUrl": jwks_url, "rotation": {"every": "90d"}},
+        }),
+        json!({}),
+    );
+    let mut options = Operator::options(None, None);
+    options.settings.rotation = RotationTiming {
+        cache_lifetime: Duration::from_secs(1),
+        margin: Duration::from_secs(1),
+        last_use_grace: Duration::from_secs(2),
+    };
+    options.jwks = Some((
+        jwks_addr,
+        JwksSettings {
+            max_age: Duration::from_secs(1),
+            rotation_max_age: Duration::from_secs(1),
+            refresh: Duration::from_millis(100),
+        },
+    ));
+    let op = Operator::start_with(&fake, options);
+
+    // The run due now starts with the first key and authenticates through the JWK Set URL.
+    let (old_run, _) = scheduled_run(&fake, "nightly").await;
+    let old_key = mounted_key(&fake);
+    let kid = eventually("the first run's token", || async {
+        authenticate(&old_key, &sandbox, &jwks_url).await.ok()
+    })
+    .await;
+    assert_eq!(kid, first.kid());
+    let idle = eventually("rotation status Idle", || async {
+        let s = status(&fake, "nightly");
+        (s["keyRotation"]["phase"] == "Idle").then_some(s)
+    })
+    .await;
+    assert_eq!(idle["keyRotation"]["signingKid"], first.kid());
+    assert!(
+        idle["keyRotation"]["nextRotationTime"].is_string(),
+        "{idle}"
+    );
+
+    // Runs keep authenticating all along: the old run renews with the old key, new runs use the
+    // Secret's key of the moment.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let old_run_active = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let runs = {
+        let (fake, jwks_url, stop, old_run_active) = (
+            fake.clone(),
+            jwks_url.clone(),
+            stop.clone(),
+            old_run_active.clone(),
+        );
+        let sandbox = &sandbox;
+        async move {
+            let mut kids = Vec::new();
+            let mut failures = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if old_run_active.load(std::sync::atomic::Ordering::SeqCst)
+                    && let Err(e) = authenticate(&old_key, sandbox, &jwks_url).await
+                {
+                    failures.push(format!("old run: {e}"));
+                }
+                match authenticate(&mounted_key(&fake), sandbox, &jwks_url).await {
+                    Ok(kid) => kids.push(kid),
+                    Err(e) => failures.push(format!("new run: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (kids, failures)
+        }
+    };
+    let rotation = async {
+        let mut obj = fake.get(EXPORTS, NS, "nightly").unwrap();
+        obj["metadata"]["annotations"] = json!({"fhirexport.dev/rotate-key": "2026-12-02"});
+        fake.put(EXPORTS, obj);
+        let retiring = eventually("the switch to the next key", || async {
+            let s = status(&fake, "nightly");
+            (s["keyRotation"]["phase"] == "Retiring").then_some(s)
+        })
+        .await;
+        let next_kid = retiring["keyRotation"]["signingKid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_ne!(next_kid, first.kid());
+        assert_eq!(retiring["keyRotation"]["retiringKid"], first.kid());
+        assert_eq!(secret_keys(&fake), ["private.pem", "retiring-private.pem"]);
+        // While the run from before the switch is active, the old key stays published.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let s = status(&fake, "nightly");
+        assert_eq!(s["keyRotation"]["phase"], "Retiring", "{s}");
+        assert!(
+            s["keyRotation"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&old_run),
+            "{s}"
+        );
+        // The old run ends; 5 minutes (here 2 s) after its last use plus the margin, the key goes.
+        old_run_active.store(false, std::sync::atomic::Ordering::SeqCst);
+        fake.finish_job(NS, &old_run, true, &report("success", 1));
+        let done = eventually("the old key retired", || async {
+            let s = status(&fake, "nightly");
+            (s["keyRotation"]["phase"] == "Idle" && s["keyRotation"]["retiringKid"].is_null())
+                .then_some(s)
+        })
+        .await;
+        assert_eq!(done["keyRotation"]["requestHandled"], "2026-12-02");
+        assert!(done["keyRotation"]["lastRotationTime"].is_string());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        next_kid
+    };
+    let (next_kid, (kids, failures)) = tokio::join!(rotation, runs);
+    assert_eq!(
+        failures,
+        Vec::<String>::new(),
+        "every token request succeeded"
+    );
+    assert!(
+        kids.contains(&first.kid().to_owned()) && kids.contains(&next_kid),
+        "{kids:?}"
+    );
+    assert_eq!(secret_keys(&fake), ["private.pem"]);
+
+    // The JWKS now holds only the new key, and the old key is refused (the sandbox refetches the
+    // set when a kid is unknown to its cache).
+    let doc: Value = reqwest::get(&jwks_url).await.unwrap().json().await.unwrap();
+    let published: Vec<&str> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(published, [next_kid.as_str()]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let old_pem = first.to_pkcs8_pem().unwrap();
+    let refused = authenticate(old_pem.as_bytes(), &sandbox, &jwks_url).await;
+    assert!(refused.is_err(), "the retired key still works");
+    assert_eq!(
+        authenticate(&mounted_key(&fake), &sandbox, &jwks_url).await,
+        Ok(next_kid.clone())
+    );
+    let reasons = event_reasons(&fake, "nightly");
+    for reason in [
+        "KeyRotationStarted",
+        "NextKeyPublished",
+        "SigningKeySwitched",
+        "OldKeyRetired",
+    ] {
+        assert_eq!(
+            reasons.iter().filter(|r| *r == reason).count(),
+            1,
+            "{reason} in {reasons:?}"
+        );
+    }
+    op.stop().await;
 }

@@ -24,7 +24,8 @@ fn b64(key: &SigningKey) -> String {
 }
 
 fn export(fake: &FakeApi, name: &str, auth_extra: Value) {
-    let mut auth = json!({"clientId": "abc", "keySecretRef": {"name": "epic-key", "key": "private.pem"}});
+    let mut auth =
+        json!({"clientId": "abc", "keySecretRef": {"name": "epic-key", "key": "private.pem"}});
     for (k, v) in auth_extra.as_object().unwrap() {
         auth[k] = v.clone();
     }
@@ -117,7 +118,11 @@ async fn serves_public_keys_with_cache_headers_and_nothing_else() {
         json!({"metadata": {"name": "tls", "namespace": NS}, "data": {"private.pem": b64(&active)}}),
     );
     export(&fake, "nightly", json!({}));
-    export(&fake, "named", json!({"keyId": "my-key-1", "algorithm": "RS512"}));
+    export(
+        &fake,
+        "named",
+        json!({"keyId": "my-key-1", "algorithm": "RS512"}),
+    );
     let settings = JwksSettings {
         max_age: Duration::from_secs(3600),
         rotation_max_age: Duration::from_secs(300),
@@ -130,12 +135,17 @@ async fn serves_public_keys_with_cache_headers_and_nothing_else() {
     assert_eq!(header(&r, "content-type"), "application/json");
     assert_eq!(header(&r, "cache-control"), "public, max-age=3600");
     let etag = header(&r, "etag");
-    assert!(etag.starts_with('"') && etag.ends_with('"') && etag.len() > 10, "strong ETag: {etag}");
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"') && etag.len() > 10,
+        "strong ETag: {etag}"
+    );
     let text = r.text().await.unwrap();
     let doc: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(kids(&doc), [active.kid()]);
     assert_eq!(doc["keys"][0], active.public_jwk());
-    for private in ["\"d\"", "\"p\"", "\"q\"", "\"dp\"", "\"dq\"", "\"qi\"", "PRIVATE"] {
+    for private in [
+        "\"d\"", "\"p\"", "\"q\"", "\"dp\"", "\"dq\"", "\"qi\"", "PRIVATE",
+    ] {
         assert!(!text.contains(private), "{private} in {text}");
     }
 
@@ -158,7 +168,10 @@ async fn serves_public_keys_with_cache_headers_and_nothing_else() {
         .send()
         .await
         .unwrap();
-    assert_eq!((r.status().as_u16(), header(&r, "etag")), (200, etag.clone()));
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "etag")),
+        (200, etag.clone())
+    );
 
     // The export's keyId and algorithm are what it signs with, so they are what is published.
     let doc: Value = ep.get("/jwks/phi/named.json").await.json().await.unwrap();
@@ -195,7 +208,11 @@ async fn serves_public_keys_with_cache_headers_and_nothing_else() {
     for _ in 0..50 {
         assert_eq!(ep.get("/jwks/phi/nightly.json").await.status(), 200);
     }
-    assert!(secret_reads(&fake) - reads <= 1, "{} reads", secret_reads(&fake) - reads);
+    assert!(
+        secret_reads(&fake) - reads <= 1,
+        "{} reads",
+        secret_reads(&fake) - reads
+    );
 
     // A next key in the Secret: both published, signing key first, with the short max-age.
     let next = SigningKey::generate(Algorithm::ES384).unwrap();

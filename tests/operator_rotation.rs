@@ -406,7 +406,7 @@ fn secret_edits_carry_out_each_step_and_the_jwks_always_holds_the_signing_key() 
             .map(|k| k["kid"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(published(&data), [a.clone()]);
+    assert_eq!(published(&data), [a.as_str()]);
 
     key_secret::edit(&mut data, "private.pem", &KeyChange::AddNext, Some(b_pem)).unwrap();
     assert_eq!(read(&data).kids(), kids(&a, Some(&b), None));
@@ -423,7 +423,7 @@ fn secret_edits_carry_out_each_step_and_the_jwks_always_holds_the_signing_key() 
     assert_eq!(data, before);
 
     key_secret::edit(&mut data, "private.pem", &KeyChange::Retire, None).unwrap();
-    assert_eq!(published(&data), [b.clone()]);
+    assert_eq!(published(&data), [b.as_str()]);
     assert!(!read(&data).rotating());
     assert_eq!(data["other"].0, b"kept", "other data keys are left alone");
     assert!(key_secret::edit(&mut data, "private.pem", &KeyChange::Retire, None).is_err());
