@@ -133,6 +133,38 @@ fn validation_names_the_field_and_the_fix() {
 
     let e = validate(&export("  limits: {concurrency: 0}\n"), &present()).unwrap_err();
     assert_eq!(e.field, "spec.limits.concurrency", "{e}");
+
+    // Key rotation: a fixed keyId cannot rotate, and `every` needs a unit and at least an hour.
+    let mut rotating = export("");
+    rotating.spec.auth.rotation = Some(Default::default());
+    rotating.spec.auth.key_id = Some("key-1".into());
+    let e = validate(&rotating, &present()).unwrap_err();
+    assert_eq!(e.field, "spec.auth.keyId", "{e}");
+    assert!(e.message.contains("remove keyId"), "{e}");
+    rotating.spec.auth.key_id = None;
+    for (every, ok) in [("90d", true), ("90", false), ("10m", false)] {
+        rotating.spec.auth.rotation.as_mut().unwrap().every = Some(every.into());
+        match validate(&rotating, &present()) {
+            Ok(v) => assert!(ok && v.rotate_every.is_some(), "{every} accepted"),
+            Err(e) => {
+                assert!(!ok, "{every}: {e}");
+                assert_eq!(e.field, "spec.auth.rotation.every");
+            }
+        }
+    }
+    let mut bad_key = present();
+    bad_key.references[0].check = RefCheck::Invalid {
+        reason: "\"next-private.pem\" is not a usable private key: not a PEM file".into(),
+    };
+    let e = validate(&export(""), &bad_key).unwrap_err();
+    assert_eq!(
+        (e.reason, e.field.as_str()),
+        ("InvalidKey", "spec.auth.keySecretRef")
+    );
+    assert!(
+        e.message.contains("next-private.pem") && e.message.contains("keygen"),
+        "{e}"
+    );
 }
 
 trait Tweak {

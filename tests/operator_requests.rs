@@ -204,3 +204,92 @@ async fn dereference_reads_only_what_the_export_refers_to() {
         "no key material kept"
     );
 }
+
+/// A rotation step reads the key Secret, and replaces it with the resourceVersion it read (so a
+/// concurrent change is never overwritten); a 403 becomes a message saying how to allow it, and a
+/// Secret that changed since the plan is left alone.
+#[tokio::test]
+async fn a_key_change_replaces_the_secret_with_its_resource_version_and_403_explains() {
+    use base64::Engine;
+    use epic_export::auth::keys::{Algorithm, SigningKey};
+    use epic_export::operator::controller::apply::{KeyWrite, change_key};
+    use epic_export::operator::key_secret::{KeyChange, KeyKids};
+
+    let key = SigningKey::generate(Algorithm::ES256).unwrap();
+    let pem = base64::engine::general_purpose::STANDARD.encode(key.to_pkcs8_pem().unwrap());
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "epic-key", "namespace": "phi", "resourceVersion": "41"},
+        "data": {"private.pem": pem}});
+    let expected = KeyKids {
+        active: key.kid().to_owned(),
+        ..KeyKids::default()
+    };
+    for put_status in [200, 403] {
+        let (client, mut handle) = client();
+        let secret = secret.clone();
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("GET");
+            assert_eq!(req.method(), "GET");
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/phi/secrets/epic-key");
+            send.send_response(respond(200, secret.clone()));
+            let (req, send) = handle.next_request().await.expect("PUT");
+            assert_eq!(req.method(), "PUT");
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/phi/secrets/epic-key");
+            let body = body_json(req).await;
+            assert_eq!(body["metadata"]["resourceVersion"], "41");
+            let mut keys: Vec<&String> = body["data"].as_object().unwrap().keys().collect();
+            keys.sort();
+            assert_eq!(keys, ["next-private.pem", "private.pem"]);
+            assert_eq!(body["data"]["private.pem"], secret["data"]["private.pem"]);
+            let reply = if put_status == 200 {
+                body
+            } else {
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                    "reason": "Forbidden", "message": "secrets \"epic-key\" is forbidden"})
+            };
+            send.send_response(respond(put_status, reply));
+        });
+        let mut e = export();
+        e.spec.auth.rotation = Some(Default::default());
+        let outcome = change_key(&client, &e, &expected, &KeyChange::AddNext)
+            .await
+            .unwrap();
+        server.await.unwrap();
+        match put_status {
+            200 => assert_eq!(outcome, KeyWrite::Written),
+            _ => match outcome {
+                KeyWrite::Refused(why) => {
+                    assert!(
+                        why.contains("update") && why.contains("keyRotation.enabled=true"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            },
+        }
+    }
+
+    // The Secret holds other keys than planned (someone rotated by hand): no write.
+    let (client, mut handle) = client();
+    let server = tokio::spawn(async move {
+        let (_, send) = handle.next_request().await.expect("GET");
+        send.send_response(respond(200, secret));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+                .await
+                .is_err(),
+            "no write"
+        );
+    });
+    let stale = KeyKids {
+        active: "another-kid".into(),
+        ..KeyKids::default()
+    };
+    assert_eq!(
+        change_key(&client, &export(), &stale, &KeyChange::AddNext)
+            .await
+            .unwrap(),
+        KeyWrite::Stale
+    );
+    server.await.unwrap();
+}
