@@ -140,6 +140,27 @@ impl FakeApi {
         kube::Client::new(service, "default")
     }
 
+    /// Serves this fake over real HTTP on `listener` (for a separate process, such as the real
+    /// `epic-export controller` with a kubeconfig pointing here), until the task is dropped.
+    pub async fn serve_http(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let fake = self.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let fake = fake.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let req = http::Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
+                match fake.handle(req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            }
+        });
+        axum::serve(listener, app).await
+    }
+
     /// The object, read directly from the store (not logged).
     pub fn get(&self, collection: &str, ns: &str, name: &str) -> Option<Value> {
         self.lock().objects.get(&key(collection, ns, name)).cloned()
