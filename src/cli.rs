@@ -102,6 +102,10 @@ pub enum Command {
     Jwks {
         #[arg(long, required = true, num_args = 1..)]
         key: Vec<PathBuf>,
+        /// The kid of each key, in --key order, when the config sets auth.keyId (default: the
+        /// RFC 7638 thumbprint, as auth.keyId's default).
+        #[arg(long, num_args = 1..)]
+        kid: Vec<String>,
     },
     /// What an export Job's pod runs: the config from $EPIC_EXPORT_JOB, one run, the report in the
     /// termination message.
@@ -306,8 +310,8 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Jwks { key } => {
-            let keys = crate::keygen::load_distinct(&key)?;
+        Command::Jwks { key, kid } => {
+            let keys = crate::keygen::load_distinct(&key, &kid)?;
             println!("{}", serde_json::to_string_pretty(&keys::jwks(&keys))?);
             Ok(0)
         }

@@ -151,15 +151,26 @@ pub fn write_files(
     })
 }
 
-/// Loads the keys for `epic-export jwks` and refuses two keys with the same `kid` (a JWK Set URL
-/// with a duplicate kid leaves the verifier guessing).
-pub fn load_distinct(paths: &[PathBuf]) -> anyhow::Result<Vec<SigningKey>> {
+/// Loads the keys for `epic-export jwks`, with the given kids (none: the thumbprints; else one per
+/// key, in order), and refuses two keys with the same `kid` (a JWK Set URL with a duplicate kid
+/// leaves the verifier guessing).
+pub fn load_distinct(paths: &[PathBuf], kids: &[String]) -> anyhow::Result<Vec<SigningKey>> {
+    if !kids.is_empty() && kids.len() != paths.len() {
+        bail!(
+            "{} --kid values for {} --key files: give one kid per key, in the same order, or none (the thumbprints)",
+            kids.len(),
+            paths.len()
+        );
+    }
+    if let Some(bad) = kids.iter().find(|k| k.trim().is_empty()) {
+        bail!("--kid {bad:?} is empty: give the key id of auth.keyId");
+    }
     let mut loaded: Vec<(SigningKey, &Path)> = Vec::with_capacity(paths.len());
-    for path in paths {
-        let key = SigningKey::load(path, None, None)?;
+    for (i, path) in paths.iter().enumerate() {
+        let key = SigningKey::load(path, None, kids.get(i).cloned())?;
         if let Some((_, first)) = loaded.iter().find(|(k, _)| k.kid() == key.kid()) {
             bail!(
-                "{} and {} have the same kid {} (the same key given twice?); a JWK Set must not repeat a kid: pass each key once",
+                "{} and {} have the same kid {} (the same key given twice, or the same --kid?); a JWK Set must not repeat a kid: pass each key once, each with its own kid",
                 first.display(),
                 path.display(),
                 key.kid()

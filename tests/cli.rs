@@ -346,6 +346,37 @@ fn jwks_prints_one_set_for_several_keys_and_refuses_duplicate_kids() {
     assert_eq!(set["keys"][1]["kid"], kid(&b));
     assert!(!String::from_utf8_lossy(&spaced.stdout).contains("\"d\""));
 
+    // --kid names the keys (for auth.keyId), one per key in order.
+    let named = bin()
+        .args(["jwks", "--key"])
+        .arg(&a)
+        .arg(&b)
+        .args(["--kid", "old-1", "new-2"])
+        .output()
+        .unwrap();
+    assert!(named.status.success(), "{}", stderr_of(&named));
+    let named: serde_json::Value = serde_json::from_slice(&named.stdout).unwrap();
+    assert_eq!(named["keys"][0]["kid"], "old-1");
+    assert_eq!(named["keys"][1]["kid"], "new-2");
+    assert_eq!(named["keys"][1]["x"], set["keys"][1]["x"]);
+    for kids in [&["only-one"][..], &["same", "same"][..]] {
+        let bad = bin()
+            .args(["jwks", "--key"])
+            .arg(&a)
+            .arg(&b)
+            .arg("--kid")
+            .args(kids)
+            .output()
+            .unwrap();
+        assert_eq!(bad.status.code(), Some(1), "{kids:?}");
+        assert!(bad.stdout.is_empty());
+        let stderr = stderr_of(&bad);
+        assert!(
+            stderr.contains("one kid per key") || stderr.contains("have the same kid same"),
+            "{kids:?}: {stderr}"
+        );
+    }
+
     // The same key twice (here a copy): refused, naming both files and the kid.
     let copy = dir.path().join("copy.pem");
     std::fs::copy(&a, &copy).unwrap();

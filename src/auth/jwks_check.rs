@@ -49,32 +49,31 @@ pub enum JwksProblem {
         member: String,
     },
     #[error(
-        "the kid we sign with ({kid}) matches no key in the JWK Set at {url} (its kids: {kids}), so Epic will answer invalid_client: add the output of `epic-export jwks --key {file}` to it (Epic may keep the old set cached for up to 29 h, or as Cache-Control says)"
+        "the kid we sign with ({kid}) matches no key in the JWK Set at {url} (its kids: {kids}), so Epic will answer invalid_client: add the output of `{publish}` to it (Epic may keep the old set cached for up to 29 h, or as Cache-Control says)"
     )]
     MissingKid {
         url: String,
         kid: String,
         kids: String,
-        file: String,
+        publish: String,
     },
     #[error(
-        "the JWK Set URL {url} publishes another key under our kid {kid} ({detail}), so our signatures will not verify: publish `epic-export jwks --key {file}` there, or point auth.privateKeyFile at the key it publishes"
+        "the JWK Set URL {url} publishes another key under our kid {kid} ({detail}), so our signatures will not verify: publish `{publish}` there, or point auth.privateKeyFile at the key it publishes"
     )]
     DifferentKey {
         url: String,
         kid: String,
         detail: String,
-        file: String,
+        publish: String,
     },
     #[error(
-        "the key with our kid {kid} at {url} says alg {published}, but we sign with {ours}: set auth.algorithm to {published} or republish the key with `epic-export jwks --key {file}`"
+        "the key with our kid {kid} at {url} says alg {published}, but we sign with {ours}: set auth.algorithm to {published}, or publish the key with alg {ours} (or without alg)"
     )]
     AlgMismatch {
         url: String,
         kid: String,
         published: String,
         ours: String,
-        file: String,
     },
 }
 
@@ -278,7 +277,7 @@ pub fn compare(
             } else {
                 kids.join(", ")
             },
-            file: key_file.to_owned(),
+            publish: publish_command(key, key_file),
         });
     }
     let mut warnings = Vec::new();
@@ -306,7 +305,7 @@ pub fn compare(
             url: url.to_owned(),
             kid: kid.to_owned(),
             detail: first_difference.unwrap_or_default(),
-            file: key_file.to_owned(),
+            publish: publish_command(key, key_file),
         });
     };
     let alg = key.algorithm().as_str();
@@ -318,7 +317,6 @@ pub fn compare(
             kid: kid.to_owned(),
             published: published_alg.to_owned(),
             ours: alg.to_owned(),
-            file: key_file.to_owned(),
         });
     }
     match published.get("use").and_then(Value::as_str) {
@@ -339,6 +337,15 @@ pub fn compare(
         cache_control: None,
         warnings,
     })
+}
+
+/// The command that prints the JWK Set entry of `key` (with `--kid` when it is not the thumbprint).
+fn publish_command(key: &SigningKey, key_file: &str) -> String {
+    if key.kid() == key.thumbprint() {
+        format!("epic-export jwks --key {key_file}")
+    } else {
+        format!("epic-export jwks --key {key_file} --kid {}", key.kid())
+    }
 }
 
 /// `None` when `published` holds the same public key as `ours`, else what differs (no key material).
@@ -465,5 +472,23 @@ mod tests {
         }
         let empty = compare(URL, &set(vec![]), &ours, "k.pem").unwrap_err();
         assert!(empty.to_string().contains("the set is empty"));
+
+        // With auth.keyId the fix command carries the kid, since the default would be the thumbprint.
+        let pem = ours.to_pkcs8_pem().unwrap();
+        let named = SigningKey::from_pem(
+            pem.as_bytes(),
+            std::path::Path::new("k.pem"),
+            None,
+            Some("my-key-1".into()),
+        )
+        .unwrap();
+        let missing = compare(URL, &set(vec![ours.public_jwk()]), &named, "k.pem").unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("`epic-export jwks --key k.pem --kid my-key-1`"),
+            "{missing}"
+        );
+        assert!(compare(URL, &set(vec![named.public_jwk()]), &named, "k.pem").is_ok());
     }
 }
