@@ -292,14 +292,29 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     );
                     if let Some(secret) = &written.secret {
                         println!(
-                            "Kubernetes Secret: {} (mode 0600; `kubectl apply -f` it, then delete the file)",
+                            "Kubernetes Secret: {} (mode 0600; `kubectl apply -f` it)",
                             secret.display()
                         );
                     }
                     println!("kid: {}", key.kid());
                 }
                 (None, Some(target)) => {
-                    print!("{}", crate::keygen::secret_manifest(&key, target)?);
+                    use std::io::{IsTerminal, Write};
+                    let manifest = crate::keygen::secret_manifest(&key, target)?;
+                    let mut stdout = std::io::stdout().lock();
+                    if stdout.is_terminal() {
+                        eprintln!(
+                            "note: this manifest holds the private key; pipe it to `kubectl apply -f -` or add --out DIR to write it to a 0600 file"
+                        );
+                    }
+                    stdout
+                        .write_all(manifest.as_bytes())
+                        .and_then(|()| stdout.flush())
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "cannot write the Secret manifest to stdout: {e}; the key was not kept anywhere, run keygen again"
+                            )
+                        })?;
                     eprintln!("kid: {}", key.kid());
                     eprintln!(
                         "public JWKS (register it with Epic or host it at your JWK Set URL; `epic-export jwks --key FILE` prints it again from the key):\n{}",

@@ -398,3 +398,21 @@ fn jwks_prints_one_set_for_several_keys_and_refuses_duplicate_kids() {
         "{stderr}"
     );
 }
+
+#[test]
+fn keygen_k8s_secret_into_a_closed_pipe_does_not_panic() {
+    let mut child = bin()
+        .args(["keygen", "--k8s-secret", "epic-key"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end at once, like `| kubectl apply -f -` when kubectl fails to start.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = stderr_of(&out);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if !out.status.success() {
+        assert!(stderr.contains("cannot write the Secret manifest"), "{stderr}");
+    }
+}
