@@ -413,6 +413,9 @@ fn keygen_k8s_secret_into_a_closed_pipe_does_not_panic() {
     let stderr = stderr_of(&out);
     assert!(!stderr.contains("panicked"), "{stderr}");
     if !out.status.success() {
-        assert!(stderr.contains("cannot write the Secret manifest"), "{stderr}");
+        assert!(
+            stderr.contains("cannot write the Secret manifest"),
+            "{stderr}"
+        );
     }
 }
