@@ -1,9 +1,11 @@
-//! `epic-export check`: validate the config, load the key, get a token, and explain what happened,
-//! without printing the token.
+//! `epic-export check`: validate the config, load the key, check the JWK Set URL (when
+//! `auth.jwksUrl` is set, see `auth::jwks_check`), get a token, and explain what happened, without
+//! printing the token.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
+use crate::auth::jwks_check;
 use crate::auth::token::describe_skew;
 use crate::export::{ExportError, connect};
 use crate::plan::ExportPlan;
@@ -40,6 +42,19 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
             "discovered"
         }
     );
+    // The JWK Set URL is checked before the token request, and a failure there fails the check, but
+    // the token request still runs so both results are shown.
+    let mut failed = false;
+    if let Some(url) = &plan.jwks_url {
+        let outcome = jwks_check::fetch_and_compare(
+            url,
+            conn.tokens.key(),
+            &plan.private_key_file.display().to_string(),
+        )
+        .await;
+        out.push_str(&outcome.render());
+        failed = !outcome.is_ok();
+    }
     match conn.tokens.request().await {
         Ok((_token, grant)) => {
             let _ = writeln!(
@@ -53,7 +68,7 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
                 "clock:{}",
                 describe_skew(grant.server_date, SystemTime::now())
             );
-            Ok(out)
+            if failed { Err(out) } else { Ok(out) }
         }
         Err(e) => {
             let _ = writeln!(out, "token: FAILED\n{e}");

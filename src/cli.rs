@@ -76,17 +76,36 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Make a new private key (DIR/private.pem, mode 0600) and the JWKS to register (DIR/jwks.json).
+    /// Make a new private key (DIR/private.pem, mode 0600) and the JWKS to register (DIR/jwks.json);
+    /// with --k8s-secret also a Kubernetes Secret manifest holding the key (DIR/NAME.secret.yaml, or
+    /// stdout without --out: `epic-export keygen --k8s-secret epic-key | kubectl apply -f -`).
     Keygen {
         #[arg(long, default_value = "RS384")]
         alg: Algorithm,
-        #[arg(long)]
-        out: PathBuf,
+        /// Folder to write the files into (never overwriting); optional with --k8s-secret.
+        #[arg(long, value_name = "DIR", required_unless_present = "k8s_secret")]
+        out: Option<PathBuf>,
+        /// Emit a Kubernetes Secret (type Opaque) named NAME holding the private key, annotated
+        /// with its kid (fhirexport.dev/kid).
+        #[arg(long, value_name = "NAME", value_parser = crate::keygen::parse_secret_name)]
+        k8s_secret: Option<String>,
+        /// metadata.namespace of the Secret (default: none, kubectl's current namespace).
+        #[arg(long, value_name = "NS", requires = "k8s_secret", value_parser = crate::keygen::parse_namespace)]
+        namespace: Option<String>,
+        /// The Secret's data key holding the PEM [default: private.pem]. To rotate, stage the next
+        /// key under next-private.pem in the same Secret.
+        #[arg(long, value_name = "KEY", requires = "k8s_secret", value_parser = crate::keygen::parse_secret_key)]
+        secret_key: Option<String>,
     },
-    /// Print the public JWKS for existing private keys (to host at a JWK Set URL).
+    /// Print one public JWK Set for existing private keys (to host at a JWK Set URL); several keys
+    /// (`--key a.pem b.pem` or `--key a.pem --key b.pem`) publish a rotation's old and new key.
     Jwks {
         #[arg(long, required = true, num_args = 1..)]
         key: Vec<PathBuf>,
+        /// The kid of each key, in --key order, when the config sets auth.keyId (default: the
+        /// RFC 7638 thumbprint, as auth.keyId's default).
+        #[arg(long, num_args = 1..)]
+        kid: Vec<String>,
     },
     /// What an export Job's pod runs: the config from $EPIC_EXPORT_JOB, one run, the report in the
     /// termination message.
@@ -253,30 +272,72 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Keygen { alg, out } => {
+        Command::Keygen {
+            alg,
+            out,
+            k8s_secret,
+            namespace,
+            secret_key,
+        } => {
             if !matches!(alg, Algorithm::RS384 | Algorithm::ES384) {
                 anyhow::bail!(
                     "--alg must be RS384 or ES384 (the algorithms SMART requires clients to support)"
                 );
             }
+            let target = k8s_secret.map(|name| crate::keygen::SecretTarget {
+                name,
+                namespace,
+                key: secret_key.unwrap_or_else(|| crate::keygen::DEFAULT_SECRET_KEY.to_owned()),
+            });
             let key = SigningKey::generate(alg)?;
-            let (private, public) = keys::write_key_pair(&key, &out)?;
-            println!(
-                "private key: {} (mode 0600; keep it secret)",
-                private.display()
-            );
-            println!(
-                "public JWKS: {} (register it with Epic or host it at your JWK Set URL)",
-                public.display()
-            );
-            println!("kid: {}", key.kid());
+            match (out, &target) {
+                (Some(dir), _) => {
+                    let written = crate::keygen::write_files(&key, &dir, target.as_ref())?;
+                    println!(
+                        "private key: {} (mode 0600; keep it secret)",
+                        written.private.display()
+                    );
+                    println!(
+                        "public JWKS: {} (register it with Epic or host it at your JWK Set URL)",
+                        written.jwks.display()
+                    );
+                    if let Some(secret) = &written.secret {
+                        println!(
+                            "Kubernetes Secret: {} (mode 0600; `kubectl apply -f` it)",
+                            secret.display()
+                        );
+                    }
+                    println!("kid: {}", key.kid());
+                }
+                (None, Some(target)) => {
+                    use std::io::{IsTerminal, Write};
+                    let manifest = crate::keygen::secret_manifest(&key, target)?;
+                    let mut stdout = std::io::stdout().lock();
+                    if stdout.is_terminal() {
+                        eprintln!(
+                            "note: this manifest holds the private key; pipe it to `kubectl apply -f -` or add --out DIR to write it to a 0600 file"
+                        );
+                    }
+                    stdout
+                        .write_all(manifest.as_bytes())
+                        .and_then(|()| stdout.flush())
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "cannot write the Secret manifest to stdout: {e}; the key was not kept anywhere, run keygen again"
+                            )
+                        })?;
+                    eprintln!("kid: {}", key.kid());
+                    eprintln!(
+                        "public JWKS (register it with Epic or host it at your JWK Set URL; `epic-export jwks --key FILE` prints it again from the key):\n{}",
+                        serde_json::to_string_pretty(&keys::jwks(std::slice::from_ref(&key)))?
+                    );
+                }
+                (None, None) => anyhow::bail!("keygen needs --out DIR, --k8s-secret NAME or both"),
+            }
             Ok(0)
         }
-        Command::Jwks { key } => {
-            let keys = key
-                .iter()
-                .map(|k| SigningKey::load(k, None, None))
-                .collect::<Result<Vec<_>, _>>()?;
+        Command::Jwks { key, kid } => {
+            let keys = crate::keygen::load_distinct(&key, &kid)?;
             println!("{}", serde_json::to_string_pretty(&keys::jwks(&keys))?);
             Ok(0)
         }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod export;
 pub mod fhir;
+pub mod keygen;
 pub mod logging;
 pub mod notify;
 pub mod operator;

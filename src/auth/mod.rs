@@ -3,6 +3,7 @@
 
 pub mod assertion;
 pub mod discovery;
+pub mod jwks_check;
 pub mod keys;
 pub mod token;
 

@@ -51,7 +51,7 @@ pub enum AuthError {
          - the client id belongs to another environment (non-production vs production ids differ)\n  \
          - the assertion's aud must be the token URL exactly (we sent {token_url})\n  \
          - the public key is not registered for this client, or not yet propagated (sandbox changes can take hours)\n  \
-         - the kid we sent ({kid}) matches no key in the registered JWKS\n  \
+         - the kid we sent ({kid}) matches no key in the registered JWKS or at the JWK Set URL (auth.jwksUrl), or the key published under it is another one\n  \
          - clock skew: the assertion expires {lifetime} s after our clock{skew}\n\
          Run `epic-export check --config FILE` for these checks."
     )]
@@ -161,6 +161,11 @@ impl TokenSource {
 
     pub fn token_url(&self) -> &str {
         &self.cfg.token_url
+    }
+
+    /// The key the assertions are signed with (for checks that compare its public half).
+    pub fn key(&self) -> &SigningKey {
+        &self.cfg.key
     }
 
     /// A valid token: the cached one, or a new one. Concurrent callers share one renewal.
