@@ -5,8 +5,10 @@
   and each ci/*-values.yaml; rendered with each of them, every object validated strictly (unknown fields
   are errors) against the Kubernetes schemas of the oldest supported and the newest known version
   (kubernetes-validate); what each value set must produce (RBAC scope, leader election, strategy, PDB,
-  ServiceMonitor, NetworkPolicy, security settings, probes, env); its RBAC rules are exactly those of
-  examples/operator.yaml; its CRD is byte-identical to crds/epicexport.yaml; bad values are refused.
+  ServiceMonitor, NetworkPolicy, security settings, probes, env, the JWK Set endpoint's Service and
+  Ingress, NOTES.txt); its RBAC rules are exactly those of examples/operator.yaml (plus, with
+  keyRotation.enabled, the key rotation rule commented out there); its CRD is byte-identical to
+  crds/epicexport.yaml; bad values are refused.
 - The examples: every document parses; built-in kinds validate strictly the same way; every EpicExport
   validates against the CRD's openAPIV3Schema (unknown fields refused, as `kubectl apply` does) and
   its x-kubernetes-validations CEL rules (cel-python); the sandbox kustomization lists every file and
@@ -50,6 +52,10 @@ FOREIGN_KINDS = {
 }
 EPICEXPORT = ("fhirexport.dev/v1alpha1", "EpicExport")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+# Granted only with the chart's keyRotation.enabled (commented out in examples/operator.yaml).
+ROTATION_RULES = {("", "secrets", "update")}
+# The chart's JWK Set endpoint defaults (values.yaml).
+JWKS_DEFAULTS = {"enabled": True, "port": 8081, "maxAgeSeconds": 3600, "rotationMaxAgeSeconds": 300}
 
 problems: list[str] = []
 checks = 0
@@ -216,12 +222,34 @@ def is_lease_role(doc: dict) -> bool:
     return any("leases" in r.get("resources", []) for r in doc.get("rules", []))
 
 
+def commented_rules(text: str) -> list[dict]:
+    """The rules commented out in a manifest (`  # - apiGroups: ...` and the `#   resources/verbs` lines
+    after it), e.g. the key rotation rule of examples/operator.yaml."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        body = line.strip()
+        if body.startswith("# - apiGroups:"):
+            inside = True
+        elif not (inside and body.startswith("#   ")):
+            inside = False
+        if inside:
+            lines.append(body[2:])
+    rules = yaml.safe_load("\n".join(lines)) if lines else []
+    return rules if isinstance(rules, list) else []
+
+
 def example_rbac() -> tuple[set, set]:
-    docs = docs_of((EXAMPLES / "operator.yaml").read_text(), "examples/operator.yaml")
+    text = (EXAMPLES / "operator.yaml").read_text()
+    docs = docs_of(text, "examples/operator.yaml")
     roles = [d for d in docs if d.get("kind") in ("ClusterRole", "Role")]
     main = triples(r for d in roles if not is_lease_role(d) for r in d["rules"])
     leases = triples(r for d in roles if is_lease_role(d) for r in d["rules"])
     check(bool(main) and bool(leases), "examples/operator.yaml: no controller or lease rules found")
+    commented = triples(commented_rules(text))
+    check(
+        commented == ROTATION_RULES,
+        f"examples/operator.yaml: the commented key rotation rule grants {sorted(commented)}, expected {sorted(ROTATION_RULES)}",
+    )
     return main, leases
 
 
@@ -326,10 +354,27 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
             get.get("path") == path and get.get("port") in ("metrics", port),
             f"{where}: {probe} is not GET {path} on the metrics port",
         )
+    jwks = {**JWKS_DEFAULTS, **values.get("jwks", {})}
+    ingress_values = jwks.get("ingress", {})
+    jwks_env = {k: env[k].get("value") for k in ("JWKS_ADDR", "JWKS_MAX_AGE", "JWKS_ROTATION_MAX_AGE") if k in env}
+    if jwks["enabled"]:
+        want_env = {
+            "JWKS_ADDR": f"0.0.0.0:{jwks['port']}",
+            "JWKS_MAX_AGE": str(jwks["maxAgeSeconds"]),
+            "JWKS_ROTATION_MAX_AGE": str(jwks["rotationMaxAgeSeconds"]),
+        }
+        check(jwks_env == want_env, f"{where}: the JWKS env is {jwks_env}, expected {want_env}")
+        check(ports.get("jwks") == jwks["port"], f"{where}: the jwks container port is not {jwks['port']}")
+    else:
+        check(not jwks_env, f"{where}: jwks.enabled=false but the JWKS env is set: {jwks_env}")
+        check("jwks" not in ports, f"{where}: jwks.enabled=false but the container has a jwks port")
 
     # RBAC: the controller's rules, cluster-wide or in the watched namespace; the lease rules with
     # leader election only; nothing else.
     main_rules, lease_rules = rbac
+    rotation = values.get("keyRotation", {}).get("enabled", False)
+    if rotation:
+        main_rules = main_rules | ROTATION_RULES
     roles = find(docs, "ClusterRole") + find(docs, "Role")
     main_roles = [r for r in roles if not is_lease_role(r)]
     lease_roles = [r for r in roles if is_lease_role(r)]
@@ -343,6 +388,10 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
         else:
             check(r["kind"] == "ClusterRole", f"{where}: watching all namespaces needs a ClusterRole")
         got = triples(r["rules"])
+        check(
+            (("", "secrets", "update") in got) == rotation,
+            f"{where}: {name_of(r)}: update on secrets must be granted exactly with keyRotation.enabled ({rotation})",
+        )
         check(
             got == main_rules,
             f"{where}: {name_of(r)} differs from examples/operator.yaml: extra {sorted(got - main_rules)},"
@@ -370,14 +419,57 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
             f"{where}: {name_of(b)} does not bind exactly the operator's ServiceAccount",
         )
 
-    services = find(docs, "Service")
-    check(len(services) == 1, f"{where}: expected one Service")
+    all_services = find(docs, "Service")
+    services = [s for s in all_services if s["metadata"]["name"].endswith("-metrics")]
+    jwks_services = [s for s in all_services if s["metadata"]["name"].endswith("-jwks")]
+    check(len(services) == 1, f"{where}: expected one metrics Service")
+    check(
+        len(jwks_services) == (1 if jwks["enabled"] else 0) and len(all_services) == len(services) + len(jwks_services),
+        f"{where}: Services {[name_of(s) for s in all_services]}, jwks.enabled={jwks['enabled']}",
+    )
     for s in services:
         check(labels_match(s["spec"]["selector"], pod_labels), f"{where}: the metrics Service selects no pod")
         check(
             [p.get("targetPort") for p in s["spec"]["ports"]] == ["metrics"],
             f"{where}: the Service does not target the metrics port",
         )
+    for s in jwks_services:
+        check(labels_match(s["spec"]["selector"], pod_labels), f"{where}: the jwks Service selects no pod")
+        check(
+            [(p.get("name"), p.get("port"), p.get("targetPort")) for p in s["spec"]["ports"]]
+            == [("http-jwks", jwks["port"], "jwks")],
+            f"{where}: the jwks Service must expose only the jwks port: {s['spec']['ports']}",
+        )
+        want_type = jwks.get("service", {}).get("type", "ClusterIP")
+        check(s["spec"].get("type") == want_type, f"{where}: the jwks Service's type is not {want_type}")
+
+    # The Ingress of the JWK Set URL: /jwks/ only, to the jwks Service, with the host and TLS.
+    ingresses = find(docs, "Ingress")
+    want = jwks["enabled"] and ingress_values.get("enabled", False)
+    check(len(ingresses) == (1 if want else 0), f"{where}: {len(ingresses)} Ingress(es), jwks ingress enabled={want}")
+    for i in ingresses:
+        host = ingress_values["host"]
+        rules = i["spec"].get("rules", [])
+        paths = [(r.get("host"), p) for r in rules for p in r.get("http", {}).get("paths", [])]
+        check(
+            [(h, p.get("path"), p.get("pathType")) for h, p in paths] == [(host, "/jwks/", "Prefix")],
+            f"{where}: the Ingress must route exactly https://{host}/jwks/ (Prefix): {paths}",
+        )
+        backends = [p.get("backend", {}).get("service", {}) for _, p in paths]
+        check(
+            bool(jwks_services)
+            and all(b.get("name") == jwks_services[0]["metadata"]["name"] and b.get("port") == {"name": "http-jwks"} for b in backends),
+            f"{where}: the Ingress's backend is not the jwks Service's http-jwks port: {backends}",
+        )
+        check(
+            i["spec"].get("defaultBackend") is None,
+            f"{where}: the Ingress has a defaultBackend (only /jwks/ may be routed)",
+        )
+        secret = ingress_values.get("tls", {}).get("secretName", "")
+        want_tls = [{"hosts": [host], "secretName": secret}] if secret else None
+        check(i["spec"].get("tls") == want_tls, f"{where}: the Ingress's tls is {i['spec'].get('tls')}, expected {want_tls}")
+        class_name = ingress_values.get("className") or None
+        check(i["spec"].get("ingressClassName") == class_name, f"{where}: ingressClassName is not {class_name}")
 
     pdbs = find(docs, "PodDisruptionBudget")
     check(len(pdbs) == (1 if merged_replicas > 1 else 0), f"{where}: {len(pdbs)} PDB(s) with {merged_replicas} replica(s)")
@@ -392,6 +484,10 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
             all(labels_match(m["spec"]["selector"]["matchLabels"], s["metadata"]["labels"]) for s in services),
             f"{where}: the ServiceMonitor does not select the metrics Service",
         )
+        check(
+            not any(labels_match(m["spec"]["selector"]["matchLabels"], s["metadata"]["labels"]) for s in jwks_services),
+            f"{where}: the ServiceMonitor selects the jwks Service",
+        )
         svc_ports = {p["name"] for s in services for p in s["spec"]["ports"]}
         check(
             all(e["port"] in svc_ports for e in m["spec"]["endpoints"]),
@@ -405,10 +501,15 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
         check(labels_match(p["spec"]["podSelector"]["matchLabels"], pod_labels), f"{where}: the NetworkPolicy selects no pod")
         check(sorted(p["spec"]["policyTypes"]) == ["Egress", "Ingress"], f"{where}: the NetworkPolicy must restrict both ways")
         ingress_ports = [port for rule in p["spec"]["ingress"] for port in rule.get("ports", [])]
+        want_ports = [{"port": "metrics", "protocol": "TCP"}] + ([{"port": "jwks", "protocol": "TCP"}] if jwks["enabled"] else [])
         check(
-            ingress_ports == [{"port": "metrics", "protocol": "TCP"}],
-            f"{where}: the NetworkPolicy lets in more than the metrics port: {ingress_ports}",
+            ingress_ports == want_ports,
+            f"{where}: the NetworkPolicy lets in {ingress_ports}, expected {want_ports}",
         )
+        jwks_from = values.get("networkPolicy", {}).get("jwksFrom", [])
+        for rule in p["spec"]["ingress"]:
+            if rule.get("ports") == [{"port": "jwks", "protocol": "TCP"}]:
+                check(rule.get("from", []) == jwks_from, f"{where}: the NetworkPolicy's jwks sources are not networkPolicy.jwksFrom")
         egress_ports = {(port["port"], port["protocol"]) for rule in p["spec"]["egress"] for port in rule["ports"]}
         api_ports = values.get("networkPolicy", {}).get("apiServer", {}).get("ports", [443, 6443])
         check(
@@ -442,6 +543,65 @@ def render(values: dict) -> dict[str, str]:
         return chart.render(values, name=RELEASE, namespace=RELEASE_NAMESPACE, is_install=True)
 
 
+# Value sets checked beside ci/*-values.yaml (not installed by `ct install`): the Ingress without TLS
+# (NOTES.txt must warn) and key rotation in one namespace (the rule goes into the Role there).
+EXTRA_VALUE_SETS: list[tuple[str, dict]] = [
+    (
+        "chart with an Ingress without TLS, key rotation in one namespace",
+        {
+            "watchNamespace": "phi",
+            "keyRotation": {"enabled": True},
+            "jwks": {"service": {"type": "LoadBalancer"}, "ingress": {"enabled": True, "host": "keys.example.org"}},
+        },
+    ),
+]
+
+
+def check_notes(where: str, values: dict, text: str) -> None:
+    check("kubectl" in text, f"{where}: NOTES.txt says nothing useful")
+    jwks = {**JWKS_DEFAULTS, **values.get("jwks", {})}
+    ingress = jwks.get("ingress", {}) if jwks["enabled"] else {}
+    if ingress.get("enabled"):
+        url = f"https://{ingress['host']}/jwks/<namespace>/<export>.json"
+        check(url in text, f"{where}: NOTES.txt does not give the JWK Set URL {url}")
+        warns = "Epic requires https" in text
+        tls = bool(ingress.get("tls", {}).get("secretName"))
+        check(warns != tls, f"{where}: NOTES.txt {'warns' if warns else 'does not warn'} about https with tls.secretName={tls}")
+    else:
+        check("https://" not in text, f"{where}: NOTES.txt gives an https URL without an Ingress")
+    check(
+        ("port-forward svc/" in text) == (jwks["enabled"] and not ingress.get("enabled", False)),
+        f"{where}: NOTES.txt's port-forward hint does not match jwks.enabled/jwks.ingress.enabled",
+    )
+    rotation = values.get("keyRotation", {}).get("enabled", False)
+    check(
+        ("Key rotation: allowed" in text) == rotation and ("Key rotation: off" in text) != rotation,
+        f"{where}: NOTES.txt does not say whether key rotation is allowed ({rotation})",
+    )
+
+
+def check_example_jwks(chart_docs: list[dict]) -> None:
+    """examples/operator.yaml serves the JWK Set endpoint like the chart's defaults: same env, port and
+    a Service exposing only that port."""
+    where = "examples/operator.yaml"
+    docs = docs_of((EXAMPLES / "operator.yaml").read_text(), where)
+
+    def jwks_of(ds: list[dict]) -> tuple[dict, dict, list]:
+        dep = next(d for d in ds if d.get("kind") == "Deployment")
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c.get("env", []) if e["name"].startswith("JWKS_")}
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", []) if p["name"] == "jwks"}
+        svc = [
+            [(p.get("port"), p.get("targetPort")) for p in d["spec"]["ports"]]
+            for d in ds
+            if d.get("kind") == "Service" and d["metadata"]["name"].endswith("-jwks")
+        ]
+        return env, ports, svc
+
+    chart, example = jwks_of(chart_docs), jwks_of(docs)
+    check(example == chart, f"{where}: the JWK Set endpoint (env, port, Service) {example} differs from the chart's defaults {chart}")
+
+
 def check_chart(crd: CrdValidator, rbac: tuple[set, set]) -> None:
     chart_crd = CHART / "crds" / "epicexport.yaml"
     check(
@@ -458,10 +618,10 @@ def check_chart(crd: CrdValidator, rbac: tuple[set, set]) -> None:
 
     lint(None, "chart defaults")
     value_files = sorted((CHART / "ci").glob("*-values.yaml"))
-    check(len(value_files) >= 3, "charts/epic-export-operator/ci: expected at least three value sets")
-    for path in value_files:
-        where = f"chart with {path.relative_to(CHART)}"
-        values = yaml.safe_load(path.read_text()) or {}
+    check(len(value_files) >= 5, "charts/epic-export-operator/ci: expected at least five value sets")
+    value_sets = [(f"chart with {p.relative_to(CHART)}", yaml.safe_load(p.read_text()) or {}) for p in value_files]
+    value_sets += EXTRA_VALUE_SETS
+    for where, values in value_sets:
         lint(values, where)
         try:
             rendered = render(values)
@@ -471,12 +631,14 @@ def check_chart(crd: CrdValidator, rbac: tuple[set, set]) -> None:
         docs: list[dict] = []
         for template, text in sorted(rendered.items()):
             if template.endswith("NOTES.txt"):
-                check("kubectl" in text, f"{where}: NOTES.txt says nothing useful")
+                check_notes(where, values, text)
                 continue
             docs += docs_of(text, f"{where}: {template}")
         for doc in docs:
             validate_object(doc, where, crd)
         check_chart_objects(where, values, docs, rbac)
+        if not values:
+            check_example_jwks(docs)
 
     # Values the schema or the templates must refuse.
     for bad in (
@@ -486,6 +648,20 @@ def check_chart(crd: CrdValidator, rbac: tuple[set, set]) -> None:
         {"image": {"repository": "x", "tg": "1"}},
         {"serviceAccount": {"create": False}},
         {"networkPolicy": {"enabled": True, "apiServer": {"ports": []}}},
+        {"jwks": {"ingress": {"enabled": True}}},
+        {"jwks": {"ingress": {"enabled": True, "host": ""}}},
+        {"jwks": {"ingress": {"enabled": True, "host": "https://jwks.example.org/"}}},
+        {"jwks": {"enabled": False, "ingress": {"enabled": True, "host": "jwks.example.org"}}},
+        {"jwks": {"port": 0}},
+        {"jwks": {"port": 65536}},
+        {"jwks": {"port": 8080}},
+        {"jwks": {"prot": 8081}},
+        {"jwks": {"ingress": {"tls": {"secret": "x"}}}},
+        {"jwks": {"maxAgeSeconds": 0}},
+        {"jwks": {"rotationMaxAgeSeconds": -1}},
+        {"jwks": {"service": {"type": "ExternalName"}}},
+        {"keyRotation": {"enabled": "yes"}},
+        {"keyRotation": True},
     ):
         try:
             render(bad)

@@ -61,7 +61,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 The rules the controller uses, the same as examples/operator.yaml (scripts/check_manifests.py compares
-them). Bound cluster-wide by a ClusterRole, or in watchNamespace by a Role.
+them), plus with keyRotation.enabled the rule commented out there. Bound cluster-wide by a ClusterRole,
+or in watchNamespace by a Role.
 */}}
 {{- define "epic-export-operator.rules" -}}
 # The EpicExports it reconciles, and their status.
@@ -88,4 +89,25 @@ them). Bound cluster-wide by a ClusterRole, or in watchNamespace by a Role.
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+{{- if .Values.keyRotation.enabled }}
+# Key rotation (keyRotation.enabled): it rewrites the key Secrets (next key, switch, old key retired).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [update]
+{{- end }}
+{{- end }}
+
+{{/* The JWK Set endpoint's checks: a port of its own; an Ingress only with the endpoint and a host. */}}
+{{- define "epic-export-operator.jwksChecks" -}}
+{{- if .Values.jwks.enabled }}
+{{- if eq (int .Values.jwks.port) (int .Values.metrics.port) }}
+{{- fail (printf "jwks.port and metrics.port are both %d: the JWK Set endpoint needs a port of its own" (int .Values.jwks.port)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.jwks.ingress.enabled }}
+{{- if not .Values.jwks.enabled }}
+{{- fail "jwks.ingress.enabled needs jwks.enabled: the Ingress routes to the JWK Set endpoint" }}
+{{- end }}
+{{- required "jwks.ingress.host is required when jwks.ingress.enabled is true: the public host name Epic fetches https://<host>/jwks/<namespace>/<export>.json from" .Values.jwks.ingress.host | trunc 0 }}
+{{- end }}
 {{- end }}
