@@ -86,7 +86,13 @@ async fn bench(n: usize, idle: Duration) {
     let before = fake.requests().len();
     let started = Instant::now();
     let mut controller = Command::new(env!("CARGO_BIN_EXE_epic-export"))
-        .args(["controller", "--image", "epic-export:bench", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "controller",
+            "--image",
+            "epic-export:bench",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -151,7 +151,8 @@ impl FakeApi {
                 let bytes = axum::body::to_bytes(body, usize::MAX)
                     .await
                     .unwrap_or_default();
-                let req = http::Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
+                let req =
+                    http::Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
                 match fake.handle(req).await {
                     Ok(resp) => resp,
                     Err(never) => match never {},
