@@ -246,17 +246,17 @@ fn keygen_k8s_secret_with_out_writes_three_files_and_never_overwrites() {
     assert_eq!(jwks["keys"][0]["kid"], key.kid());
 
     // Again into the same folder: refused, nothing changed.
-    let again = bin()
-        .args(["keygen", "--k8s-secret", "epic-key", "--out"])
-        .arg(&keys)
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
-    assert!(
-        stderr_of(&again).contains("already exists"),
-        "{}",
-        stderr_of(&again)
-    );
+    let keygen_into = |out: &std::path::Path, needle: &str| {
+        let refused = bin()
+            .args(["keygen", "--k8s-secret", "epic-key", "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let stderr = stderr_of(&refused);
+        assert!(stderr.contains(needle), "{stderr}");
+    };
+    keygen_into(&keys, "already exists");
     assert_eq!(std::fs::read(keys.join("private.pem")).unwrap(), pem);
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), yaml);
 
@@ -264,17 +264,7 @@ fn keygen_k8s_secret_with_out_writes_three_files_and_never_overwrites() {
     let other = dir.path().join("other");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("epic-key.secret.yaml"), "keep me").unwrap();
-    let refused = bin()
-        .args(["keygen", "--k8s-secret", "epic-key", "--out"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    assert!(
-        stderr_of(&refused).contains("epic-key.secret.yaml"),
-        "{}",
-        stderr_of(&refused)
-    );
+    keygen_into(&other, "epic-key.secret.yaml");
     assert!(!other.join("private.pem").exists() && !other.join("jwks.json").exists());
 }
 

@@ -234,18 +234,19 @@ pub fn router(publisher: Arc<Publisher>) -> Router {
         .with_state(publisher)
 }
 
+/// Which document a path asks for.
+#[derive(Clone, Copy)]
+enum Form {
+    Export,
+    Secret,
+}
+
 async fn export_jwks(
     State(publisher): State<Arc<Publisher>>,
     Path((ns, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(name) = file.strip_suffix(".json") else {
-        return not_found();
-    };
-    if !publisher.exports_ready() {
-        return unavailable();
-    }
-    respond(publisher.for_export(&ns, name).await, &headers)
+    answer(&publisher, Form::Export, &ns, &file, &headers).await
 }
 
 async fn secret_jwks(
@@ -253,13 +254,27 @@ async fn secret_jwks(
     Path((ns, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    answer(&publisher, Form::Secret, &ns, &file, &headers).await
+}
+
+async fn answer(
+    publisher: &Publisher,
+    form: Form,
+    ns: &str,
+    file: &str,
+    headers: &HeaderMap,
+) -> Response {
     let Some(name) = file.strip_suffix(".json") else {
         return not_found();
     };
     if !publisher.exports_ready() {
         return unavailable();
     }
-    respond(publisher.for_secret(&ns, name).await, &headers)
+    let document = match form {
+        Form::Export => publisher.for_export(ns, name).await,
+        Form::Secret => publisher.for_secret(ns, name).await,
+    };
+    respond(document, headers)
 }
 
 impl Publisher {
