@@ -96,4 +96,9 @@ print(f"  epic-export  {s['bytesTotal']/mb:8.0f} MiB in {dl_s:6.2f} s = {s['byte
 print(f"  ratio        {(s['bytesTotal']/dl_s)/(curl_bytes/curl_s):.2f} x curl")
 print(f"  peak RSS     {rss_kb/1024:.1f} MiB (epic-export)")
 print(f"  outcome      {s['outcome']}")
+if s["outcome"] != "success":
+    sys.exit("the run did not succeed: see the log")
+# One line for benches/run.sh.
+print(f"RESULT bulk patients={patients} files={files} curl_mib_s={curl_bytes/mb/curl_s:.1f} exporter_mib_s={s['bytesTotal']/mb/dl_s:.1f} "
+      f"ratio={(s['bytesTotal']/dl_s)/(curl_bytes/curl_s):.3f} rss_mib={rss_kb/1024:.1f} gib={s['bytesTotal']/mb/1024:.2f}")
 PY

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Search-mode throughput benchmark: the sandbox runs as a separate process with a fixed latency per FHIR
 # request; `epic-export run` exports every patient of the roster. Prints wall time, requests/s, records/s,
-# the ratio to the ideal bound (requests x latency / concurrency) and the exporter's peak RSS.
+# the ratio to the ideal bound (requests x latency / concurrency), the exporter's peak RSS and its CPU time
+# per record (run it with latency 0 for the CPU cost).
 #
 #   benches/search_export.sh [PATIENTS] [LATENCY_MS] [CONCURRENCY]      (defaults: 200 20 8)
 set -euo pipefail
@@ -58,12 +59,13 @@ limits:
   requestsPerSecond: 0
 YAML
 
-/usr/bin/time -f '%M %e' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log"
-read -r rss_kb wall < "$work/time"
-python3 - "$work/out/bench/latest/summary.json" "$rss_kb" "$wall" "$latency_ms" "$concurrency" "$patients" <<'PY'
+/usr/bin/time -f '%M %e %U %S' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log"
+read -r rss_kb wall user_s sys_s < "$work/time"
+python3 - "$work/out/bench/latest/summary.json" "$rss_kb" "$wall" "$latency_ms" "$concurrency" "$patients" "$user_s" "$sys_s" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 rss_kb, wall, lat, conc, patients = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+cpu_s = float(sys.argv[7]) + float(sys.argv[8])
 export_s = s["durationSeconds"]
 req, rec = s["requests"], s["recordsTotal"]
 ideal = req * lat / 1000 / conc
@@ -76,4 +78,10 @@ print(f"  requests/s        {req/export_s:.0f}")
 print(f"  records/s         {rec/export_s:.0f}")
 print(f"  ideal bound       {ideal:.2f} s  -> {100*ideal/export_s:.0f} % of the bound")
 print(f"  peak RSS          {rss_kb/1024:.1f} MiB")
+print(f"  CPU (user+sys)    {cpu_s:.2f} s = {1e6*cpu_s/max(rec,1):.1f} us per record")
+if s["outcome"] != "success":
+    sys.exit("the run did not succeed: see the log")
+# One line for benches/run.sh.
+print(f"RESULT search latency_ms={lat:.0f} concurrency={conc} requests={req} records={rec} export_s={export_s:.3f} "
+      f"bound_s={ideal:.3f} bound_pct={100*ideal/export_s:.1f} rss_mib={rss_kb/1024:.1f} cpu_us_per_record={1e6*cpu_s/max(rec,1):.2f}")
 PY

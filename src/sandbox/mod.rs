@@ -351,13 +351,8 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 }
 
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route(
-            &format!("{FHIR_PATH}/.well-known/smart-configuration"),
-            get(token::smart_configuration),
-        )
-        .route(&format!("{FHIR_PATH}/metadata"), get(fhir::metadata))
-        .route(TOKEN_PATH, post(token::token_endpoint))
+    // The FHIR and Bulk Data requests answer `latency` after they arrive (the server's work included).
+    let data = Router::new()
         .route(&format!("{FHIR_PATH}/$export"), get(bulk::kickoff_system))
         .route(
             &format!("{FHIR_PATH}/Patient/$export"),
@@ -380,6 +375,18 @@ fn router(shared: Arc<Shared>) -> Router {
             &format!("{FHIR_PATH}/{{resource_type}}/{{id}}"),
             get(fhir::read),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            fhir::emulate_latency,
+        ));
+    Router::new()
+        .route(
+            &format!("{FHIR_PATH}/.well-known/smart-configuration"),
+            get(token::smart_configuration),
+        )
+        .route(&format!("{FHIR_PATH}/metadata"), get(fhir::metadata))
+        .route(TOKEN_PATH, post(token::token_endpoint))
+        .merge(data)
         .fallback(fhir::not_found)
         .with_state(shared)
 }
