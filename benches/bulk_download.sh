@@ -57,9 +57,12 @@ with open(f"{work}/curl.cfg", "w") as f:
 print(len(manifest["output"]), file=open(f"{work}/curl.files", "w"))
 PY
 mkdir -p "$work/curl"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
+sandbox_cpu0=$(cpu_ticks "$sandbox_pid")
 start=$(date +%s.%N)
-curl --silent --show-error --no-progress-meter --fail --compressed --parallel --parallel-max "$concurrency" --config "$work/curl.cfg"
+/usr/bin/time -f '%U %S' -o "$work/curl.time" curl --silent --show-error --no-progress-meter --fail --compressed --parallel --parallel-max "$concurrency" --config "$work/curl.cfg"
 end=$(date +%s.%N)
+sandbox_cpu1=$(cpu_ticks "$sandbox_pid")
 curl_bytes=$(cat "$work"/curl/*.ndjson | wc -c)
 rm -rf "$work/curl"
 
@@ -80,12 +83,21 @@ limits:
   concurrency: $concurrency
   requestsPerSecond: 0
 YAML
-/usr/bin/time -f '%M %e' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log"
-read -r rss_kb wall < "$work/time"
-python3 - "$work/out/bench/latest/summary.json" "$rss_kb" "$wall" "$start" "$end" "$curl_bytes" "$(cat "$work/curl.files")" "$patients" "$concurrency" <<'PY'
+sandbox_cpu2=$(cpu_ticks "$sandbox_pid")
+/usr/bin/time -f '%M %e %U %S' -o "$work/time" ${BENCH_WRAP:-} "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log"
+sandbox_cpu3=$(cpu_ticks "$sandbox_pid")
+read -r rss_kb wall user_s sys_s < "$work/time"
+read -r curl_user curl_sys < "$work/curl.time"
+hz=$(getconf CLK_TCK)
+python3 - "$work/out/bench/latest/summary.json" "$rss_kb" "$wall" "$start" "$end" "$curl_bytes" "$(cat "$work/curl.files")" "$patients" "$concurrency" \
+  "$user_s" "$sys_s" "$curl_user" "$curl_sys" "$(( sandbox_cpu1 - sandbox_cpu0 ))" "$(( sandbox_cpu3 - sandbox_cpu2 ))" "$hz" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 rss_kb, wall, start, end, curl_bytes, files, patients, conc = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7], sys.argv[8], sys.argv[9]
+exporter_cpu = float(sys.argv[10]) + float(sys.argv[11])
+curl_cpu = float(sys.argv[12]) + float(sys.argv[13])
+hz = int(sys.argv[16])
+sandbox_cpu_curl, sandbox_cpu_exporter = int(sys.argv[14]) / hz, int(sys.argv[15]) / hz
 curl_s = end - start
 dl_s = s["durationSeconds"] - s["bulk"]["secondsWaiting"]
 mb = 1024 * 1024
@@ -95,10 +107,14 @@ print(f"  epic-export  {s['bytesTotal']/mb:8.0f} MiB in {dl_s:6.2f} s = {s['byte
       f"({s['recordsTotal']} records checked; whole run {s['durationSeconds']:.2f} s, process {wall:.2f} s)")
 print(f"  ratio        {(s['bytesTotal']/dl_s)/(curl_bytes/curl_s):.2f} x curl")
 print(f"  peak RSS     {rss_kb/1024:.1f} MiB (epic-export)")
+gib = s["bytesTotal"] / mb / 1024
+print(f"  CPU per GiB  curl {curl_cpu/gib:.1f} s, epic-export {exporter_cpu/gib:.1f} s (whole run); "
+      f"the sandbox serving them {sandbox_cpu_curl/gib:.1f} s and {sandbox_cpu_exporter/gib:.1f} s")
 print(f"  outcome      {s['outcome']}")
 if s["outcome"] != "success":
     sys.exit("the run did not succeed: see the log")
 # One line for benches/run.sh.
 print(f"RESULT bulk patients={patients} files={files} curl_mib_s={curl_bytes/mb/curl_s:.1f} exporter_mib_s={s['bytesTotal']/mb/dl_s:.1f} "
-      f"ratio={(s['bytesTotal']/dl_s)/(curl_bytes/curl_s):.3f} rss_mib={rss_kb/1024:.1f} gib={s['bytesTotal']/mb/1024:.2f}")
+      f"ratio={(s['bytesTotal']/dl_s)/(curl_bytes/curl_s):.3f} rss_mib={rss_kb/1024:.1f} gib={gib:.2f} "
+      f"curl_cpu_s_per_gib={curl_cpu/gib:.2f} exporter_cpu_s_per_gib={exporter_cpu/gib:.2f} sandbox_cpu_s_per_gib={sandbox_cpu_curl/gib:.2f}")
 PY

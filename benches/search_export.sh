@@ -59,7 +59,7 @@ limits:
   requestsPerSecond: 0
 YAML
 
-/usr/bin/time -f '%M %e %U %S' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log"
+/usr/bin/time -f '%M %e %U %S' -o "$work/time" ${BENCH_WRAP:-} "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log"
 read -r rss_kb wall user_s sys_s < "$work/time"
 python3 - "$work/out/bench/latest/summary.json" "$rss_kb" "$wall" "$latency_ms" "$concurrency" "$patients" "$user_s" "$sys_s" <<'PY'
 import json, sys
