@@ -95,7 +95,7 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
         .map_err(ExportError::Config)?;
     let ctx = RunContext {
         plan,
-        client,
+        client: std::sync::Arc::new(client),
         opts: opts.clone(),
         started,
         start_ts,
@@ -111,7 +111,8 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
 /// What every mode of a run shares.
 pub struct RunContext<'a> {
     pub plan: &'a ExportPlan,
-    pub client: FhirClient,
+    /// Shared with the bulk download tasks.
+    pub client: std::sync::Arc<FhirClient>,
     pub opts: RunOptions,
     pub started: Instant,
     pub start_ts: jiff::Timestamp,

@@ -10,9 +10,9 @@
 //! nothing is written twice or lost.
 
 use futures::StreamExt;
-use xxhash_rust::xxh3::Xxh3;
 use reqwest::StatusCode;
 use tokio::sync::mpsc;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::manifest::{Download, Kind};
 use crate::export::writer::WriterMsg;

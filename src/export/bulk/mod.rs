@@ -450,6 +450,25 @@ struct Got {
     server_outcomes: u64,
 }
 
+/// A spawned task's handle that aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Downloads every file of the manifest in parallel; the writer task joins the files of each type.
 async fn download_all(
     ctx: &RunContext<'_>,
@@ -482,20 +501,28 @@ async fn download_all(
     };
     let (tx, writer_task) = writer::spawn(writer);
     let bytes = AtomicU64::new(0);
-    let mut results = futures::stream::iter(downloads.iter())
+    // Each download is its own task, so that decoding and checking lines use every core; the
+    // tasks still running when this returns early (a fatal error) are aborted with their handles.
+    let mut results = futures::stream::iter(downloads.iter().cloned())
         .map(|d| {
-            let (tx, bytes) = (&tx, &bytes);
-            async move {
-                let r = download::download(&ctx.client, d, tx).await;
-                if let Ok((records, received)) = &r {
-                    bytes.fetch_add(*received, Ordering::Relaxed);
-                    progress.item_done(*records);
-                }
+            let (client, tx) = (ctx.client.clone(), tx.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                let r = download::download(&client, &d, &tx).await;
                 (d, r)
-            }
+            }))
         })
-        .buffer_unordered(ctx.plan.limits.concurrency);
-    while let Some((d, result)) = results.next().await {
+        .buffer_unordered(ctx.plan.limits.concurrency)
+        .map(|joined| {
+            let (d, r) = joined
+                .map_err(|e| ExportError::Internal(format!("a download task failed: {e}")))?;
+            if let Ok((records, received)) = &r {
+                bytes.fetch_add(*received, Ordering::Relaxed);
+                progress.item_done(*records);
+            }
+            Ok::<_, ExportError>((d, r))
+        });
+    while let Some(next) = results.next().await {
+        let (d, result) = next?;
         match result {
             Ok((records, _)) => {
                 match d.kind {

@@ -46,6 +46,9 @@ use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
 /// The `reportingController` of Events and the Lease holder prefix.
 pub const CONTROLLER_NAME: &str = "epic-export-operator";
 
+/// How many exports reconcile at once.
+const RECONCILE_CONCURRENCY: u16 = 16;
+
 const BACKOFF_START: Duration = Duration::from_secs(5);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
 
@@ -556,7 +559,12 @@ pub async fn run(
     let config_maps: Api<PartialObjectMeta<ConfigMap>> = api(&client, &settings.namespace);
     let ctx = Arc::new(Context::new(client.clone(), &settings, metrics));
 
-    let controller = Controller::new(exports, watcher::Config::default().any_semantic());
+    // At most this many exports reconcile at once: bounds API requests in flight (and connections, and
+    // memory) when many exports are due together; more does not finish sooner.
+    let controller = Controller::new(exports, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        );
     let store = controller.store();
     let (secret_store, map_store) = (store.clone(), store.clone());
     let ready_store = store.clone();
