@@ -21,7 +21,7 @@ cargo bench --quiet --no-run --bench operator_scale 2>/dev/null || cargo bench -
 run() { # label, command...: shows the output, keeps its RESULT line under the label
   local label=$1; shift
   echo "== $label: $*" >&2
-  "$@" | tee /dev/stderr | grep '^RESULT ' | tail -1 | sed "s/^RESULT [a-z]* /RESULT $label /" >>"$log"
+  "$@" | tee -a /dev/stderr | grep '^RESULT ' | tail -1 | sed "s/^RESULT [a-z]* /RESULT $label /" >>"$log"
 }
 run latency benches/search_export.sh "$search_patients" 20 8
 run cpu benches/search_export.sh "$search_patients" 0 8
