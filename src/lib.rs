@@ -5,7 +5,8 @@
 //! (`summary`). `sandbox` is the built-in Epic-compatible server that `demo`, the tests and the
 //! benchmarks run against. `cli` is the command line. `schedule` decides when scheduled runs are due
 //! (cron in a time zone, Kubernetes CronJob semantics; pure); `scheduler` is the standalone
-//! `epic-export schedule` loop built on it.
+//! `epic-export schedule` loop built on it. `operator` is the Kubernetes side (CRD, Jobs, controller,
+//! JWK Set endpoint); `keygen` makes keys and their Secret manifests.
 
 pub mod auth;
 pub mod check;
@@ -25,3 +26,4 @@ pub mod sandbox;
 pub mod schedule;
 pub mod scheduler;
 pub mod summary;
+pub mod task;

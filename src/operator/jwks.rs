@@ -367,7 +367,7 @@ pub async fn serve(
             tracing::warn!("JWKS: EpicExport watch failed, retrying: {e}");
         }
     });
-    let _watch = super::AbortOnDrop(tokio::spawn(watch));
+    let _watch = crate::task::AbortOnDrop(tokio::spawn(watch));
     let publisher = Arc::new(Publisher::new(client, reader, settings));
     axum::serve(listener, router(publisher)).await
 }

@@ -109,7 +109,7 @@ pub async fn serve_controller(
             );
             let client = client.clone();
             let namespace = options.settings.namespace.clone();
-            Some(AbortOnDrop(tokio::spawn(async move {
+            Some(crate::task::AbortOnDrop(tokio::spawn(async move {
                 if let Err(e) = jwks::serve(client, namespace, listener, settings).await {
                     tracing::error!("JWK Set endpoint stopped: {e}");
                 }
@@ -167,13 +167,4 @@ pub async fn serve_controller(
         lease::release(&client, lease_settings).await;
     }
     Ok(0)
-}
-
-/// Stops a background task when its owner goes.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

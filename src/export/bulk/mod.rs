@@ -450,25 +450,6 @@ struct Got {
     server_outcomes: u64,
 }
 
-/// A spawned task's handle that aborts the task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Downloads every file of the manifest in parallel; the writer task joins the files of each type.
 async fn download_all(
     ctx: &RunContext<'_>,
@@ -506,7 +487,7 @@ async fn download_all(
     let mut results = futures::stream::iter(downloads.iter().cloned())
         .map(|d| {
             let (client, tx) = (ctx.client.clone(), tx.clone());
-            AbortOnDrop(tokio::spawn(async move {
+            crate::task::AbortOnDrop(tokio::spawn(async move {
                 let r = download::download(&client, &d, &tx).await;
                 (d, r)
             }))
