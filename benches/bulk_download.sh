@@ -14,11 +14,7 @@ concurrency=${2:-8}
 
 cargo build --release --quiet
 bin=$PWD/target/release/epic-export
-venv=target/bench-venv
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet "pyjwt[crypto]"
-fi
+python=$(scripts/venv.sh target/bench-venv scripts/bench-requirements.txt)
 work=$(mktemp -d)
 trap 'kill $sandbox_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -32,7 +28,7 @@ base=$(sed -n 's/^FHIR base URL: //p' "$work/sandbox.out")
 group=$(sed -n 's/^Bulk Data group: //p' "$work/sandbox.out")
 
 # 1. curl: a token (signed here in Python), a kick-off, the manifest, then every file with curl --parallel.
-"$venv/bin/python" - "$base" "$group" "$work" <<'PY'
+"$python" - "$base" "$group" "$work" <<'PY'
 import json, sys, time, uuid, urllib.request, urllib.parse, jwt
 base, group, work = sys.argv[1:4]
 token_url = base.split("/api/FHIR/R4")[0] + "/oauth2/token"

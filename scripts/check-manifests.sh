@@ -8,14 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=target/manifest-venv
-requirements=scripts/manifest-requirements.txt
-stamp="$venv/requirements.txt"
-if [[ ! -x "$venv/bin/python" ]] || ! cmp -s "$requirements" "$stamp"; then
-  echo "making $venv from $requirements"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
-  cp "$requirements" "$stamp"
-fi
-exec "$venv/bin/python" scripts/check_manifests.py "$@"
+python=$(scripts/venv.sh target/manifest-venv scripts/manifest-requirements.txt)
+exec "$python" scripts/check_manifests.py "$@"

@@ -18,16 +18,8 @@ echo "== chart and manifests"
 scripts/check-manifests.sh
 
 echo "== SMTP test server venv (aiosmtpd, for tests/notify.rs)"
-smtp_venv=target/smtp-venv
-smtp_requirements=scripts/smtp-test-requirements.txt
-if [[ ! -x "$smtp_venv/bin/python" ]] || ! cmp -s "$smtp_requirements" "$smtp_venv/requirements.txt"; then
-  echo "making $smtp_venv from $smtp_requirements"
-  rm -rf "$smtp_venv"
-  python3 -m venv "$smtp_venv"
-  "$smtp_venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$smtp_requirements"
-  cp "$smtp_requirements" "$smtp_venv/requirements.txt"
-fi
-export EPIC_EXPORT_TEST_PYTHON="$PWD/$smtp_venv/bin/python"
+EPIC_EXPORT_TEST_PYTHON=$(scripts/venv.sh target/smtp-venv scripts/smtp-test-requirements.txt)
+export EPIC_EXPORT_TEST_PYTHON
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

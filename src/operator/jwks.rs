@@ -193,11 +193,9 @@ impl Publisher {
                 }
             };
             rotating |= set.rotating();
-            if let Some(found) = set.jwks()["keys"].as_array() {
-                for jwk in found {
-                    if !keys.iter().any(|k| k["kid"] == jwk["kid"]) {
-                        keys.push(jwk.clone());
-                    }
+            for jwk in set.keys() {
+                if !keys.iter().any(|k| k["kid"] == jwk["kid"]) {
+                    keys.push(jwk.clone());
                 }
             }
         }

@@ -48,14 +48,17 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// The JWK Set document: the signing key first, then the next and the retiring key.
-    pub fn jwks(&self) -> Value {
-        let keys: Vec<&Value> = std::iter::once(&self.active)
+    /// The public JWKs: the signing key first, then the next and the retiring key.
+    pub fn keys(&self) -> impl Iterator<Item = &Value> {
+        std::iter::once(&self.active)
             .chain(&self.next)
             .chain(&self.retiring)
             .map(|k| &k.jwk)
-            .collect();
-        json!({ "keys": keys })
+    }
+
+    /// The JWK Set document.
+    pub fn jwks(&self) -> Value {
+        json!({ "keys": self.keys().collect::<Vec<_>>() })
     }
 
     /// Whether a rotation is under way (a next or a retiring key is present).
