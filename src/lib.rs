@@ -27,3 +27,4 @@ pub mod schedule;
 pub mod scheduler;
 pub mod summary;
 pub mod task;
+pub mod trust;

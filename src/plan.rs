@@ -20,6 +20,8 @@ pub struct ExportPlan {
     pub key_id: Option<String>,
     pub jwks_url: Option<String>,
     pub scope: String,
+    /// `fhir.allowInsecureHttp`: plain http to hosts that are not loopback is allowed (test servers).
+    pub allow_insecure_http: bool,
     pub source: Source,
     pub output_dir: PathBuf,
     pub keep_runs: usize,

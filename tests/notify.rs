@@ -330,7 +330,10 @@ fn email_plan_defaults() {
     assert_eq!(email.port, 587);
     assert_eq!(email.timeout, Duration::from_secs(30));
     assert_eq!(email.on, epic_export::notify::OnSet::default());
-    assert_eq!(email.ca_file.unwrap(), dir.path().join("bridge.pem"));
+    assert_eq!(
+        email.ca.unwrap(),
+        epic_export::notify::CaCert::File(dir.path().join("bridge.pem"))
+    );
     assert_eq!(
         email.password,
         Some(epic_export::notify::PasswordSource::Env(

@@ -54,7 +54,11 @@ fn default_cooldown_hours() -> f64 {
 /// The output formats the Bulk Data IG defines.
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
-pub fn bulk_plan(b: BulkConfig, invalid: &Invalid<'_>) -> Result<BulkPlan, ConfigError> {
+pub fn bulk_plan(
+    b: BulkConfig,
+    allow_insecure_http: bool,
+    invalid: &Invalid<'_>,
+) -> Result<BulkPlan, ConfigError> {
     let level = match (b.group, b.level.as_deref()) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -148,15 +152,25 @@ pub fn bulk_plan(b: BulkConfig, invalid: &Invalid<'_>) -> Result<BulkPlan, Confi
             .into_iter()
             .enumerate()
             .map(|(i, h)| {
+                let field = format!("{field}[{i}]");
                 let u = url::Url::parse(&h)
                     .ok()
-                    .filter(|u| matches!(u.scheme(), "https" | "http") && u.host().is_some())
+                    .filter(|u| {
+                        matches!(u.scheme(), "https" | "http")
+                            && u.host().is_some()
+                            && u.username().is_empty()
+                            && u.password().is_none()
+                            && matches!(u.path(), "" | "/")
+                            && u.query().is_none()
+                    })
                     .ok_or_else(|| {
                         invalid(
-                            &format!("{field}[{i}]"),
-                            format!("{h:?} must be an origin such as https://storage.example.org"),
+                            &field,
+                            format!("{h:?} must be an origin such as https://storage.example.org (no path)"),
                         )
                     })?;
+                crate::trust::check_transport(&u, allow_insecure_http)
+                    .map_err(|m| invalid(&field, m))?;
                 Ok(u.origin().ascii_serialization())
             })
             .collect()

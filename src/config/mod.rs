@@ -18,8 +18,9 @@ use crate::fhir::Limits;
 use crate::fhir::retry::RetryPolicy;
 use lettre::message::Mailbox;
 
-use crate::notify::{EmailPlan, OnSet, PasswordSource, TlsMode, is_loopback_host};
+use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, TlsMode};
 use crate::plan::{BulkLevel, BulkPlan, ExportPlan, Search, SearchPlan, Source};
+use crate::trust::is_loopback_host;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -126,6 +127,10 @@ pub struct FhirConfig {
     pub base_url: String,
     #[serde(default)]
     pub token_url: Option<String>,
+    /// Allow plain `http://` URLs to hosts that are not loopback (a test server on a private
+    /// network, such as the in-cluster sandbox); default false.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,10 +326,12 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             ),
         ));
     }
-    let base = parse_http_url(&c.fhir.base_url).map_err(|m| invalid("fhir.baseUrl", m))?;
+    let insecure = c.fhir.allow_insecure_http;
+    let base =
+        parse_http_url(&c.fhir.base_url, insecure).map_err(|m| invalid("fhir.baseUrl", m))?;
     let token_url = match &c.fhir.token_url {
         Some(t) => Some(
-            parse_http_url(t)
+            parse_http_url(t, insecure)
                 .map_err(|m| invalid("fhir.tokenUrl", m))?
                 .to_string(),
         ),
@@ -344,7 +351,7 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         None => None,
     };
     if let Some(u) = &c.auth.jwks_url {
-        parse_http_url(u).map_err(|m| invalid("auth.jwksUrl", m))?;
+        parse_http_url(u, insecure).map_err(|m| invalid("auth.jwksUrl", m))?;
     }
     let source = match (c.source.search, c.source.bulk) {
         (Some(_), Some(_)) => {
@@ -354,7 +361,7 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             ));
         }
         (Some(search), None) => Source::Search(search_plan(search, &invalid, &resolve)?),
-        (None, Some(b)) => Source::Bulk(bulk::bulk_plan(b, &invalid)?),
+        (None, Some(b)) => Source::Bulk(bulk::bulk_plan(b, insecure, &invalid)?),
         (None, None) => {
             return Err(invalid(
                 "source",
@@ -406,6 +413,7 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         jwks_url: c.auth.jwks_url,
         scope,
         source,
+        allow_insecure_http: insecure,
         output_dir: resolve(&c.output.directory),
         keep_runs: c.output.keep_runs,
         limits: Limits {
@@ -542,7 +550,7 @@ fn email_plan(
         to,
         username,
         password,
-        ca_file,
+        ca: ca_file.map(CaCert::File),
         insecure_skip_verify: e.insecure_skip_verify,
         on,
         timeout,
@@ -577,13 +585,19 @@ pub fn default_scope(source: &Source) -> String {
         .join(" ")
 }
 
-fn parse_http_url(s: &str) -> Result<url::Url, String> {
+fn parse_http_url(s: &str, allow_insecure_http: bool) -> Result<url::Url, String> {
     let u = url::Url::parse(s.trim()).map_err(|e| {
         format!("{s:?} is not a URL ({e}); write e.g. https://fhir.example.org/api/FHIR/R4")
     })?;
     if u.scheme() != "https" && u.scheme() != "http" {
         return Err(format!("{s:?} must be an https:// URL"));
     }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!(
+            "{s:?} carries credentials in the URL; remove them (the key authenticates)"
+        ));
+    }
+    crate::trust::check_transport(&u, allow_insecure_http)?;
     if u.query().is_some() || u.fragment().is_some() {
         return Err(format!("{s:?} must not have a query or fragment"));
     }

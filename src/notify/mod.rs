@@ -69,6 +69,15 @@ impl std::fmt::Debug for SecretValue {
     }
 }
 
+/// Where the trusted SMTP certificate (`caFile`) comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaCert {
+    /// A PEM file, read at send time (standalone `notify.email.caFile`).
+    File(PathBuf),
+    /// PEM text (the operator reads it from a ConfigMap or Secret).
+    Pem(Vec<u8>),
+}
+
 /// Which outcomes are reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OnSet {
@@ -132,23 +141,13 @@ pub struct EmailPlan {
     pub to: Vec<Mailbox>,
     pub username: Option<String>,
     pub password: Option<PasswordSource>,
-    /// A PEM CA certificate added to the trust roots.
-    pub ca_file: Option<PathBuf>,
+    /// A PEM certificate to trust: a CA (added to the platform roots), or the server's own
+    /// certificate, which is then accepted as pinned whatever its CA flag and names.
+    pub ca: Option<CaCert>,
     /// Accept any certificate (only allowed for loopback hosts).
     pub insecure_skip_verify: bool,
     pub on: OnSet,
     pub timeout: Duration,
-}
-
-/// Whether `host` is a loopback name or address (`localhost`, 127.0.0.0/8, ::1).
-pub fn is_loopback_host(host: &str) -> bool {
-    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
-    if h.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    h.parse::<std::net::IpAddr>()
-        .map(|ip| ip.is_loopback())
-        .unwrap_or(false)
 }
 
 /// The summary of a run that failed before it wrote anything (key, authentication, output folder),
@@ -270,11 +269,6 @@ mod tests {
         assert_eq!(TlsMode::parse("tls").unwrap().default_port(), 465);
         assert_eq!(TlsMode::parse("none").unwrap().default_port(), 25);
         assert!(TlsMode::parse("ssl").is_err());
-        assert!(is_loopback_host("127.0.0.1"));
-        assert!(is_loopback_host("localhost"));
-        assert!(is_loopback_host("[::1]"));
-        assert!(!is_loopback_host("smtp.example.org"));
-        assert!(!is_loopback_host("10.0.0.1"));
         assert_eq!(
             NotifyResult::Sent { recipients: 2 }.record().unwrap(),
             "sent to 2 recipients"

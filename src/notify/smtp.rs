@@ -96,14 +96,21 @@ fn password(plan: &EmailPlan) -> Result<Option<String>, SendError> {
 
 fn tls_parameters(plan: &EmailPlan) -> Result<TlsParameters, SendError> {
     let mut b = TlsParameters::builder(plan.host.clone());
-    if let Some(ca) = &plan.ca_file {
-        let caerr = |message: String| SendError::CaFile {
-            path: ca.display().to_string(),
-            message,
+    if let Some(ca) = &plan.ca {
+        let (path, pem) = match ca {
+            super::CaCert::File(path) => (
+                path.display().to_string(),
+                std::fs::read(path).map_err(|e| SendError::CaFile {
+                    path: path.display().to_string(),
+                    message: format!("cannot read it: {e}"),
+                })?,
+            ),
+            super::CaCert::Pem(pem) => ("(from the cluster)".to_owned(), pem.clone()),
         };
-        let pem = std::fs::read(ca).map_err(|e| caerr(format!("cannot read it: {e}")))?;
-        let cert = Certificate::from_pem(&pem)
-            .map_err(|e| caerr(format!("not a PEM certificate: {e}")))?;
+        let cert = Certificate::from_pem(&pem).map_err(|e| SendError::CaFile {
+            path,
+            message: format!("not a PEM certificate: {e}"),
+        })?;
         b = b.add_root_certificate(cert);
     }
     if plan.insecure_skip_verify {

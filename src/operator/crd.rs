@@ -94,6 +94,11 @@ pub struct FhirSpec {
     /// Token endpoint; discovered from `{baseUrl}/.well-known/smart-configuration` when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_url: Option<String>,
+    /// Allow plain `http://` URLs to hosts that are not loopback (`baseUrl`, `tokenUrl`, `jwksUrl`,
+    /// `fileHosts`, `tokenHosts`): only for a test server inside the cluster, such as the sandbox.
+    /// Default false: the access token and patient data cross the network only over https.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_insecure_http: Option<bool>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

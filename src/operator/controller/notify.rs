@@ -95,7 +95,7 @@ pub fn email_plan(
             .collect::<Result<_, _>>()?,
         username,
         password,
-        ca_file: None,
+        ca: None,
         insecure_skip_verify: false,
         on: OnSet::parse(&email.on).map_err(|e| format!("notify.email.on: {e}"))?,
         timeout: Duration::from_secs(30),
