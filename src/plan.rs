@@ -136,10 +136,7 @@ impl Search {
     /// Validates a resource type and its parameters.
     pub fn new(resource_type: String, params: Vec<(String, String)>) -> Result<Search, String> {
         let t = resource_type.trim().to_owned();
-        if t.is_empty()
-            || !t.starts_with(|c: char| c.is_ascii_uppercase())
-            || !t.chars().all(|c| c.is_ascii_alphanumeric())
-        {
+        if !crate::trust::is_resource_type(&t) {
             return Err(format!(
                 "{t:?} is not a FHIR resource type (e.g. Observation, Condition)"
             ));
@@ -165,6 +162,27 @@ impl Search {
         Ok(Search {
             resource_type: t,
             params,
+        })
+    }
+
+    /// Whether a resource of type `t` may come back from this search: its own type, and what its
+    /// `_include`/`_revinclude` parameters ask for (`_include=MedicationRequest:medication:Medication`
+    /// names its target; an `_include` without a target, or `*`, allows any type).
+    pub fn returns_type(&self, t: &str) -> bool {
+        if t == self.resource_type {
+            return true;
+        }
+        self.params.iter().any(|(k, v)| {
+            let k = k.split(':').next().unwrap_or_default();
+            v.split(',').any(|v| {
+                let parts: Vec<&str> = v.split(':').map(str::trim).collect();
+                match (k, parts.as_slice()) {
+                    ("_include", [_, _, target]) => *target == t,
+                    ("_include", _) => true,
+                    ("_revinclude", [source, ..]) => *source == t || *source == "*",
+                    _ => false,
+                }
+            })
         })
     }
 

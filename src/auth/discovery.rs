@@ -44,7 +44,11 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value
     if !status.is_success() {
         return Err(format!("HTTP {}", status.as_u16()));
     }
-    resp.json().await.map_err(|e| format!("not JSON ({e})"))
+    let body = crate::fhir::body::read_limited(resp, crate::fhir::body::MAX_DOCUMENT_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("not JSON ({})", crate::fhir::bundle::json_error_kind(&e)))
 }
 
 /// The `token` URI from `rest[].security.extension[oauth-uris]`.

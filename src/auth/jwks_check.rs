@@ -21,7 +21,7 @@ use super::keys::SigningKey;
 /// How long the whole fetch may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most we read of a JWK Set (a real one is a few kilobytes).
-const MAX_BODY: usize = 1024 * 1024;
+const MAX_BODY: usize = crate::fhir::body::MAX_DOCUMENT_BYTES;
 /// JWK members that only a private (or symmetric) key has.
 const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
 
@@ -189,7 +189,7 @@ async fn fetch(
         url: url.to_owned(),
         message,
     };
-    let mut resp = client()
+    let resp = client()
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
@@ -213,20 +213,16 @@ async fn fetch(
         .get(reqwest::header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
+    let body = crate::fhir::body::read_limited(resp, MAX_BODY)
         .await
-        .map_err(|e| unreachable(crate::fhir::describe_transport(&e)))?
-    {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_BODY {
-            return Err(JwksProblem::NotJwks {
+        .map_err(|e| match e {
+            crate::fhir::body::BodyError::TooLarge { .. } => JwksProblem::NotJwks {
                 url: url.to_owned(),
                 detail: format!("the answer is larger than {} KiB", MAX_BODY / 1024),
-            });
-        }
-    }
+            },
+            crate::fhir::body::BodyError::Transport(m) => unreachable(m),
+        })?
+        .to_vec();
     Ok((body, cache_control))
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 
 use super::assertion;
 use super::keys::SigningKey;
+use crate::fhir::body;
 use crate::fhir::retry::{self, RetryPolicy};
 
 /// A bearer token. Cloning is cheap; `Debug` and `Display` never show it.
@@ -92,7 +93,7 @@ struct TokenResponse {
     access_token: Option<String>,
     token_type: Option<String>,
     #[serde(default, deserialize_with = "number_or_string")]
-    expires_in: Option<u64>,
+    expires_in: Option<f64>,
     scope: Option<String>,
 }
 
@@ -102,13 +103,32 @@ struct OAuthError {
     error_description: Option<String>,
 }
 
-/// Some servers send `expires_in` as a string.
-fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+/// `expires_in` as sent: a number, or a string holding one (some servers send that); anything else
+/// counts as absent. Checked and clamped by `token_lifetime`.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     Ok(match Option::<serde_json::Value>::deserialize(d)? {
-        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)),
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
         Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
         _ => None,
     })
+}
+
+/// The shortest and longest token lifetimes believed, whatever `expires_in` says.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(1);
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The lifetime assumed without a usable `expires_in` (SMART's recommended five minutes).
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long a token is used, from the server's `expires_in` (absent, zero, negative, not a number or
+/// absurdly large: never a panic). Clamped to [1 s, 24 h]; without a finite number, 300 s.
+pub fn token_lifetime(expires_in: Option<f64>) -> Duration {
+    match expires_in.filter(|s| s.is_finite()) {
+        None => DEFAULT_TOKEN_LIFETIME,
+        Some(secs) => Duration::from_secs_f64(secs.clamp(
+            MIN_TOKEN_LIFETIME.as_secs_f64(),
+            MAX_TOKEN_LIFETIME.as_secs_f64(),
+        )),
+    }
 }
 
 struct Cached {
@@ -177,10 +197,10 @@ impl TokenSource {
             return Ok(c.token.clone());
         }
         let (token, grant) = self.request().await?;
-        let renew_at = Instant::now()
-            + grant
-                .expires_in
-                .saturating_sub(renew_margin(grant.expires_in));
+        let now = Instant::now();
+        let renew_at = now
+            .checked_add(grant.expires_in.saturating_sub(renew_margin(grant.expires_in)))
+            .unwrap_or(now);
         *cached = Some(Cached {
             token: token.clone(),
             renew_at,
@@ -273,11 +293,10 @@ impl TokenSource {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let body = resp.bytes().await.map_err(|e| AuthError::Transport {
-                token_url: url.clone(),
-                message: e.to_string(),
-            })?;
             if !(200..300).contains(&status) {
+                // Only a prefix of an error answer is read: the OAuth error is small.
+                let body =
+                    body::read_prefix(resp, body::ERROR_PREFIX_BYTES).await;
                 let err: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
                 let error = err.error.unwrap_or_else(|| "(no OAuth error code)".into());
                 let description = err
@@ -300,10 +319,22 @@ impl TokenSource {
                     description,
                 });
             }
+            let body = body::read_limited(resp, body::MAX_DOCUMENT_BYTES)
+                .await
+                .map_err(|e| match e {
+                    body::BodyError::TooLarge { .. } => AuthError::BadResponse {
+                        token_url: url.clone(),
+                        detail: e.to_string(),
+                    },
+                    body::BodyError::Transport(message) => AuthError::Transport {
+                        token_url: url.clone(),
+                        message,
+                    },
+                })?;
             let parsed: TokenResponse =
                 serde_json::from_slice(&body).map_err(|e| AuthError::BadResponse {
                     token_url: url.clone(),
-                    detail: format!("not JSON ({e})"),
+                    detail: format!("not JSON ({})", crate::fhir::bundle::json_error_kind(&e)),
                 })?;
             let token = parsed
                 .access_token
@@ -319,8 +350,14 @@ impl TokenSource {
                     detail: format!("token_type is {token_type:?}, not bearer"),
                 });
             }
-            // No expires_in: assume the SMART-recommended five minutes.
-            let expires_in = Duration::from_secs(parsed.expires_in.unwrap_or(300).max(1));
+            let expires_in = token_lifetime(parsed.expires_in);
+            if parsed.expires_in.map(Duration::try_from_secs_f64) != Some(Ok(expires_in)) {
+                tracing::warn!(
+                    expires_in = ?parsed.expires_in,
+                    "the token endpoint's expires_in is absent or out of range; using {} s",
+                    expires_in.as_secs()
+                );
+            }
             tracing::info!(expires_in_s = expires_in.as_secs(), "access token obtained");
             return Ok((
                 AccessToken(token.into()),

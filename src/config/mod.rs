@@ -233,6 +233,10 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The lowest and highest non-zero `limits.requestsPerSecond` (one request per 100 s; no real limit).
+pub const MIN_RPS: f64 = 0.01;
+pub const MAX_RPS: f64 = 10_000.0;
+
 fn default_concurrency() -> usize {
     8
 }
@@ -376,10 +380,13 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             format!("{} is out of range: use 1 to 256", l.concurrency),
         ));
     }
-    if !(l.requests_per_second >= 0.0 && l.requests_per_second.is_finite()) {
+    let rps = l.requests_per_second;
+    if !(rps == 0.0 || (MIN_RPS..=MAX_RPS).contains(&rps)) {
         return Err(invalid(
             "limits.requestsPerSecond",
-            "must be a number ≥ 0 (0 = no limit)".into(),
+            format!(
+                "{rps} is out of range: use 0 (no limit) or {MIN_RPS} to {MAX_RPS} (a smaller rate would make each request wait for hours)"
+            ),
         ));
     }
     if l.request_timeout_seconds == 0 {

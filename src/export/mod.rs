@@ -50,7 +50,18 @@ pub async fn connect(plan: &ExportPlan) -> Result<Connection, ExportError> {
     let http = fhir::http_client(plan.limits.request_timeout);
     let token_url = match &plan.token_url {
         Some(t) => t.clone(),
-        None => auth::discovery::token_url(&http, &plan.fhir_base).await?,
+        None => {
+            let found = auth::discovery::token_url(&http, &plan.fhir_base).await?;
+            // The client assertion goes there: the discovered URL obeys the same rule as a configured one.
+            url::Url::parse(&found)
+                .map_err(|e| e.to_string())
+                .and_then(|u| crate::trust::check_transport(&u, plan.allow_insecure_http))
+                .map_err(|detail| AuthError::Discovery {
+                    url: format!("{}/.well-known/smart-configuration", plan.fhir_base),
+                    detail: format!("the discovered token endpoint is refused: {detail}"),
+                })?;
+            found
+        }
     };
     let tokens = Arc::new(TokenSource::new(
         http.clone(),
@@ -91,8 +102,11 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let conn = connect(plan).await?;
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
-    let client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
+    let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
         .map_err(ExportError::Config)?;
+    if let Source::Bulk(b) = &plan.source {
+        client = client.trusting(&b.token_origins);
+    }
     let ctx = RunContext {
         plan,
         client: std::sync::Arc::new(client),
@@ -123,8 +137,11 @@ pub struct RunContext<'a> {
 /// What a mode hands over once retrieval is over.
 pub struct Retrieved {
     pub writer: RunWriter,
-    /// Why the run failed (authentication, output, server refusal); empty if it did not.
+    /// Why the run failed (authentication, server refusal); empty if it did not.
     pub fatal: Vec<String>,
+    /// Writing the run's files failed (disk full, file too large, I/O error): the run fails and its
+    /// resource files are removed.
+    pub write_error: Option<OutputError>,
     /// Why it is partial (searches or files that failed); empty if it is not.
     pub partial: Vec<String>,
     pub transaction_time: String,
@@ -141,6 +158,7 @@ impl RunContext<'_> {
         let Retrieved {
             mut writer,
             mut fatal,
+            mut write_error,
             partial,
             transaction_time,
             request,
@@ -148,13 +166,21 @@ impl RunContext<'_> {
             search,
             bulk,
         } = r;
-        let files = match writer.close_files() {
-            Ok(files) => files,
-            Err(e) => {
-                fatal.push(format!("writing output failed: {e}"));
+        let files = match write_error {
+            Some(_) => Vec::new(),
+            None => writer.close_files().unwrap_or_else(|e| {
+                write_error = Some(e);
                 Vec::new()
-            }
+            }),
         };
+        if let Some(e) = &write_error {
+            fatal.insert(
+                0,
+                format!(
+                    "writing output failed: {e}; the run's resource files were removed (free the space and run again)"
+                ),
+            );
+        }
         let outcome = if !fatal.is_empty() {
             Outcome::Failed
         } else if !partial.is_empty() {
@@ -207,7 +233,7 @@ impl RunContext<'_> {
         };
         let run_id = summary.run_id.clone();
         let dir = if outcome == Outcome::Failed {
-            let dir = writer.abandon(&summary)?;
+            let dir = writer.abandon(&summary, write_error.is_some())?;
             tracing::error!(export = %plan.name, run_id = %run_id, "export failed; its files are kept in {}", dir.display());
             dir
         } else {

@@ -68,8 +68,9 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
         .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
 
     let mut fatal = Vec::new();
+    let mut write_error = None;
     match (&result, written) {
-        (_, Err(e)) => fatal.push(format!("writing output failed: {e}")),
+        (_, Err(e)) => write_error = Some(e),
         (Err(e), Ok(())) => fatal.push(e.to_string()),
         _ => {}
     }
@@ -85,6 +86,7 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
     ctx.conclude(Retrieved {
         writer,
         fatal,
+        write_error,
         partial,
         transaction_time: ctx.start_ts.to_string(),
         request: format!("{} ({})", plan.fhir_base, plan.describe_source()),
@@ -207,18 +209,33 @@ pub fn first_url(client: &FhirClient, search: &Search, patient: &str) -> String 
 }
 
 /// Groups a page's resources into one batch of compact NDJSON lines per resource type, leaving out
-/// resources this patient's other searches already returned.
+/// resources this patient's other searches already returned. A resource whose type is not a FHIR type
+/// name, or one the search did not ask for, fails the page: nothing of it is written.
 fn batch_by_type(
+    search: &Search,
     resources: &[&serde_json::value::RawValue],
     seen: &Mutex<HashSet<(String, String)>>,
     counters: &SearchCounters,
     size_hint: usize,
 ) -> Result<Vec<(String, Vec<u8>, u64)>, String> {
-    let mut batches: Vec<(String, Vec<u8>, u64)> = Vec::new();
-    let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut heads = Vec::with_capacity(resources.len());
     for resource in resources {
         let head = bundle::head(resource)
             .map_err(|_| "a bundle entry is not a FHIR resource (no resourceType)".to_string())?;
+        if !crate::trust::is_resource_type(&head.resource_type)
+            || !search.returns_type(&head.resource_type)
+        {
+            return Err(format!(
+                "the server returned a resource of type {} that the search for {} did not ask for; the page was not written",
+                crate::trust::describe_type(&head.resource_type),
+                search.resource_type
+            ));
+        }
+        heads.push(head);
+    }
+    let mut batches: Vec<(String, Vec<u8>, u64)> = Vec::new();
+    let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (resource, head) in resources.iter().zip(heads) {
         if let Some(id) = head.id.as_deref()
             && !seen.insert((head.resource_type.to_string(), id.to_owned()))
         {
@@ -315,7 +332,7 @@ async fn run_search(
             return Ok(1);
         }
         let page = bundle::parse_page(&body).map_err(|m| fail(written, bad_body(m)))?;
-        let batches = batch_by_type(&page.resources, seen, counters, body.len())
+        let batches = batch_by_type(search, &page.resources, seen, counters, body.len())
             .map_err(|m| fail(written, bad_body(m)))?;
         if !page.outcomes.is_empty() {
             let mut lines = Vec::new();

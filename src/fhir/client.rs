@@ -15,18 +15,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tokio::sync::Semaphore;
 
+use super::body::{self, BodyError};
 use super::ratelimit::RateLimiter;
 use super::retry::{self, RetryPolicy};
 use crate::auth::{AccessToken, AuthError, TokenSource};
-
-/// The largest response body read into memory (one search page, one resource, a manifest).
-pub const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 /// Redirects followed for one download.
 const MAX_REDIRECTS: usize = 5;
@@ -43,10 +40,14 @@ pub enum FetchError {
         "the server sent a link to another origin ({origin}); it was not followed and the access token was not sent there"
     )]
     ForeignOrigin { origin: String },
+    /// The network failed (connection, timeout, a body cut short); worth trying again later.
     #[error("{0}")]
     Transport(String),
-    #[error("the response is larger than {MAX_BODY_BYTES} bytes")]
-    TooLarge,
+    /// A URL the server sent (a link, a status URL) is not a valid URL.
+    #[error("the server sent a link that is not a valid URL")]
+    InvalidUrl,
+    #[error("the response is larger than {limit} bytes; it was not read")]
+    TooLarge { limit: usize },
     #[error("{0}")]
     Auth(#[from] AuthError),
     #[error(
@@ -111,6 +112,8 @@ pub struct FhirClient {
     http: reqwest::Client,
     download_http: reqwest::Client,
     base: url::Url,
+    /// Origins the token is sent to: the base URL's, and those the config trusts (`tokenHosts`).
+    token_origins: Vec<String>,
     tokens: Arc<TokenSource>,
     retry: RetryPolicy,
     limiter: Option<RateLimiter>,
@@ -125,6 +128,7 @@ impl FhirClient {
         Ok(FhirClient {
             http: super::http_client(limits.request_timeout),
             download_http: super::download_client(limits.request_timeout),
+            token_origins: vec![base.origin().ascii_serialization()],
             base,
             tokens,
             retry: limits.retry,
@@ -132,6 +136,22 @@ impl FhirClient {
             in_flight: Semaphore::new(limits.concurrency.max(1)),
             counters: Counters::default(),
         })
+    }
+
+    /// Also sends the token to these origins (`https://host[:port]`, the config's `tokenHosts`).
+    pub fn trusting(mut self, origins: &[String]) -> Self {
+        for o in origins {
+            if !self.token_origins.contains(o) {
+                self.token_origins.push(o.clone());
+            }
+        }
+        self
+    }
+
+    /// Whether the token may be sent to `url`'s origin.
+    pub fn is_trusted(&self, url: &url::Url) -> bool {
+        self.token_origins
+            .contains(&url.origin().ascii_serialization())
     }
 
     /// The absolute URL of `path` (e.g. `Observation?patient=...`) under the base.
@@ -152,24 +172,27 @@ impl FhirClient {
         &self.retry
     }
 
-    /// GETs `url` (which must be on the base's origin) as FHIR JSON and returns the body.
+    /// GETs `url` (which must be on a trusted origin) as FHIR JSON and returns the body (at most
+    /// `body::MAX_PAGE_BYTES`).
     pub async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
         let accept = [(reqwest::header::ACCEPT, "application/fhir+json")];
         Ok(self
-            .fetch(Method::GET, url, &accept, RetryMode::All)
+            .fetch(Method::GET, url, &accept, RetryMode::All, body::MAX_PAGE_BYTES)
             .await?
             .body)
     }
 
-    /// Sends an authorised request to `url` (on the base's origin) and reads the 2xx response.
+    /// Sends an authorised request to `url` (on a trusted origin) and reads the 2xx response, which
+    /// may be at most `max_body` bytes.
     pub async fn fetch(
         &self,
         method: Method,
         url: &str,
         headers: &[(HeaderName, &str)],
         mode: RetryMode,
+        max_body: usize,
     ) -> Result<Reply, FetchError> {
-        let parsed = self.same_origin(url)?;
+        let parsed = self.trusted_url(url)?;
         let mut attempt = 0u32;
         let mut renewed = false;
         loop {
@@ -178,7 +201,9 @@ impl FhirClient {
                 l.wait().await;
             }
             let token = self.tokens.token().await?;
-            let outcome = self.attempt(&method, &parsed, headers, &token, mode).await;
+            let outcome = self
+                .attempt(&method, &parsed, headers, &token, mode, max_body)
+                .await;
             let (failure, server_wait) = match outcome {
                 Attempt::Done(reply) => return Ok(reply),
                 Attempt::Fatal(e) => return Err(e),
@@ -210,9 +235,7 @@ impl FhirClient {
         token_origins: &[String],
         range_from: Option<u64>,
     ) -> Result<reqwest::Response, FetchError> {
-        let start = url::Url::parse(url).map_err(|_| {
-            FetchError::Transport("the manifest lists a file URL that is not a valid URL".into())
-        })?;
+        let start = url::Url::parse(url).map_err(|_| FetchError::InvalidUrl)?;
         let mut attempt = 0u32;
         let mut renewed = false;
         loop {
@@ -312,11 +335,9 @@ impl FhirClient {
         self.tokens.invalidate(stale).await;
     }
 
-    fn same_origin(&self, url: &str) -> Result<url::Url, FetchError> {
-        let parsed = url::Url::parse(url).map_err(|_| {
-            FetchError::Transport("the server sent a link that is not a valid URL".into())
-        })?;
-        if parsed.origin() != self.base.origin() {
+    fn trusted_url(&self, url: &str) -> Result<url::Url, FetchError> {
+        let parsed = url::Url::parse(url).map_err(|_| FetchError::InvalidUrl)?;
+        if !self.is_trusted(&parsed) {
             return Err(FetchError::ForeignOrigin {
                 origin: parsed.origin().ascii_serialization(),
             });
@@ -339,6 +360,7 @@ impl FhirClient {
         headers: &[(HeaderName, &str)],
         token: &AccessToken,
         mode: RetryMode,
+        max_body: usize,
     ) -> Attempt {
         let _permit = self.in_flight.acquire().await;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -363,13 +385,13 @@ impl FhirClient {
         let status = resp.status();
         if status.is_success() {
             let headers = resp.headers().clone();
-            return match read_body(resp).await {
+            return match body::read_limited(resp, max_body).await {
                 Ok(body) => Attempt::Done(Reply {
                     status,
                     headers,
                     body,
                 }),
-                Err(BodyError::TooLarge) => Attempt::Fatal(FetchError::TooLarge),
+                Err(BodyError::TooLarge { limit }) => Attempt::Fatal(FetchError::TooLarge { limit }),
                 Err(BodyError::Transport(m)) => Attempt::Retry {
                     failure: Failure::Transport(m),
                     retry_after: None,
@@ -426,37 +448,15 @@ impl Failure {
     }
 }
 
-enum BodyError {
-    TooLarge,
-    Transport(String),
-}
-
-async fn read_body(resp: reqwest::Response) -> Result<Bytes, BodyError> {
-    if resp
-        .content_length()
-        .is_some_and(|n| n as usize > MAX_BODY_BYTES)
-    {
-        return Err(BodyError::TooLarge);
-    }
-    let mut buf =
-        BytesMut::with_capacity(resp.content_length().unwrap_or(16 * 1024).min(8 << 20) as usize);
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| BodyError::Transport(super::describe_transport(&e)))?;
-        if buf.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(BodyError::TooLarge);
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
 /// Builds the error for a final non-success status, keeping the server's OperationOutcome.
+/// Only a prefix of the body is read (`body::ERROR_PREFIX_BYTES`), for at most 30 seconds.
 async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
-    let body = tokio::time::timeout(Duration::from_secs(30), read_body(resp))
-        .await
-        .ok()
-        .and_then(Result::ok);
+    let body = tokio::time::timeout(
+        Duration::from_secs(30),
+        body::read_prefix(resp, body::ERROR_PREFIX_BYTES),
+    )
+    .await
+    .ok();
     let outcome = body.as_deref().and_then(parse_outcome);
     let diagnostics = outcome.as_deref().and_then(outcome_text);
     FetchError::Status {

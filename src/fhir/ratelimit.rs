@@ -11,9 +11,13 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// At most `per_second` requests a second; a rate that is not a positive number is taken as one
+    /// request an hour rather than a panic (the config refuses such values first).
     pub fn new(per_second: f64) -> Self {
+        let interval =
+            Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(Duration::from_secs(3600));
         RateLimiter {
-            interval: Duration::from_secs_f64(1.0 / per_second),
+            interval: interval.min(Duration::from_secs(3600)),
             next: Mutex::new(Instant::now()),
         }
     }
@@ -24,7 +28,7 @@ impl RateLimiter {
             let mut next = self.next.lock().await;
             let now = Instant::now();
             let slot = (*next).max(now);
-            *next = slot + self.interval;
+            *next = slot.checked_add(self.interval).unwrap_or(slot);
             slot
         };
         tokio::time::sleep_until(slot).await;

@@ -40,8 +40,15 @@ pub const FAILURES_FILE: &str = "failed-requests.ndjson";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    #[error("output folder {path}: {source}")]
+    /// A file or folder could not be created, written, synced or renamed (disk full, file too large,
+    /// I/O error, permissions): the path and the operating system's error.
+    #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+    /// A resource type that is not a FHIR type name reached the writer (a bug: callers check first).
+    #[error("refusing to name a file after {0}")]
+    InvalidType(String),
+    #[error("cannot write {name}: {message}")]
+    Serialize { name: String, message: String },
     #[error(
         "output folder {path}: another run of this export is in progress (it holds {lock}); wait for it or stop it"
     )]
@@ -85,6 +92,8 @@ fn create_private_file(path: &Path) -> io::Result<File> {
 /// One streamed NDJSON file with its running count, size and SHA-256.
 struct NdjsonFile {
     relative: String,
+    /// The full path, named in errors.
+    path: PathBuf,
     out: BufWriter<File>,
     count: u64,
     bytes: u64,
@@ -92,10 +101,12 @@ struct NdjsonFile {
 }
 
 impl NdjsonFile {
-    fn create(dir: &Path, relative: String) -> io::Result<Self> {
-        let file = create_private_file(&dir.join(&relative))?;
+    fn create(dir: &Path, relative: String) -> Result<Self, OutputError> {
+        let path = dir.join(&relative);
+        let file = create_private_file(&path).map_err(io_err(&path))?;
         Ok(NdjsonFile {
             relative,
+            path,
             out: BufWriter::with_capacity(256 * 1024, file),
             count: 0,
             bytes: 0,
@@ -104,17 +115,21 @@ impl NdjsonFile {
     }
 
     /// `lines` holds `count` complete lines, each ending in `\n`.
-    fn append(&mut self, lines: &[u8], count: u64) -> io::Result<()> {
-        self.out.write_all(lines)?;
+    fn append(&mut self, lines: &[u8], count: u64) -> Result<(), OutputError> {
+        self.out.write_all(lines).map_err(io_err(&self.path))?;
         self.sha.update(lines);
         self.bytes += lines.len() as u64;
         self.count += count;
         Ok(())
     }
 
-    fn close(self) -> io::Result<FileEntry> {
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+    fn close(self) -> Result<FileEntry, OutputError> {
+        let path = self.path;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| io_err(&path)(e.into_error()))?;
+        file.sync_all().map_err(io_err(&path))?;
         Ok(FileEntry {
             relative: self.relative,
             count: self.count,
@@ -223,6 +238,15 @@ impl RunWriter {
         let resumed = resume
             .as_ref()
             .and_then(|r| retention::find_resumable(&export_dir, r.marker, r.accept));
+        let resumed = match resumed {
+            // A failed run is resumed under its own id, as a partial run again.
+            Some((id, dir)) if dir.extension().is_some_and(|e| e == "failed") => {
+                let partial = export_dir.join(format!(".{id}.partial"));
+                fs::rename(&dir, &partial).map_err(io_err(&dir))?;
+                Some((id, partial))
+            }
+            other => other,
+        };
         if let (Some((_, dir)), Some(r)) = (&resumed, &resume) {
             retention::clear_except(dir, r.marker).map_err(io_err(dir))?;
         }
@@ -315,18 +339,22 @@ impl RunWriter {
         lines: &[u8],
         count: u64,
     ) -> Result<(), OutputError> {
+        if !crate::trust::is_resource_type(resource_type) {
+            return Err(OutputError::InvalidType(crate::trust::describe_type(
+                resource_type,
+            )));
+        }
         let file = match self.files.entry(relative) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
                 if let Some(dir) = self.partial.join(e.key()).parent() {
                     create_private_dir(dir).map_err(io_err(dir))?;
                 }
-                let f = NdjsonFile::create(&self.partial, e.key().clone())
-                    .map_err(io_err(&self.partial))?;
+                let f = NdjsonFile::create(&self.partial, e.key().clone())?;
                 e.insert((resource_type.to_owned(), f))
             }
         };
-        file.1.append(lines, count).map_err(io_err(&self.partial))
+        file.1.append(lines, count)
     }
 
     /// Appends OperationOutcome lines the server reported (search outcome entries).
@@ -342,7 +370,11 @@ impl RunWriter {
 
     /// Appends one failed request record (JSON, one line).
     pub fn append_failure(&mut self, record: &serde_json::Value) -> Result<(), OutputError> {
-        let mut line = serde_json::to_vec(record).unwrap_or_default();
+        // A `Value` always serialises.
+        let mut line = serde_json::to_vec(record).map_err(|e| OutputError::Serialize {
+            name: FAILURES_FILE.into(),
+            message: e.to_string(),
+        })?;
         line.push(b'\n');
         Self::append_to(&mut self.failures, &self.partial, FAILURES_FILE, &line, 1)
     }
@@ -355,13 +387,10 @@ impl RunWriter {
         count: u64,
     ) -> Result<(), OutputError> {
         if slot.is_none() {
-            *slot = Some(
-                NdjsonFile::create(partial, format!("{ERRORS_DIR}/{name}"))
-                    .map_err(io_err(partial))?,
-            );
+            *slot = Some(NdjsonFile::create(partial, format!("{ERRORS_DIR}/{name}"))?);
         }
         match slot.as_mut() {
-            Some(f) => f.append(lines, count).map_err(io_err(partial)),
+            Some(f) => f.append(lines, count),
             None => Ok(()),
         }
     }
@@ -370,14 +399,14 @@ impl RunWriter {
     pub fn close_files(&mut self) -> Result<Vec<(String, FileEntry)>, OutputError> {
         let mut entries = Vec::new();
         for (_, (t, f)) in std::mem::take(&mut self.files) {
-            entries.push((t, f.close().map_err(io_err(&self.partial))?));
+            entries.push((t, f.close()?));
         }
         for (t, slot) in [
             ("OperationOutcome", self.outcomes.take()),
             ("FailedRequest", self.failures.take()),
         ] {
             if let Some(f) = slot {
-                entries.push((t.to_owned(), f.close().map_err(io_err(&self.partial))?));
+                entries.push((t.to_owned(), f.close()?));
             }
         }
         Ok(entries)
@@ -425,17 +454,41 @@ impl RunWriter {
     }
 
     /// Ends a run that failed: writes `summary.json` and renames the folder to `failed_dir()` so
-    /// nothing mistakes it for a complete run. Returns that folder.
-    pub fn abandon<S: Serialize>(self, summary: &S) -> Result<PathBuf, OutputError> {
+    /// nothing mistakes it for a complete run. Returns that folder. With `discard_data` (the run
+    /// failed because the disk could not take its files) the resource files are removed first, so
+    /// that the space is free for the summary and the next run; `errors/` is kept.
+    pub fn abandon<S: Serialize>(
+        mut self,
+        summary: &S,
+        discard_data: bool,
+    ) -> Result<PathBuf, OutputError> {
+        if discard_data {
+            self.discard_data();
+        }
         self.write_json("summary.json", summary)?;
         let failed = self.failed_dir();
         fs::rename(&self.partial, &failed).map_err(io_err(&failed))?;
         Ok(failed)
     }
 
+    /// Closes (without syncing) and removes every resource and deleted-resource file.
+    fn discard_data(&mut self) {
+        for (relative, _) in std::mem::take(&mut self.files) {
+            let path = self.partial.join(&relative);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+        let _ = fs::remove_dir(self.partial.join(DELETED_DIR));
+    }
+
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), OutputError> {
         let path = self.partial.join(name);
-        let mut text = serde_json::to_vec_pretty(value).unwrap_or_default();
+        let mut text =
+            serde_json::to_vec_pretty(value).map_err(|e| OutputError::Serialize {
+                name: name.into(),
+                message: e.to_string(),
+            })?;
         text.push(b'\n');
         write_new_private_file(&path, &text).map_err(io_err(&path))
     }

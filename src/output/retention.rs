@@ -32,7 +32,12 @@ pub fn remove_old_runs(export_dir: &Path, keep: usize) -> Vec<String> {
     let excess = runs.len().saturating_sub(keep);
     let mut removed = Vec::new();
     for name in runs.into_iter().take(excess) {
-        match fs::remove_dir_all(export_dir.join(&name)) {
+        // Renamed out of the run names first: a process killed while deleting leaves a leftover
+        // that the next run sweeps, never a half-deleted folder that looks like a complete run.
+        let doomed = export_dir.join(format!(".{name}.removing"));
+        let result = fs::rename(export_dir.join(&name), &doomed)
+            .and_then(|()| fs::remove_dir_all(&doomed));
+        match result {
             Ok(()) => removed.push(name),
             Err(e) => tracing::warn!("cannot remove old run {name}: {e}"),
         }
@@ -40,8 +45,9 @@ pub fn remove_old_runs(export_dir: &Path, keep: usize) -> Vec<String> {
     removed
 }
 
-/// Removes `.<id>.partial` folders (runs that were killed) but `keep`, and `.<id>.failed` folders except
-/// the newest (kept for diagnosis).
+/// Removes `.<id>.partial` folders (runs that were killed) but `keep`, `.<id>.removing` folders (old
+/// runs whose removal was interrupted), and `.<id>.failed` folders except the newest (kept for
+/// diagnosis).
 pub fn sweep_leftovers(export_dir: &Path, keep: Option<&Path>) {
     let mut failed = Vec::new();
     for entry in fs::read_dir(export_dir).into_iter().flatten().flatten() {
@@ -51,8 +57,8 @@ pub fn sweep_leftovers(export_dir: &Path, keep: Option<&Path>) {
         if keep == Some(entry.path().as_path()) {
             continue;
         }
-        if name.starts_with('.') && name.ends_with(".partial") {
-            tracing::info!("removing the unfinished run {name} left by an earlier process");
+        if name.starts_with('.') && (name.ends_with(".partial") || name.ends_with(".removing")) {
+            tracing::info!("removing {name}, left by an earlier process");
             if let Err(e) = fs::remove_dir_all(entry.path()) {
                 tracing::warn!("cannot remove {name}: {e}");
             }
@@ -67,7 +73,8 @@ pub fn sweep_leftovers(export_dir: &Path, keep: Option<&Path>) {
     }
 }
 
-/// The newest `.<id>.partial` folder holding `marker` that `resumable` accepts: `(id, folder)`.
+/// The newest `.<id>.partial` (a killed run) or `.<id>.failed` folder (a run that failed writing its
+/// files) holding `marker` that `resumable` accepts: `(id, folder)`.
 pub fn find_resumable(
     export_dir: &Path,
     marker: &str,
@@ -79,7 +86,11 @@ pub fn find_resumable(
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let id = name.strip_prefix('.')?.strip_suffix(".partial")?.to_owned();
+            let rest = name.strip_prefix('.')?;
+            let id = rest
+                .strip_suffix(".partial")
+                .or_else(|| rest.strip_suffix(".failed"))?
+                .to_owned();
             let path = e.path();
             (path.join(marker).is_file() && resumable(&path.join(marker))).then_some((id, path))
         })

@@ -3,6 +3,10 @@
 //! `requiresAccessToken: true`: the token goes only to the FHIR server's origin and origins the config
 //! trusts with it (`tokenHosts`). `false`: the token is never sent. A file on any other origin is
 //! downloaded only when the config lists that origin (`fileHosts`), and never with the token.
+//!
+//! A file's `type` names a file of the run (`<Type>.ndjson`, `deleted/<Type>.ndjson`), so a type that
+//! is not a FHIR type name (`^[A-Z][A-Za-z0-9]{0,63}$`) refuses the file: it is recorded as an error
+//! and never becomes a path.
 
 use serde::Deserialize;
 
@@ -40,15 +44,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Where the file's lines land in the run folder.
-    pub fn relative_path(self, resource_type: &str) -> String {
-        match self {
-            Kind::Output => format!("{resource_type}.ndjson"),
-            Kind::Error => format!("{}/{resource_type}.ndjson", crate::output::ERRORS_DIR),
-            Kind::Deleted => format!("{}/{resource_type}.ndjson", crate::output::DELETED_DIR),
-        }
-    }
-
     /// The `resourceType` every line must have. Deleted entries are Bundles (Bulk Data IG STU2).
     pub fn line_type(self, resource_type: &str) -> &str {
         match self {
@@ -94,6 +89,17 @@ pub fn plan_downloads(
     let mut refused = Vec::new();
     for (kind, files) in lists {
         for file in files.iter().cloned() {
+            if !crate::trust::is_resource_type(&file.resource_type) {
+                refused.push(Refused {
+                    kind,
+                    reason: format!(
+                        "the manifest gives it {} as its type; it was not downloaded",
+                        crate::trust::describe_type(&file.resource_type)
+                    ),
+                    file,
+                });
+                continue;
+            }
             let origin = match url::Url::parse(&file.url) {
                 Ok(u) if matches!(u.scheme(), "https" | "http") => u.origin().ascii_serialization(),
                 _ => {

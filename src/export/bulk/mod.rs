@@ -20,8 +20,9 @@ use self::manifest::{Kind, Manifest};
 use self::state::{Cooldown, LastSuccess, PENDING_FILE, Pending};
 use super::writer;
 use super::{ExportError, Retrieved, RunContext, RunReport};
+use crate::fhir::bundle::json_error_kind;
 use crate::fhir::client::{outcome_codes, outcome_text, parse_outcome};
-use crate::fhir::{FetchError, RetryMode, retry};
+use crate::fhir::{FetchError, RetryMode, body, retry};
 use crate::output::{Resume, RunWriter};
 use crate::plan::{BulkLevel, BulkPlan, Since};
 use crate::progress::Progress;
@@ -90,7 +91,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         Ok(m) => m,
         Err(Stop::Failed(message)) => {
             progress.finish();
-            return ctx.conclude(failed(writer, message, kickoff, stats));
+            return ctx.conclude(failed(writer, vec![message], kickoff, stats));
         }
         Err(Stop::KeepWaiting(message)) => {
             // The export is still being prepared: keep the staging folder so the next run resumes it.
@@ -99,13 +100,32 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         }
     };
     stats.seconds_waiting = waited.elapsed().as_secs_f64();
-    stats.transaction_time = manifest.transaction_time.clone();
+    let transaction_time = manifest
+        .transaction_time
+        .as_deref()
+        .and_then(|t| parse_instant(t).ok());
+    stats.transaction_time = transaction_time.clone();
     let pending = state::read_pending(&writer.staging_dir().join(PENDING_FILE));
-    let (writer, got) = download_all(ctx, b, writer, &manifest, &progress, &mut stats).await?;
+    let (writer, mut got) = download_all(ctx, b, writer, &manifest, &progress, &mut stats).await?;
     progress.finish();
+    if manifest.transaction_time.is_some() && transaction_time.is_none() {
+        got.partial.push(
+            "the manifest's transactionTime is not an instant; `since: auto` will not use it"
+                .into(),
+        );
+    }
+    if let Some(e) = got.write_error.take() {
+        // The disk failed: the run fails (and is reported) and its files are removed. The status URL
+        // stays with the failed run, so the next run downloads the same export again instead of
+        // kicking off anew (Epic allows one kick-off per Group per day).
+        return ctx.conclude(Retrieved {
+            write_error: Some(e),
+            ..failed(writer, Vec::new(), kickoff, stats)
+        });
+    }
     if let Some(why) = &got.fatal {
-        // Authentication or the disk failed mid-download: the export itself is fine, so keep the staging
-        // folder with its status URL and let the next run download it again rather than kick off anew.
+        // Authentication failed mid-download: the export itself is fine, so keep the staging folder
+        // with its status URL and let the next run download it again rather than kick off anew.
         drop(writer);
         return Err(ExportError::Unfinished(format!(
             "the download stopped: {why}; the next run with this config downloads the same export again"
@@ -118,9 +138,9 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     let report = ctx.conclude(Retrieved {
         writer,
         fatal: Vec::new(),
+        write_error: None,
         partial: got.partial,
-        transaction_time: manifest
-            .transaction_time
+        transaction_time: transaction_time
             .clone()
             .unwrap_or_else(|| ctx.start_ts.to_string()),
         request: manifest.request.clone().unwrap_or(kickoff),
@@ -132,7 +152,13 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         if let (true, Some(p)) = (b.delete_after_download, &pending) {
             match ctx
                 .client
-                .fetch(Method::DELETE, &p.status_url, &[], RetryMode::All)
+                .fetch(
+                    Method::DELETE,
+                    &p.status_url,
+                    &[],
+                    RetryMode::All,
+                    body::MAX_DOCUMENT_BYTES,
+                )
                 .await
             {
                 Ok(_) => tracing::info!("told the server the export's files can be deleted"),
@@ -141,7 +167,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
                 ),
             }
         }
-        if let Some(t) = &manifest.transaction_time {
+        if let Some(t) = &transaction_time {
             let last = LastSuccess {
                 transaction_time: t.clone(),
                 run_id: report.summary.run_id.clone(),
@@ -154,10 +180,19 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     Ok(report)
 }
 
-fn failed(writer: RunWriter, message: String, request: String, stats: BulkStats) -> Retrieved {
+/// A server's instant, normalised (`2026-01-01T00:00:00Z`), or `Err` when it is not one.
+fn parse_instant(s: &str) -> Result<String, ()> {
+    s.trim()
+        .parse::<jiff::Timestamp>()
+        .map(|t| t.to_string())
+        .map_err(|_| ())
+}
+
+fn failed(writer: RunWriter, fatal: Vec<String>, request: String, stats: BulkStats) -> Retrieved {
     Retrieved {
         writer,
-        fatal: vec![message],
+        fatal,
+        write_error: None,
         partial: Vec::new(),
         transaction_time: String::new(),
         request,
@@ -258,7 +293,13 @@ async fn kick_off(
         let kicked_off_at = jiff::Timestamp::now().to_string();
         let reply = ctx
             .client
-            .fetch(Method::GET, kickoff, &headers, RetryMode::TransportOnly)
+            .fetch(
+                Method::GET,
+                kickoff,
+                &headers,
+                RetryMode::TransportOnly,
+                body::MAX_DOCUMENT_BYTES,
+            )
             .await;
         let (status, text) = match reply {
             Ok(r) if r.status.as_u16() == 202 => {
@@ -272,6 +313,12 @@ async fn kick_off(
                         "the kick-off was accepted (202) without a Content-Location header; the export cannot be followed".into(),
                     ));
                 };
+                if !ctx.client.is_trusted(&status_url) {
+                    return Err(Stop::Failed(format!(
+                        "the kick-off was accepted (202) but its status URL (Content-Location) is on another origin ({}); the access token is not sent there, so the export cannot be followed. If that host belongs to your FHIR server, add it to source.bulk.tokenHosts",
+                        status_url.origin().ascii_serialization()
+                    )));
+                }
                 tracing::info!(status_url = %status_url, "bulk export kicked off");
                 let _ = std::fs::remove_file(state::cooldown_path(export_dir));
                 return Ok(Pending {
@@ -362,13 +409,17 @@ async fn poll(
                 &p.status_url,
                 &headers,
                 RetryMode::TransportOnly,
+                body::MAX_MANIFEST_BYTES,
             )
             .await
         {
             Ok(r) if r.status.as_u16() == 200 => {
                 return serde_json::from_slice::<Manifest>(&r.body).map_err(|e| {
                     Poll::Stop(Stop::Failed(format!(
-                        "the completion manifest is not valid JSON of the Bulk Data IG: {e}"
+                        "the completion manifest is not valid JSON of the Bulk Data IG ({} at line {}, column {})",
+                        json_error_kind(&e),
+                        e.line(),
+                        e.column()
                     )))
                 });
             }
@@ -377,7 +428,8 @@ async fn poll(
                     .headers
                     .get("x-progress")
                     .and_then(|v| v.to_str().ok())
-                    .map(|v| v.chars().take(100).collect::<String>())
+                    .map(progress_text)
+                    .filter(|t| !t.is_empty())
                     .unwrap_or_else(|| "in progress".into());
                 if progress_text != last_progress {
                     tracing::info!(progress = %progress_text, "waiting for the server to prepare the export");
@@ -414,10 +466,16 @@ async fn poll(
                 tracing::warn!(status, "the status URL answered an error; polling on");
                 backoff(attempt)
             }
-            Err(e) if e.is_fatal() => return Err(Poll::Stop(Stop::Failed(e.to_string()))),
-            Err(e) => {
-                tracing::warn!("polling failed ({e}); polling on");
+            Err(FetchError::Transport(why)) => {
+                tracing::warn!("polling failed ({why}); polling on");
                 backoff(attempt)
+            }
+            // Authentication, a status URL that is not a URL or not on a trusted origin, an oversized
+            // manifest: polling again cannot help.
+            Err(e) => {
+                return Err(Poll::Stop(Stop::Failed(format!(
+                    "polling the export's status failed: {e}"
+                ))));
             }
         };
         if started.elapsed() + wait > b.max_wait {
@@ -428,6 +486,12 @@ async fn poll(
         }
         tokio::time::sleep(wait).await;
     }
+}
+
+/// `X-Progress` for the log and the progress bar: at most 100 characters, control characters dropped
+/// (the header is the server's free text).
+fn progress_text(v: &str) -> String {
+    v.chars().filter(|c| !c.is_control()).take(100).collect()
 }
 
 /// The server's `Retry-After`, clamped to [1 s, 5 min]; absurd epoch values end up at the top.
@@ -445,7 +509,10 @@ fn backoff(attempt: u32) -> Duration {
 
 /// What the downloads came to.
 struct Got {
+    /// Why the downloads stopped (authentication); the export can be downloaded again.
     fatal: Option<String>,
+    /// The writer failed (disk full, I/O error): the run fails.
+    write_error: Option<crate::output::OutputError>,
     partial: Vec<String>,
     server_outcomes: u64,
 }
@@ -467,13 +534,14 @@ async fn download_all(
     progress.set_status("downloading");
     let mut got = Got {
         fatal: None,
+        write_error: None,
         partial: refused
             .iter()
             .map(|r| {
                 format!(
                     "{} file of {} not downloaded: {}",
                     kind_name(r.kind),
-                    r.file.resource_type,
+                    crate::trust::describe_type(&r.file.resource_type),
                     r.reason
                 )
             })
@@ -542,7 +610,7 @@ async fn download_all(
         .await
         .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
     if let Err(e) = written {
-        got.fatal = Some(format!("writing output failed: {e}"));
+        got.write_error = Some(e);
     }
     tracing::info!(
         files = downloads.len(),
