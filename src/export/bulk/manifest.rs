@@ -92,10 +92,7 @@ pub fn plan_downloads(
             if !crate::trust::is_resource_type(&file.resource_type) {
                 refused.push(Refused {
                     kind,
-                    reason: format!(
-                        "the manifest gives it {} as its type; it was not downloaded",
-                        crate::trust::describe_type(&file.resource_type)
-                    ),
+                    reason: "its type is not a FHIR resource type name".into(),
                     file,
                 });
                 continue;
