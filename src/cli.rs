@@ -155,8 +155,20 @@ pub struct ControllerArgs {
     pub jwks_rotation_max_age: u64,
 }
 
+/// Process-wide settings for a tool that writes PHI: every file it creates is `0600` and every folder
+/// `0700` (umask 077; log files and state files included), and a file-size limit (`ulimit -f`) makes
+/// a write fail with `EFBIG`, reported like a full disk, instead of killing the process with SIGXFSZ.
+fn harden_process() {
+    // SAFETY: umask and signal have no preconditions; they run before any thread is started.
+    unsafe {
+        libc::umask(0o077);
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// Parses arguments, runs the command, and returns the process exit code.
 pub fn main() -> ExitCode {
+    harden_process();
     let cli = Cli::parse();
     let log_file = cli.log_file.clone().or_else(|| match &cli.command {
         Command::Run { config, .. } | Command::Schedule { config, .. } => {

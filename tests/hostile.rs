@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use epic_export::auth::{Algorithm, SigningKey, keys};
-use serde_json::{Value, json};
 use hostile::{Hostile, Lie, TOKEN};
+use serde_json::{Value, json};
 
 /// What a run of the binary came to.
 #[derive(Debug)]
@@ -122,7 +122,10 @@ impl Case {
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().contains(marker))
             .collect();
-        assert!(beside.is_empty(), "written beside the case folder: {beside:?}");
+        assert!(
+            beside.is_empty(),
+            "written beside the case folder: {beside:?}"
+        );
     }
 }
 
@@ -140,6 +143,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs the binary and waits for it with `wait4`, which also reports its peak RSS.
+#[allow(clippy::zombie_processes, reason = "the child is reaped by wait4, not Child::wait")]
 fn run_measured(config: &Path) -> Ran {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
         .args(["run", "--no-progress", "--config"])
@@ -195,7 +199,9 @@ fn failed_requests(case: &Case) -> String {
 fn assert_token_stayed_home(h: &Hostile) {
     for s in h.seen_elsewhere() {
         assert!(
-            s.authorization.as_deref().is_none_or(|a| !a.contains(TOKEN)),
+            s.authorization
+                .as_deref()
+                .is_none_or(|a| !a.contains(TOKEN)),
             "the token went to another origin: {s:?}"
         );
     }
@@ -246,7 +252,9 @@ async fn a_type_the_search_did_not_ask_for_is_an_error_not_a_file() {
     let case = Case::new(&h, true, SEARCH, "");
     let ran = case.run().await;
     assert_eq!(ran.code, 3, "{}", ran.stderr);
-    assert!(failed_requests(&case).contains("type Evil that the search for Condition did not ask for"));
+    assert!(
+        failed_requests(&case).contains("type Evil that the search for Condition did not ask for")
+    );
     case.assert_contained("Evil");
 
     // With `_include`, the included type is welcome.
@@ -262,7 +270,11 @@ async fn a_type_the_search_did_not_ask_for_is_an_error_not_a_file() {
     );
     let ran = case.run().await;
     assert_eq!(ran.code, 0, "{}", ran.stderr);
-    assert!(case.export_dir().join("latest/Practitioner.ndjson").is_file());
+    assert!(
+        case.export_dir()
+            .join("latest/Practitioner.ndjson")
+            .is_file()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,13 +309,20 @@ async fn absurd_token_lifetimes_neither_panic_nor_stop_the_run() {
         assert_eq!(ran.code, 0, "expires_in {expires_in}: {}", ran.stderr);
     }
     // A token answer that is not a token fails with a message, not a panic.
-    for answer in [json!({"token_type": "bearer"}), json!({"access_token": TOKEN, "token_type": "MAC"}), json!([])] {
+    for answer in [
+        json!({"token_type": "bearer"}),
+        json!({"access_token": TOKEN, "token_type": "MAC"}),
+        json!([]),
+    ] {
         let h = Hostile::start(Lie::TokenAnswer(answer.clone())).await;
         let case = Case::new(&h, true, SEARCH, "");
         let ran = case.run().await;
         assert_eq!(ran.code, 1, "{answer}: {}", ran.stderr);
         assert!(ran.stderr.contains("token endpoint"), "{}", ran.stderr);
-        assert!(!case.export_dir().exists(), "nothing is created before a token");
+        assert!(
+            !case.export_dir().exists(),
+            "nothing is created before a token"
+        );
     }
 }
 
@@ -329,7 +348,8 @@ async fn path_like_types_in_a_bulk_manifest_never_become_paths() {
     );
     assert!(!errs.contains("hostile-escape"));
     // The honest file is there.
-    let condition = std::fs::read_to_string(case.export_dir().join("latest/Condition.ndjson")).unwrap();
+    let condition =
+        std::fs::read_to_string(case.export_dir().join("latest/Condition.ndjson")).unwrap();
     assert_eq!(condition.lines().count(), 1);
     case.assert_contained("hostile-escape");
     // Only the listed files of valid types were fetched.
@@ -411,7 +431,10 @@ async fn endless_error_bodies_keep_memory_flat() {
             "HTTP {status}: peak RSS {:.1} MiB",
             ran.max_rss_mib
         );
-        eprintln!("endless HTTP {status} bodies: peak RSS {:.1} MiB", ran.max_rss_mib);
+        eprintln!(
+            "endless HTTP {status} bodies: peak RSS {:.1} MiB",
+            ran.max_rss_mib
+        );
     }
 }
 
@@ -423,7 +446,11 @@ async fn an_endless_search_page_is_cut_at_its_bound() {
     assert_eq!(ran.code, 3, "{}", ran.stderr);
     assert!(failed_requests(&case).contains("larger than 67108864 bytes"));
     // One page in flight at a time per search: the 64 MiB bound, plus the process itself.
-    assert!(ran.max_rss_mib < 160.0, "peak RSS {:.1} MiB", ran.max_rss_mib);
+    assert!(
+        ran.max_rss_mib < 160.0,
+        "peak RSS {:.1} MiB",
+        ran.max_rss_mib
+    );
     eprintln!("endless page: peak RSS {:.1} MiB", ran.max_rss_mib);
 }
 
@@ -447,6 +474,14 @@ async fn discovery_cannot_send_the_assertion_over_plain_http_or_flood_memory() {
     let case = Case::new(&h, false, SEARCH, "");
     let ran = case.run().await;
     assert_eq!(ran.code, 1);
-    assert!(ran.stderr.contains("larger than 1048576 bytes"), "{}", ran.stderr);
-    assert!(ran.max_rss_mib < 64.0, "peak RSS {:.1} MiB", ran.max_rss_mib);
+    assert!(
+        ran.stderr.contains("larger than 1048576 bytes"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.max_rss_mib < 64.0,
+        "peak RSS {:.1} MiB",
+        ran.max_rss_mib
+    );
 }

@@ -199,7 +199,11 @@ impl TokenSource {
         let (token, grant) = self.request().await?;
         let now = Instant::now();
         let renew_at = now
-            .checked_add(grant.expires_in.saturating_sub(renew_margin(grant.expires_in)))
+            .checked_add(
+                grant
+                    .expires_in
+                    .saturating_sub(renew_margin(grant.expires_in)),
+            )
             .unwrap_or(now);
         *cached = Some(Cached {
             token: token.clone(),
@@ -295,8 +299,7 @@ impl TokenSource {
             }
             if !(200..300).contains(&status) {
                 // Only a prefix of an error answer is read: the OAuth error is small.
-                let body =
-                    body::read_prefix(resp, body::ERROR_PREFIX_BYTES).await;
+                let body = body::read_prefix(resp, body::ERROR_PREFIX_BYTES).await;
                 let err: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
                 let error = err.error.unwrap_or_else(|| "(no OAuth error code)".into());
                 let description = err

@@ -233,8 +233,16 @@ impl RunContext<'_> {
         };
         let run_id = summary.run_id.clone();
         let dir = if outcome == Outcome::Failed {
-            let dir = writer.abandon(&summary, write_error.is_some())?;
-            tracing::error!(export = %plan.name, run_id = %run_id, "export failed; its files are kept in {}", dir.display());
+            let discard = write_error.is_some();
+            let dir = writer.abandon(&summary, discard)?;
+            tracing::error!(
+                export = %plan.name,
+                run_id = %run_id,
+                "export failed: {}; {} {}",
+                summary.errors.join("; "),
+                if discard { "its summary is in" } else { "its files are kept in" },
+                dir.display()
+            );
             dir
         } else {
             let export_dir = writer.export_dir().to_owned();

@@ -177,7 +177,13 @@ impl FhirClient {
     pub async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
         let accept = [(reqwest::header::ACCEPT, "application/fhir+json")];
         Ok(self
-            .fetch(Method::GET, url, &accept, RetryMode::All, body::MAX_PAGE_BYTES)
+            .fetch(
+                Method::GET,
+                url,
+                &accept,
+                RetryMode::All,
+                body::MAX_PAGE_BYTES,
+            )
             .await?
             .body)
     }
@@ -391,7 +397,9 @@ impl FhirClient {
                     headers,
                     body,
                 }),
-                Err(BodyError::TooLarge { limit }) => Attempt::Fatal(FetchError::TooLarge { limit }),
+                Err(BodyError::TooLarge { limit }) => {
+                    Attempt::Fatal(FetchError::TooLarge { limit })
+                }
                 Err(BodyError::Transport(m)) => Attempt::Retry {
                     failure: Failure::Transport(m),
                     retry_after: None,

@@ -484,11 +484,10 @@ impl RunWriter {
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), OutputError> {
         let path = self.partial.join(name);
-        let mut text =
-            serde_json::to_vec_pretty(value).map_err(|e| OutputError::Serialize {
-                name: name.into(),
-                message: e.to_string(),
-            })?;
+        let mut text = serde_json::to_vec_pretty(value).map_err(|e| OutputError::Serialize {
+            name: name.into(),
+            message: e.to_string(),
+        })?;
         text.push(b'\n');
         write_new_private_file(&path, &text).map_err(io_err(&path))
     }

@@ -35,8 +35,8 @@ pub fn remove_old_runs(export_dir: &Path, keep: usize) -> Vec<String> {
         // Renamed out of the run names first: a process killed while deleting leaves a leftover
         // that the next run sweeps, never a half-deleted folder that looks like a complete run.
         let doomed = export_dir.join(format!(".{name}.removing"));
-        let result = fs::rename(export_dir.join(&name), &doomed)
-            .and_then(|()| fs::remove_dir_all(&doomed));
+        let result =
+            fs::rename(export_dir.join(&name), &doomed).and_then(|()| fs::remove_dir_all(&doomed));
         match result {
             Ok(()) => removed.push(name),
             Err(e) => tracing::warn!("cannot remove old run {name}: {e}"),

@@ -116,7 +116,8 @@ impl Hostile {
 
 /// An endless body of `chunk` repeated.
 fn endless(chunk: &'static [u8]) -> Body {
-    let stream = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(Bytes::from_static(chunk)));
+    let stream =
+        futures::stream::repeat_with(move || Ok::<_, std::io::Error>(Bytes::from_static(chunk)));
     Body::from_stream(stream)
 }
 
@@ -191,12 +192,18 @@ async fn handle(State(s): State<Shared>, headers: HeaderMap, req: Request) -> Re
         )
             .into_response();
     }
-    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {TOKEN}"))
     {
-        return fhir_json(StatusCode::UNAUTHORIZED, json!({"resourceType": "OperationOutcome"}));
+        return fhir_json(
+            StatusCode::UNAUTHORIZED,
+            json!({"resourceType": "OperationOutcome"}),
+        );
     }
-    let condition = json!({"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"}});
+    let condition =
+        json!({"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"}});
     match (lie, path.as_str()) {
         (_, "/fhir/Patient/p1") => fhir_json(
             StatusCode::OK,
@@ -205,7 +212,10 @@ async fn handle(State(s): State<Shared>, headers: HeaderMap, req: Request) -> Re
         (Lie::SearchType { resource_type }, "/fhir/Condition") => fhir_json(
             StatusCode::OK,
             bundle(
-                vec![condition, json!({"resourceType": resource_type, "id": "x1"})],
+                vec![
+                    condition,
+                    json!({"resourceType": resource_type, "id": "x1"}),
+                ],
                 None,
             ),
         ),
