@@ -143,7 +143,10 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs the binary and waits for it with `wait4`, which also reports its peak RSS.
-#[allow(clippy::zombie_processes, reason = "the child is reaped by wait4, not Child::wait")]
+#[allow(
+    clippy::zombie_processes,
+    reason = "the child is reaped by wait4, not Child::wait"
+)]
 fn run_measured(config: &Path) -> Ran {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
         .args(["run", "--no-progress", "--config"])
