@@ -66,7 +66,8 @@ fn example_exports_are_complete_and_valid() {
                 }],
                 ..Observed::default()
             };
-            validate(&export, &all_present).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let images = epic_export::operator::images::ImagePolicy::only("epic-export:0.1.0");
+            validate(&export, &all_present, &images).unwrap_or_else(|e| panic!("{file}: {e}"));
         }
     }
     assert_eq!(seen, 4);

@@ -151,7 +151,7 @@ async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
                 assert_eq!(runs.len(), 1);
                 assert_eq!(runs[0].name, "nightly-29401560");
             }
-            Err(ApplyError::Conflict(e)) if !adopted => {
+            Err(ApplyError::Spec(e)) if !adopted => {
                 assert_eq!(e.reason, "JobNameTaken");
                 assert!(e.message.contains("nightly-29401560"), "{e}");
             }
@@ -164,14 +164,23 @@ async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
 async fn dereference_reads_only_what_the_export_refers_to() {
     let (client, mut handle) = client();
     let e = export();
+    let key =
+        epic_export::auth::keys::SigningKey::generate(epic_export::auth::keys::Algorithm::ES384)
+            .unwrap();
+    let pem = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(key.to_pkcs8_pem().unwrap())
+    };
+    let stored = pem.clone();
     let server = tokio::spawn(async move {
+        let pem = stored;
         let mut seen = Vec::new();
         for _ in 0..3 {
             let (req, send) = handle.next_request().await.unwrap();
             let uri = req.uri().to_string();
             seen.push(format!("{} {uri}", req.method()));
             let body = if uri.contains("/secrets/epic-key") {
-                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "epic-key"}, "data": {"private.pem": "eA=="}})
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "epic-key"}, "data": {"private.pem": pem}})
             } else if uri.contains("/configmaps/roster") {
                 json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "roster"}, "data": {"other.csv": "x"}})
             } else {
@@ -199,8 +208,15 @@ async fn dereference_reads_only_what_the_export_refers_to() {
             keys: vec!["other.csv".into()]
         }
     );
+    // Of the key only its public half is kept: the public JWK, for status.publicKeys.
+    let keys = observed.keys.as_ref().unwrap();
+    assert_eq!(keys.kids.active, key.kid());
+    assert_eq!(
+        serde_json::to_value(&keys.public).unwrap(),
+        serde_json::json!({"keys": [key.public_jwk()]})
+    );
     assert!(
-        format!("{observed:?}").find("eA==").is_none(),
+        !format!("{observed:?}").contains(&pem[20..60]),
         "no key material kept"
     );
 }

@@ -41,6 +41,7 @@ fn kids(active: &str, next: Option<&str>, retiring: Option<&str>) -> KeyKids {
 fn run(name: &str, created: i64, finished: Option<i64>) -> Run {
     Run {
         name: name.into(),
+        uid: None,
         state: if finished.is_some() {
             RunState::Succeeded
         } else {
