@@ -383,7 +383,7 @@ impl RunReportMessage {
             outcome: m.outcome.chars().take(16).collect(),
             records: m.records,
             bytes: m.bytes,
-            errors_omitted: m.errors_omitted,
+            errors_omitted: m.errors_omitted.saturating_add(errors.len()),
             ..RunReportMessage::default()
         };
         serde_json::to_string(&minimal).unwrap_or_default()
