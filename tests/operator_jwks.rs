@@ -356,3 +356,80 @@ async fn the_controller_publishes_and_the_endpoint_serves_without_reading_a_secr
         .unwrap()
         .unwrap();
 }
+
+/// `epic-export jwks-server` as a process, with a kubeconfig pointing at the fake API server over
+/// HTTP: ready once its cache is filled, serves the status keys, reads nothing but EpicExports, and
+/// stops cleanly on SIGTERM.
+#[tokio::test]
+async fn the_jwks_server_command_serves_the_status_keys() {
+    let fake = FakeApi::new();
+    let key = SigningKey::generate(Algorithm::ES384).unwrap();
+    export(&fake, "nightly", json!({}), &[jwk(&key)]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let _server = {
+        let fake = fake.clone();
+        epic_export::task::AbortOnDrop(tokio::spawn(async move { fake.serve_http(listener).await }))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{api}\"}}\nusers:\n- name: t\n  user: {{token: t}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: t}}\ncurrent-context: fake\n"
+        ),
+    )
+    .unwrap();
+    let port = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, health) = (port(()), port(()));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .args(["jwks-server", "--addr", &addr.to_string()])
+        .args(["--health-addr", &health.to_string(), "--max-age", "600"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("http://{health}/readyz")).send().await
+            && r.status() == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "/readyz never answered 200");
+    let r = http
+        .get(format!("http://{addr}/jwks/phi/nightly.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "cache-control"), "public, max-age=600");
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["keys"], json!([key.public_jwk()]));
+    for r in fake.requests() {
+        assert!(
+            r.path.ends_with("/epicexports"),
+            "the JWK Set server made another request: {r:?}"
+        );
+    }
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops within 10 s on SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
