@@ -173,8 +173,24 @@ class CrdValidator:
             for e in sorted(self.validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
         ]
         if not found:  # CEL rules assume a structurally valid object, like the API server
-            self._cel(self.openapi, doc, "", found)
+            self._cel(self.openapi, self._typed(self.openapi, doc), "", found)
         return found
+
+    @classmethod
+    def _typed(cls, node: Any, value: Any) -> Any:
+        """`value` as the API server hands it to CEL: a JSON integer where the schema says `number`
+        is a double (cel-python would compare an int with a double literal as a type error)."""
+        if not isinstance(node, dict):
+            return value
+        if node.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, dict):
+            props = node.get("properties") or {}
+            extra = node.get("additionalProperties")
+            return {k: cls._typed(props.get(k, extra), v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cls._typed(node.get("items"), v) for v in value]
+        return value
 
     def _cel(self, node: dict, value: Any, path: str, found: list[str]) -> None:
         if value is None:

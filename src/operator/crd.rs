@@ -227,7 +227,7 @@ pub struct BulkSpec {
     /// resumes the export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 8760))]
-    #[x_kube(validation = Rule::new("double(self) > 0.0").message("source.bulk.maxWaitHours must be more than 0 (hours, at most 8760)"))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("source.bulk.maxWaitHours must be more than 0 (hours, at most 8760)"))]
     pub max_wait_hours: Option<f64>,
     /// Other origins whose file URLs may be downloaded, never with the token, e.g.
     /// `https://storage.example.org` (scheme and host, no path).
@@ -269,7 +269,7 @@ pub struct LimitsSpec {
     /// make each request wait for hours.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
-    #[x_kube(validation = Rule::new("double(self) == 0.0 || double(self) >= 0.01").message("limits.requestsPerSecond: use 0 (no limit) or a rate from 0.01 to 1000"))]
+    #[x_kube(validation = Rule::new("self == 0.0 || self >= 0.01").message("limits.requestsPerSecond: use 0 (no limit) or a rate from 0.01 to 1000"))]
     pub requests_per_second: Option<f64>,
 }
 
