@@ -73,12 +73,13 @@ pub async fn start_run(
         }
         // A value the schema let through but the Job API does not accept: retrying cannot help.
         Err(kube::Error::Api(e)) if e.code == 422 => {
+            let mut why = e.message;
+            crate::operator::job::shorten(&mut why, 800);
             return Err(ApplyError::Spec(SpecError {
                 reason: "JobRejected",
                 field: "spec.job".into(),
                 message: format!(
-                    "the API server refused the run's Job: {}; fix the EpicExport's spec",
-                    e.message
+                    "the API server refused the run's Job: {why}; fix the EpicExport's spec"
                 ),
             }));
         }
