@@ -574,6 +574,7 @@ fn status_records_the_finished_run_and_is_stable() {
         plan: None,
         next: Some(ts("2026-11-28T02:00:00Z")),
         report: Some(&rep),
+        public_keys: None,
         now,
     };
     let s = next_status(&input);
@@ -660,6 +661,7 @@ fn a_failed_run_without_a_report_says_why() {
         plan: None,
         next: None,
         report: Some(&rep),
+        public_keys: None,
         now: ts("2026-11-27T03:00:00Z"),
     });
     let last = s.last_run.clone().unwrap();
@@ -682,6 +684,7 @@ fn a_failed_run_without_a_report_says_why() {
         plan: None,
         next: None,
         report: Some(&rep),
+        public_keys: None,
         now: ts("2026-11-27T03:00:00Z"),
     });
     assert_eq!(s.last_transaction_time, None);
@@ -704,6 +707,7 @@ fn a_spec_error_stalls_once() {
         plan: None,
         next: None,
         report: None,
+        public_keys: None,
         now: ts("2026-11-27T03:00:00Z"),
     });
     let stalled = s.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();

@@ -220,6 +220,7 @@ pub async fn reconcile(
         plan: Some(&plan),
         next,
         report: observed.report.as_ref(),
+        public_keys: observed.keys.as_ref().map(|k| &k.public),
         now,
     });
     if export.spec.auth.rotation.is_none() {
@@ -228,7 +229,6 @@ pub async fn reconcile(
     if let Some(rotated) = &rotated {
         new.key_rotation = Some(rotated.status.clone());
     }
-    new.public_keys = observed.keys.as_ref().map(|k| k.public.clone());
     apply::write_status(&ctx.client, &export, &new).await?;
     for note in rotated.iter().flat_map(|r| &r.notes) {
         ctx.publish(&export, note, "RotateKey").await;
@@ -404,17 +404,17 @@ async fn stalled(
 ) -> Result<Action, ReconcileError> {
     tracing::warn!(export = %status::describe(export), "not runnable: {error}");
     let old = export.status.clone().unwrap_or_default();
-    let mut new = status::next_status(&StatusInput {
+    let new = status::next_status(&StatusInput {
         export,
         runs: &observed.runs,
         spec_error: Some(&error),
         plan: None,
         next: None,
         report: observed.report.as_ref(),
+        // Still published while the Secret holds them: a run may be signing with them.
+        public_keys: observed.keys.as_ref().map(|k| &k.public),
         now,
     });
-    // The keys stay published while the Secret holds them (a run may still be signing with them).
-    new.public_keys = observed.keys.as_ref().map(|k| k.public.clone());
     apply::write_status(&ctx.client, export, &new).await?;
     if let Some(note) = status::spec_error_note(&old, &error) {
         ctx.publish(export, &note, "Validate").await;
