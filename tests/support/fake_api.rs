@@ -3,8 +3,9 @@
 //! [`FakeApi::client`] returns a real `kube::Client` whose transport is a `tower::service_fn` serving
 //! requests from an in-memory store, so `kube::Api`, `kube::runtime::watcher`/`Controller`, the events
 //! `Recorder` and Lease-based leader election run unmodified against it. Tests can also read and write
-//! the store directly ([`FakeApi::get`], [`FakeApi::put`], ...), inspect the request log, and play the
-//! Job controller's part with [`FakeApi::finish_job`].
+//! the store directly ([`FakeApi::get`], [`FakeApi::put`], ...), inspect the request log, play the
+//! Job controller's part with [`FakeApi::finish_job`], and give a component a client that RBAC-like
+//! refuses some requests with 403 ([`FakeApi::client_forbidding`]).
 //!
 //! Modelled like the real API server:
 //! - paths `/api/v1/...` and `/apis/{group}/{version}/...`, optionally `namespaces/{ns}/`, then
