@@ -39,11 +39,19 @@ fn main() {
 async fn bench(n: usize, idle: Duration) {
     let fake = FakeApi::new();
     let two_hours_ago = Timestamp::from_second(Timestamp::now().as_second() - 7200).unwrap();
+    // A real key: the controller derives each export's public keys from it (status.publicKeys).
+    let key =
+        epic_export::auth::keys::SigningKey::generate(epic_export::auth::keys::Algorithm::ES384)
+            .expect("a key");
+    let pem = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(key.to_pkcs8_pem().expect("PEM"))
+    };
     for ns in 0..10 {
         let ns = format!("team-{ns}");
         fake.put(
             "api/v1/secrets",
-            json!({"metadata": {"name": "epic-key", "namespace": ns}, "data": {"private.pem": "eA=="}}),
+            json!({"metadata": {"name": "epic-key", "namespace": ns}, "data": {"private.pem": pem}}),
         );
         fake.put(
             "api/v1/configmaps",

@@ -5,10 +5,11 @@
   and each ci/*-values.yaml; rendered with each of them, every object validated strictly (unknown fields
   are errors) against the Kubernetes schemas of the oldest supported and the newest known version
   (kubernetes-validate); what each value set must produce (RBAC scope, leader election, strategy, PDB,
-  ServiceMonitor, NetworkPolicy, security settings, probes, env, the JWK Set endpoint's Service and
-  Ingress, NOTES.txt); its RBAC rules are exactly those of examples/operator.yaml (plus, with
-  keyRotation.enabled, the key rotation rule commented out there); its CRD is byte-identical to
-  crds/epicexport.yaml; bad values are refused.
+  ServiceMonitor, NetworkPolicies, security settings, probes, env, the JWK Set server's own Deployment,
+  ServiceAccount, RBAC, Service and Ingress, the aggregated roles, NOTES.txt); its RBAC rules are exactly
+  those of examples/operator.yaml (plus, with keyRotation.enabled, the key rotation rule commented out
+  there), the operator never lists or watches Secrets and the JWK Set server may only read EpicExports;
+  its CRD is byte-identical to crds/epicexport.yaml; bad values are refused.
 - The examples: every document parses; built-in kinds validate strictly the same way; every EpicExport
   validates against the CRD's openAPIV3Schema (unknown fields refused, as `kubectl apply` does) and
   its x-kubernetes-validations CEL rules (cel-python); the sandbox kustomization lists every file and
@@ -55,7 +56,14 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 # Granted only with the chart's keyRotation.enabled (commented out in examples/operator.yaml).
 ROTATION_RULES = {("", "secrets", "update")}
 # The chart's JWK Set endpoint defaults (values.yaml).
-JWKS_DEFAULTS = {"enabled": True, "port": 8081, "maxAgeSeconds": 3600, "rotationMaxAgeSeconds": 300}
+JWKS_DEFAULTS = {
+    "enabled": True,
+    "replicaCount": 1,
+    "port": 8081,
+    "healthPort": 8080,
+    "maxAgeSeconds": 3600,
+    "rotationMaxAgeSeconds": 300,
+}
 
 problems: list[str] = []
 checks = 0
@@ -165,8 +173,24 @@ class CrdValidator:
             for e in sorted(self.validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
         ]
         if not found:  # CEL rules assume a structurally valid object, like the API server
-            self._cel(self.openapi, doc, "", found)
+            self._cel(self.openapi, self._typed(self.openapi, doc), "", found)
         return found
+
+    @classmethod
+    def _typed(cls, node: Any, value: Any) -> Any:
+        """`value` as the API server hands it to CEL: a JSON integer where the schema says `number`
+        is a double (cel-python would compare an int with a double literal as a type error)."""
+        if not isinstance(node, dict):
+            return value
+        if node.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, dict):
+            props = node.get("properties") or {}
+            extra = node.get("additionalProperties")
+            return {k: cls._typed(props.get(k, extra), v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cls._typed(node.get("items"), v) for v in value]
+        return value
 
     def _cel(self, node: dict, value: Any, path: str, found: list[str]) -> None:
         if value is None:
@@ -180,7 +204,7 @@ class CrdValidator:
                     found.append(f"{path or '(root)'}: CEL rule {rule['rule']!r} does not compile: {e}")
                     continue
                 self.programs[rule["rule"]] = program
-            result = program.evaluate({"self": celpy.json_to_cel(value)})
+            result = program.evaluate({"self": celpy.json_to_cel(cel_escaped(value))})
             if not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
                 found.append(f"{path or '(root)'}: {rule.get('message', rule['rule'])} (CEL: {rule['rule']})")
         if isinstance(value, dict):
@@ -190,6 +214,30 @@ class CrdValidator:
         if isinstance(value, list) and isinstance(node.get("items"), dict):
             for i, item in enumerate(value):
                 self._cel(node["items"], item, f"{path}[{i}]", found)
+
+
+# Property names the API server escapes in CEL (`self.__true__` is the property "true"): the CEL keywords.
+CEL_RESERVED = {
+    "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function", "if",
+    "import", "let", "loop", "package", "namespace", "return", "var", "void", "while",
+}
+
+
+def cel_escaped(value: Any) -> Any:
+    """`value` with its object keys escaped as the API server does for CEL field selection: `__` ->
+    `__underscores__`, `.` -> `__dot__`, `-` -> `__dash__`, `/` -> `__slash__`, a keyword -> `__kw__`."""
+    if isinstance(value, list):
+        return [cel_escaped(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+
+    def escape(key: str) -> str:
+        if key in CEL_RESERVED:
+            return f"__{key}__"
+        key = key.replace("__", "__underscores__")
+        return key.replace(".", "__dot__").replace("-", "__dash__").replace("/", "__slash__")
+
+    return {escape(k): cel_escaped(v) for k, v in value.items()}
 
 
 def validate_object(doc: dict, where: str, crd: CrdValidator) -> None:
@@ -218,8 +266,23 @@ def triples(rules: Iterable[dict]) -> set[tuple[str, str, str]]:
     }
 
 
-def is_lease_role(doc: dict) -> bool:
-    return any("leases" in r.get("resources", []) for r in doc.get("rules", []))
+def role_kind(doc: dict) -> str:
+    """Which rules a (Cluster)Role holds: the controller's (`main`), the leader election Lease's
+    (`lease`), the JWK Set server's (`jwks`), or an aggregated default-role extension (`view`, `edit`)."""
+    labels = doc.get("metadata", {}).get("labels", {})
+    if labels.get("rbac.authorization.k8s.io/aggregate-to-view") == "true":
+        return "view"
+    if labels.get("rbac.authorization.k8s.io/aggregate-to-edit") == "true":
+        return "edit"
+    if any("leases" in r.get("resources", []) for r in doc.get("rules", [])):
+        return "lease"
+    if doc["metadata"]["name"].endswith("-jwks"):
+        return "jwks"
+    return "main"
+
+
+# What the JWK Set server may do: read EpicExports, nothing else (it is the internet-facing process).
+JWKS_RULES = {("fhirexport.dev", "epicexports", verb) for verb in ("get", "list", "watch")}
 
 
 def commented_rules(text: str) -> list[dict]:
@@ -238,19 +301,39 @@ def commented_rules(text: str) -> list[dict]:
     return rules if isinstance(rules, list) else []
 
 
-def example_rbac() -> tuple[set, set]:
+def example_rbac() -> dict[str, set]:
     text = (EXAMPLES / "operator.yaml").read_text()
     docs = docs_of(text, "examples/operator.yaml")
     roles = [d for d in docs if d.get("kind") in ("ClusterRole", "Role")]
-    main = triples(r for d in roles if not is_lease_role(d) for r in d["rules"])
-    leases = triples(r for d in roles if is_lease_role(d) for r in d["rules"])
-    check(bool(main) and bool(leases), "examples/operator.yaml: no controller or lease rules found")
+    rbac: dict[str, set] = {}
+    for d in roles:
+        rbac.setdefault(role_kind(d), set()).update(triples(d["rules"]))
+    check(
+        set(rbac) == {"main", "lease", "jwks", "view", "edit"},
+        f"examples/operator.yaml: roles {sorted(rbac)}, expected the controller's, the Lease's, the JWK Set server's and the view and edit aggregates",
+    )
     commented = triples(commented_rules(text))
     check(
         commented == ROTATION_RULES,
         f"examples/operator.yaml: the commented key rotation rule grants {sorted(commented)}, expected {sorted(ROTATION_RULES)}",
     )
-    return main, leases
+    main = rbac.get("main", set())
+    for resource in ("secrets", "configmaps"):
+        for verb in ("list", "watch"):
+            check(
+                ("", resource, verb) not in main,
+                f"examples/operator.yaml: the controller may {verb} {resource}: it reads them by name only (get)",
+            )
+    check(
+        rbac.get("jwks") == JWKS_RULES,
+        f"examples/operator.yaml: the JWK Set server's rules are {sorted(rbac.get('jwks', set()))}, expected only {sorted(JWKS_RULES)}",
+    )
+    for kind in ("view", "edit"):
+        check(
+            not any(r.endswith("/status") and v not in ("get", "list", "watch") for _, r, v in rbac.get(kind, set())),
+            f"examples/operator.yaml: the {kind} aggregate may write epicexports/status (only the operator may: the JWK Set server publishes it)",
+        )
+    return rbac
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +348,40 @@ def labels_match(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[set, set]) -> None:
+def check_pod(where: str, dep: dict, image: str, sa_names: list[str], sa: str | None = None) -> dict:
+    """What every pod of the chart must be: non-root, RuntimeDefault seccomp, one locked-down container
+    with requests and a memory limit. Returns the container."""
+    spec = dep["spec"]["template"]["spec"]
+    psc = spec.get("securityContext", {})
+    check(
+        psc.get("runAsNonRoot") is True
+        and psc.get("runAsUser") == UID
+        and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+        f"{where}: {name_of(dep)}: the pod is not non-root {UID} with the RuntimeDefault seccomp profile",
+    )
+    check(spec.get("serviceAccountName") in sa_names, f"{where}: {name_of(dep)}: its ServiceAccount is not in the chart")
+    if sa is not None:
+        check(spec.get("serviceAccountName") == sa, f"{where}: {name_of(dep)} runs as {spec.get('serviceAccountName')}, not {sa}")
+    containers = spec["containers"]
+    check(len(containers) == 1, f"{where}: {name_of(dep)}: expected one container")
+    c = containers[0]
+    check(c["image"] == image, f"{where}: {name_of(dep)}: image {c['image']!r}, expected {image!r}")
+    csc = c.get("securityContext", {})
+    check(
+        csc.get("allowPrivilegeEscalation") is False
+        and csc.get("readOnlyRootFilesystem") is True
+        and csc.get("capabilities", {}).get("drop") == ["ALL"],
+        f"{where}: {name_of(dep)}: the container may escalate, write its root file system or keep capabilities",
+    )
+    resources = c.get("resources", {})
+    check(
+        bool(resources.get("requests")) and "memory" in resources.get("limits", {}),
+        f"{where}: {name_of(dep)}: the container has no requests or memory limit",
+    )
+    return c
+
+
+def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: dict[str, set]) -> None:
     merged_replicas = values.get("replicaCount", 1)
     watch = values.get("watchNamespace", "")
     image_values = values.get("image", {})
@@ -274,6 +390,8 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
         image = f"{repository}@{image_values['digest']}"
     else:
         image = f"{repository}:{image_values.get('tag') or chart_app_version()}"
+    jwks = {**JWKS_DEFAULTS, **values.get("jwks", {})}
+    ingress_values = jwks.get("ingress", {})
 
     for d in docs:
         meta = d.get("metadata", {})
@@ -289,12 +407,24 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
             check(bool(meta.get("namespace")), f"{where}: {name_of(d)} has no explicit namespace")
 
     deployments = find(docs, "Deployment")
-    if not check(len(deployments) == 1, f"{where}: expected one Deployment, got {len(deployments)}"):
+    operators = [d for d in deployments if not d["metadata"]["name"].endswith("-jwks")]
+    jwks_deps = [d for d in deployments if d["metadata"]["name"].endswith("-jwks")]
+    if not check(len(operators) == 1, f"{where}: expected one operator Deployment, got {len(operators)}"):
         return
-    dep = deployments[0]
+    check(
+        len(jwks_deps) == (1 if jwks["enabled"] else 0),
+        f"{where}: {len(jwks_deps)} JWK Set server Deployment(s) with jwks.enabled={jwks['enabled']}",
+    )
+    dep = operators[0]
     pod = dep["spec"]["template"]
     pod_labels = pod["metadata"]["labels"]
+    jwks_pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in jwks_deps]
     check(labels_match(dep["spec"]["selector"]["matchLabels"], pod_labels), f"{where}: the Deployment selects no pod")
+    for other in jwks_pod_labels:
+        check(
+            not labels_match(dep["spec"]["selector"]["matchLabels"], other),
+            f"{where}: the operator Deployment's selector also selects the JWK Set server's pods",
+        )
     check(dep["spec"]["replicas"] == merged_replicas, f"{where}: replicas is not {merged_replicas}")
     strategy = dep["spec"].get("strategy", {}).get("type")
     check(
@@ -302,36 +432,18 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
         f"{where}: strategy {strategy!r} with {merged_replicas} replica(s): Recreate exactly with one",
     )
     spec = pod["spec"]
-    psc = spec.get("securityContext", {})
-    check(
-        psc.get("runAsNonRoot") is True
-        and psc.get("runAsUser") == UID
-        and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
-        f"{where}: the pod is not non-root {UID} with the RuntimeDefault seccomp profile",
-    )
     sa_names = [d["metadata"]["name"] for d in find(docs, "ServiceAccount")]
-    check(spec.get("serviceAccountName") in sa_names, f"{where}: the pod's ServiceAccount is not in the chart")
-    containers = spec["containers"]
-    check(len(containers) == 1, f"{where}: expected one container")
-    c = containers[0]
-    check(c["image"] == image, f"{where}: image {c['image']!r}, expected {image!r}")
+    c = check_pod(where, dep, image, sa_names)
     check(c.get("args") == ["controller", "--log-format", "json"], f"{where}: args {c.get('args')}")
-    csc = c.get("securityContext", {})
-    check(
-        csc.get("allowPrivilegeEscalation") is False
-        and csc.get("readOnlyRootFilesystem") is True
-        and csc.get("capabilities", {}).get("drop") == ["ALL"],
-        f"{where}: the container may escalate, write its root file system or keep capabilities",
-    )
-    resources = c.get("resources", {})
-    check(
-        bool(resources.get("requests")) and "memory" in resources.get("limits", {}),
-        f"{where}: the container has no requests or memory limit",
-    )
     env = {e["name"]: e for e in c.get("env", [])}
     check(
         env.get("EPIC_EXPORT_IMAGE", {}).get("value") == (values.get("jobImage") or image),
         f"{where}: EPIC_EXPORT_IMAGE is {env.get('EPIC_EXPORT_IMAGE')}",
+    )
+    allowed = values.get("allowedJobImages", [])
+    check(
+        env.get("ALLOWED_JOB_IMAGES", {}).get("value") == (",".join(allowed) if allowed else None),
+        f"{where}: ALLOWED_JOB_IMAGES is {env.get('ALLOWED_JOB_IMAGES')}, expected {allowed}",
     )
     leader = "true" if merged_replicas > 1 else "false"
     check(env.get("LEADER_ELECT", {}).get("value") == leader, f"{where}: LEADER_ELECT is not {leader!r}")
@@ -346,47 +458,83 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
         )
     port = values.get("metrics", {}).get("port", 8080)
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
-    check(ports.get("metrics") == port, f"{where}: the metrics port is not {port}")
+    check(ports == {"metrics": port}, f"{where}: the operator's ports are {ports}, expected only metrics {port}")
     check(env.get("METRICS_ADDR", {}).get("value") == f"0.0.0.0:{port}", f"{where}: METRICS_ADDR")
+    check(
+        env.get("JWKS_MAX_AGE", {}).get("value") == str(jwks["maxAgeSeconds"]),
+        f"{where}: the controller's JWKS_MAX_AGE (the rotation wait) is not jwks.maxAgeSeconds",
+    )
+    check(
+        not {"JWKS_ADDR", "JWKS_ROTATION_MAX_AGE"} & set(env),
+        f"{where}: the operator serves the JWK Set endpoint itself (only the jwks Deployment may)",
+    )
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = c.get(probe, {}).get("httpGet", {})
         check(
             get.get("path") == path and get.get("port") in ("metrics", port),
             f"{where}: {probe} is not GET {path} on the metrics port",
         )
-    jwks = {**JWKS_DEFAULTS, **values.get("jwks", {})}
-    ingress_values = jwks.get("ingress", {})
-    jwks_env = {k: env[k].get("value") for k in ("JWKS_ADDR", "JWKS_MAX_AGE", "JWKS_ROTATION_MAX_AGE") if k in env}
-    if jwks["enabled"]:
+
+    # The JWK Set server: its own ServiceAccount, the same image, `jwks-server`, its env and ports.
+    jwks_sa = None
+    for jd in jwks_deps:
+        jwks_sa = jd["spec"]["template"]["spec"].get("serviceAccountName")
+        check(jwks_sa != spec.get("serviceAccountName"), f"{where}: the JWK Set server runs as the operator's ServiceAccount")
+        check(labels_match(jd["spec"]["selector"]["matchLabels"], jd["spec"]["template"]["metadata"]["labels"]), f"{where}: {name_of(jd)} selects no pod")
+        check(not labels_match(jd["spec"]["selector"]["matchLabels"], pod_labels), f"{where}: {name_of(jd)} selects the operator's pods")
+        check(jd["spec"]["replicas"] == jwks.get("replicaCount", 1), f"{where}: {name_of(jd)} replicas")
+        jc = check_pod(where, jd, image, sa_names)
+        check(jc.get("args") == ["jwks-server", "--log-format", "json"], f"{where}: {name_of(jd)} args {jc.get('args')}")
+        jenv = {e["name"]: e.get("value") for e in jc.get("env", [])}
+        health = jwks.get("healthPort", 8080)
         want_env = {
             "JWKS_ADDR": f"0.0.0.0:{jwks['port']}",
             "JWKS_MAX_AGE": str(jwks["maxAgeSeconds"]),
             "JWKS_ROTATION_MAX_AGE": str(jwks["rotationMaxAgeSeconds"]),
+            "HEALTH_ADDR": f"0.0.0.0:{health}",
         }
-        check(jwks_env == want_env, f"{where}: the JWKS env is {jwks_env}, expected {want_env}")
-        check(ports.get("jwks") == jwks["port"], f"{where}: the jwks container port is not {jwks['port']}")
-    else:
-        check(not jwks_env, f"{where}: jwks.enabled=false but the JWKS env is set: {jwks_env}")
-        check("jwks" not in ports, f"{where}: jwks.enabled=false but the container has a jwks port")
+        got_env = {k: jenv.get(k) for k in want_env}
+        check(got_env == want_env, f"{where}: the JWK Set server's env is {got_env}, expected {want_env}")
+        check(jenv.get("WATCH_NAMESPACE") == (watch or None), f"{where}: the JWK Set server's WATCH_NAMESPACE is {jenv.get('WATCH_NAMESPACE')}")
+        jports = {p["name"]: p["containerPort"] for p in jc.get("ports", [])}
+        check(jports == {"jwks": jwks["port"], "health": health}, f"{where}: the JWK Set server's ports are {jports}")
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = jc.get(probe, {}).get("httpGet", {})
+            check(get.get("path") == path and get.get("port") == "health", f"{where}: the JWK Set server's {probe} is not GET {path} on its health port")
+    if jwks["enabled"]:
+        check(jwks_sa in sa_names, f"{where}: the JWK Set server's ServiceAccount {jwks_sa} is not in the chart")
 
-    # RBAC: the controller's rules, cluster-wide or in the watched namespace; the lease rules with
-    # leader election only; nothing else.
-    main_rules, lease_rules = rbac
+    # RBAC: the controller's rules, cluster-wide or in the watched namespace; the JWK Set server's
+    # (read EpicExports only) likewise; the lease rules with leader election only; the aggregated
+    # default-role extensions (cluster-wide) unless turned off; nothing else.
+    main_rules = rbac.get("main", set())
     rotation = values.get("keyRotation", {}).get("enabled", False)
     if rotation:
         main_rules = main_rules | ROTATION_RULES
+    aggregate = values.get("rbac", {}).get("aggregateToDefaultRoles", True)
     roles = find(docs, "ClusterRole") + find(docs, "Role")
-    main_roles = [r for r in roles if not is_lease_role(r)]
-    lease_roles = [r for r in roles if is_lease_role(r)]
-    check(len(main_roles) == 1, f"{where}: expected one role with the controller's rules, got {len(main_roles)}")
-    for r in main_roles:
-        if watch:
-            check(
-                r["kind"] == "Role" and r["metadata"]["namespace"] == watch,
-                f"{where}: watchNamespace {watch}: the rules must be a Role there, not {name_of(r)}",
-            )
-        else:
-            check(r["kind"] == "ClusterRole", f"{where}: watching all namespaces needs a ClusterRole")
+    by_kind: dict[str, list[dict]] = {}
+    for r in roles:
+        by_kind.setdefault(role_kind(r), []).append(r)
+    want_counts = {
+        "main": 1,
+        "jwks": 1 if jwks["enabled"] else 0,
+        "lease": 1 if merged_replicas > 1 else 0,
+        "view": 1 if aggregate else 0,
+        "edit": 1 if aggregate else 0,
+    }
+    got_counts = {k: len(by_kind.get(k, [])) for k in want_counts}
+    check(got_counts == want_counts, f"{where}: roles {got_counts}, expected {want_counts}")
+    for kind in ("main", "jwks"):
+        for r in by_kind.get(kind, []):
+            if watch:
+                check(
+                    r["kind"] == "Role" and r["metadata"]["namespace"] == watch,
+                    f"{where}: watchNamespace {watch}: {name_of(r)} must be a Role there",
+                )
+            else:
+                check(r["kind"] == "ClusterRole", f"{where}: watching all namespaces needs a ClusterRole, not {name_of(r)}")
+    for r in by_kind.get("main", []):
         got = triples(r["rules"])
         check(
             (("", "secrets", "update") in got) == rotation,
@@ -397,26 +545,35 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
             f"{where}: {name_of(r)} differs from examples/operator.yaml: extra {sorted(got - main_rules)},"
             f" missing {sorted(main_rules - got)}",
         )
-    check(
-        len(lease_roles) == (1 if merged_replicas > 1 else 0),
-        f"{where}: {len(lease_roles)} lease Role(s) with {merged_replicas} replica(s)",
-    )
-    for r in lease_roles:
+        check(
+            not {("", "secrets", "list"), ("", "secrets", "watch")} & got,
+            f"{where}: {name_of(r)} may list or watch Secrets (= read them all)",
+        )
+    for r in by_kind.get("jwks", []):
+        check(triples(r["rules"]) == JWKS_RULES, f"{where}: {name_of(r)} grants {sorted(triples(r['rules']))}, expected only {sorted(JWKS_RULES)}")
+    for kind in ("view", "edit"):
+        for r in by_kind.get(kind, []):
+            check(r["kind"] == "ClusterRole", f"{where}: {name_of(r)}: an aggregated role is a ClusterRole")
+            check(triples(r["rules"]) == rbac.get(kind), f"{where}: {name_of(r)} differs from examples/operator.yaml")
+    for r in by_kind.get("lease", []):
         check(
             r["kind"] == "Role" and r["metadata"]["namespace"] == RELEASE_NAMESPACE,
             f"{where}: the lease rules must be a Role in the release namespace",
         )
-        check(triples(r["rules"]) == lease_rules, f"{where}: the lease rules differ from examples/operator.yaml")
+        check(triples(r["rules"]) == rbac.get("lease"), f"{where}: the lease rules differ from examples/operator.yaml")
     bindings = find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding")
-    check(len(bindings) == len(roles), f"{where}: {len(roles)} roles but {len(bindings)} bindings")
-    role_keys = {(r["kind"], r["metadata"]["name"], r["metadata"].get("namespace")) for r in roles}
+    bound_roles = [r for r in roles if role_kind(r) not in ("view", "edit")]
+    check(len(bindings) == len(bound_roles), f"{where}: {len(bound_roles)} roles to bind but {len(bindings)} bindings")
+    role_keys = {(r["kind"], r["metadata"]["name"], r["metadata"].get("namespace")): role_kind(r) for r in bound_roles}
     for b in bindings:
         ref = b["roleRef"]
         ns = b["metadata"].get("namespace") if ref["kind"] == "Role" else None
-        check((ref["kind"], ref["name"], ns) in role_keys, f"{where}: {name_of(b)} binds a role not in the chart")
+        kind = role_keys.get((ref["kind"], ref["name"], ns))
+        check(kind is not None, f"{where}: {name_of(b)} binds a role not in the chart")
+        sa = jwks_sa if kind == "jwks" else spec["serviceAccountName"]
         check(
-            b["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"], "namespace": RELEASE_NAMESPACE}],
-            f"{where}: {name_of(b)} does not bind exactly the operator's ServiceAccount",
+            b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": RELEASE_NAMESPACE}],
+            f"{where}: {name_of(b)} does not bind exactly the ServiceAccount {sa}",
         )
 
     all_services = find(docs, "Service")
@@ -430,11 +587,19 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
     for s in services:
         check(labels_match(s["spec"]["selector"], pod_labels), f"{where}: the metrics Service selects no pod")
         check(
+            not any(labels_match(s["spec"]["selector"], other) for other in jwks_pod_labels),
+            f"{where}: the metrics Service selects the JWK Set server's pods",
+        )
+        check(
             [p.get("targetPort") for p in s["spec"]["ports"]] == ["metrics"],
             f"{where}: the Service does not target the metrics port",
         )
     for s in jwks_services:
-        check(labels_match(s["spec"]["selector"], pod_labels), f"{where}: the jwks Service selects no pod")
+        check(
+            bool(jwks_pod_labels) and all(labels_match(s["spec"]["selector"], other) for other in jwks_pod_labels),
+            f"{where}: the jwks Service does not select the JWK Set server's pods",
+        )
+        check(not labels_match(s["spec"]["selector"], pod_labels), f"{where}: the jwks Service selects the operator's pods")
         check(
             [(p.get("name"), p.get("port"), p.get("targetPort")) for p in s["spec"]["ports"]]
             == [("http-jwks", jwks["port"], "jwks")],
@@ -475,6 +640,10 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
     check(len(pdbs) == (1 if merged_replicas > 1 else 0), f"{where}: {len(pdbs)} PDB(s) with {merged_replicas} replica(s)")
     for p in pdbs:
         check(labels_match(p["spec"]["selector"]["matchLabels"], pod_labels), f"{where}: the PDB selects no pod")
+        check(
+            not any(labels_match(p["spec"]["selector"]["matchLabels"], other) for other in jwks_pod_labels),
+            f"{where}: the PDB counts the JWK Set server's pods",
+        )
 
     monitors = find(docs, "ServiceMonitor")
     want = values.get("metrics", {}).get("serviceMonitor", {}).get("enabled", False)
@@ -494,27 +663,40 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: tuple[
             f"{where}: the ServiceMonitor scrapes a port the Service lacks",
         )
 
+    # NetworkPolicies: the operator's pods (in: metrics; out: DNS, the API server, SMTP) and the JWK Set
+    # server's (in: the JWKS port; out: DNS and the API server).
     policies = find(docs, "NetworkPolicy")
-    want = values.get("networkPolicy", {}).get("enabled", False)
-    check(len(policies) == (1 if want else 0), f"{where}: {len(policies)} NetworkPolicy(ies), enabled={want}")
+    np_values = values.get("networkPolicy", {})
+    want = np_values.get("enabled", False)
+    check(
+        len(policies) == ((1 + (1 if jwks["enabled"] else 0)) if want else 0),
+        f"{where}: {len(policies)} NetworkPolicy(ies), enabled={want}, jwks.enabled={jwks['enabled']}",
+    )
+    api_ports = np_values.get("apiServer", {}).get("ports", [443, 6443])
+    cluster_egress = {(53, "UDP"), (53, "TCP")} | {(x, "TCP") for x in api_ports}
+    smtp_ports = {(x, "TCP") for x in np_values.get("smtp", {}).get("ports", [587, 465])}
     for p in policies:
-        check(labels_match(p["spec"]["podSelector"]["matchLabels"], pod_labels), f"{where}: the NetworkPolicy selects no pod")
-        check(sorted(p["spec"]["policyTypes"]) == ["Egress", "Ingress"], f"{where}: the NetworkPolicy must restrict both ways")
-        ingress_ports = [port for rule in p["spec"]["ingress"] for port in rule.get("ports", [])]
-        want_ports = [{"port": "metrics", "protocol": "TCP"}] + ([{"port": "jwks", "protocol": "TCP"}] if jwks["enabled"] else [])
+        selector = p["spec"]["podSelector"]["matchLabels"]
+        for_jwks = p["metadata"]["name"].endswith("-jwks")
+        targets = jwks_pod_labels if for_jwks else [pod_labels]
         check(
-            ingress_ports == want_ports,
-            f"{where}: the NetworkPolicy lets in {ingress_ports}, expected {want_ports}",
+            bool(targets) and all(labels_match(selector, t) for t in targets),
+            f"{where}: {name_of(p)} does not select its pods",
         )
-        jwks_from = values.get("networkPolicy", {}).get("jwksFrom", [])
-        for rule in p["spec"]["ingress"]:
-            if rule.get("ports") == [{"port": "jwks", "protocol": "TCP"}]:
-                check(rule.get("from", []) == jwks_from, f"{where}: the NetworkPolicy's jwks sources are not networkPolicy.jwksFrom")
+        others = [pod_labels] if for_jwks else jwks_pod_labels
+        check(not any(labels_match(selector, o) for o in others), f"{where}: {name_of(p)} selects the other Deployment's pods")
+        check(sorted(p["spec"]["policyTypes"]) == ["Egress", "Ingress"], f"{where}: {name_of(p)} must restrict both ways")
+        ingress_ports = [port for rule in p["spec"]["ingress"] for port in rule.get("ports", [])]
+        want_ports = [{"port": "jwks" if for_jwks else "metrics", "protocol": "TCP"}]
+        check(ingress_ports == want_ports, f"{where}: {name_of(p)} lets in {ingress_ports}, expected {want_ports}")
+        if for_jwks:
+            for rule in p["spec"]["ingress"]:
+                check(rule.get("from", []) == np_values.get("jwksFrom", []), f"{where}: the jwks NetworkPolicy's sources are not networkPolicy.jwksFrom")
         egress_ports = {(port["port"], port["protocol"]) for rule in p["spec"]["egress"] for port in rule["ports"]}
-        api_ports = values.get("networkPolicy", {}).get("apiServer", {}).get("ports", [443, 6443])
+        want_egress = cluster_egress if for_jwks else cluster_egress | smtp_ports
         check(
-            egress_ports == {(53, "UDP"), (53, "TCP")} | {(x, "TCP") for x in api_ports},
-            f"{where}: the NetworkPolicy's egress is not DNS and the API server: {sorted(egress_ports, key=str)}",
+            egress_ports == want_egress,
+            f"{where}: {name_of(p)}'s egress is {sorted(egress_ports, key=str)}, expected {sorted(want_egress, key=str)}",
         )
 
 
@@ -573,6 +755,15 @@ def check_notes(where: str, values: dict, text: str) -> None:
         ("port-forward svc/" in text) == (jwks["enabled"] and not ingress.get("enabled", False)),
         f"{where}: NOTES.txt's port-forward hint does not match jwks.enabled/jwks.ingress.enabled",
     )
+    check(
+        "mounts a\nSecret of that namespace" in text and "Who may create EpicExports" in text,
+        f"{where}: NOTES.txt does not state who may create EpicExports",
+    )
+    aggregate = values.get("rbac", {}).get("aggregateToDefaultRoles", True)
+    check(
+        ("`edit` and `admin`" in text) == aggregate,
+        f"{where}: NOTES.txt does not say whether EpicExports are in the default roles ({aggregate})",
+    )
     rotation = values.get("keyRotation", {}).get("enabled", False)
     check(
         ("Key rotation: allowed" in text) == rotation and ("Key rotation: off" in text) != rotation,
@@ -581,28 +772,33 @@ def check_notes(where: str, values: dict, text: str) -> None:
 
 
 def check_example_jwks(chart_docs: list[dict]) -> None:
-    """examples/operator.yaml serves the JWK Set endpoint like the chart's defaults: same env, port and
-    a Service exposing only that port."""
+    """examples/operator.yaml runs the JWK Set server like the chart's defaults: `jwks-server` with the
+    same env and ports, behind a Service exposing only the JWKS port and selecting only its pods."""
     where = "examples/operator.yaml"
     docs = docs_of((EXAMPLES / "operator.yaml").read_text(), where)
 
-    def jwks_of(ds: list[dict]) -> tuple[dict, dict, list]:
-        dep = next(d for d in ds if d.get("kind") == "Deployment")
+    def jwks_of(ds: list[dict]) -> tuple:
+        dep = next((d for d in ds if d.get("kind") == "Deployment" and d["metadata"]["name"].endswith("-jwks")), None)
+        if dep is None:
+            return ("no JWK Set server Deployment",)
         c = dep["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e.get("value") for e in c.get("env", []) if e["name"].startswith("JWKS_")}
-        ports = {p["name"]: p["containerPort"] for p in c.get("ports", []) if p["name"] == "jwks"}
+        env = {e["name"]: e.get("value") for e in c.get("env", []) if e["name"] != "RUST_LOG"}
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
         svc = [
-            [(p.get("port"), p.get("targetPort")) for p in d["spec"]["ports"]]
+            ([(p.get("port"), p.get("targetPort")) for p in d["spec"]["ports"]], labels_match(d["spec"]["selector"], pod_labels))
             for d in ds
             if d.get("kind") == "Service" and d["metadata"]["name"].endswith("-jwks")
         ]
-        return env, ports, svc
+        operator = next(d for d in ds if d.get("kind") == "Deployment" and not d["metadata"]["name"].endswith("-jwks"))
+        op_env = {e["name"] for e in operator["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        return c.get("args"), env, ports, svc, sorted(op_env & {"JWKS_ADDR", "JWKS_ROTATION_MAX_AGE"})
 
     chart, example = jwks_of(chart_docs), jwks_of(docs)
-    check(example == chart, f"{where}: the JWK Set endpoint (env, port, Service) {example} differs from the chart's defaults {chart}")
+    check(example == chart, f"{where}: the JWK Set server (args, env, ports, Service) {example} differs from the chart's defaults {chart}")
 
 
-def check_chart(crd: CrdValidator, rbac: tuple[set, set]) -> None:
+def check_chart(crd: CrdValidator, rbac: dict[str, set]) -> None:
     chart_crd = CHART / "crds" / "epicexport.yaml"
     check(
         chart_crd.read_bytes() == CRD_FILE.read_bytes(),
@@ -662,6 +858,18 @@ def check_chart(crd: CrdValidator, rbac: tuple[set, set]) -> None:
         {"jwks": {"service": {"type": "ExternalName"}}},
         {"keyRotation": {"enabled": "yes"}},
         {"keyRotation": True},
+        {"jwks": {"healthPort": 8081}},
+        {"jwks": {"maxAgeSeconds": 104401}},
+        {"jwks": {"replicaCount": 0}},
+        {"jwks": {"serviceAccount": {"create": False}}},
+        {"jwks": {"serviceAccount": {"nmae": "x"}}},
+        {"allowedJobImages": "registry.example.org/epic-export@sha256:*"},
+        {"allowedJobImages": ["*"]},
+        {"allowedJobImages": ["a*b"]},
+        {"allowedJobImages": ["a,b"]},
+        {"rbac": {"aggregateToDefaultRoles": "no"}},
+        {"networkPolicy": {"smtp": {"ports": [0]}}},
+        {"networkPolicy": {"smtp": {"port": [587]}}},
     ):
         try:
             render(bad)
@@ -701,6 +909,52 @@ def check_negative_exports(crd: CrdValidator, export: dict) -> None:
     broken(lambda d: d["spec"].update(schedul="@daily"), "'schedul' was unexpected")
     broken(lambda d: d["spec"]["output"].update(keepRuns=0), "less than the minimum")
     broken(lambda d: d["spec"].pop("auth"), "'auth' is a required property")
+
+    def email(extra: dict) -> Callable[[dict], None]:
+        def change(d: dict) -> None:
+            d["spec"]["notify"] = {"email": {"host": "smtp.example.org", "from": "a@example.org", "to": ["b@example.org"], **extra}}
+
+        return change
+
+    # YAML 1.1 reads a bare `on:` as the boolean key true: both spellings are refused, naming sendOn.
+    broken(email({"on": ["failure"]}), "write sendOn")
+    broken(email({"true": ["failure"]}), "write sendOn")
+    broken(email({"sendOn": ["failed"]}), "sendOn lists success, partial or failure")
+    broken(email({"tls": "none", "smtpSecretRef": {"name": "smtp"}}), "notify.email.tls: none sends the smtpSecretRef credentials")
+    broken(email({"tls": "plain"}), "notify.email.tls is none, starttls or tls")
+    broken(email({"port": 0}), "less than the minimum")
+    broken(lambda d: d["spec"]["output"].update(subPath="../other"), "output.subPath must be a relative path")
+    broken(lambda d: d["spec"]["output"].update(subPath="/etc"), "output.subPath must be a relative path")
+    broken(lambda d: d["spec"].update(limits={"requestsPerSecond": 0.001}), "limits.requestsPerSecond")
+    broken(lambda d: d["spec"].update(limits={"requestsPerSecond": 1001}), "greater than the maximum")
+    broken(lambda d: d["spec"].update(job={"backoffLimit": -1}), "less than the minimum")
+    broken(lambda d: d["spec"].update(job={"activeDeadlineSeconds": 0}), "less than the minimum")
+    broken(lambda d: d["spec"]["auth"].update(keySecretRef={"name": "", "key": "private.pem"}), "name the Secret")
+    broken(lambda d: d["spec"]["auth"].update(rotation={"every": "90 days"}), "auth.rotation.every")
+
+    def bulk(extra: dict) -> Callable[[dict], None]:
+        def change(d: dict) -> None:
+            d["spec"]["source"] = {"bulk": {"level": "system", **extra}}
+
+        return change
+
+    broken(bulk({"maxWaitHours": 0}), "source.bulk.maxWaitHours must be more than 0")
+    broken(bulk({"maxWaitHours": 9000}), "greater than the maximum")
+    broken(bulk({"fileHosts": ["https://storage.example.org/path"]}), "source.bulk.fileHosts")
+    broken(bulk({"tokenHosts": ["storage.example.org"]}), "source.bulk.tokenHosts")
+    # And what must pass: the rules do not refuse good values (an int where a number is expected too).
+    for good in (
+        email({"sendOn": ["failure"], "tls": "none", "host": "127.0.0.1", "smtpSecretRef": {"name": "smtp"}}),
+        email({"caCertRef": {"configMapName": "smtp-ca", "key": "ca.pem"}}),
+        lambda d: d["spec"].update(limits={"requestsPerSecond": 10}),
+        lambda d: d["spec"].update(limits={"requestsPerSecond": 0}),
+        bulk({"maxWaitHours": 72, "fileHosts": ["https://storage.example.org"]}),
+        lambda d: d["spec"]["output"].update(subPath="a/..b"),
+    ):
+        doc = copy.deepcopy(export)
+        good(doc)
+        errors = crd.errors(doc)
+        check(not errors, f"positive check: a valid EpicExport was refused: {errors}")
 
 
 def check_kustomization(path: Path) -> list[dict]:

@@ -118,6 +118,9 @@ pub enum Command {
     /// Run the Kubernetes operator: reconcile EpicExports into export Jobs (in-cluster config or
     /// KUBECONFIG).
     Controller(ControllerArgs),
+    /// Serve the JWK Set endpoint (`/jwks/<namespace>/<export>.json`) from the public keys the
+    /// controller publishes in the EpicExports' status; needs only get/list/watch on EpicExports.
+    JwksServer(JwksServerArgs),
     /// Run the Epic-compatible sandbox server.
     Sandbox(crate::sandbox::SandboxArgs),
 }
@@ -142,17 +145,36 @@ pub struct ControllerArgs {
     /// This replica's name in the Lease and in Events (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// Serve the JWK Set endpoint (`/jwks/<namespace>/<export>.json`) on this address (e.g.
-    /// 0.0.0.0:8081); not served when unset.
-    #[arg(long, env = "JWKS_ADDR")]
-    pub jwks_addr: Option<std::net::SocketAddr>,
-    /// Cache-Control max-age of the JWK Set, in seconds; a key rotation waits this long (plus a
-    /// margin) after publishing the next key before signing with it.
+    /// The `Cache-Control` max-age, in seconds, that the JWK Set server (`jwks-server --max-age`)
+    /// sends: a key rotation waits this long (plus a margin) after publishing the next key before
+    /// signing with it.
     #[arg(long, env = "JWKS_MAX_AGE", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=104_400))]
     pub jwks_max_age: u64,
-    /// Cache-Control max-age while a rotation is under way, in seconds.
+    /// Images export Jobs may run besides --image, comma-separated: exact references, or prefixes
+    /// ending in `*` (e.g. `registry.example.org/epic-export@sha256:*`). An EpicExport whose
+    /// spec.job.image is not allowed is Stalled.
+    #[arg(long, env = "ALLOWED_JOB_IMAGES", value_delimiter = ',')]
+    pub allowed_job_images: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JwksServerArgs {
+    /// Address of the JWK Set endpoint (`/jwks/...` only; no authentication, public keys only).
+    #[arg(long, env = "JWKS_ADDR", default_value = "0.0.0.0:8081")]
+    pub addr: std::net::SocketAddr,
+    /// Address of /healthz and /readyz.
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8080")]
+    pub health_addr: std::net::SocketAddr,
+    /// Serve only the EpicExports of this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Cache-Control max-age of the JWK Set, in seconds (the controller's --jwks-max-age must be the
+    /// same: a key rotation waits this long).
+    #[arg(long, env = "JWKS_MAX_AGE", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=104_400))]
+    pub max_age: u64,
+    /// Cache-Control max-age while a rotation publishes a next or retiring key, in seconds.
     #[arg(long, env = "JWKS_ROTATION_MAX_AGE", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=104_400))]
-    pub jwks_rotation_max_age: u64,
+    pub rotation_max_age: u64,
 }
 
 /// Process-wide settings for a tool that writes PHI: every file it creates is `0600` and every folder
@@ -359,33 +381,34 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                 .identity
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| format!("epic-export-{}", std::process::id()));
-            let client = kube::Client::try_default().await.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the Kubernetes API: {e} (in a pod, check the ServiceAccount; outside, KUBECONFIG)"
-                )
-            })?;
-            let jwks = crate::operator::jwks::JwksSettings {
-                max_age: std::time::Duration::from_secs(args.jwks_max_age),
-                rotation_max_age: std::time::Duration::from_secs(args.jwks_rotation_max_age),
-                ..Default::default()
-            };
+            let images =
+                crate::operator::images::ImagePolicy::new(&args.image, &args.allowed_job_images)?;
+            let client = kube_client().await?;
+            let mut settings = crate::operator::controller::Settings::new(images);
+            settings.namespace = args.namespace;
+            settings.identity = identity.clone();
+            settings.rotation.cache_lifetime = std::time::Duration::from_secs(args.jwks_max_age);
             let options = crate::operator::ControllerOptions {
-                settings: crate::operator::controller::Settings {
-                    image: args.image,
-                    namespace: args.namespace,
-                    identity: identity.clone(),
-                    rotation: crate::operator::controller::rotation::RotationTiming {
-                        cache_lifetime: jwks.max_age,
-                        ..Default::default()
-                    },
-                },
+                settings,
                 http_addr: Some(args.metrics_addr),
                 leader_election: args.leader_elect.then(|| {
                     crate::operator::lease::LeaseSettings::new(args.lease_namespace, identity)
                 }),
-                jwks: args.jwks_addr.map(|addr| (addr, jwks)),
             };
             crate::operator::serve_controller(client, options, terminated()).await
+        }
+        Command::JwksServer(args) => {
+            let client = kube_client().await?;
+            let options = crate::operator::JwksServerOptions {
+                addr: args.addr,
+                health_addr: Some(args.health_addr),
+                namespace: args.namespace,
+                settings: crate::operator::jwks::JwksSettings {
+                    max_age: std::time::Duration::from_secs(args.max_age),
+                    rotation_max_age: std::time::Duration::from_secs(args.rotation_max_age),
+                },
+            };
+            crate::operator::serve_jwks_server(client, options, terminated()).await
         }
         Command::Crd => {
             print!("{}", crate::operator::crd::crd_yaml());
@@ -396,6 +419,15 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// The Kubernetes client of `controller` and `jwks-server` (in-cluster config or KUBECONFIG).
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the Kubernetes API: {e} (in a pod, check the ServiceAccount; outside, KUBECONFIG)"
+        )
+    })
 }
 
 fn is_ini(path: &std::path::Path) -> bool {

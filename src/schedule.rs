@@ -96,7 +96,15 @@ impl Schedule {
             None => TimeZone::UTC,
             Some(name) => parse_time_zone(name)?,
         };
-        Ok(Schedule { expr, cron, tz })
+        let schedule = Schedule { expr, cron, tz };
+        // Kubernetes accepts a day that never comes (30 February, 31 April) and never runs it; say so.
+        if schedule.next_after(Timestamp::UNIX_EPOCH).is_none() {
+            return Err(bad(
+                &schedule.expr,
+                "never matches: no month has that day (e.g. 30 February, 31 April)",
+            ));
+        }
+        Ok(schedule)
     }
 
     /// The expression as written (trimmed).
@@ -116,7 +124,8 @@ impl Schedule {
 
     /// First scheduled instant strictly after `after`.
     ///
-    /// `None` when the expression never matches again (e.g. `0 0 30 2 *`).
+    /// `None` when the expression never matches again (past the last representable year; a day
+    /// that never comes, such as `0 0 30 2 *`, is refused by `parse`).
     pub fn next_after(&self, after: Timestamp) -> Option<Timestamp> {
         let zoned = after.to_zoned(self.tz.clone());
         let found = self.cron.find_next_occurrence(&zoned, false).ok()?;
@@ -755,11 +764,11 @@ mod tests {
         for (after, want) in cases {
             assert_eq!(s.next_after(ts(after)), Some(ts(want)), "after {after}");
         }
-        // Never matches (no 30 February): None, not a hang.
-        assert_eq!(
-            sched("0 0 30 2 *").next_after(ts("2026-01-01T00:00:00Z")),
-            None
-        );
+        // Never matches (no 30 February, no 31 April): refused, not silently never run.
+        for never in ["0 0 30 2 *", "0 0 31 4,6 *"] {
+            let e = Schedule::parse(never, None).unwrap_err().to_string();
+            assert!(e.contains("never matches"), "{e}");
+        }
         // 29 February: the next leap year.
         assert_eq!(
             sched("0 0 29 2 *").next_after(ts("2026-01-01T00:00:00Z")),
@@ -1130,9 +1139,11 @@ mod tests {
                 ..BASE
             },
             Case {
-                name: "never again: no requeue",
-                expr: "0 0 30 2 *",
-                now: "2026-01-10T00:30:00Z",
+                name: "never again (after the last representable year): no requeue",
+                expr: "0 0 1 1 *",
+                last_scheduled: Some("9999-01-01T00:00:00Z"),
+                created: "9999-01-01T00:00:00Z",
+                now: "9999-06-01T00:00:00Z",
                 requeue_at: None,
                 ..BASE
             },

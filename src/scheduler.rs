@@ -214,9 +214,14 @@ mod tests {
             next_step(&s, last, now, now, hour).0,
             Step::Wait(ts("2026-12-03T08:00:00.1Z"))
         );
-        // 30 February never comes.
-        let never = Schedule::parse("0 0 30 2 *", None).unwrap();
-        assert_eq!(next_step(&never, None, now, now, hour).0, Step::Never);
+        // Past the last representable new year, a yearly schedule never comes again (a day that
+        // never comes, such as 30 February, is refused by Schedule::parse).
+        let yearly = Schedule::parse("0 0 1 1 *", None).unwrap();
+        let (last, end) = (ts("9999-01-01T00:00:00Z"), ts("9999-06-01T00:00:00Z"));
+        assert_eq!(
+            next_step(&yearly, Some(last), end, end, hour).0,
+            Step::Never
+        );
     }
 
     #[test]

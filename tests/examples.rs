@@ -1,6 +1,8 @@
 //! The manifests under `examples/` stay in step with the code: every EpicExport deserializes into the
-//! CRD types without losing a field and passes the controller's validation; the operator Deployment's
-//! arguments are ones `epic-export` accepts, and its RBAC grants what the controller does; the sandbox
+//! CRD types without losing a field and passes the controller's validation; the operator's and the JWK
+//! Set server's Deployments run commands `epic-export` accepts, the operator's RBAC grants what the
+//! controller does (Secrets and ConfigMaps by name only) and the JWK Set server's nothing but reading
+//! EpicExports; the sandbox
 //! kustomization's server arguments parse, its key Secret matches the JWKS the sandbox trusts, and its
 //! roster lists exactly the sandbox's patients. (scripts/check-manifests.sh checks the schemas, the CEL
 //! rules and the Helm chart.)
@@ -66,7 +68,8 @@ fn example_exports_are_complete_and_valid() {
                 }],
                 ..Observed::default()
             };
-            validate(&export, &all_present).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let images = epic_export::operator::images::ImagePolicy::only("epic-export:0.1.0");
+            validate(&export, &all_present, &images).unwrap_or_else(|e| panic!("{file}: {e}"));
         }
     }
     assert_eq!(seen, 4);
@@ -169,7 +172,10 @@ fn the_sandbox_example_is_consistent_with_the_sandbox() {
 #[test]
 fn the_operator_deployment_runs_a_real_command_with_enough_rbac() {
     let docs = docs("operator.yaml");
-    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "epic-export-operator")
+        .unwrap();
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let args: Vec<&str> = std::iter::once("epic-export")
         .chain(
@@ -190,9 +196,17 @@ fn the_operator_deployment_runs_a_real_command_with_enough_rbac() {
         .collect();
     assert!(env.contains("EPIC_EXPORT_IMAGE") && env.contains("POD_NAME"));
 
+    // The roles bound to the operator's ServiceAccount.
+    let operator_roles: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+        .filter(|b| b["subjects"][0]["name"] == "epic-export-operator")
+        .map(|b| b["roleRef"]["name"].as_str().unwrap())
+        .collect();
     let rules = rule_triples(
         docs.iter()
             .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+            .filter(|d| operator_roles.contains(&d["metadata"]["name"].as_str().unwrap()))
             .flat_map(|d| d["rules"].as_array().unwrap().clone()),
     );
     // What the controller does (see tests/operator_controller.rs for the requests themselves).
@@ -205,7 +219,6 @@ fn the_operator_deployment_runs_a_real_command_with_enough_rbac() {
         ("batch", "jobs", "watch"),
         ("", "pods", "list"),
         ("", "secrets", "get"),
-        ("", "secrets", "watch"),
         ("", "configmaps", "get"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
@@ -217,6 +230,56 @@ fn the_operator_deployment_runs_a_real_command_with_enough_rbac() {
             "RBAC lacks {verb} {group}/{resource}"
         );
     }
+
+    // Secrets and ConfigMaps are read by name: never listed or watched (that would read them all).
+    for resource in ["secrets", "configmaps"] {
+        for verb in ["list", "watch"] {
+            assert!(
+                !rules.contains(&("".into(), resource.into(), verb.into())),
+                "the operator may {verb} {resource}"
+            );
+        }
+    }
+
+    // The JWK Set server: `epic-export jwks-server`, under a ServiceAccount of its own that may only
+    // read EpicExports.
+    let jwks = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "epic-export-operator-jwks")
+        .expect("a JWK Set server Deployment");
+    let pod = &jwks["spec"]["template"]["spec"];
+    let args: Vec<&str> = std::iter::once("epic-export")
+        .chain(
+            pod["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap()),
+        )
+        .collect();
+    let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(matches!(
+        cli.command,
+        epic_export::cli::Command::JwksServer(_)
+    ));
+    assert_eq!(pod["serviceAccountName"], "epic-export-operator-jwks");
+    let jwks_roles: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+        .filter(|b| b["subjects"][0]["name"] == "epic-export-operator-jwks")
+        .map(|b| b["roleRef"]["name"].as_str().unwrap())
+        .collect();
+    let jwks_rules = rule_triples(
+        docs.iter()
+            .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+            .filter(|d| jwks_roles.contains(&d["metadata"]["name"].as_str().unwrap()))
+            .flat_map(|d| d["rules"].as_array().unwrap().clone()),
+    );
+    let read_exports: Vec<(String, String, String)> = ["get", "list", "watch"]
+        .iter()
+        .map(|v| ("fhirexport.dev".into(), "epicexports".into(), v.to_string()))
+        .collect();
+    assert_eq!(jwks_rules, read_exports);
 
     // What it does only for key rotation (the chart's keyRotation.enabled, off by default): not
     // granted by examples/operator.yaml, which keeps the chart's default RBAC (scripts/check-manifests.sh

@@ -1,9 +1,13 @@
 //! The real controller end to end against the in-process fake API server (`support/fake_api.rs`):
 //! runs start as Jobs with the right name, mounts and security; finished Jobs land in status, Events
 //! and metrics; a restarted operator adopts instead of duplicating; a missing Secret stalls until it
-//! is created; history is cleaned up; an idle operator writes nothing; leader election lets one of
-//! two replicas act; a key rotation completes while runs keep authenticating against the sandbox,
-//! which fetches the keys from the operator's JWK Set endpoint.
+//! is created (looked at again periodically: Secrets are not watched); history is cleaned up; an idle
+//! operator writes nothing; leader election lets one of two replicas act; a key rotation completes
+//! while runs keep authenticating against the sandbox, which fetches the keys from the JWK Set
+//! endpoint (a server of its own that may not read Secrets); only the Job's own pods report its run;
+//! specs that cannot mean what they say (an image not allowed, plain http, credentials without TLS,
+//! the YAML 1.1 `on` key) are Stalled naming the field; the e-mail trusts a certificate from a
+//! ConfigMap.
 
 #[path = "support/fake_api.rs"]
 mod fake_api;
@@ -18,6 +22,7 @@ use epic_export::auth::token::{TokenSource, TokenSourceConfig};
 use epic_export::operator::controller::Settings;
 use epic_export::operator::controller::decide::on_demand_job_name;
 use epic_export::operator::controller::rotation::RotationTiming;
+use epic_export::operator::images::ImagePolicy;
 use epic_export::operator::job::RunReportMessage;
 use epic_export::operator::jwks::JwksSettings;
 use epic_export::operator::lease::LeaseSettings;
@@ -35,11 +40,15 @@ const JOBS: &str = "apis/batch/v1/jobs";
 const EVENTS: &str = "apis/events.k8s.io/v1/events";
 const IMAGE: &str = "registry.example/epic-export:1.0";
 
-fn secret(fake: &FakeApi) {
+/// The key Secret `epic-key` with a new ES384 key; returns the key's PEM as stored (base64).
+fn secret(fake: &FakeApi) -> String {
+    let key = SigningKey::generate(Algorithm::ES384).unwrap();
+    let pem = base64(&key.to_pkcs8_pem().unwrap());
     fake.put(
         "api/v1/secrets",
-        json!({"metadata": {"name": "epic-key", "namespace": NS}, "data": {"private.pem": "LS0tLS1CRUdJTi0tLS0t"}}),
+        json!({"metadata": {"name": "epic-key", "namespace": NS}, "data": {"private.pem": pem}}),
     );
+    pem
 }
 
 fn config_map(fake: &FakeApi) {
@@ -123,19 +132,15 @@ impl Operator {
         lease: Option<LeaseSettings>,
         http: Option<std::net::SocketAddr>,
     ) -> ControllerOptions {
+        let mut settings = Settings::new(ImagePolicy::only(IMAGE));
+        settings.identity = lease
+            .as_ref()
+            .map(|l| l.identity.clone())
+            .unwrap_or("op-0".into());
         ControllerOptions {
-            settings: Settings {
-                image: IMAGE.into(),
-                namespace: None,
-                identity: lease
-                    .as_ref()
-                    .map(|l| l.identity.clone())
-                    .unwrap_or("op-0".into()),
-                rotation: Default::default(),
-            },
+            settings,
             http_addr: http,
             leader_election: lease,
-            jwks: None,
         }
     }
 
@@ -224,7 +229,7 @@ fn job_posts(fake: &FakeApi) -> usize {
 #[tokio::test]
 async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metrics() {
     let fake = FakeApi::new();
-    secret(&fake);
+    let pem = secret(&fake);
     config_map(&fake);
     export(&fake, "nightly", json!({}), json!({}));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -263,7 +268,7 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
     assert_eq!(key["secret"]["secretName"], "epic-key");
     assert_eq!(key["secret"]["defaultMode"], 0o400);
     assert!(
-        !job.to_string().contains("LS0tLS1CRUdJTi0tLS0t"),
+        !job.to_string().contains(&pem),
         "no key material in the Job"
     );
 
@@ -377,7 +382,9 @@ async fn a_missing_secret_stalls_until_it_is_created() {
     let fake = FakeApi::new();
     config_map(&fake);
     export(&fake, "nightly", json!({}), json!({}));
-    let op = Operator::start(&fake, None, None);
+    let mut options = Operator::options(None, None);
+    options.settings.reference_retry = Duration::from_millis(500);
+    let op = Operator::start_with(&fake, options);
 
     let s = eventually("Stalled", || async {
         let s = status(&fake, "nightly");
@@ -394,11 +401,27 @@ async fn a_missing_secret_stalls_until_it_is_created() {
     assert_eq!(condition(&s, "Ready")["status"], "False");
     assert!(fake.list(JOBS, Some(NS)).is_empty(), "no run while stalled");
 
-    // Waiting, not retrying: no writes while nothing changes.
+    // Looking again (the Secret is read by name, not watched), but writing nothing while nothing
+    // changes, and never listing or watching Secrets.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mark = fake.requests().len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(fake.writes_since(mark).is_empty());
+    let secret_reads: Vec<_> = fake.requests()[mark..]
+        .iter()
+        .filter(|r| r.path.contains("/secrets"))
+        .map(|r| r.verb())
+        .collect();
+    assert!(
+        !secret_reads.is_empty() && secret_reads.iter().all(|v| *v == "get"),
+        "{secret_reads:?}"
+    );
+    assert!(
+        fake.requests().iter().all(|r| !(r.path.contains("/secrets")
+            || r.path.contains("/configmaps"))
+            || r.verb() == "get"),
+        "Secrets and ConfigMaps are only read by name"
+    );
     assert_eq!(
         event_reasons(&fake, "nightly")
             .iter()
@@ -408,7 +431,7 @@ async fn a_missing_secret_stalls_until_it_is_created() {
         "one Warning Event"
     );
 
-    // Creating the Secret re-triggers the export.
+    // Creating the Secret heals the export at the next look.
     secret(&fake);
     let s = eventually("Ready after the fix", || async {
         let s = status(&fake, "nightly");
@@ -673,15 +696,20 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
         margin: Duration::from_secs(1),
         last_use_grace: Duration::from_secs(2),
     };
-    options.jwks = Some((
-        jwks_addr,
+    let op = Operator::start_with(&fake, options);
+    // The JWK Set endpoint, whose client RBAC-like refuses anything but EpicExports.
+    let jwks_client = fake.client_forbidding(|r| !r.path.ends_with("/epicexports"));
+    let listener = tokio::net::TcpListener::bind(jwks_addr).await.unwrap();
+    let _jwks = epic_export::task::AbortOnDrop(tokio::spawn(epic_export::operator::jwks::serve(
+        jwks_client,
+        None,
+        listener,
         JwksSettings {
             max_age: Duration::from_secs(1),
             rotation_max_age: Duration::from_secs(1),
-            refresh: Duration::from_millis(100),
         },
-    ));
-    let op = Operator::start_with(&fake, options);
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )));
 
     // The run due now starts with the first key and authenticates through the JWK Set URL.
     let (old_run, _) = scheduled_run(&fake, "nightly").await;
@@ -804,6 +832,11 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
         authenticate(&mounted_key(&fake), &sandbox, &jwks_url).await,
         Ok(next_kid.clone())
     );
+    assert_eq!(
+        fake.forbidden(),
+        Vec::new(),
+        "the JWKS server read only EpicExports"
+    );
     let reasons = event_reasons(&fake, "nightly");
     for reason in [
         "KeyRotationStarted",
@@ -817,5 +850,216 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
             "{reason} in {reasons:?}"
         );
     }
+    op.stop().await;
+}
+
+/// The run report comes only from a pod the Job owns: a pod labelled `job-name=<job>` by someone else
+/// (or not owned at all), even one that finished later, is ignored.
+#[tokio::test]
+async fn only_the_jobs_own_pods_report_its_run() {
+    let fake = FakeApi::new();
+    secret(&fake);
+    config_map(&fake);
+    export(&fake, "nightly", json!({}), json!({}));
+    let op = Operator::start(&fake, None, None);
+    let (name, _) = scheduled_run(&fake, "nightly").await;
+    for (pod, owners) in [
+        (
+            "impostor-owned",
+            json!([{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": "someone-else",
+                    "controller": true}]),
+        ),
+        ("impostor-unowned", json!([])),
+    ] {
+        fake.put(
+            "api/v1/pods",
+            json!({
+                "metadata": {"name": pod, "namespace": NS, "labels": {"job-name": name},
+                             "ownerReferences": owners},
+                "spec": {"containers": [{"name": "export", "image": IMAGE}]},
+                "status": {"containerStatuses": [{
+                    "name": "export", "image": IMAGE, "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 0, "message": report("success", 999),
+                              "startedAt": "2099-01-01T00:00:00Z", "finishedAt": "2099-01-01T00:00:01Z"}},
+                }]},
+            }),
+        );
+    }
+    fake.finish_job(NS, &name, true, &report("success", 42));
+    let s = eventually("lastRun in status", || async {
+        let s = status(&fake, "nightly");
+        (s["lastRun"]["jobName"] == name.as_str()).then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["records"], 42, "{s}");
+    op.stop().await;
+}
+
+/// Specs that would not do what they say are Stalled, with a message naming the field and the fix,
+/// and start no run: an image the operator does not allow, plain http to a FHIR server, SMTP
+/// credentials without TLS to a remote host, the `true` key a YAML 1.1 parser makes of `on:`, a
+/// sub-path leaving its folder, a rate that would wait forever. An allowed image runs.
+#[tokio::test]
+async fn specs_that_would_not_do_what_they_say_are_stalled_naming_the_field() {
+    let fake = FakeApi::new();
+    secret(&fake);
+    config_map(&fake);
+    fake.put(
+        "api/v1/secrets",
+        json!({"metadata": {"name": "smtp", "namespace": NS}, "data": {
+            "username": base64(smtp::USER), "password": base64(smtp::PASSWORD)}}),
+    );
+    let email = |extra: Value| {
+        let mut email = json!({"host": "smtp.example.org", "from": "exports@example.org",
+                               "to": ["team@example.org"]});
+        json_merge(&mut email, extra);
+        json!({"notify": {"email": email}})
+    };
+    let cases = [
+        (
+            "other-image",
+            json!({"job": {"image": "evil.example.org/epic-export:1.0"}}),
+            "spec.job.image",
+            "ImageNotAllowed",
+        ),
+        (
+            "plain-http",
+            json!({"fhir": {"baseUrl": "http://fhir.example.org/api/FHIR/R4"}}),
+            "spec.fhir.baseUrl",
+            "InvalidSpec",
+        ),
+        (
+            "clear-credentials",
+            email(json!({"tls": "none", "smtpSecretRef": {"name": "smtp"}})),
+            "spec.notify.email.tls",
+            "InvalidSpec",
+        ),
+        (
+            "yaml11-on",
+            email(json!({"true": ["failure"]})),
+            "sendOn",
+            "InvalidSpec",
+        ),
+        (
+            "old-on",
+            email(json!({"on": ["failure"]})),
+            "spec.notify.email.on",
+            "InvalidSpec",
+        ),
+        (
+            "outside",
+            json!({"output": {"volumeClaimName": "exports", "subPath": "../other-team"}}),
+            "spec.output.subPath",
+            "InvalidSpec",
+        ),
+        (
+            "too-slow",
+            json!({"limits": {"requestsPerSecond": 0.0001}}),
+            "spec.limits.requestsPerSecond",
+            "InvalidSpec",
+        ),
+    ];
+    for (name, spec, _, _) in &cases {
+        export(&fake, name, spec.clone(), json!({}));
+    }
+    export(
+        &fake,
+        "allowed-image",
+        json!({"job": {"image": "registry.example/tools/epic-export:2.0"}}),
+        json!({}),
+    );
+    let mut options = Operator::options(None, None);
+    options.settings.images =
+        ImagePolicy::new(IMAGE, &["registry.example/tools/*".to_string()]).unwrap();
+    let op = Operator::start_with(&fake, options);
+
+    for (name, _, field, reason) in &cases {
+        let s = eventually(&format!("{name} Stalled"), || async {
+            let s = status(&fake, name);
+            (condition(&s, "Stalled")["status"] == "True").then_some(s)
+        })
+        .await;
+        let stalled = condition(&s, "Stalled");
+        let message = stalled["message"].as_str().unwrap();
+        assert!(message.contains(field), "{name}: {message}");
+        assert_eq!(stalled["reason"], *reason, "{name}: {message}");
+        assert_eq!(condition(&s, "Ready")["status"], "False");
+    }
+    let (job, _) = scheduled_run(&fake, "allowed-image").await;
+    let job = fake.get(JOBS, NS, &job).unwrap();
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example/tools/epic-export:2.0"
+    );
+    assert_eq!(
+        fake.list(JOBS, Some(NS)).len(),
+        1,
+        "no run for a stalled export"
+    );
+    op.stop().await;
+}
+
+/// The run e-mail over STARTTLS to a server whose certificate (from a private CA) is trusted through
+/// `caCertRef` (a ConfigMap key): without the ConfigMap the send fails and says which; with it, sent.
+#[tokio::test]
+async fn the_run_email_trusts_the_certificate_in_the_ca_config_map() {
+    let server = smtp::smtp_server("starttls").await;
+    let fake = FakeApi::new();
+    secret(&fake);
+    config_map(&fake);
+    fake.put(
+        "api/v1/secrets",
+        json!({"metadata": {"name": "smtp", "namespace": NS}, "data": {
+            "username": base64(smtp::USER), "password": base64(smtp::PASSWORD)}}),
+    );
+    export(
+        &fake,
+        "nightly",
+        json!({"notify": {"email": {
+            "host": "127.0.0.1", "port": server.port, "tls": "starttls",
+            "from": "exports@example.org", "to": ["team@example.org"], "sendOn": ["success"],
+            "smtpSecretRef": {"name": "smtp"},
+            "caCertRef": {"configMapName": "smtp-ca", "key": "ca.pem"}}}}),
+        json!({}),
+    );
+    let op = Operator::start(&fake, None, None);
+    let (name, _) = scheduled_run(&fake, "nightly").await;
+    fake.finish_job(NS, &name, true, &report("success", 7));
+    let s = eventually("the failed e-mail recorded", || async {
+        let s = status(&fake, "nightly");
+        s["lastRun"]["notification"].as_str().is_some().then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s["lastRun"]["notification"],
+        "failed: ConfigMap \"smtp-ca\" (spec.notify.email.caCertRef) does not exist"
+    );
+
+    let pem = std::fs::read_to_string(smtp::fixtures().join("ca.pem")).unwrap();
+    fake.put(
+        "api/v1/configmaps",
+        json!({"metadata": {"name": "smtp-ca", "namespace": NS}, "data": {"ca.pem": pem}}),
+    );
+    let mut obj = fake.get(EXPORTS, NS, "nightly").unwrap();
+    obj["metadata"]["annotations"] = json!({"fhirexport.dev/run-now": "again"});
+    fake.put(EXPORTS, obj);
+    let again = on_demand_job_name("nightly", "again");
+    eventually("the second run", || async { fake.get(JOBS, NS, &again) }).await;
+    fake.finish_job(NS, &again, true, &report("success", 8));
+    let s = eventually("the e-mail sent", || async {
+        let s = status(&fake, "nightly");
+        (s["lastRun"]["jobName"] == again.as_str() && s["lastRun"]["notification"].is_string())
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["notification"], "sent to 1 recipient", "{s}");
+    let mail: Value = serde_json::from_str(
+        &std::fs::read_to_string(server.maildir.path().join("1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        mail["subject"],
+        "[epic-export] nightly: success — 8 records"
+    );
     op.stop().await;
 }

@@ -9,8 +9,9 @@ use epic_export::operator::controller::dereference::{
 use epic_export::operator::controller::status::{
     StatusInput, finished_run_note, next_status, spec_error_note,
 };
-use epic_export::operator::controller::validate::{Validated, validate};
+use epic_export::operator::controller::validate::{SpecError, Validated};
 use epic_export::operator::crd::EpicExport;
+use epic_export::operator::images::ImagePolicy;
 use epic_export::operator::job::RunReportMessage;
 use epic_export::schedule::job_name;
 use jiff::Timestamp;
@@ -68,6 +69,15 @@ fn present() -> Observed {
     }
 }
 
+/// The validate step of an operator whose job image is `registry.example/epic-export:1.0`.
+fn validate(e: &EpicExport, observed: &Observed) -> Result<Validated, SpecError> {
+    epic_export::operator::controller::validate::validate(
+        e,
+        observed,
+        &ImagePolicy::only("registry.example/epic-export:1.0"),
+    )
+}
+
 fn valid(e: &EpicExport) -> Validated {
     validate(e, &present()).expect("valid")
 }
@@ -76,6 +86,7 @@ fn run(name: &str, state: RunState, started: &str) -> Run {
     let started = ts(started);
     Run {
         name: name.into(),
+        uid: None,
         state,
         scheduled_at: None,
         created: Some(started),
@@ -164,6 +175,181 @@ fn validation_names_the_field_and_the_fix() {
     assert!(
         e.message.contains("next-private.pem") && e.message.contains("keygen"),
         "{e}"
+    );
+}
+
+/// Each field a careless author can get silently wrong is an error naming it (for objects the CRD's
+/// own rules did not check, e.g. admitted under an older CRD), and its neighbours still pass.
+#[test]
+fn mistakes_the_schema_may_miss_are_errors_naming_the_field() {
+    let email = |lines: &str| {
+        format!(
+            "  notify:\n    email:\n      host: smtp.example.org\n      from: a@example.org\n      to: [b@example.org]\n{lines}"
+        )
+    };
+    let cases: Vec<(String, Option<&str>)> = vec![
+        (
+            "  job: {image: evil.example.org/x:1}\n".into(),
+            Some("spec.job.image"),
+        ),
+        (
+            "  job: {image: registry.example/epic-export:1.0}\n".into(),
+            None,
+        ),
+        (
+            "  job: {backoffLimit: -1}\n".into(),
+            Some("spec.job.backoffLimit"),
+        ),
+        (
+            "  job: {backoffLimit: 0, activeDeadlineSeconds: 1}\n".into(),
+            None,
+        ),
+        (
+            "  job: {activeDeadlineSeconds: 0}\n".into(),
+            Some("spec.job.activeDeadlineSeconds"),
+        ),
+        (
+            "  limits: {requestsPerSecond: 0.001}\n".into(),
+            Some("spec.limits.requestsPerSecond"),
+        ),
+        (
+            "  limits: {requestsPerSecond: 1001}\n".into(),
+            Some("spec.limits.requestsPerSecond"),
+        ),
+        (
+            "  limits: {requestsPerSecond: .nan}\n".into(),
+            Some("spec.limits.requestsPerSecond"),
+        ),
+        ("  limits: {requestsPerSecond: 0}\n".into(), None),
+        ("  limits: {requestsPerSecond: 0.01}\n".into(), None),
+        (
+            email("      \"on\": [failure]\n"),
+            Some("spec.notify.email.on"),
+        ),
+        (
+            email("      \"true\": [failure]\n"),
+            Some("spec.notify.email"),
+        ),
+        (email("      sendOn: [failure]\n"), None),
+        (
+            email("      sendOn: [failures]\n"),
+            Some("spec.notify.email.sendOn"),
+        ),
+        (email("      port: 0\n"), Some("spec.notify.email.port")),
+        (
+            email("      tls: none\n      smtpSecretRef: {name: smtp}\n"),
+            Some("spec.notify.email.tls"),
+        ),
+        (email("      tls: none\n"), None),
+        (
+            email("      tls: starttls\n      smtpSecretRef: {name: smtp}\n"),
+            None,
+        ),
+        (email("      tls: plain\n"), Some("spec.notify.email.tls")),
+        (
+            email("      caCertRef: {configMapName: \"Bad/Name\", key: ca.pem}\n"),
+            Some("spec.notify.email.caCertRef"),
+        ),
+        (
+            email("      caCertRef: {configMapName: smtp-ca, key: ca.pem}\n"),
+            None,
+        ),
+    ];
+    for (extra, field) in &cases {
+        match (validate(&export(extra), &present()), field) {
+            (Ok(_), None) => {}
+            (Err(e), Some(field)) => {
+                assert_eq!(e.field, *field, "{extra}: {e}");
+                assert!(
+                    !e.is_in_reference(),
+                    "{extra}: a spec mistake waits for a change"
+                );
+            }
+            (Ok(_), Some(field)) => panic!("{extra}: accepted, expected an error at {field}"),
+            (Err(e), None) => panic!("{extra}: refused: {e}"),
+        }
+    }
+    // Fields of the base spec.
+    for (sub_path, ok) in [
+        ("/etc", false),
+        ("a/../../b", false),
+        ("..", false),
+        ("a/..b/c", true),
+    ] {
+        let mut e = export("");
+        e.spec.output.sub_path = Some(sub_path.into());
+        match validate(&e, &present()) {
+            Ok(_) => assert!(ok, "{sub_path} accepted"),
+            Err(err) => {
+                assert!(!ok, "{sub_path}: {err}");
+                assert_eq!(err.field, "spec.output.subPath");
+            }
+        }
+    }
+    let mut plain = export("");
+    plain.spec.fhir.base_url = "http://fhir.example.org/R4".into();
+    let e = validate(&plain, &present()).unwrap_err();
+    assert_eq!(e.field, "spec.fhir.baseUrl", "{e}");
+    assert!(e.message.contains("allowInsecureHttp"), "{e}");
+    plain.spec.fhir.allow_insecure_http = Some(true);
+    validate(&plain, &present()).expect("plain http when allowed");
+    // Credentials in clear text only to loopback.
+    let loopback = "  notify:\n    email:\n      host: \"::1\"\n      tls: none\n      from: a@example.org\n      to: [b@example.org]\n      smtpSecretRef: {name: smtp}\n";
+    validate(&export(loopback), &present()).expect("loopback may be plain text");
+    // Bulk: the standalone config's checks apply (maxWaitHours, origins).
+    let bulk = |lines: &str| {
+        let mut e = export("");
+        let doc = format!("level: system\n{lines}");
+        e.spec.source.search = None;
+        e.spec.source.bulk = Some(serde_saphyr::from_str(&doc).unwrap());
+        e
+    };
+    for (lines, field) in [
+        ("maxWaitHours: 0\n", "spec.source.bulk.maxWaitHours"),
+        ("maxWaitHours: 9000\n", "spec.source.bulk.maxWaitHours"),
+        (
+            "fileHosts: [\"https://storage.example.org/path\"]\n",
+            "spec.source.bulk.fileHosts[0]",
+        ),
+        (
+            "tokenHosts: [\"http://storage.example.org\"]\n",
+            "spec.source.bulk.tokenHosts[0]",
+        ),
+    ] {
+        let e = validate(&bulk(lines), &present()).unwrap_err();
+        assert_eq!(e.field, field, "{lines}: {e}");
+    }
+    validate(
+        &bulk("maxWaitHours: 8760\nfileHosts: [\"https://storage.example.org\"]\n"),
+        &present(),
+    )
+    .expect("valid bulk settings");
+    // A rotation interval that would overflow time arithmetic is refused, not a panic later.
+    let mut rotating = export("");
+    for every in ["99999999999999999999d", "9223372036854775807w", "5300000w"] {
+        rotating.spec.auth.rotation = Some(Default::default());
+        rotating.spec.auth.rotation.as_mut().unwrap().every = Some(every.into());
+        let e = validate(&rotating, &present()).unwrap_err();
+        assert_eq!(e.field, "spec.auth.rotation.every", "{every}");
+        assert!(e.message.contains("too long"), "{every}: {e}");
+    }
+    // A name that cannot be an object's is not looked up, and is an error naming the field.
+    let mut bad_name = present();
+    bad_name.references[1].check = RefCheck::BadName {
+        reason: "\"Roster/x\" is not an object name".into(),
+    };
+    let e = validate(&export(""), &bad_name).unwrap_err();
+    assert_eq!(
+        (e.reason, e.field.as_str()),
+        ("InvalidSpec", "spec.source.search.rosterRef")
+    );
+    assert!(!e.is_in_reference());
+    let mut missing = present();
+    missing.references[1].check = RefCheck::Missing;
+    assert!(
+        validate(&export(""), &missing)
+            .unwrap_err()
+            .is_in_reference()
     );
 }
 
@@ -388,6 +574,7 @@ fn status_records_the_finished_run_and_is_stable() {
         plan: None,
         next: Some(ts("2026-11-28T02:00:00Z")),
         report: Some(&rep),
+        public_keys: None,
         now,
     };
     let s = next_status(&input);
@@ -474,6 +661,7 @@ fn a_failed_run_without_a_report_says_why() {
         plan: None,
         next: None,
         report: Some(&rep),
+        public_keys: None,
         now: ts("2026-11-27T03:00:00Z"),
     });
     let last = s.last_run.clone().unwrap();
@@ -496,6 +684,7 @@ fn a_failed_run_without_a_report_says_why() {
         plan: None,
         next: None,
         report: Some(&rep),
+        public_keys: None,
         now: ts("2026-11-27T03:00:00Z"),
     });
     assert_eq!(s.last_transaction_time, None);
@@ -518,6 +707,7 @@ fn a_spec_error_stalls_once() {
         plan: None,
         next: None,
         report: None,
+        public_keys: None,
         now: ts("2026-11-27T03:00:00Z"),
     });
     let stalled = s.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();

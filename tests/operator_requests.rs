@@ -1,6 +1,7 @@
 //! The exact API requests of the controller's critical writes, checked with tower-test: the status
 //! write (server-side apply on the status subresource with our field manager, and no request at all
-//! when nothing changed), and the adoption of an existing run on 409 instead of a duplicate.
+//! when nothing changed), the adoption of an existing run on 409 instead of a duplicate, and a Job
+//! the API server refuses (422) becoming a spec problem instead of a retry loop.
 
 use std::time::Duration;
 
@@ -151,7 +152,7 @@ async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
                 assert_eq!(runs.len(), 1);
                 assert_eq!(runs[0].name, "nightly-29401560");
             }
-            Err(ApplyError::Conflict(e)) if !adopted => {
+            Err(ApplyError::Spec(e)) if !adopted => {
                 assert_eq!(e.reason, "JobNameTaken");
                 assert!(e.message.contains("nightly-29401560"), "{e}");
             }
@@ -160,18 +161,62 @@ async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
     }
 }
 
+/// A Job the API server refuses as invalid (a value the CRD let through) is the user's to fix: a
+/// `JobRejected` spec error with the server's reason, made once, not a reconcile error retried forever.
+#[tokio::test]
+async fn a_job_the_api_server_refuses_is_a_spec_problem() {
+    let (client, mut handle) = client();
+    let e = export();
+    let job = serde_json::from_value(job_named("nightly-29401560", "u-1")).unwrap();
+    let server = tokio::spawn(async move {
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.method(), "POST");
+        send.send_response(respond(
+            422,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                   "message": format!("Job.batch \"nightly-29401560\" is invalid: spec.template.spec.volumes[2].persistentVolumeClaim.claimName: Invalid value: \"Exports\": {}", "x".repeat(2000))}),
+        ));
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request())
+            .await
+            .is_err()
+    });
+    let result = start_run(&client, &e, &[], &[], Some(job)).await;
+    assert!(server.await.unwrap(), "one request, no retry");
+    match result {
+        Err(ApplyError::Spec(e)) => {
+            assert_eq!((e.reason, e.field.as_str()), ("JobRejected", "spec.job"));
+            assert!(e.message.contains("claimName"), "{e}");
+            assert!(
+                e.message.len() < 1000,
+                "shortened: {} bytes",
+                e.message.len()
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn dereference_reads_only_what_the_export_refers_to() {
     let (client, mut handle) = client();
     let e = export();
+    let key =
+        epic_export::auth::keys::SigningKey::generate(epic_export::auth::keys::Algorithm::ES384)
+            .unwrap();
+    let pem = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(key.to_pkcs8_pem().unwrap())
+    };
+    let stored = pem.clone();
     let server = tokio::spawn(async move {
+        let pem = stored;
         let mut seen = Vec::new();
         for _ in 0..3 {
             let (req, send) = handle.next_request().await.unwrap();
             let uri = req.uri().to_string();
             seen.push(format!("{} {uri}", req.method()));
             let body = if uri.contains("/secrets/epic-key") {
-                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "epic-key"}, "data": {"private.pem": "eA=="}})
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "epic-key"}, "data": {"private.pem": pem}})
             } else if uri.contains("/configmaps/roster") {
                 json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "roster"}, "data": {"other.csv": "x"}})
             } else {
@@ -199,8 +244,15 @@ async fn dereference_reads_only_what_the_export_refers_to() {
             keys: vec!["other.csv".into()]
         }
     );
+    // Of the key only its public half is kept: the public JWK, for status.publicKeys.
+    let keys = observed.keys.as_ref().unwrap();
+    assert_eq!(keys.kids.active, key.kid());
+    assert_eq!(
+        serde_json::to_value(&keys.public).unwrap(),
+        serde_json::json!({"keys": [key.public_jwk()]})
+    );
     assert!(
-        format!("{observed:?}").find("eA==").is_none(),
+        !format!("{observed:?}").contains(&pem[20..60]),
         "no key material kept"
     );
 }

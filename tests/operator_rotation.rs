@@ -1,6 +1,7 @@
 //! The key rotation state machine (pure, with an injected clock): each step, the cache-lifetime and
 //! last-use waits, runs that started before the switch, interruption and resume (also with the status
-//! lost), `every`, and the key Secret edits that carry out each step.
+//! lost, or with times that cannot be right), `every`, and the key Secret edits that carry out each
+//! step.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -41,6 +42,7 @@ fn kids(active: &str, next: Option<&str>, retiring: Option<&str>) -> KeyKids {
 fn run(name: &str, created: i64, finished: Option<i64>) -> Run {
     Run {
         name: name.into(),
+        uid: None,
         state: if finished.is_some() {
             RunState::Succeeded
         } else {
@@ -454,4 +456,65 @@ fn an_unusable_key_in_a_slot_is_named() {
         matches!(err, key_secret::KeySetError::Missing { .. }),
         "{err}"
     );
+}
+
+/// Times in `status.keyRotation` come from the object, which anyone with status access (or a restored
+/// backup) can set: one in the future, or at the end of time, restarts the wait from now instead of
+/// postponing the rotation forever or overflowing.
+#[test]
+fn status_times_from_the_future_restart_the_wait_and_never_overflow() {
+    for published in ["2999-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "not a time"] {
+        let previous = KeyRotationStatus {
+            phase: "Publishing".into(),
+            signing_kid: Some("A".into()),
+            next_kid: Some("B".into()),
+            published_at: Some(published.into()),
+            ..KeyRotationStatus::default()
+        };
+        let p = Case {
+            now: 100,
+            previous: Some(&previous),
+            ..idle(kids("A", Some("B"), None))
+        }
+        .plan();
+        assert_eq!(p.status.phase, "Publishing", "{published}");
+        assert_eq!(
+            p.status.published_at.as_deref(),
+            Some("2026-03-01T12:01:40Z"),
+            "{published}: the wait restarts now"
+        );
+        assert_eq!(p.wake_at, Some(at(100 + 3600 + 60)), "{published}");
+    }
+    // A switch recorded in the future: the old key is kept from now on, not until then.
+    let previous = KeyRotationStatus {
+        phase: "Retiring".into(),
+        signing_kid: Some("B".into()),
+        retiring_kid: Some("A".into()),
+        switched_at: Some("9999-12-31T23:59:59Z".into()),
+        ..KeyRotationStatus::default()
+    };
+    let p = Case {
+        now: 100,
+        previous: Some(&previous),
+        ..idle(kids("B", None, Some("A")))
+    }
+    .plan();
+    assert_eq!(
+        p.status.switched_at.as_deref(),
+        Some("2026-03-01T12:01:40Z")
+    );
+    assert_eq!(p.wake_at, Some(at(100 + 60 + 300)));
+    // At the end of representable time, waits saturate there instead of overflowing.
+    let end = plan(&RotationInput {
+        now: Timestamp::MAX,
+        every: Some(SignedDuration::from_hours(24 * 366 * 100)),
+        request: None,
+        previous: Some(&previous),
+        kids: &kids("B", None, Some("A")),
+        secret_created: Some(Timestamp::MIN),
+        runs: &[run("old", 0, Some(10))],
+        timing: TIMING,
+    });
+    // (Every wait ends at the last instant, which is now: the old key goes.)
+    assert_eq!(end.change, Some(KeyChange::Retire));
 }

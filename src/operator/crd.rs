@@ -132,8 +132,10 @@ pub struct AuthSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct RotationSpec {
     /// Rotate when the signing key is this old, e.g. `90d` (units `m`, `h`, `d`, `w`; at least 1h).
-    /// Without it, only the annotation starts a rotation.
+    /// Without it, only the annotation starts a rotation. At most 100 years.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]{1,9}[mhdw]$')").message("auth.rotation.every is a whole number and a unit m, h, d or w, e.g. 90d"))]
     pub every: Option<String>,
 }
 
@@ -141,8 +143,10 @@ pub struct RotationSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct SecretKeyRef {
     /// The Secret's name.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("name the Secret"))]
     pub name: String,
     /// The key holding the value (for a private key: a PEM file, e.g. `private.pem`).
+    #[x_kube(validation = Rule::new("self.size() > 0").message("name the key in the Secret, e.g. private.pem"))]
     pub key: String,
 }
 
@@ -151,8 +155,10 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct ConfigMapKeyRef {
     /// The ConfigMap's name.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("name the ConfigMap"))]
     pub config_map_name: String,
-    /// The key holding the CSV file, e.g. `roster.csv`.
+    /// The key holding the file, e.g. `roster.csv`.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("name the key in the ConfigMap, e.g. roster.csv"))]
     pub key: String,
 }
 
@@ -217,14 +223,22 @@ pub struct BulkSpec {
     /// Send DELETE to the status URL after a complete download (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_after_download: Option<bool>,
-    /// Stop polling after this many hours (default 72); the next run resumes the export.
+    /// Stop polling after this many hours, more than 0 and at most 8760 (default 72); the next run
+    /// resumes the export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 8760))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("source.bulk.maxWaitHours must be more than 0 (hours, at most 8760)"))]
     pub max_wait_hours: Option<f64>,
-    /// Other hosts whose file URLs may be downloaded, never with the token.
+    /// Other origins whose file URLs may be downloaded, never with the token, e.g.
+    /// `https://storage.example.org` (scheme and host, no path).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(h, h.matches('^https?://[^/?#@]+/?$'))").message("source.bulk.fileHosts: each entry is an origin such as https://storage.example.org (no path, query or user)"))]
     pub file_hosts: Vec<String>,
-    /// Other hosts trusted with the access token.
+    /// Other origins trusted with the access token (scheme and host, no path).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(h, h.matches('^https?://[^/?#@]+/?$'))").message("source.bulk.tokenHosts: each entry is an origin such as https://fhir.example.org (no path, query or user)"))]
     pub token_hosts: Vec<String>,
 }
 
@@ -233,8 +247,10 @@ pub struct BulkSpec {
 pub struct OutputSpec {
     /// The PersistentVolumeClaim (same namespace) the runs write to.
     pub volume_claim_name: String,
-    /// A folder inside the volume.
+    /// A folder inside the volume: a relative path without `..` (e.g. `nightly`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("output.subPath must be a relative path inside the volume, without '..' (e.g. nightly)"))]
     pub sub_path: Option<String>,
     /// Complete runs to keep on the volume (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,8 +265,11 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 256))]
     pub concurrency: Option<u32>,
-    /// Requests per second; 0 = no limit (default 10).
+    /// Requests per second: 0 = no limit, else 0.01 to 1000 (default 10). A tiny positive rate would
+    /// make each request wait for hours.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    #[x_kube(validation = Rule::new("self == 0.0 || self >= 0.01").message("limits.requestsPerSecond: use 0 (no limit) or a rate from 0.01 to 1000"))]
     pub requests_per_second: Option<f64>,
 }
 
@@ -263,14 +282,25 @@ pub struct NotifySpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.on)").message("notify.email.on was renamed: write sendOn (a bare `on` key is the boolean true in YAML 1.1, as kubectl and many GitOps tools read it)"),
+    validation = Rule::new("!has(self.__true__)").message("notify.email has a key `true`: a YAML 1.1 parser (kubectl, many GitOps tools) read `on:` as the boolean true; write sendOn instead"),
+    validation = Rule::new("!has(self.smtpSecretRef) || !has(self.tls) || self.tls != 'none' || self.host == 'localhost' || self.host == '::1' || self.host == '[::1]' || self.host.startsWith('127.')").message("notify.email.tls: none sends the smtpSecretRef credentials unencrypted: use starttls or tls, or a loopback host")
+)]
 pub struct EmailSpec {
     /// SMTP server host name.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("notify.email.host: name the SMTP server"))]
     pub host: String,
-    /// SMTP port.
+    /// SMTP port (default by `tls`: 587 starttls, 465 tls, 25 none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
-    /// `none`, `starttls` or `tls`.
+    /// `none`, `starttls` (default) or `tls`. `none` is refused with `smtpSecretRef` unless the host is
+    /// loopback: the credentials would cross the network in clear text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self == 'none' || self == 'starttls' || self == 'tls'").message("notify.email.tls is none, starttls or tls"))]
     pub tls: Option<String>,
     /// Sender address.
     pub from: String,
@@ -278,11 +308,34 @@ pub struct EmailSpec {
     pub to: Vec<String>,
     /// Which outcomes to report: `success`, `partial`, `failure` (default all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub on: Vec<String>,
+    #[schemars(length(max = 3), inner(length(max = 16)))]
+    #[x_kube(validation = Rule::new("self.all(o, o == 'success' || o == 'partial' || o == 'failure')").message("notify.email.sendOn lists success, partial or failure"))]
+    pub send_on: Vec<String>,
+    /// The old name of `sendOn`, refused: YAML 1.1 parsers read a bare `on` as `true`. Write `sendOn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "refused_field")]
+    pub on: Option<serde_json::Value>,
+    /// What a YAML 1.1 parser makes of a bare `on:` key, refused: write `sendOn`.
+    #[serde(default, rename = "true", skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "refused_field")]
+    pub yaml11_on: Option<serde_json::Value>,
     /// A Secret with `username` and `password` keys for SMTP AUTH (read by the operator, which sends
     /// the e-mail about each finished run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_secret_ref: Option<SecretName>,
+    /// A ConfigMap key holding a PEM certificate to trust for this server besides the system's roots,
+    /// e.g. a mail bridge's self-signed certificate (`kubectl create configmap smtp-ca
+    /// --from-file=ca.pem=bridge-cert.pem`). Read by the operator when it sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_ref: Option<ConfigMapKeyRef>,
+}
+
+/// The schema of a field that exists only to be refused by a validation rule: any value.
+fn refused_field(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Refused: write sendOn.",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -295,7 +348,8 @@ pub struct SecretName {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSettings {
-    /// Container image; default the operator's own image.
+    /// Container image; default the operator's own image. Any other image must be allowed by the
+    /// operator (its `--allowed-job-images`, the chart's `allowedJobImages`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,11 +365,14 @@ pub struct JobSettings {
     /// ServiceAccount of the pods (they get no API token: the export needs none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
-    /// Seconds a run may take before Kubernetes stops it.
+    /// Seconds a run may take before Kubernetes stops it (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
-    /// Pod retries of a failed run (default 0: a failed export is reported, not repeated blindly).
+    /// Pod retries of a failed run, at least 0 (default 0: a failed export is reported, not repeated
+    /// blindly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub backoff_limit: Option<i32>,
 }
 
@@ -351,6 +408,48 @@ pub struct EpicExportStatus {
     /// Where the key rotation stands (present when `spec.auth.rotation` is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_rotation: Option<KeyRotationStatus>,
+    /// The public JWK Set of the key Secret as the operator last read it (the signing key, and during
+    /// a rotation the next or retiring key): what the JWK Set endpoint serves. Absent when the Secret
+    /// holds no usable key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_keys: Option<PublicKeys>,
+}
+
+/// A public JWK Set (RFC 7517): public members only, by construction.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct PublicKeys {
+    /// The keys, the signing key first.
+    pub keys: Vec<PublicJwk>,
+}
+
+/// One public key: the members of an RSA or EC public JWK, and nothing that could hold a private key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct PublicJwk {
+    /// `RSA` or `EC`.
+    pub kty: String,
+    /// The key id assertions name in their `kid` header.
+    pub kid: String,
+    /// The signing algorithm, e.g. `RS384`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
+    /// `sig`.
+    #[serde(default, rename = "use", skip_serializing_if = "Option::is_none")]
+    pub use_: Option<String>,
+    /// RSA modulus (base64url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<String>,
+    /// RSA exponent (base64url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e: Option<String>,
+    /// EC curve, e.g. `P-384`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crv: Option<String>,
+    /// EC point x (base64url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<String>,
+    /// EC point y (base64url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub y: Option<String>,
 }
 
 /// The key rotation's progress; every time is RFC 3339.

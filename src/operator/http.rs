@@ -1,5 +1,6 @@
 //! The operator's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the process serves) and
-//! `/readyz` (the EpicExport cache is filled, or this replica is a standby waiting for the lease).
+//! `/readyz` (the EpicExport cache is filled, or this replica is a standby waiting for the lease). The
+//! JWK Set server serves only the health pair ([`health`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,23 +12,28 @@ use axum::routing::get;
 
 use super::metrics::Metrics;
 
+/// `/metrics`, `/healthz` and `/readyz`.
 pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
+    health(ready).route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    )
+}
+
+/// `/healthz` (always ok) and `/readyz` (ok once `ready` is set).
+pub fn health(ready: Arc<AtomicBool>) -> Router {
     Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",

@@ -347,31 +347,73 @@ impl RunReportMessage {
         }
     }
 
-    /// JSON of at most `TERMINATION_MESSAGE_MAX` bytes: errors are shortened, then dropped from the end
-    /// (counted in `errorsOmitted`), then the per-type counts if still needed.
+    /// JSON of at most `TERMINATION_MESSAGE_MAX` bytes, always parseable back: errors are shortened
+    /// to 300 bytes each and as many as fit are kept (the rest counted in `errorsOmitted`); if that
+    /// is not enough the per-type counts go, then the remaining text fields are shortened.
     pub fn to_message(&self) -> String {
         let mut m = self.clone();
-        for e in &mut m.errors {
+        let mut errors = std::mem::take(&mut m.errors);
+        for e in &mut errors {
             shorten(e, 300);
         }
-        loop {
-            let text = serde_json::to_string(&m).unwrap_or_default();
-            if text.len() <= TERMINATION_MESSAGE_MAX {
-                return text;
-            }
-            if m.errors.pop().is_some() {
-                m.errors_omitted += 1;
-            } else if !m.records_by_type.is_empty() {
-                m.records_by_type.clear();
-            } else {
-                m.output_dir.truncate(200);
-                return serde_json::to_string(&m)
-                    .unwrap_or_default()
-                    .chars()
-                    .take(TERMINATION_MESSAGE_MAX)
-                    .collect();
-            }
+        if let Some(text) = m.fit_errors(&errors) {
+            return text;
         }
+        m.records_by_type.clear();
+        if let Some(text) = m.fit_errors(&errors) {
+            return text;
+        }
+        for (field, max) in [
+            (&mut m.outcome, 32),
+            (&mut m.run_id, 64),
+            (&mut m.started_at, 64),
+            (&mut m.finished_at, 64),
+            (&mut m.output_dir, 512),
+        ] {
+            shorten(field, max);
+        }
+        if let Some(t) = m.transaction_time.as_mut() {
+            shorten(t, 64);
+        }
+        if let Some(text) = m.fit_errors(&errors) {
+            return text;
+        }
+        // Only reachable with text that escapes to six times its size: the outcome and counts.
+        let minimal = RunReportMessage {
+            outcome: m.outcome.chars().take(16).collect(),
+            records: m.records,
+            bytes: m.bytes,
+            errors_omitted: m.errors_omitted.saturating_add(errors.len()),
+            ..RunReportMessage::default()
+        };
+        serde_json::to_string(&minimal).unwrap_or_default()
+    }
+
+    /// `self` with as many of `errors` (in order) as fit, the others counted, if the result fits.
+    fn fit_errors(&mut self, errors: &[String]) -> Option<String> {
+        let already_omitted = self.errors_omitted;
+        // The size without errors, counting all of them as omitted (the most digits it can take).
+        self.errors = Vec::new();
+        self.errors_omitted = already_omitted.saturating_add(errors.len());
+        let mut size = serde_json::to_string(self).ok()?.len();
+        let mut kept = 0;
+        for e in errors {
+            // The error as a JSON string, and the comma before it (none for the first).
+            let grow =
+                serde_json::to_string(e).map_or(usize::MAX, |t| t.len()) + usize::from(kept > 0);
+            if size.saturating_add(grow) > TERMINATION_MESSAGE_MAX {
+                break;
+            }
+            size += grow;
+            kept += 1;
+        }
+        self.errors = errors[..kept].to_vec();
+        self.errors_omitted = already_omitted.saturating_add(errors.len() - kept);
+        let text = serde_json::to_string(self).ok()?;
+        let fits = text.len() <= TERMINATION_MESSAGE_MAX;
+        self.errors = Vec::new();
+        self.errors_omitted = already_omitted;
+        fits.then_some(text)
     }
 }
 

@@ -1,44 +1,41 @@
-//! The operator's JWK Set endpoint: the public keys of the exports' key Secrets, for Epic (or any
+//! The JWK Set endpoint (`epic-export jwks-server`): the public keys of the exports, for Epic (or any
 //! SMART server) to fetch from the JWK Set URL registered for the app.
 //!
-//! - `GET /jwks/<namespace>/<export>.json`: the keys of that export's key Secret (the signing key, and
-//!   during a rotation the next or the retiring key), with the export's `keyId` and algorithm.
-//! - `GET /jwks/<namespace>/secrets/<secret>.json`: the keys of a key Secret that at least one export
-//!   refers to (thumbprint key ids).
+//! - `GET /jwks/<namespace>/<export>.json`: the keys the controller published in that EpicExport's
+//!   `status.publicKeys` (the signing key, and during a rotation the next or the retiring key).
+//! - `GET /jwks/<namespace>/secrets/<secret>.json`: the keys of every EpicExport of that namespace whose
+//!   key Secret it is (each key once, by `kid`).
 //!
-//! Served on its own port, without authentication (Epic fetches it anonymously), in every replica
-//! (standbys too): it only reads. Anything else is 404, and so is an export or Secret that does not
-//! exist or is not a key Secret; unknown names never reach the API server. A Secret is read at most
-//! once per `refresh` interval whatever the traffic; only public members are derived and kept, never
-//! the private key. Responses carry `Cache-Control: public, max-age=N` (shorter while a rotation is
-//! under way), a strong `ETag`, and answer `If-None-Match` with 304.
+//! It answers from its cache of EpicExports (a watch), never from anything else: a request makes no
+//! API call at all, so nothing fans out, and the process needs no access to Secrets (its RBAC is
+//! get/list/watch on EpicExports). The controller derives the public keys from the key Secrets and
+//! writes them into the status (only public members have a field there). Unauthenticated by design
+//! (Epic fetches it anonymously), on a port of its own: anything but the two forms above is 404, and so
+//! is an export without published keys or a Secret no export uses. Responses carry `Cache-Control:
+//! public, max-age=N` (shorter while a rotation publishes a next or retiring key), a strong `ETag`, and
+//! answer `If-None-Match` with 304. `/healthz` and `/readyz` are served on a separate address.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
-use serde_json::{Value, json};
 
-use super::crd::EpicExport;
-use super::key_secret::{self, Signing};
+use super::crd::{EpicExport, PublicJwk, PublicKeys};
 
-/// How the endpoint caches and what it tells its clients.
+/// What the endpoint tells its clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JwksSettings {
     /// `Cache-Control: max-age` outside rotations.
     pub max_age: Duration,
     /// `Cache-Control: max-age` while a next or retiring key is published.
     pub rotation_max_age: Duration,
-    /// How long a Secret read is reused.
-    pub refresh: Duration,
 }
 
 impl Default for JwksSettings {
@@ -46,7 +43,6 @@ impl Default for JwksSettings {
         JwksSettings {
             max_age: Duration::from_secs(3600),
             rotation_max_age: Duration::from_secs(300),
-            refresh: Duration::from_secs(10),
         }
     }
 }
@@ -59,147 +55,57 @@ struct Document {
     max_age: Duration,
 }
 
-/// The keys wanted from one Secret: `(data key, how the export signs)`.
-type Wanted = Vec<(String, Option<String>, Option<String>)>;
-
-struct Cached {
-    fetched: Instant,
-    wanted: Wanted,
-    /// `None`: the Secret or its keys are not there (404).
-    document: Option<Document>,
-}
-
-/// The endpoint's state: the EpicExport cache and the documents.
+/// The endpoint's state: the EpicExport cache.
 pub struct Publisher {
-    client: Client,
     exports: Store<EpicExport>,
     settings: JwksSettings,
-    cache: Mutex<HashMap<(String, String, &'static str), Cached>>,
-    /// One Secret read at a time (the endpoint is public: no request may fan out).
-    reading: tokio::sync::Mutex<()>,
 }
 
 impl Publisher {
-    pub fn new(client: Client, exports: Store<EpicExport>, settings: JwksSettings) -> Publisher {
-        Publisher {
-            client,
-            exports,
-            settings,
-            cache: Mutex::default(),
-            reading: tokio::sync::Mutex::new(()),
-        }
+    pub fn new(exports: Store<EpicExport>, settings: JwksSettings) -> Publisher {
+        Publisher { exports, settings }
     }
 
     /// The document for `/jwks/<ns>/<export>.json`.
-    async fn for_export(&self, ns: &str, name: &str) -> Result<Option<Document>, Unavailable> {
-        let Some(export) = self.exports.get(&ObjectRef::new(name).within(ns)) else {
-            return Ok(None);
-        };
-        let auth = &export.spec.auth;
-        let wanted = vec![(
-            auth.key_secret_ref.key.clone(),
-            auth.algorithm.clone(),
-            auth.key_id.clone(),
-        )];
-        self.document(ns, &auth.key_secret_ref.name, "export", wanted)
-            .await
+    fn for_export(&self, ns: &str, name: &str) -> Option<Document> {
+        let export = self.exports.get(&ObjectRef::new(name).within(ns))?;
+        let keys = published(&export)?;
+        // An export's set holds more than the signing key only during a rotation.
+        self.document(&keys.keys, keys.keys.len() > 1)
     }
 
     /// The document for `/jwks/<ns>/secrets/<secret>.json`.
-    async fn for_secret(&self, ns: &str, secret: &str) -> Result<Option<Document>, Unavailable> {
-        let mut wanted: Wanted = self
+    fn for_secret(&self, ns: &str, secret: &str) -> Option<Document> {
+        let mut exports: Vec<Arc<EpicExport>> = self
             .exports
             .state()
-            .iter()
+            .into_iter()
             .filter(|e| e.namespace().as_deref() == Some(ns))
-            .map(|e| &e.spec.auth)
-            .filter(|a| a.key_secret_ref.name == secret)
-            .map(|a| (a.key_secret_ref.key.clone(), a.algorithm.clone(), None))
+            .filter(|e| e.spec.auth.key_secret_ref.name == secret)
             .collect();
-        if wanted.is_empty() {
-            return Ok(None);
-        }
-        wanted.sort();
-        wanted.dedup_by(|a, b| a.0 == b.0);
-        self.document(ns, secret, "secret", wanted).await
-    }
-
-    async fn document(
-        &self,
-        ns: &str,
-        secret: &str,
-        form: &'static str,
-        wanted: Wanted,
-    ) -> Result<Option<Document>, Unavailable> {
-        let id = (ns.to_owned(), secret.to_owned(), form);
-        if let Some(doc) = self.fresh(&id, &wanted) {
-            return Ok(doc);
-        }
-        let _reading = self.reading.lock().await;
-        if let Some(doc) = self.fresh(&id, &wanted) {
-            return Ok(doc);
-        }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        let document = match secrets.get_opt(secret).await {
-            Ok(found) => found.and_then(|s| self.build(&s, ns, &wanted)),
-            Err(e) => {
-                tracing::warn!("JWKS: cannot read Secret {ns}/{secret}: {e}");
-                // Keep serving what was published rather than fail Epic's fetch.
-                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                return match cache.get(&id) {
-                    Some(c) if c.wanted == wanted => Ok(c.document.clone()),
-                    _ => Err(Unavailable),
-                };
-            }
-        };
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            Cached {
-                fetched: Instant::now(),
-                wanted,
-                document: document.clone(),
-            },
-        );
-        Ok(document)
-    }
-
-    fn fresh(
-        &self,
-        id: &(String, String, &'static str),
-        wanted: &Wanted,
-    ) -> Option<Option<Document>> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(id)
-            .filter(|c| c.wanted == *wanted && c.fetched.elapsed() < self.settings.refresh)
-            .map(|c| c.document.clone())
-    }
-
-    /// The public keys of the wanted slots, the signing keys first; `None` when a key is missing or
-    /// unusable (the export cannot sign either, so there is nothing right to publish).
-    fn build(&self, secret: &Secret, ns: &str, wanted: &Wanted) -> Option<Document> {
-        let mut keys: Vec<Value> = Vec::new();
+        // The same order whatever the cache's: the same bytes, the same ETag.
+        exports.sort_by_key(|e| e.name_any());
+        let mut keys: Vec<PublicJwk> = Vec::new();
         let mut rotating = false;
-        for (key, algorithm, key_id) in wanted {
-            let signing = Signing {
-                algorithm: algorithm.as_deref().and_then(|a| a.parse().ok()),
-                key_id: key_id.clone(),
-            };
-            let set = match key_secret::read(secret, key, &signing) {
-                Ok(set) => set,
-                Err(e) => {
-                    tracing::warn!("JWKS: Secret {ns}/{}: {e}", secret.name_any());
-                    return None;
-                }
-            };
-            rotating |= set.rotating();
-            for jwk in set.keys() {
-                if !keys.iter().any(|k| k["kid"] == jwk["kid"]) {
-                    keys.push(jwk.clone());
+        for set in exports.iter().filter_map(|e| published(e)) {
+            rotating |= set.keys.len() > 1;
+            for key in &set.keys {
+                if !keys.iter().any(|k| k.kid == key.kid) {
+                    keys.push(key.clone());
                 }
             }
         }
-        let body = serde_json::to_vec(&json!({ "keys": keys })).ok()?;
+        self.document(&keys, rotating)
+    }
+
+    fn document(&self, keys: &[PublicJwk], rotating: bool) -> Option<Document> {
+        if keys.is_empty() {
+            return None;
+        }
+        let body = serde_json::to_vec(&PublicKeys {
+            keys: keys.to_vec(),
+        })
+        .ok()?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body);
         let etag = format!(
             "\"{}\"",
@@ -218,10 +124,23 @@ impl Publisher {
             },
         })
     }
+
+    fn exports_ready(&self) -> bool {
+        // The store is filled by its watch; until the first list it knows no export.
+        use futures::FutureExt;
+        self.exports.wait_until_ready().now_or_never().is_some()
+    }
 }
 
-/// The API server could not be read and nothing was published before.
-struct Unavailable;
+/// The keys an export's status publishes, if any.
+fn published(export: &EpicExport) -> Option<&PublicKeys> {
+    export
+        .status
+        .as_ref()?
+        .public_keys
+        .as_ref()
+        .filter(|k| !k.keys.is_empty())
+}
 
 /// The endpoint's routes.
 pub fn router(publisher: Arc<Publisher>) -> Router {
@@ -244,7 +163,7 @@ async fn export_jwks(
     Path((ns, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    answer(&publisher, Form::Export, &ns, &file, &headers).await
+    answer(&publisher, Form::Export, &ns, &file, &headers)
 }
 
 async fn secret_jwks(
@@ -252,10 +171,10 @@ async fn secret_jwks(
     Path((ns, file)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    answer(&publisher, Form::Secret, &ns, &file, &headers).await
+    answer(&publisher, Form::Secret, &ns, &file, &headers)
 }
 
-async fn answer(
+fn answer(
     publisher: &Publisher,
     form: Form,
     ns: &str,
@@ -269,26 +188,16 @@ async fn answer(
         return unavailable();
     }
     let document = match form {
-        Form::Export => publisher.for_export(ns, name).await,
-        Form::Secret => publisher.for_secret(ns, name).await,
+        Form::Export => publisher.for_export(ns, name),
+        Form::Secret => publisher.for_secret(ns, name),
     };
-    respond(document, headers)
-}
-
-impl Publisher {
-    fn exports_ready(&self) -> bool {
-        // The store is filled by its watch; until the first list it knows no export.
-        use futures::FutureExt;
-        self.exports.wait_until_ready().now_or_never().is_some()
+    match document {
+        Some(d) => respond(d, headers),
+        None => not_found(),
     }
 }
 
-fn respond(document: Result<Option<Document>, Unavailable>, headers: &HeaderMap) -> Response {
-    let document = match document {
-        Ok(Some(d)) => d,
-        Ok(None) => return not_found(),
-        Err(Unavailable) => return unavailable(),
-    };
+fn respond(document: Document, headers: &HeaderMap) -> Response {
     let cache_control = format!("public, max-age={}", document.max_age.as_secs());
     let etag = HeaderValue::from_str(&document.etag).expect("hex ETag is a header value");
     let cache_headers = [
@@ -341,18 +250,19 @@ fn unavailable() -> Response {
 }
 
 /// Watches EpicExports (in `namespace`, or all) and serves the endpoint on `listener` until the task
-/// is dropped.
+/// is dropped. `ready` is set once the EpicExport cache is filled (for `/readyz`).
 pub async fn serve(
     client: Client,
     namespace: Option<String>,
     listener: tokio::net::TcpListener,
     settings: JwksSettings,
+    ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let api: Api<EpicExport> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     };
     let (reader, writer) = reflector::store();
     let watch = reflector(
@@ -366,6 +276,17 @@ pub async fn serve(
         }
     });
     let _watch = crate::task::AbortOnDrop(tokio::spawn(watch));
-    let publisher = Arc::new(Publisher::new(client, reader, settings));
+    let ready_store = reader.clone();
+    let _ready = crate::task::AbortOnDrop(tokio::spawn(async move {
+        // Polled again every half second: kube's store readiness wakes only the last of several
+        // concurrent waiters (each request checks it too), but once ready it stays ready.
+        while tokio::time::timeout(Duration::from_millis(500), ready_store.wait_until_ready())
+            .await
+            .is_err()
+        {}
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!("JWKS: EpicExport cache ready");
+    }));
+    let publisher = Arc::new(Publisher::new(reader, settings));
     axum::serve(listener, router(publisher)).await
 }

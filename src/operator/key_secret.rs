@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
 
 use crate::auth::keys::{Algorithm, SigningKey};
+use crate::operator::crd::{PublicJwk, PublicKeys};
 
 /// The data key of the next key beside the signing key `key`.
 pub fn next_slot(key: &str) -> String {
@@ -59,6 +60,17 @@ impl KeySet {
     /// The JWK Set document.
     pub fn jwks(&self) -> Value {
         json!({ "keys": self.keys().collect::<Vec<_>>() })
+    }
+
+    /// The JWK Set as `status.publicKeys` holds it (what the JWK Set endpoint serves). Members other
+    /// than the public ones have no field there, so none can slip through.
+    pub fn public_keys(&self) -> PublicKeys {
+        PublicKeys {
+            keys: self
+                .keys()
+                .filter_map(|jwk| serde_json::from_value::<PublicJwk>(jwk.clone()).ok())
+                .collect(),
+        }
     }
 
     /// Whether a rotation is under way (a next or a retiring key is present).

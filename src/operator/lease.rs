@@ -78,7 +78,7 @@ pub async fn try_acquire(api: &Api<Lease>, s: &LeaseSettings) -> Result<bool, ku
         }
         spec.holder_identity = Some(s.identity.clone());
         spec.acquire_time = Some(MicroTime(now));
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
         tracing::info!(lease = %s.name, "taking over the lease");
     }
     spec.renew_time = Some(MicroTime(now));

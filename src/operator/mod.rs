@@ -1,11 +1,14 @@
 //! The Kubernetes side: the `EpicExport` custom resource (`crd`), the export Jobs built from it
-//! (`job`), with the pod's entry point (`epic-export job`, `run_job`), and the operator that runs them
-//! on schedule (`controller`, with its `metrics`), and the JWK Set endpoint publishing the public keys
-//! of the key Secrets (`jwks`, with the Secret layout in `key_secret`).
+//! (`job`, with the images they may run in `images`), with the pod's entry point (`epic-export job`,
+//! `run_job`), the operator that runs them on schedule (`controller`, with its `metrics`; it reads the
+//! key Secrets, laid out as `key_secret` says, and publishes their public keys in the status), and the
+//! JWK Set endpoint serving those public keys (`jwks`, a process of its own: `epic-export jwks-server`,
+//! which reads nothing but EpicExports).
 
 pub mod controller;
 pub mod crd;
 pub mod http;
+pub mod images;
 pub mod job;
 pub mod jwks;
 pub mod key_secret;
@@ -74,8 +77,62 @@ pub struct ControllerOptions {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Take a Lease before acting (for more than one replica).
     pub leader_election: Option<lease::LeaseSettings>,
-    /// Where the JWK Set endpoint is served (every replica serves it), and how.
-    pub jwks: Option<(std::net::SocketAddr, jwks::JwksSettings)>,
+}
+
+/// How `epic-export jwks-server` runs.
+#[derive(Clone, Debug)]
+pub struct JwksServerOptions {
+    /// Where the JWK Set endpoint is served.
+    pub addr: std::net::SocketAddr,
+    /// Where `/healthz` and `/readyz` are served (`None`: not served).
+    pub health_addr: Option<std::net::SocketAddr>,
+    /// Serve only the EpicExports of this namespace (default: all).
+    pub namespace: Option<String>,
+    pub settings: jwks::JwksSettings,
+}
+
+/// Runs the JWK Set endpoint until `shutdown` completes (exit code 0).
+pub async fn serve_jwks_server(
+    client: kube::Client,
+    options: JwksServerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<u8> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let _health = match options.health_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for health: {e}"))?;
+            tracing::info!("health on http://{}", listener.local_addr()?);
+            let app = http::health(ready.clone());
+            Some(crate::task::AbortOnDrop(tokio::spawn(async move {
+                axum::serve(listener, app).await
+            })))
+        }
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(options.addr)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} for the JWK Set endpoint: {e}",
+                options.addr
+            )
+        })?;
+    tracing::info!(
+        "JWK Set endpoint on http://{}/jwks/",
+        listener.local_addr()?
+    );
+    tokio::select! {
+        served = jwks::serve(client, options.namespace, listener, options.settings, ready) => {
+            served.map_err(|e| anyhow::anyhow!("JWK Set endpoint stopped: {e}"))?;
+        }
+        _ = shutdown => {}
+    }
+    Ok(0)
 }
 
 /// Runs the operator until SIGTERM/Ctrl-C (exit 0) or until it loses its lease (exit 1).
@@ -98,25 +155,6 @@ pub async fn serve_controller(
         let app = http::router(metrics.clone(), ready.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
     }
-    let _jwks = match options.jwks {
-        Some((addr, settings)) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                anyhow::anyhow!("cannot listen on {addr} for the JWK Set endpoint: {e}")
-            })?;
-            tracing::info!(
-                "JWK Set endpoint on http://{}/jwks/",
-                listener.local_addr()?
-            );
-            let client = client.clone();
-            let namespace = options.settings.namespace.clone();
-            Some(crate::task::AbortOnDrop(tokio::spawn(async move {
-                if let Err(e) = jwks::serve(client, namespace, listener, settings).await {
-                    tracing::error!("JWK Set endpoint stopped: {e}");
-                }
-            })))
-        }
-        None => None,
-    };
     let stop = shutdown.boxed().shared();
     if let Some(lease_settings) = &options.leader_election {
         // A standby is healthy and ready: it is waiting, as it should.

@@ -3,8 +3,9 @@
 //! [`FakeApi::client`] returns a real `kube::Client` whose transport is a `tower::service_fn` serving
 //! requests from an in-memory store, so `kube::Api`, `kube::runtime::watcher`/`Controller`, the events
 //! `Recorder` and Lease-based leader election run unmodified against it. Tests can also read and write
-//! the store directly ([`FakeApi::get`], [`FakeApi::put`], ...), inspect the request log, and play the
-//! Job controller's part with [`FakeApi::finish_job`].
+//! the store directly ([`FakeApi::get`], [`FakeApi::put`], ...), inspect the request log, play the
+//! Job controller's part with [`FakeApi::finish_job`], and give a component a client that RBAC-like
+//! refuses some requests with 403 ([`FakeApi::client_forbidding`]).
 //!
 //! Modelled like the real API server:
 //! - paths `/api/v1/...` and `/apis/{group}/{version}/...`, optionally `namespaces/{ns}/`, then
@@ -103,6 +104,8 @@ struct State {
     rv: u64,
     history: Vec<Change>,
     log: Vec<Request>,
+    /// Requests refused with 403 by a [`FakeApi::client_forbidding`] client.
+    forbidden: Vec<Request>,
 }
 
 /// The fake API server; clones share the same store.
@@ -126,6 +129,7 @@ impl FakeApi {
             rv: 1,
             history: Vec::new(),
             log: Vec::new(),
+            forbidden: Vec::new(),
         };
         FakeApi {
             state: Arc::new(Mutex::new(state)),
@@ -138,6 +142,41 @@ impl FakeApi {
         let fake = self.clone();
         let service = tower::service_fn(move |req| fake.clone().handle(req));
         kube::Client::new(service, "default")
+    }
+
+    /// A `kube::Client` whose requests matching `forbidden` are refused with 403 Forbidden, as RBAC
+    /// would refuse them, without reaching the store (they are recorded in [`FakeApi::forbidden`]).
+    pub fn client_forbidding(
+        &self,
+        forbidden: impl Fn(&Request) -> bool + Send + Sync + 'static,
+    ) -> kube::Client {
+        let fake = self.clone();
+        let forbidden = Arc::new(forbidden);
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let (fake, forbidden) = (fake.clone(), forbidden.clone());
+            async move {
+                let request = Request {
+                    method: req.method().as_str().to_owned(),
+                    path: req.uri().path().to_owned(),
+                    query: req.uri().query().unwrap_or_default().to_owned(),
+                };
+                if forbidden(&request) {
+                    let message = format!(
+                        "{} {} is forbidden (test RBAC)",
+                        request.method, request.path
+                    );
+                    fake.lock().forbidden.push(request);
+                    return Ok::<_, Infallible>(respond(Err(status(403, "Forbidden", &message))));
+                }
+                fake.handle(req).await
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// The requests a [`FakeApi::client_forbidding`] client had refused.
+    pub fn forbidden(&self) -> Vec<Request> {
+        self.lock().forbidden.clone()
     }
 
     /// Serves this fake over real HTTP on `listener` (for a separate process, such as the real

@@ -65,7 +65,8 @@ them), plus with keyRotation.enabled the rule commented out there. Bound cluster
 or in watchNamespace by a Role.
 */}}
 {{- define "epic-export-operator.rules" -}}
-# The EpicExports it reconciles, and their status.
+# The EpicExports it reconciles, and their status (where it also publishes each key Secret's public
+# keys for the JWK Set server).
 - apiGroups: [fhirexport.dev]
   resources: [epicexports]
   verbs: [get, list, watch]
@@ -80,11 +81,13 @@ or in watchNamespace by a Role.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list]
-# References: watched as metadata only (a change re-triggers the export); `get` checks that the
-# referenced key exists. Secret contents are never logged or copied.
+# References, read by name when an export is reconciled: the key Secret, the roster and resource
+# ConfigMaps, and for the run e-mail smtpSecretRef and caCertRef. Never listed or watched: `get` by
+# name cannot enumerate Secrets (list or watch would read them all). Secret contents are never logged
+# or copied; of a key only its public half goes into the status.
 - apiGroups: [""]
   resources: [secrets, configmaps]
-  verbs: [get, list, watch]
+  verbs: [get]
 # Events on the EpicExports (the recorder patches repeated ones into a series).
 - apiGroups: [events.k8s.io]
   resources: [events]
@@ -97,11 +100,50 @@ or in watchNamespace by a Role.
 {{- end }}
 {{- end }}
 
-{{/* The JWK Set endpoint's checks: a port of its own; an Ingress only with the endpoint and a host. */}}
+{{/*
+The JWK Set server's rules: it serves what the EpicExports' status publishes, from a watch, and reads
+nothing else (no Secrets): the internet-facing process cannot read any key.
+*/}}
+{{- define "epic-export-operator.jwksRules" -}}
+- apiGroups: [fhirexport.dev]
+  resources: [epicexports]
+  verbs: [get, list, watch]
+{{- end }}
+
+{{/* The JWK Set server's objects: <fullname>-jwks. */}}
+{{- define "epic-export-operator.jwksFullname" -}}
+{{- printf "%s-jwks" (include "epic-export-operator.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The labels that select the JWK Set server's pods (never the operator's: another name). */}}
+{{- define "epic-export-operator.jwksSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-jwks" (include "epic-export-operator.name" . | trunc 58 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of the JWK Set server's objects. */}}
+{{- define "epic-export-operator.jwksLabels" -}}
+helm.sh/chart: {{ include "epic-export-operator.chart" . }}
+{{ include "epic-export-operator.jwksSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: jwks
+app.kubernetes.io/part-of: epic-export
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "epic-export-operator.jwksServiceAccountName" -}}
+{{- if .Values.jwks.serviceAccount.create }}
+{{- default (include "epic-export-operator.jwksFullname" .) .Values.jwks.serviceAccount.name }}
+{{- else }}
+{{- required "jwks.serviceAccount.name is required when jwks.serviceAccount.create is false" .Values.jwks.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The JWK Set server's checks: a health port of its own; an Ingress only with the endpoint and a host. */}}
 {{- define "epic-export-operator.jwksChecks" -}}
 {{- if .Values.jwks.enabled }}
-{{- if eq (int .Values.jwks.port) (int .Values.metrics.port) }}
-{{- fail (printf "jwks.port and metrics.port are both %d: the JWK Set endpoint needs a port of its own" (int .Values.jwks.port)) }}
+{{- if eq (int .Values.jwks.port) (int .Values.jwks.healthPort) }}
+{{- fail (printf "jwks.port and jwks.healthPort are both %d: the JWK Set endpoint and /healthz need a port each" (int .Values.jwks.port)) }}
 {{- end }}
 {{- end }}
 {{- if .Values.jwks.ingress.enabled }}
@@ -110,4 +152,28 @@ or in watchNamespace by a Role.
 {{- end }}
 {{- required "jwks.ingress.host is required when jwks.ingress.enabled is true: the public host name Epic fetches https://<host>/jwks/<namespace>/<export>.json from" .Values.jwks.ingress.host | trunc 0 }}
 {{- end }}
+{{- end }}
+
+{{/* NetworkPolicy egress rules of every pod of the chart: DNS and the Kubernetes API server. */}}
+{{- define "epic-export-operator.egressToCluster" -}}
+# DNS.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with .Values.networkPolicy.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+# The Kubernetes API server (watches, Jobs, status, Events, the Lease).
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.apiServer.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}

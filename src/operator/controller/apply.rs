@@ -30,9 +30,10 @@ pub enum Started {
 pub enum ApplyError {
     #[error(transparent)]
     Kube(#[from] kube::Error),
-    /// A Job with the run's name exists and is not ours: the user must resolve it.
+    /// Only the user can resolve it: a Job with the run's name exists and is not ours, or the API
+    /// server refused the Job built from the spec (422).
     #[error(transparent)]
-    Conflict(SpecError),
+    Spec(SpecError),
 }
 
 /// Stops `stop` (Replace), then creates `job` (or adopts an existing one of ours). Returns the runs as
@@ -60,7 +61,7 @@ pub async fn start_run(
         Err(kube::Error::Api(e)) if e.code == 409 => {
             let existing = jobs.get(&name).await?;
             if !owned_by(&existing, export) {
-                return Err(ApplyError::Conflict(SpecError {
+                return Err(ApplyError::Spec(SpecError {
                     reason: "JobNameTaken",
                     field: "metadata.name".into(),
                     message: format!(
@@ -69,6 +70,18 @@ pub async fn start_run(
                 }));
             }
             (existing, Started::Adopted)
+        }
+        // A value the schema let through but the Job API does not accept: retrying cannot help.
+        Err(kube::Error::Api(e)) if e.code == 422 => {
+            let mut why = e.message;
+            crate::operator::job::shorten(&mut why, 800);
+            return Err(ApplyError::Spec(SpecError {
+                reason: "JobRejected",
+                field: "spec.job".into(),
+                message: format!(
+                    "the API server refused the run's Job: {why}; fix the EpicExport's spec"
+                ),
+            }));
         }
         Err(e) => return Err(e.into()),
     };

@@ -2,8 +2,10 @@
 //! resource ConfigMaps, the Jobs of its runs, and the report of a run that finished since the last
 //! pass). Only this step and `apply` talk to the API server.
 //!
-//! Secret and ConfigMap contents are only checked for the referenced key and dropped at once: key
-//! material and rosters (patient ids) never leave this function.
+//! Secret and ConfigMap are read by name only (`get`, never list or watch). Their contents are only
+//! checked for the referenced key and dropped at once: of the key Secret only the public keys and key
+//! ids derived from it are kept (for `status.publicKeys` and key rotation); rosters (patient ids) never
+//! leave this function. A name that cannot be an object name is not sent to the API server at all.
 
 use std::collections::BTreeSet;
 
@@ -13,7 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use crate::operator::crd::EpicExport;
+use crate::operator::crd::{EpicExport, PublicKeys};
 use crate::operator::job::{EXPORT_LABEL, RunReportMessage, SCHEDULED_ANNOTATION, owned_by};
 use crate::operator::key_secret::{self, KeyKids, KeySetError, Signing};
 
@@ -27,8 +29,12 @@ pub enum RefCheck {
     KeyMissing {
         keys: Vec<String>,
     },
-    /// A key Secret slot holds no usable private key (read only when the export rotates its key).
+    /// A key Secret slot holds no usable private key.
     Invalid {
+        reason: String,
+    },
+    /// The name or key cannot be one of a Kubernetes object (nothing was read).
+    BadName {
         reason: String,
     },
 }
@@ -57,6 +63,8 @@ pub enum RunState {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Run {
     pub name: String,
+    /// The Job's uid: its pods carry it in their owner reference.
+    pub uid: Option<String>,
     pub state: RunState,
     /// The scheduled time annotation (RFC 3339).
     pub scheduled_at: Option<String>,
@@ -98,6 +106,7 @@ impl Run {
         };
         Run {
             name: job.name_any(),
+            uid: job.metadata.uid.clone(),
             state,
             scheduled_at: job.annotations().get(SCHEDULED_ANNOTATION).cloned(),
             created: job.metadata.creation_timestamp.as_ref().map(|t| t.0),
@@ -133,16 +142,18 @@ pub struct FinishedReport {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observed {
     pub references: Vec<Reference>,
-    /// The key Secret's key ids by slot, when the export rotates its key and the Secret is usable.
+    /// The key Secret's public keys and key ids by slot, when the Secret is usable.
     pub keys: Option<ObservedKeys>,
     pub runs: Vec<Run>,
     pub report: Option<FinishedReport>,
 }
 
-/// What key rotation needs from the key Secret.
+/// What the status (`publicKeys`) and key rotation need from the key Secret.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ObservedKeys {
     pub kids: KeyKids,
+    /// The public JWK Set (signing key first).
+    pub public: PublicKeys,
     pub secret_created: Option<Timestamp>,
 }
 
@@ -154,13 +165,15 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let key_ref = &export.spec.auth.key_secret_ref;
     let mut keys = None;
-    let check = match secrets.get_opt(&key_ref.name).await? {
-        None => RefCheck::Missing,
-        Some(secret) if export.spec.auth.rotation.is_some() => {
-            match key_secret::read(&secret, &key_ref.key, &signing_of(export)) {
+    let check = match name_problem(&key_ref.name, &key_ref.key) {
+        Some(reason) => RefCheck::BadName { reason },
+        None => match secrets.get_opt(&key_ref.name).await? {
+            None => RefCheck::Missing,
+            Some(secret) => match key_secret::read(&secret, &key_ref.key, &signing_of(export)) {
                 Ok(set) => {
                     keys = Some(ObservedKeys {
                         kids: set.kids(),
+                        public: set.public_keys(),
                         secret_created: secret.metadata.creation_timestamp.as_ref().map(|t| t.0),
                     });
                     RefCheck::Present
@@ -169,12 +182,8 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
                 Err(e) => RefCheck::Invalid {
                     reason: e.to_string(),
                 },
-            }
-        }
-        Some(secret) => key_check(
-            key_names(secret.data.as_ref(), secret.string_data.as_ref()),
-            &key_ref.key,
-        ),
+            },
+        },
     };
     references.push(Reference {
         field: "spec.auth.keySecretRef",
@@ -193,9 +202,14 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
                 .map(|r| ("spec.source.search.resourcesRef", r)),
         );
         for (field, r) in refs {
-            let check = match maps.get_opt(&r.config_map_name).await? {
-                None => RefCheck::Missing,
-                Some(cm) => key_check(key_names(cm.data.as_ref(), cm.binary_data.as_ref()), &r.key),
+            let check = match name_problem(&r.config_map_name, &r.key) {
+                Some(reason) => RefCheck::BadName { reason },
+                None => match maps.get_opt(&r.config_map_name).await? {
+                    None => RefCheck::Missing,
+                    Some(cm) => {
+                        key_check(key_names(cm.data.as_ref(), cm.binary_data.as_ref()), &r.key)
+                    }
+                },
             };
             references.push(Reference {
                 field,
@@ -226,7 +240,7 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
     let report = match super::status::newest_finished(&runs) {
         Some(run) if Some(run.name.as_str()) != recorded => Some(FinishedReport {
             job: run.name.clone(),
-            message: termination_message(client, &ns, &run.name).await?,
+            message: termination_message(client, &ns, run).await?,
         }),
         _ => None,
     };
@@ -251,6 +265,33 @@ pub fn signing_of(export: &EpicExport) -> Signing {
     }
 }
 
+/// Why `name` cannot name a Secret or ConfigMap (a DNS subdomain) or `key` one of its keys, if so.
+pub fn name_problem(name: &str, key: &str) -> Option<String> {
+    let dns_subdomain = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !dns_subdomain {
+        return Some(format!(
+            "{name:?} is not an object name: use lower-case letters, digits, '-' and '.'"
+        ));
+    }
+    let key_ok = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !key_ok {
+        return Some(format!(
+            "{key:?} is not a key name: use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    None
+}
+
 /// The key names of a Secret's or ConfigMap's two data maps (the values are not looked at).
 fn key_names<A, B>(
     a: Option<&std::collections::BTreeMap<String, A>>,
@@ -272,19 +313,31 @@ fn key_check(keys: BTreeSet<String>, key: &str) -> RefCheck {
     }
 }
 
-/// The run report in the termination message of the Job's newest terminated `export` container.
+/// The run report in the termination message of the run's newest terminated `export` container,
+/// among the pods the Job owns: labelled with its name *and* owned by its uid (a pod someone else
+/// labelled `job-name=<job>` is not the run's).
 async fn termination_message(
     client: &Client,
     ns: &str,
-    job: &str,
+    run: &Run,
 ) -> Result<Option<RunReportMessage>, kube::Error> {
+    let Some(uid) = run.uid.as_deref() else {
+        return Ok(None);
+    };
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list = pods
-        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .list(&ListParams::default().labels(&format!("job-name={}", run.name)))
         .await?;
     let newest = list
         .items
         .iter()
+        .filter(|pod| {
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == uid)
+        })
         .filter_map(|pod| {
             let terminated = pod
                 .status

@@ -1,13 +1,18 @@
-//! The EpicExport controller (`epic-export controller`): watches EpicExports, the Jobs they own and
-//! the Secrets and ConfigMaps they refer to (metadata only), and reconciles each export through a
-//! pipeline of named steps:
+//! The EpicExport controller (`epic-export controller`): watches EpicExports and the Jobs they own,
+//! and reconciles each export through a pipeline of named steps:
 //!
 //! `dereference` (read) → `validate` (pure) → `decide` (pure) → build (`operator::job`, pure) →
 //! `apply` (write) → `status` (pure; written only when it changed).
 //!
-//! A mistake in the spec or a missing Secret/ConfigMap key marks the export `Stalled`, emits one
-//! Warning Event and waits for a change (a fixed Secret or ConfigMap re-triggers through the watches).
-//! API errors back off per export, exponentially, capped at five minutes.
+//! Secrets and ConfigMaps are read by name when an export is reconciled, never listed or watched, so
+//! the operator needs only `get` on them (list or watch would let it read every Secret). Each export
+//! is therefore looked at again every `resync` (and at once on any change to it or its Jobs), which
+//! also keeps `status.publicKeys`, what the JWK Set endpoint serves, in step with the key Secret.
+//!
+//! A mistake in the spec marks the export `Stalled`, emits one Warning Event and waits for a change;
+//! a missing Secret, ConfigMap or key does the same but is looked at again every `reference_retry`,
+//! so creating it heals the export. API errors back off per export, exponentially, capped at five
+//! minutes.
 
 pub mod apply;
 pub mod decide;
@@ -25,13 +30,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, ListParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use self::apply::{ApplyError, Started};
@@ -40,6 +42,7 @@ use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationTiming};
 use self::status::{StatusInput, rfc3339};
 use self::validate::SpecError;
 use super::crd::EpicExport;
+use super::images::ImagePolicy;
 use super::job::{EXPORT_LABEL, RunInputs, build_job};
 use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
 
@@ -55,22 +58,42 @@ const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// What the controller needs besides the client.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The image export Jobs run unless an EpicExport names another (the operator's own).
-    pub image: String,
+    /// The images export Jobs may run: the operator's own (the default) and those allowed besides.
+    pub images: ImagePolicy,
     /// Watch only this namespace (default: all).
     pub namespace: Option<String>,
     /// This replica's name, in Events.
     pub identity: String,
     /// The waits of key rotations (the cache lifetime is the JWKS endpoint's `max-age`).
     pub rotation: RotationTiming,
+    /// How often an export stalled on a missing Secret, ConfigMap or key is looked at again.
+    pub reference_retry: Duration,
+    /// How often every export is looked at again at the latest.
+    pub resync: Duration,
+}
+
+impl Settings {
+    /// The defaults for the operator running `images`.
+    pub fn new(images: ImagePolicy) -> Settings {
+        Settings {
+            images,
+            namespace: None,
+            identity: CONTROLLER_NAME.into(),
+            rotation: RotationTiming::default(),
+            reference_retry: Duration::from_secs(30),
+            resync: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
     recorder: Recorder,
-    image: String,
+    images: ImagePolicy,
     rotation: RotationTiming,
+    reference_retry: Duration,
+    resync: Duration,
     metrics: Arc<Metrics>,
     /// Consecutive failures per export (uid), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -105,8 +128,10 @@ impl Context {
         Context {
             client,
             recorder,
-            image: settings.image.clone(),
+            images: settings.images.clone(),
             rotation: settings.rotation,
+            reference_retry: settings.reference_retry,
+            resync: settings.resync,
             metrics,
             failures: Mutex::default(),
             noted: Mutex::default(),
@@ -146,7 +171,7 @@ pub async fn reconcile(
     }
     let now = Timestamp::now();
     let observed = dereference::dereference(&ctx.client, &export).await?;
-    let valid = match validate::validate(&export, &observed) {
+    let valid = match validate::validate(&export, &observed, &ctx.images) {
         Ok(v) => v,
         Err(e) => return stalled(&ctx, &export, &observed, e, now).await,
     };
@@ -159,7 +184,7 @@ pub async fn reconcile(
                 scheduled_at: rfc3339(start.scheduled),
                 since: since_for(&export),
             };
-            match build_job(&export, &inputs, &ctx.image) {
+            match build_job(&export, &inputs, ctx.images.default_image()) {
                 Ok(job) => Some(job),
                 Err(e) => {
                     let error = SpecError {
@@ -175,7 +200,7 @@ pub async fn reconcile(
     let (runs, started) =
         match apply::start_run(&ctx.client, &export, &observed.runs, &plan.stop, job).await {
             Ok(done) => done,
-            Err(ApplyError::Conflict(e)) => return stalled(&ctx, &export, &observed, e, now).await,
+            Err(ApplyError::Spec(e)) => return stalled(&ctx, &export, &observed, e, now).await,
             Err(ApplyError::Kube(e)) => return Err(e.into()),
         };
     let next = (!export.spec.suspend)
@@ -195,6 +220,7 @@ pub async fn reconcile(
         plan: Some(&plan),
         next,
         report: observed.report.as_ref(),
+        public_keys: observed.keys.as_ref().map(|k| &k.public),
         now,
     });
     if export.spec.auth.rotation.is_none() {
@@ -257,12 +283,23 @@ pub async fn reconcile(
         .into_iter()
         .flatten()
         .min();
-    Ok(match wake {
-        Some(at) => Action::requeue(
-            Duration::try_from(at.duration_since(now)).unwrap_or(Duration::from_millis(100)),
-        ),
-        None => Action::await_change(),
-    })
+    Ok(Action::requeue(requeue_in(wake, now, ctx.resync)))
+}
+
+/// How long until `wake` (at least 100 ms), and at most `resync`.
+fn requeue_in(wake: Option<Timestamp>, now: Timestamp, resync: Duration) -> Duration {
+    match wake {
+        Some(at) => Duration::try_from(at.duration_since(now))
+            .unwrap_or_default()
+            .max(Duration::from_millis(100))
+            .min(resync),
+        None => resync,
+    }
+}
+
+/// `now + d`, or `None` when that is not a representable time.
+fn after(now: Timestamp, d: Duration) -> Option<Timestamp> {
+    now.checked_add(d).ok()
 }
 
 /// The outcome of a key rotation step.
@@ -310,14 +347,18 @@ impl Context {
                     Rotated {
                         status: plan.status,
                         notes: plan.notes,
-                        wake_at: plan.wake_at,
+                        // The next pass reads the changed Secret (and publishes its keys).
+                        wake_at: [plan.wake_at, after(now, Duration::from_secs(1))]
+                            .into_iter()
+                            .flatten()
+                            .min(),
                     }
                 }
-                // The Secret changed meanwhile: its watch event brings a fresh pass; look again soon anyway.
+                // The Secret changed meanwhile: look again soon.
                 apply::KeyWrite::Stale => Rotated {
                     status: previous.cloned().unwrap_or(plan.status),
                     notes: Vec::new(),
-                    wake_at: Some(now + Duration::from_secs(1)),
+                    wake_at: after(now, Duration::from_secs(1)),
                 },
                 apply::KeyWrite::Refused(why) => {
                     let status = rotation::blocked(&plan, previous, &why);
@@ -334,7 +375,7 @@ impl Context {
                     Rotated {
                         status,
                         notes,
-                        wake_at: Some(now + Duration::from_secs(300)),
+                        wake_at: after(now, Duration::from_secs(300)),
                     }
                 }
             },
@@ -352,7 +393,8 @@ fn since_for(export: &EpicExport) -> Option<String> {
     export.status.as_ref()?.last_transaction_time.clone()
 }
 
-/// Marks the export Stalled (one Warning Event per distinct problem) and waits for a change.
+/// Marks the export Stalled (one Warning Event per distinct problem) and waits for a change (a
+/// problem in a referenced Secret or ConfigMap: looks again every `reference_retry`).
 async fn stalled(
     ctx: &Context,
     export: &EpicExport,
@@ -369,6 +411,8 @@ async fn stalled(
         plan: None,
         next: None,
         report: observed.report.as_ref(),
+        // Still published while the Secret holds them: a run may be signing with them.
+        public_keys: observed.keys.as_ref().map(|k| &k.public),
         now,
     });
     apply::write_status(&ctx.client, export, &new).await?;
@@ -380,7 +424,11 @@ async fn stalled(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&uid(export));
-    Ok(Action::await_change())
+    Ok(if error.is_in_reference() {
+        Action::requeue(ctx.reference_retry)
+    } else {
+        Action::await_change()
+    })
 }
 
 impl Context {
@@ -495,41 +543,6 @@ fn uid(export: &EpicExport) -> String {
     export.uid().unwrap_or_else(|| status::describe(export))
 }
 
-/// Which exports refer to a Secret or ConfigMap: the watches' mapper.
-fn referring(
-    store: &Store<EpicExport>,
-    kind: &'static str,
-    ns: Option<String>,
-    name: &str,
-) -> Vec<ObjectRef<EpicExport>> {
-    store
-        .state()
-        .into_iter()
-        .filter(|e| e.namespace() == ns)
-        .filter(|e| {
-            let spec = &e.spec;
-            match kind {
-                "Secret" => {
-                    spec.auth.key_secret_ref.name == name
-                        || spec
-                            .notify
-                            .as_ref()
-                            .and_then(|n| n.email.as_ref())
-                            .and_then(|m| m.smtp_secret_ref.as_ref())
-                            .is_some_and(|s| s.name == name)
-                }
-                _ => spec.source.search.as_ref().is_some_and(|s| {
-                    s.roster_ref.config_map_name == name
-                        || s.resources_ref
-                            .as_ref()
-                            .is_some_and(|r| r.config_map_name == name)
-                }),
-            }
-        })
-        .map(|e| ObjectRef::from_obj(&*e))
-        .collect()
-}
-
 /// Runs the controller until `shutdown` completes. `ready` is set once the EpicExport cache is
 /// filled. Fails at once, with the fix, when the CRD is not installed.
 pub async fn run(
@@ -555,8 +568,6 @@ pub async fn run(
         );
     }
     let jobs: Api<Job> = api(&client, &settings.namespace);
-    let secrets: Api<PartialObjectMeta<Secret>> = api(&client, &settings.namespace);
-    let config_maps: Api<PartialObjectMeta<ConfigMap>> = api(&client, &settings.namespace);
     let ctx = Arc::new(Context::new(client.clone(), &settings, metrics));
 
     // At most this many exports reconcile at once: bounds API requests in flight (and connections, and
@@ -565,9 +576,7 @@ pub async fn run(
         .with_config(
             kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
         );
-    let store = controller.store();
-    let (secret_store, map_store) = (store.clone(), store.clone());
-    let ready_store = store.clone();
+    let ready_store = controller.store();
     tokio::spawn(async move {
         // Polled again every half second: kube's store readiness wakes only the last of several
         // concurrent waiters (the controller itself waits too), but once ready it stays ready.
@@ -580,14 +589,6 @@ pub async fn run(
     });
     controller
         .owns(jobs, watcher::Config::default().labels(EXPORT_LABEL))
-        .watches_stream(
-            watcher(secrets, watcher::Config::default()).touched_objects(),
-            move |s| referring(&secret_store, "Secret", s.namespace(), &s.name_any()),
-        )
-        .watches_stream(
-            watcher(config_maps, watcher::Config::default()).touched_objects(),
-            move |c| referring(&map_store, "ConfigMap", c.namespace(), &c.name_any()),
-        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -607,6 +608,21 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requeue_is_bounded_and_never_panics() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let resync = Duration::from_secs(900);
+        assert_eq!(requeue_in(None, now, resync), resync);
+        let soon = now.checked_add(Duration::from_secs(5)).unwrap();
+        assert_eq!(requeue_in(Some(soon), now, resync), Duration::from_secs(5));
+        assert_eq!(requeue_in(Some(Timestamp::MAX), now, resync), resync);
+        assert_eq!(
+            requeue_in(Some(Timestamp::MIN), now, resync),
+            Duration::from_millis(100)
+        );
+        assert_eq!(after(Timestamp::MAX, Duration::from_secs(1)), None);
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

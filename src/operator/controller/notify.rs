@@ -2,18 +2,33 @@
 //! right after the run first lands in `status.lastRun`, so also for runs whose pod never reported
 //! (killed for memory, past its deadline, evicted: the outcome then comes from the Job). The status
 //! is written before sending, so a restarted operator never sends a second message for a run. SMTP
-//! credentials come from the `username` and `password` keys of `notify.email.smtpSecretRef`, read
-//! only to send.
+//! credentials come from the `username` and `password` keys of `notify.email.smtpSecretRef`, and a
+//! certificate to trust from `notify.email.caCertRef` (a ConfigMap key), both read by name only to
+//! send. [`check_email`] is what `validate` refuses up front: among others, credentials that would
+//! cross the network without TLS.
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 
-use crate::notify::{EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode, notify_run};
-use crate::operator::crd::{EmailSpec, EpicExport, LastRun};
+use super::dereference::name_problem;
+use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode, notify_run};
+use crate::operator::crd::{ConfigMapKeyRef, EmailSpec, EpicExport, LastRun};
 use crate::summary::{Outcome, RunSummary, TypeCount};
+
+/// A mistake in `spec.notify.email`, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct EmailError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn error(field: &'static str, message: String) -> EmailError {
+    EmailError { field, message }
+}
 
 /// Sends the e-mail about `last` if the export asks for one; returns what to record in
 /// `lastRun.notification` (`None` when nothing was to be sent).
@@ -26,40 +41,22 @@ pub async fn send_for_run(client: &Client, export: &EpicExport, last: &LastRun) 
         "unfinished" => return None,
         _ => Outcome::Failed,
     };
+    let ns = export.namespace().unwrap_or_default();
     let credentials = match &email.smtp_secret_ref {
         None => None,
-        Some(r) => {
-            let secrets: Api<Secret> =
-                Api::namespaced(client.clone(), &export.namespace().unwrap_or_default());
-            let secret = match secrets.get_opt(&r.name).await {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    return Some(format!(
-                        "failed: Secret {:?} (notify.email.smtpSecretRef) does not exist",
-                        r.name
-                    ));
-                }
-                Err(e) => return Some(format!("failed: cannot read Secret {:?}: {e}", r.name)),
-            };
-            let key = |k: &str| {
-                secret
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(k))
-                    .map(|v| String::from_utf8_lossy(&v.0).trim_end().to_owned())
-            };
-            match (key("username"), key("password")) {
-                (Some(u), Some(p)) => Some((u, p)),
-                _ => {
-                    return Some(format!(
-                        "failed: Secret {:?} (notify.email.smtpSecretRef) needs the keys username and password",
-                        r.name
-                    ));
-                }
-            }
-        }
+        Some(r) => match smtp_credentials(client, &ns, &r.name).await {
+            Ok(c) => Some(c),
+            Err(why) => return Some(format!("failed: {why}")),
+        },
     };
-    let plan = match email_plan(email, credentials) {
+    let ca = match &email.ca_cert_ref {
+        None => None,
+        Some(r) => match ca_certificate(client, &ns, r).await {
+            Ok(pem) => Some(CaCert::Pem(pem)),
+            Err(why) => return Some(format!("failed: {why}")),
+        },
+    };
+    let plan = match email_plan(email, credentials, ca) {
         Ok(plan) => plan,
         Err(e) => return Some(format!("failed: {e}")),
     };
@@ -68,36 +65,174 @@ pub async fn send_for_run(client: &Client, export: &EpicExport, last: &LastRun) 
         .record()
 }
 
-/// The e-mail settings of the spec, with the Secret's credentials.
+/// `username` and `password` of the SMTP Secret.
+async fn smtp_credentials(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<(String, String), String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(format!(
+                "Secret {name:?} (spec.notify.email.smtpSecretRef) does not exist"
+            ));
+        }
+        Err(e) => return Err(format!("cannot read Secret {name:?}: {e}")),
+    };
+    let key = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|v| String::from_utf8_lossy(&v.0).trim_end().to_owned())
+    };
+    match (key("username"), key("password")) {
+        (Some(u), Some(p)) => Ok((u, p)),
+        _ => Err(format!(
+            "Secret {name:?} (spec.notify.email.smtpSecretRef) needs the keys username and password"
+        )),
+    }
+}
+
+/// The PEM text under `r`'s key (`data` or `binaryData`).
+async fn ca_certificate(client: &Client, ns: &str, r: &ConfigMapKeyRef) -> Result<Vec<u8>, String> {
+    let name = &r.config_map_name;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let map = match maps.get_opt(name).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(format!(
+                "ConfigMap {name:?} (spec.notify.email.caCertRef) does not exist"
+            ));
+        }
+        Err(e) => return Err(format!("cannot read ConfigMap {name:?}: {e}")),
+    };
+    let text = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|t| t.as_bytes().to_vec());
+    let binary = || {
+        map.binary_data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .map(|b| b.0.clone())
+    };
+    text.or_else(binary).ok_or_else(|| {
+        format!(
+            "ConfigMap {name:?} (spec.notify.email.caCertRef) has no key {:?}",
+            r.key
+        )
+    })
+}
+
+/// What the spec alone shows to be wrong with `notify.email` (checked by `validate`, so such an
+/// export is `Stalled` instead of failing to send after each run).
+pub fn check_email(email: &EmailSpec) -> Result<(), EmailError> {
+    if email.on.is_some() {
+        return Err(error(
+            "spec.notify.email.on",
+            "renamed: write sendOn (a bare `on` key is the boolean true for YAML 1.1 parsers such as kubectl)".into(),
+        ));
+    }
+    if email.yaml11_on.is_some() {
+        return Err(error(
+            "spec.notify.email",
+            "has a key `true`: a YAML 1.1 parser (kubectl, many GitOps tools) read `on:` as the boolean true; write sendOn instead".into(),
+        ));
+    }
+    if let Some(r) = &email.smtp_secret_ref
+        && let Some(why) = name_problem(&r.name, "password")
+    {
+        return Err(error(
+            "spec.notify.email.smtpSecretRef",
+            format!("Secret {why}"),
+        ));
+    }
+    if let Some(r) = &email.ca_cert_ref
+        && let Some(why) = name_problem(&r.config_map_name, &r.key)
+    {
+        return Err(error(
+            "spec.notify.email.caCertRef",
+            format!("ConfigMap {why}"),
+        ));
+    }
+    // Placeholder credentials: only whether there are any matters here.
+    let credentials = email
+        .smtp_secret_ref
+        .as_ref()
+        .map(|_| (String::new(), String::new()));
+    email_plan(email, credentials, None).map(|_| ())
+}
+
+/// The e-mail settings of the spec, with the Secret's credentials and the certificate to trust.
+/// Credentials are never sent over `tls: none` to a host that is not loopback.
 pub fn email_plan(
     email: &EmailSpec,
     credentials: Option<(String, String)>,
-) -> Result<EmailPlan, String> {
+    ca: Option<CaCert>,
+) -> Result<EmailPlan, EmailError> {
+    let host = email.host.trim();
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(error(
+            "spec.notify.email.host",
+            format!(
+                "{:?} is not a host name or address: write e.g. smtp.example.org",
+                email.host
+            ),
+        ));
+    }
     let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
-        .map_err(|e| format!("notify.email.tls: {e}"))?;
-    let mailbox = |field: &str, a: &str| {
-        a.parse()
-            .map_err(|e| format!("notify.email.{field}: {a:?} is not an e-mail address ({e})"))
+        .map_err(|e| error("spec.notify.email.tls", e))?;
+    if tls == TlsMode::None && credentials.is_some() && !crate::trust::is_loopback_host(host) {
+        return Err(error(
+            "spec.notify.email.tls",
+            format!(
+                "none would send the smtpSecretRef credentials unencrypted to {host}: use starttls (the default) or tls; plain text is only accepted to a loopback host"
+            ),
+        ));
+    }
+    let port = match email.port {
+        Some(0) => {
+            return Err(error(
+                "spec.notify.email.port",
+                "0 is not a port: use 1 to 65535, or leave it out (587 for starttls, 465 for tls, 25 for none)".into(),
+            ));
+        }
+        Some(p) => p,
+        None => tls.default_port(),
     };
+    let mailbox = |field: &'static str, a: &str| {
+        a.parse()
+            .map_err(|e| error(field, format!("{a:?} is not an e-mail address ({e})")))
+    };
+    if email.to.is_empty() {
+        return Err(error(
+            "spec.notify.email.to",
+            "is empty: give at least one recipient".into(),
+        ));
+    }
     let (username, password) = match credentials {
         Some((u, p)) => (Some(u), Some(PasswordSource::Value(SecretValue(p)))),
         None => (None, None),
     };
     Ok(EmailPlan {
-        host: email.host.clone(),
-        port: email.port.unwrap_or(tls.default_port()),
+        host: host.to_owned(),
+        port,
         tls,
-        from: mailbox("from", &email.from)?,
+        from: mailbox("spec.notify.email.from", &email.from)?,
         to: email
             .to
             .iter()
-            .map(|a| mailbox("to", a))
+            .map(|a| mailbox("spec.notify.email.to", a))
             .collect::<Result<_, _>>()?,
         username,
         password,
-        ca: None,
+        ca,
         insecure_skip_verify: false,
-        on: OnSet::parse(&email.on).map_err(|e| format!("notify.email.on: {e}"))?,
+        on: OnSet::parse(&email.send_on).map_err(|e| error("spec.notify.email.sendOn", e))?,
         timeout: Duration::from_secs(30),
     })
 }

@@ -10,8 +10,9 @@
 //!
 //! The Secret is the source of truth for where a rotation stands; the status only carries the times.
 //! When the status is lost or belongs to other keys (an interrupted rotation, a restored backup), every
-//! wait restarts from now, which only makes it longer. The signing key is always in the Secret, so it
-//! never leaves the JWKS.
+//! wait restarts from now, which only makes it longer; so does a recorded time that cannot be right (in
+//! the future, or unparsable). Times add with saturation, never overflow. The signing key is always in
+//! the Secret, so it never leaves the JWKS.
 
 use std::time::Duration;
 
@@ -100,14 +101,14 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
     if let Some(retiring) = &kids.retiring {
         // Signing switched; the old key stays until nobody can still be using it.
         let switched_at = same_key(&previous.retiring_kid, retiring)
-            .then(|| parse(&previous.switched_at))
+            .then(|| parse_past(&previous.switched_at, now))
             .flatten()
             .unwrap_or(now);
         status.phase = "Retiring".into();
         status.switched_at = Some(rfc3339(switched_at));
         // A run created before the switch (plus the margin, for the kubelet's copy of the Secret)
         // may sign with the old key until it ends.
-        let cutoff = switched_at + timing.margin;
+        let cutoff = later(switched_at, timing.margin);
         let old_users: Vec<&Run> = input
             .runs
             .iter()
@@ -129,7 +130,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
             .iter()
             .filter_map(|r| r.finished)
             .fold(cutoff, Timestamp::max);
-        let retire_after = last_use + timing.last_use_grace;
+        let retire_after = later(last_use, timing.last_use_grace);
         if now < retire_after {
             status.retire_after = Some(rfc3339(retire_after));
             status.message = Some(format!(
@@ -170,9 +171,9 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
         let published_at = if first_seen {
             now
         } else {
-            parse(&previous.published_at).unwrap_or(now)
+            parse_past(&previous.published_at, now).unwrap_or(now)
         };
-        let switch_after = published_at + timing.cache_lifetime + timing.margin;
+        let switch_after = later(later(published_at, timing.cache_lifetime), timing.margin);
         if let Some(r) = pending_request {
             status.request_handled = Some(r.to_owned());
         }
@@ -220,7 +221,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
             change: Some(KeyChange::Switch),
             status,
             notes,
-            wake_at: Some(now + timing.margin),
+            wake_at: Some(later(now, timing.margin)),
         };
     }
 
@@ -268,8 +269,18 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
 /// When `every` is due next: from the last switch, else from the key Secret's creation.
 fn next_rotation(input: &RotationInput<'_>, status: &KeyRotationStatus) -> Option<Timestamp> {
     let every = input.every?;
-    let base = parse(&status.last_rotation_time).or(input.secret_created)?;
+    let base = parse_past(&status.last_rotation_time, input.now).or(input.secret_created)?;
     base.checked_add(every).ok()
+}
+
+/// `t + d`, saturating at the latest representable time.
+fn later(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// A recorded time, if it parses and is not after `now` (a time from the future cannot be right).
+fn parse_past(t: &Option<String>, now: Timestamp) -> Option<Timestamp> {
+    parse(t).filter(|t| *t <= now)
 }
 
 fn same_key(recorded: &Option<String>, kid: &str) -> bool {
@@ -287,9 +298,13 @@ pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write e.g. 90d, 12w or 36h"))?;
+    let n: i64 = number.parse().map_err(|_| {
+        if number.is_empty() {
+            format!("{text:?} is not a duration: write e.g. 90d, 12w or 36h")
+        } else {
+            format!("{text:?} is too long: rotate at least every 100 years")
+        }
+    })?;
     let minutes = match unit {
         "m" => 1,
         "h" => 60,
@@ -304,7 +319,7 @@ pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
     let total = n
         .checked_mul(minutes)
         .filter(|m| *m <= 100 * 366 * 24 * 60)
-        .ok_or_else(|| format!("{text:?} is too long"))?;
+        .ok_or_else(|| format!("{text:?} is too long: rotate at least every 100 years"))?;
     if total < 60 {
         return Err(format!(
             "{text:?} is shorter than 1h: rotate at most hourly"

@@ -1,6 +1,9 @@
 //! Reconcile step 6, `status` (pure): the EpicExport's new status from what was observed and done,
 //! kstatus-compatible so Argo CD and Flux read health without plugins.
 //!
+//! Besides the schedule and the last run it carries `publicKeys`, the key Secret's public JWK Set,
+//! which the JWK Set server serves.
+//!
 //! Conditions: `Stalled` (the spec or what it refers to is wrong; only a change fixes it), `Ready`
 //! (valid and scheduled; a failed *run* does not make the export unready: it shows in `lastRun`, an
 //! Event and the metrics) and `Running` (a run is in progress). A condition's `lastTransitionTime`
@@ -14,7 +17,7 @@ use kube::{Resource, ResourceExt};
 use super::decide::{Note, RunPlan};
 use super::dereference::{FinishedReport, Run, RunState};
 use super::validate::SpecError;
-use crate::operator::crd::{EpicExport, EpicExportStatus, LastRun};
+use crate::operator::crd::{EpicExport, EpicExportStatus, LastRun, PublicKeys};
 
 /// The newest finished run (by finish time, then start).
 pub fn newest_finished(runs: &[Run]) -> Option<&Run> {
@@ -40,6 +43,8 @@ pub struct StatusInput<'a> {
     pub next: Option<Timestamp>,
     /// The report of a run that finished since `lastRun` was written.
     pub report: Option<&'a FinishedReport>,
+    /// The key Secret's public keys as just read (`None`: the Secret holds no usable key).
+    pub public_keys: Option<&'a PublicKeys>,
     pub now: Timestamp,
 }
 
@@ -73,6 +78,8 @@ pub fn next_status(input: &StatusInput<'_>) -> EpicExportStatus {
             status.run_now_handled = Some(token.clone());
         }
     }
+    // What the JWK Set server publishes: the key Secret as last read, nothing when it is unusable.
+    status.public_keys = input.public_keys.cloned();
     status.next_schedule_time = if export.spec.suspend {
         None
     } else {
