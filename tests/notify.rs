@@ -13,7 +13,7 @@ use support::{ALL_SEARCHES, FAST_LIMITS, env};
 
 #[path = "support/smtp.rs"]
 mod smtp;
-use smtp::{PASSWORD, USER, fixtures, free_port, smtp_server};
+use smtp::{PASSWORD, USER, fixtures, free_port, smtp_server, smtp_server_with_cert};
 
 /// `epic-export run` with extra environment variables.
 async fn run(config: &Path, envs: &[(&str, &str)]) -> std::process::Output {
@@ -314,6 +314,22 @@ fn config_errors_name_the_field() {
         "{base}    host: 127.0.0.1\n    caFile: missing.pem\n"
     ));
     assert!(e.contains("notify.email.caFile"), "{e}");
+    // No password over plain text to a host that is not loopback.
+    let e = plan_error(&format!(
+        "{base}    host: smtp.example.org\n    tls: none\n    username: u\n    passwordEnv: P\n"
+    ));
+    assert!(
+        e.contains("notify.email.tls") && e.contains("plain text"),
+        "{e}"
+    );
+    // `sendOn`, the Kubernetes spelling, works here too.
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: t\nfhir:\n  baseUrl: https://fhir.example.org/R4\nauth:\n  clientId: c\n  privateKeyFile: k.pem\n\
+         source:\n  search:\n    patients: [a1]\n    resources: [{{type: Condition}}]\n{base}    host: smtp.example.org\n    sendOn: [failure]\n"
+    );
+    let plan = epic_export::config::plan_from_text(&yaml, Path::new("c.yaml"), dir.path()).unwrap();
+    assert!(!plan.email.unwrap().on.success);
 }
 
 #[test]
@@ -379,4 +395,63 @@ async fn a_run_that_fails_before_writing_still_reports_the_failure() {
     assert!(text.contains("nothing was written"), "{text}");
     assert!(text.contains("Errors (1):"), "{text}");
     assert!(!text.contains(&patients[0]));
+}
+
+/// ProtonMail Bridge makes its own certificate: RSA-2048, self-signed, `CA:true` with certSign,
+/// naming only `0.0.0.0` (CN and IP SAN). tests/fixtures/smtp/bridge.pem is made the same way. With
+/// that certificate in `caFile`, the message goes through (pinned: the server presents it itself);
+/// a `caFile` that does not hold it is refused in the handshake, and so is the Bridge certificate as
+/// a CA for a server that presents another one.
+#[tokio::test(flavor = "multi_thread")]
+async fn bridge_certificate_in_ca_file_is_pinned() {
+    let bridge = smtp_server_with_cert("starttls", "bridge").await;
+    let env = env(SandboxOptions {
+        patients: 1,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    let notify = |port: u16, ca: &str| {
+        format!(
+            "notify:\n  email:\n    host: 127.0.0.1\n    port: {port}\n    tls: starttls\n    caFile: {}\n    username: {USER}\n    passwordEnv: TEST_SMTP_PASSWORD\n    from: {USER}\n    to: [team@example.org]\n    timeoutSeconds: 10\n",
+            fixtures().join(ca).display()
+        )
+    };
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        &format!("{FAST_LIMITS}{}", notify(bridge.port, "bridge.pem")),
+    );
+    let out = run(&config, &[("TEST_SMTP_PASSWORD", PASSWORD)]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let record = summary_json(&env)["notification"]["email"].to_string();
+    assert!(record.contains("sent to 1 recipient"), "{record}");
+    assert!(bridge.maildir.path().join("1.eml").exists());
+
+    // Another CA in caFile: the Bridge certificate is not trusted, nothing is sent.
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        &format!("{FAST_LIMITS}{}", notify(bridge.port, "ca.pem")),
+    );
+    let out = run(&config, &[("TEST_SMTP_PASSWORD", PASSWORD)]).await;
+    let record = summary_json(&env)["notification"]["email"].to_string();
+    assert!(
+        record.contains("TLS handshake") && record.contains("caFile"),
+        "{record}"
+    );
+    assert!(!bridge.maildir.path().join("2.eml").exists());
+    assert!(!stderr(&out).contains(PASSWORD));
+
+    // The Bridge certificate pins only itself: a server presenting another certificate is refused.
+    let other = smtp_server("starttls").await;
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        &format!("{FAST_LIMITS}{}", notify(other.port, "bridge.pem")),
+    );
+    run(&config, &[("TEST_SMTP_PASSWORD", PASSWORD)]).await;
+    let record = summary_json(&env)["notification"]["email"].to_string();
+    assert!(record.contains("TLS handshake"), "{record}");
+    assert!(!other.maildir.path().join("1.eml").exists());
 }

@@ -108,10 +108,12 @@ pub struct EmailConfig {
     pub password_file: Option<PathBuf>,
     pub from: String,
     pub to: Vec<String>,
-    /// Outcomes to report: `success`, `partial`, `failure` (default all).
-    #[serde(default)]
+    /// Outcomes to report: `success`, `partial`, `failure` (default all). Also spelt `sendOn`, as in
+    /// the Kubernetes resource.
+    #[serde(default, alias = "sendOn")]
     pub on: Vec<String>,
-    /// A PEM CA certificate to trust (e.g. a local bridge's self-signed certificate).
+    /// PEM certificates to trust: CAs, and certificates the server presents itself (accepted as
+    /// pinned whatever their CA flag and names, e.g. ProtonMail Bridge's own).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Skip certificate verification; accepted only for loopback hosts.
@@ -512,6 +514,14 @@ fn email_plan(
             ));
         }
         _ => {}
+    }
+    if username.is_some() && tls == TlsMode::None && !is_loopback_host(&host) {
+        return Err(invalid(
+            "notify.email.tls",
+            format!(
+                "is none, so the SMTP password would cross the network in plain text to {host}: use starttls or tls (none is only for a loopback host)"
+            ),
+        ));
     }
     let ca_file = e.ca_file.as_deref().map(resolve);
     if let Some(ca) = &ca_file

@@ -8,6 +8,8 @@
 
 pub mod message;
 pub mod smtp;
+pub mod stream;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;

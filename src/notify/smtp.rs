@@ -1,19 +1,25 @@
-//! Sending over SMTP with lettre (`AsyncSmtpTransport<Tokio1Executor>`, rustls with aws-lc-rs).
+//! Sending over SMTP: the connection and its TLS are ours (`stream`, with the certificate rules of
+//! `tls`), the SMTP session after it is lettre's (`AsyncSmtpConnection`: EHLO, AUTH, MAIL, DATA).
 //!
-//! `tls: none | starttls | tls`; `caFile` adds a PEM CA to the platform trust roots (e.g. the
-//! self-signed certificate of a local bridge such as ProtonMail Bridge); `insecureSkipVerify` (only
+//! `tls: none | starttls | tls`; `caFile` is trusted as a CA and, when the server presents one of its
+//! certificates itself, as a pinned certificate (ProtonMail Bridge's own); `insecureSkipVerify` (only
 //! accepted for loopback hosts) accepts any certificate. AUTH PLAIN/LOGIN when a username is set, the
-//! password read at send time from an environment variable or a file. Transient failures (cannot
-//! connect, timeouts, 4xx replies) are retried; authentication and other 5xx failures are not.
+//! password read at send time from an environment variable or a file, and never over a connection
+//! without TLS to a host that is not loopback. Transient failures (cannot connect, timeouts, 4xx
+//! replies) are retried; authentication and other 5xx failures are not. `timeoutSeconds` bounds each
+//! attempt.
 
 use std::time::Duration;
 
+use lettre::Message;
 use lettre::message::{Mailbox, Mailboxes, MultiPart, header};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::extension::ClientId;
 
 use super::message::Rendered;
+use super::stream::{self, ConnectError};
+use super::tls;
 use super::{EmailPlan, PasswordSource, TlsMode};
 
 /// Retry settings.
@@ -49,13 +55,17 @@ pub enum SendError {
     #[error("TLS setup: {0}")]
     TlsSetup(String),
     #[error(
+        "refusing to send the SMTP password to {server} without TLS: set notify.email.tls to starttls or tls (plain text is only for a loopback host)"
+    )]
+    ClearCredentials { server: String },
+    #[error(
         "authentication failed at {server} (check notify.email.username and the password): {detail}"
     )]
     Auth { server: String, detail: String },
     #[error("cannot connect to {server}: {detail}")]
     Connect { server: String, detail: String },
     #[error(
-        "TLS handshake with {server} failed (for a self-signed certificate set notify.email.caFile): {detail}"
+        "TLS handshake with {server} failed (for a self-signed certificate, such as a local bridge's, put it in notify.email.caFile): {detail}"
     )]
     Tls { server: String, detail: String },
     #[error("timed out talking to {server}: {detail}")]
@@ -94,32 +104,28 @@ fn password(plan: &EmailPlan) -> Result<Option<String>, SendError> {
     }
 }
 
-fn tls_parameters(plan: &EmailPlan) -> Result<TlsParameters, SendError> {
-    let mut b = TlsParameters::builder(plan.host.clone());
-    if let Some(ca) = &plan.ca {
-        let (path, pem) = match ca {
-            super::CaCert::File(path) => (
-                path.display().to_string(),
-                std::fs::read(path).map_err(|e| SendError::CaFile {
-                    path: path.display().to_string(),
-                    message: format!("cannot read it: {e}"),
-                })?,
-            ),
-            super::CaCert::Pem(pem) => ("(from the cluster)".to_owned(), pem.clone()),
-        };
-        let cert = Certificate::from_pem(&pem).map_err(|e| SendError::CaFile {
-            path,
-            message: format!("not a PEM certificate: {e}"),
-        })?;
-        b = b.add_root_certificate(cert);
-    }
-    if plan.insecure_skip_verify {
-        b = b
-            .dangerous_accept_invalid_certs(true)
-            .dangerous_accept_invalid_hostnames(true);
-    }
-    b.build_rustls()
-        .map_err(|e| SendError::TlsSetup(e.to_string()))
+/// The TLS client configuration for the plan: `caFile`'s certificates as roots and pins.
+fn tls_config(plan: &EmailPlan) -> Result<std::sync::Arc<rustls::ClientConfig>, SendError> {
+    let ca = match &plan.ca {
+        None => Vec::new(),
+        Some(ca) => {
+            let (path, pem) = match ca {
+                super::CaCert::File(path) => (
+                    path.display().to_string(),
+                    std::fs::read(path).map_err(|e| SendError::CaFile {
+                        path: path.display().to_string(),
+                        message: format!("cannot read it: {e}"),
+                    })?,
+                ),
+                super::CaCert::Pem(pem) => ("(from the cluster)".to_owned(), pem.clone()),
+            };
+            tls::parse_pem_certificates(&pem)
+                .map_err(|message| SendError::CaFile { path, message })?
+        }
+    };
+    tls::SmtpVerifier::new(ca, plan.insecure_skip_verify)
+        .client_config()
+        .map_err(SendError::TlsSetup)
 }
 
 /// Builds the multipart/alternative message.
@@ -160,9 +166,6 @@ fn classify(server: &str, e: lettre::transport::smtp::Error) -> SendError {
     if e.is_timeout() {
         return SendError::Timeout { server, detail };
     }
-    if e.is_tls() {
-        return SendError::Tls { server, detail };
-    }
     if detail.starts_with("Connection error") || detail.starts_with("network error") {
         return SendError::Connect { server, detail };
     }
@@ -180,10 +183,16 @@ pub async fn send(
 ) -> Result<usize, SendError> {
     let password = password(plan)?;
     let message = build_message(&plan.from, &plan.to, rendered)?;
+    let server = format!("{}:{}", plan.host, plan.port);
+    if plan.username.is_some()
+        && plan.tls == TlsMode::None
+        && !crate::trust::is_loopback_host(&plan.host)
+    {
+        return Err(SendError::ClearCredentials { server });
+    }
     let tls = match plan.tls {
-        TlsMode::None => Tls::None,
-        TlsMode::Starttls => Tls::Required(tls_parameters(plan)?),
-        TlsMode::Tls => Tls::Wrapper(tls_parameters(plan)?),
+        TlsMode::None => None,
+        TlsMode::Starttls | TlsMode::Tls => Some(tls_config(plan)?),
     };
     if plan.insecure_skip_verify && plan.tls != TlsMode::None {
         tracing::warn!(
@@ -191,28 +200,25 @@ pub async fn send(
             plan.host
         );
     }
-    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(plan.host.as_str())
-        .port(plan.port)
-        .tls(tls)
-        .timeout(Some(plan.timeout));
-    if let Some(user) = &plan.username {
-        builder = builder
-            .credentials(Credentials::new(
-                user.clone(),
-                password.clone().unwrap_or_default(),
-            ))
-            .authentication(vec![Mechanism::Plain, Mechanism::Login]);
-    }
-    let transport = builder.build();
-    let server = format!("{}:{}", plan.host, plan.port);
+    let credentials = plan
+        .username
+        .as_ref()
+        .map(|user| Credentials::new(user.clone(), password.clone().unwrap_or_default()));
     let attempts = options.attempts.max(1);
     let mut wait = options.backoff;
     let mut attempt = 1;
     loop {
-        match transport.send(message.clone()).await {
-            Ok(_) => return Ok(plan.to.len()),
-            Err(e) => {
-                let err = classify(&server, e);
+        let once = attempt_send(plan, tls.clone(), credentials.as_ref(), &message, &server);
+        let result = match tokio::time::timeout(plan.timeout, once).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError::Timeout {
+                server: server.clone(),
+                detail: format!("no answer within {} s", plan.timeout.as_secs()),
+            }),
+        };
+        match result {
+            Ok(()) => return Ok(plan.to.len()),
+            Err(err) => {
                 if attempt >= attempts || !err.is_transient() {
                     return Err(err);
                 }
@@ -226,4 +232,44 @@ pub async fn send(
             }
         }
     }
+}
+
+/// One attempt: connect (and secure), log in, send, quit.
+async fn attempt_send(
+    plan: &EmailPlan,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    credentials: Option<&Credentials>,
+    message: &Message,
+    server: &str,
+) -> Result<(), SendError> {
+    let hello = ClientId::default();
+    let connected = stream::connect(&plan.host, plan.port, plan.tls, tls, &hello)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Connect(detail) => SendError::Connect {
+                server: server.to_owned(),
+                detail,
+            },
+            ConnectError::Tls(detail) => SendError::Tls {
+                server: server.to_owned(),
+                detail,
+            },
+            ConnectError::Protocol(detail) => SendError::Other {
+                server: server.to_owned(),
+                detail,
+            },
+        })?;
+    let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(connected), &hello)
+        .await
+        .map_err(|e| classify(server, e))?;
+    if let Some(c) = credentials {
+        conn.auth(&[Mechanism::Plain, Mechanism::Login], c)
+            .await
+            .map_err(|e| classify(server, e))?;
+    }
+    conn.send(message.envelope(), &message.formatted())
+        .await
+        .map_err(|e| classify(server, e))?;
+    let _ = conn.quit().await;
+    Ok(())
 }

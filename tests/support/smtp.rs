@@ -28,6 +28,12 @@ pub struct SmtpServer {
 
 /// Starts tests/fixtures/smtp/server.py (`mode`: starttls or tls) and waits until it accepts connections.
 pub async fn smtp_server(mode: &str) -> SmtpServer {
+    smtp_server_with_cert(mode, "server").await
+}
+
+/// Like `smtp_server`, presenting tests/fixtures/smtp/`<cert>`.pem (key `<cert>`.key), e.g. `bridge`:
+/// a certificate made like ProtonMail Bridge's own.
+pub async fn smtp_server_with_cert(mode: &str, cert: &str) -> SmtpServer {
     let python = std::env::var("EPIC_EXPORT_TEST_PYTHON").unwrap_or_else(|_| {
         panic!(
             "EPIC_EXPORT_TEST_PYTHON is not set: these tests need a Python with aiosmtpd; run scripts/test.sh \
@@ -40,9 +46,9 @@ pub async fn smtp_server(mode: &str) -> SmtpServer {
         .arg(fixtures().join("server.py"))
         .args(["--port", &port.to_string(), "--mode", mode])
         .arg("--cert")
-        .arg(fixtures().join("server.pem"))
+        .arg(fixtures().join(format!("{cert}.pem")))
         .arg("--key")
-        .arg(fixtures().join("server.key"))
+        .arg(fixtures().join(format!("{cert}.key")))
         .args(["--user", USER, "--password", PASSWORD])
         .arg("--maildir")
         .arg(maildir.path())
