@@ -25,7 +25,9 @@ fn appender(path: &Path) -> Result<RollingFileAppender, String> {
     let name = path
         .file_name()
         .ok_or_else(|| format!("--log-file {}: not a file name", path.display()))?;
-    std::fs::create_dir_all(&dir).map_err(|e| {
+    // The folder is made 0700 and the files 0600 (the process' umask is 077, see `cli`): a log may
+    // name the export's folders and servers, and is kept like the runs.
+    crate::output::create_private_dir(&dir).map_err(|e| {
         format!(
             "--log-file {}: cannot create {}: {e}",
             path.display(),

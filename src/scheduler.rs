@@ -81,13 +81,12 @@ fn read_state(path: &Path) -> State {
         .unwrap_or_default()
 }
 
+/// Writes the state atomically, `0600` in a `0700` folder (it sits beside the runs).
 fn write_state(path: &Path, state: &State) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::output::create_private_dir(dir)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(state).unwrap_or_default())?;
-    std::fs::rename(tmp, path)
+    crate::output::write_json_atomic(path, state)
 }
 
 /// How `epic-export schedule` runs.

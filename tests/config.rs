@@ -185,9 +185,21 @@ fn roster_errors_give_file_and_line() {
     f.write("roster.csv", "name,mrn\nCamila,123\n");
     let err = f.err(GOOD);
     assert!(
-        err.contains("roster.csv") && err.contains("patient_id"),
+        err.contains("roster.csv")
+            && err.contains("patient_id")
+            && err.contains("columns name, mrn"),
         "{err}"
     );
+    // Without a header row the first line is a patient: it is never repeated in the error.
+    f.write("roster.csv", "eXy12abc3,Camila Ruiz,MRN 0042\n");
+    let err = f.err(GOOD);
+    assert!(
+        err.contains("3 fields") && err.contains("header row"),
+        "{err}"
+    );
+    for phi in ["eXy12abc3", "Camila", "0042"] {
+        assert!(!err.contains(phi), "{phi} in {err}");
+    }
 
     f.write("roster.csv", "fhir_id,name\nabc,A\n\n,Bea\ndef,C\n");
     let plan = load_plan(&f.write("config.yaml", GOOD));

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use epic_export::auth::{Algorithm, SigningKey, keys};
-use hostile::{Hostile, Lie, TOKEN};
+use hostile::{Hostile, Lie, PATIENT_TEXT, TOKEN};
 use serde_json::{Value, json};
 
 /// What a run of the binary came to.
@@ -487,4 +487,24 @@ async fn discovery_cannot_send_the_assertion_over_plain_http_or_flood_memory() {
         "peak RSS {:.1} MiB",
         ran.max_rss_mib
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_words_about_a_patient_stay_in_the_run_folder() {
+    let h = Hostile::start(Lie::FileErrorAboutAPatient).await;
+    let case = Case::new(&h, true, BULK, "");
+    let ran = case.run().await;
+    assert_eq!(ran.code, 3, "{}", ran.stderr);
+    let summary = case.summary();
+    let errs = errors(&summary);
+    assert!(
+        errs.contains("HTTP 403 (OperationOutcome: security)"),
+        "{errs}"
+    );
+    assert!(
+        !errs.contains("Jane") && !ran.stderr.contains("Jane"),
+        "{errs}"
+    );
+    // The whole answer is kept where PHI belongs: the run folder.
+    assert!(failed_requests(&case).contains(PATIENT_TEXT));
 }

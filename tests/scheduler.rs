@@ -35,7 +35,10 @@ async fn a_missed_run_is_made_up_at_start_and_sigterm_stops_cleanly() {
     )
     .unwrap();
 
+    let log = env.path().join("logs/epic-export.log");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+        .arg("--log-file")
+        .arg(&log)
         .args(["schedule", "--config"])
         .arg(&config)
         .env("RUST_LOG", "info")
@@ -83,6 +86,23 @@ async fn a_missed_run_is_made_up_at_start_and_sigterm_stops_cleanly() {
             .lines()
             .count(),
         2
+    );
+    // The state file and the log are private like the runs: 0600 files in 0700 folders.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&env.export_dir().join(".schedule-state.json")), 0o600);
+    assert_eq!(mode(&env.path().join("logs")), 0o700);
+    let logs: Vec<_> = std::fs::read_dir(env.path().join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(mode(&logs[0]), 0o600);
+    assert!(
+        std::fs::read_to_string(&logs[0])
+            .unwrap()
+            .contains("next run at")
     );
 }
 

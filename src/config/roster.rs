@@ -77,9 +77,9 @@ pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
             path: path.to_owned(),
             line: 1,
             message: format!(
-                "no patient id column: the header row must name one of {} (found: {})",
+                "no patient id column: the header row must name one of {} ({})",
                 ID_COLUMNS.join(", "),
-                headers.iter().collect::<Vec<_>>().join(", ")
+                describe_header(&headers)
             ),
         })?;
     let mut ids = Vec::new();
@@ -125,6 +125,33 @@ pub fn check_patient_ids(ids: Vec<String>) -> Result<Vec<String>, String> {
         return Err("lists no patients".into());
     }
     Ok(out)
+}
+
+/// What the first line of a roster without an id column holds, for the error: its column names when
+/// they look like column names, otherwise only how many fields it has, since a roster without a
+/// header row starts with a patient (ids and names must not reach logs or e-mail).
+fn describe_header(headers: &csv::StringRecord) -> String {
+    let looks_like_names = headers.iter().all(|h| {
+        let h = h.trim_start_matches('\u{feff}').trim();
+        h.len() <= 40
+            && h.chars()
+                .all(|c| c.is_ascii_alphabetic() || matches!(c, ' ' | '_' | '-'))
+    });
+    if looks_like_names {
+        format!(
+            "found the columns {}",
+            headers
+                .iter()
+                .map(|h| h.trim_start_matches('\u{feff}').trim())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        format!(
+            "the first line, with {} fields, does not look like a header row: it may be a patient, so it is not shown; add a header row such as patient_id",
+            headers.len()
+        )
+    }
 }
 
 /// A FHIR id: letters, digits, '-' and '.', 1-64 characters (Epic's ids are longer than R4 allows, so up to 200).

@@ -62,6 +62,31 @@ impl FetchError {
         matches!(self, FetchError::Auth(_) | FetchError::Unauthorized)
     }
 
+    /// The error without the server's free text (an OperationOutcome's diagnostics may be about a
+    /// patient): the status and the outcome's issue codes. For summaries, e-mail and status; the
+    /// full text goes to the run folder only.
+    pub fn brief(&self) -> String {
+        match self {
+            FetchError::Status {
+                status, outcome, ..
+            } => {
+                let codes = outcome.as_deref().map(outcome_codes).unwrap_or_default();
+                let codes: Vec<String> = codes
+                    .into_iter()
+                    .filter(|c| {
+                        c.len() <= 40 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+                    .collect();
+                if codes.is_empty() {
+                    format!("HTTP {status}")
+                } else {
+                    format!("HTTP {status} (OperationOutcome: {})", codes.join(", "))
+                }
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The HTTP status, for errors that have one.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -492,7 +517,7 @@ pub fn outcome_text(outcome: &serde_json::value::RawValue) -> Option<String> {
         .and_then(|d| d.as_str())
         .or_else(|| issue.pointer("/details/text").and_then(|d| d.as_str()))
         .or_else(|| issue.get("code").and_then(|d| d.as_str()))?;
-    Some(text.chars().take(300).collect())
+    Some(text.chars().filter(|c| !c.is_control()).take(300).collect())
 }
 
 /// The `code` of every issue of an OperationOutcome (e.g. `transient`, `processing`).

@@ -41,7 +41,12 @@ pub enum Lie {
     ForeignStatusUrl,
     /// The status URL answers 200 with an endless manifest.
     EndlessManifest,
+    /// Bulk files answer 403 with an OperationOutcome whose diagnostics talk about a patient.
+    FileErrorAboutAPatient,
 }
+
+/// The free text of `Lie::FileErrorAboutAPatient` (must never leave the run folder).
+pub const PATIENT_TEXT: &str = "access to Jane Q. Doe (MRN 0042) is restricted";
 
 /// One request the servers saw.
 #[derive(Clone, Debug)]
@@ -276,6 +281,10 @@ async fn handle(State(s): State<Shared>, headers: HeaderMap, req: Request) -> Re
             }
             fhir_json(StatusCode::OK, manifest)
         }
+        (Lie::FileErrorAboutAPatient, p) if p.starts_with("/fhir/files/") => fhir_json(
+            StatusCode::FORBIDDEN,
+            json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "security", "diagnostics": PATIENT_TEXT}]}),
+        ),
         (_, p) if p.starts_with("/fhir/files/") => {
             // Every file holds one line that is valid for nothing in particular.
             (

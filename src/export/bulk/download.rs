@@ -24,10 +24,13 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 /// Lines are handed to the writer in batches of about this size.
 const BATCH_BYTES: usize = 256 * 1024;
 
-/// Why a file failed; the message names what went wrong (never content).
+/// Why a file failed; the message names what went wrong (never content, never the server's free
+/// text, which only `detail` carries, for the run folder).
 #[derive(Debug)]
 pub struct DownloadError {
     pub message: String,
+    /// With the server's own words where there are any (for `errors/failed-requests.ndjson`).
+    pub detail: String,
     /// The run cannot go on (authentication, the writer stopped).
     pub fatal: bool,
 }
@@ -35,6 +38,7 @@ pub struct DownloadError {
 impl DownloadError {
     fn file(message: String) -> Self {
         DownloadError {
+            detail: message.clone(),
             message,
             fatal: false,
         }
@@ -117,6 +121,7 @@ impl Batch<'_> {
         };
         self.tx.send(msg).await.map_err(|_| DownloadError {
             message: "the output writer stopped".into(),
+            detail: "the output writer stopped".into(),
             fatal: true,
         })
     }
@@ -153,7 +158,8 @@ pub async fn download(
             .open_download(&d.file.url, &d.token_origins, resume_from)
             .await
             .map_err(|e| DownloadError {
-                message: e.to_string(),
+                message: e.brief(),
+                detail: e.to_string(),
                 fatal: e.is_fatal(),
             })?;
         let resumed_at = match resume_from {
@@ -266,7 +272,7 @@ fn check_line(line: &[u8], line_type: &str, line_no: u64) -> Result<(), Download
     if head.resource_type != line_type {
         return Err(DownloadError::file(format!(
             "line {line_no}: resourceType is {}, expected {line_type}",
-            head.resource_type
+            crate::trust::describe_type(&head.resource_type)
         )));
     }
     Ok(())

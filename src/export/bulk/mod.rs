@@ -596,11 +596,22 @@ async fn download_all(
             Err(e) => {
                 stats.files_failed += 1;
                 got.partial.push(format!(
-                    "a {} file of {} failed: {}",
+                    "a {} file of {} failed: {} (see errors/{})",
                     kind_name(d.kind),
                     d.file.resource_type,
-                    e.message
+                    e.message,
+                    crate::output::FAILURES_FILE
                 ));
+                let record = serde_json::json!({
+                    "file": d.file.url,
+                    "list": kind_name(d.kind),
+                    "type": d.file.resource_type,
+                    "message": e.detail,
+                });
+                if tx.send(writer::WriterMsg::Failure(record)).await.is_err() {
+                    got.fatal = Some("the output writer stopped".into());
+                    break;
+                }
             }
         }
     }
