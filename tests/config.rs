@@ -87,9 +87,27 @@ fn inline_resources_and_patients() {
 }
 
 #[test]
+fn plain_http_is_accepted_for_loopback_and_with_the_opt_in() {
+    let f = Files::new();
+    for (from, to) in [
+        ("https://fhir.example.org", "http://127.0.0.1:8080"),
+        ("https://fhir.example.org", "http://localhost:8080"),
+        ("https://fhir.example.org", "http://[::1]:8080"),
+        (
+            "https://fhir.example.org/api/FHIR/R4",
+            "http://epic-sandbox.ns.svc:8080/api/FHIR/R4\n  allowInsecureHttp: true",
+        ),
+    ] {
+        let plan = load_plan(&f.write("config.yaml", &GOOD.replace(from, to)));
+        assert!(plan.is_ok(), "{to}: {:?}", plan.err());
+    }
+}
+
+#[test]
 fn config_errors_name_the_field_and_the_fix() {
     let f = Files::new();
-    let cases: Vec<(String, &[&str])> = vec![
+    let cases: Vec<(String, &[&str])> =
+        vec![
         ("name: [unclosed\n".into(), &["config.yaml"]),
         (
             GOOD.replace("name: nightly\n", ""),
@@ -166,6 +184,47 @@ fn config_errors_name_the_field_and_the_fix() {
         (
             GOOD.replace("roster.csv", "missing.csv"),
             &["missing.csv", "cannot read"],
+        ),
+        // Plain http only to loopback hosts, unless allowed explicitly.
+        (
+            GOOD.replace("https://fhir.example.org", "http://fhir.example.org"),
+            &["fhir.baseUrl", "plain http", "allowInsecureHttp"],
+        ),
+        (
+            GOOD.replace(
+                "https://fhir.example.org/api/FHIR/R4",
+                "https://fhir.example.org/api/FHIR/R4\n  tokenUrl: http://login.example.org/token",
+            ),
+            &["fhir.tokenUrl", "plain http"],
+        ),
+        (
+            GOOD.replace(
+                "privateKeyFile: key.pem",
+                "privateKeyFile: key.pem\n  jwksUrl: http://keys.example.org/jwks.json",
+            ),
+            &["auth.jwksUrl", "plain http"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: g1\n    tokenHosts: [\"http://files.example.org\"]\n",
+            ),
+            &["source.bulk.tokenHosts[0]", "plain http"],
+        ),
+        (
+            GOOD.replace(
+                "  search:\n    rosterFile: roster.csv\n    resourcesFile: resources.csv\n",
+                "  bulk:\n    group: g1\n    fileHosts: [\"http://files.example.org\"]\n",
+            ),
+            &["source.bulk.fileHosts[0]", "plain http"],
+        ),
+        (
+            GOOD.replace("https://fhir.example.org", "https://user:pw@fhir.example.org"),
+            &["fhir.baseUrl", "credentials"],
+        ),
+        (
+            format!("{GOOD}limits:\n  requestsPerSecond: 0.000001\n"),
+            &["limits.requestsPerSecond", "0.01"],
         ),
     ];
     for (yaml, needles) in cases {

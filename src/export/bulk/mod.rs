@@ -69,7 +69,9 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     let since = match &b.since {
         Since::None => None,
         Since::At(t) => Some(t.clone()),
-        Since::Auto => state::read_last_success(&export_dir).map(|s| s.transaction_time),
+        // The state file is ours, but a damaged one must not become a garbled `_since`.
+        Since::Auto => state::read_last_success(&export_dir)
+            .and_then(|s| parse_instant(&s.transaction_time).ok()),
     };
     let kickoff = kickoff_url(&plan.fhir_base, b, since.as_deref());
     let same_request = |marker: &std::path::Path| {
