@@ -150,6 +150,14 @@ fn saved_status_url(export: &Path) -> bool {
         .any(|e| e.path().join("bulk-status.json").exists())
 }
 
+/// `keepRuns: 2`, so that old runs are removed often (and kills can land in a removal).
+fn keep_two_runs(config: &Path) {
+    let yaml = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("  directory: out\n", "  directory: out\n  keepRuns: 2\n");
+    std::fs::write(config, yaml).unwrap();
+}
+
 /// Runs to completion and checks the result.
 async fn complete_run(config: &Path, export: &Path) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
@@ -230,11 +238,8 @@ async fn killed_search_runs_never_look_complete_and_the_next_run_completes() {
     .await;
     let patients = env.sandbox.dataset().patient_ids();
     let config = env.write_config(&patients, ALL_SEARCHES, FAST_LIMITS);
-    let yaml = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("  directory: out\n", "  directory: out\n  keepRuns: 2\n");
-    std::fs::write(&config, yaml).unwrap();
-    // One full run to measure how long a run takes; kills land anywhere from start to a bit after.
+    keep_two_runs(&config);
+    // One full run to measure how long a run takes; kills land anywhere within that time.
     let t = Instant::now();
     complete_run(&config, &env.export_dir()).await;
     let span = t.elapsed();
@@ -261,10 +266,7 @@ async fn killed_bulk_runs_resume_without_a_second_kick_off() {
     })
     .await;
     let config = env.write_bulk_config(&format!("    group: {SANDBOX_GROUP_ID}\n"), FAST_LIMITS);
-    let yaml = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("  directory: out\n", "  directory: out\n  keepRuns: 2\n");
-    std::fs::write(&config, yaml).unwrap();
+    keep_two_runs(&config);
     let t = Instant::now();
     complete_run(&config, &env.export_dir()).await;
     let span = t.elapsed();
