@@ -21,7 +21,6 @@ use super::keys::SigningKey;
 /// How long the whole fetch may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most we read of a JWK Set (a real one is a few kilobytes).
-const MAX_BODY: usize = crate::fhir::body::MAX_DOCUMENT_BYTES;
 /// JWK members that only a private (or symmetric) key has.
 const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
 
@@ -213,12 +212,15 @@ async fn fetch(
         .get(reqwest::header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = crate::fhir::body::read_limited(resp, MAX_BODY)
+    let body = crate::fhir::body::read_limited(resp, crate::fhir::body::MAX_DOCUMENT_BYTES)
         .await
         .map_err(|e| match e {
             crate::fhir::body::BodyError::TooLarge { .. } => JwksProblem::NotJwks {
                 url: url.to_owned(),
-                detail: format!("the answer is larger than {} KiB", MAX_BODY / 1024),
+                detail: format!(
+                    "the answer is larger than {} KiB",
+                    crate::fhir::body::MAX_DOCUMENT_BYTES / 1024
+                ),
             },
             crate::fhir::body::BodyError::Transport(m) => unreachable(m),
         })?

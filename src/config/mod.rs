@@ -446,24 +446,13 @@ fn email_plan(
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<EmailPlan, ConfigError> {
     let host = e.host.trim().to_owned();
-    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
-        return Err(invalid(
-            "notify.email.host",
-            format!(
-                "{:?} is not a host name or address: write e.g. smtp.example.org or 127.0.0.1",
-                e.host
-            ),
-        ));
-    }
     let tls = match &e.tls {
         Some(t) => TlsMode::parse(t).map_err(|m| invalid("notify.email.tls", m))?,
         None => TlsMode::Starttls,
     };
-    let port = match e.port {
-        Some(0) => return Err(invalid("notify.email.port", "must be 1 to 65535".into())),
-        Some(p) => p,
-        None => tls.default_port(),
-    };
+    let logs_in = e.username.as_deref().is_some_and(|u| !u.is_empty());
+    let port = crate::notify::check_server(&host, tls, e.port, logs_in)
+        .map_err(|(key, m)| invalid(&format!("notify.email.{key}"), m))?;
     let mailbox = |field: &str, s: &str| {
         s.trim().parse::<Mailbox>().map_err(|err| {
             invalid(
@@ -514,14 +503,6 @@ fn email_plan(
             ));
         }
         _ => {}
-    }
-    if username.is_some() && tls == TlsMode::None && !is_loopback_host(&host) {
-        return Err(invalid(
-            "notify.email.tls",
-            format!(
-                "is none, so the SMTP password would cross the network in plain text to {host}: use starttls or tls (none is only for a loopback host)"
-            ),
-        ));
     }
     let ca_file = e.ca_file.as_deref().map(resolve);
     if let Some(ca) = &ca_file

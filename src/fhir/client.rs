@@ -1,13 +1,15 @@
 //! `FhirClient`: authorised requests against one FHIR server with bounded retries.
 //!
-//! - The bearer token is only ever sent to the FHIR base URL's origin (and origins the caller explicitly
-//!   trusts for downloads); a URL on another origin, such as a `next` link pointing elsewhere, is refused
-//!   before any request is made. Download redirects are followed by hand: once a redirect leaves the
+//! - The bearer token is only ever sent to the FHIR base URL's origin and the origins the config trusts
+//!   with it (`tokenHosts`, see `trusting`); a URL on another origin, such as a `next` link or a bulk
+//!   status URL pointing elsewhere, is refused before any request is made. Download redirects are followed by hand: once a redirect leaves the
 //!   origin, the token is no longer sent.
 //! - 401: the token is handed back to the `TokenSource` and the request is repeated once with a new one.
 //! - 408/429/5xx, timeouts, connection errors and cut-short bodies are retried with `Retry-After` or
 //!   exponential backoff with jitter, up to the policy's attempts.
-//! - Anything else (400, 403, 404...) is returned at once with the server's OperationOutcome diagnostics.
+//! - Anything else (400, 403, 404...) is returned at once with the server's OperationOutcome diagnostics
+//!   (`brief` leaves them out, for messages that leave the run folder).
+//! - Bodies are read with a bound (`body`); of an error answer only a prefix.
 //!
 //! Errors never contain the URL's query (patient ids) or the token.
 

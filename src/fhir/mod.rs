@@ -1,5 +1,6 @@
 //! Talking to a FHIR R4 server: the authorised HTTP client with retries and rate limiting (`client`),
-//! search-bundle parsing (`bundle`), and the retry rules (`retry`). Nothing here writes files.
+//! bounded body reads (`body`), search-bundle parsing (`bundle`), and the retry rules (`retry`).
+//! Nothing here writes files.
 
 pub mod body;
 pub mod bundle;

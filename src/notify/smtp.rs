@@ -54,10 +54,8 @@ pub enum SendError {
     Message(String),
     #[error("TLS setup: {0}")]
     TlsSetup(String),
-    #[error(
-        "refusing to send the SMTP password to {server} without TLS: set notify.email.tls to starttls or tls (plain text is only for a loopback host)"
-    )]
-    ClearCredentials { server: String },
+    #[error("not sending to {server}: {message}")]
+    Refused { server: String, message: String },
     #[error(
         "authentication failed at {server} (check notify.email.username and the password): {detail}"
     )]
@@ -184,12 +182,17 @@ pub async fn send(
     let password = password(plan)?;
     let message = build_message(&plan.from, &plan.to, rendered)?;
     let server = format!("{}:{}", plan.host, plan.port);
-    if plan.username.is_some()
-        && plan.tls == TlsMode::None
-        && !crate::trust::is_loopback_host(&plan.host)
-    {
-        return Err(SendError::ClearCredentials { server });
-    }
+    // The front ends refuse such a plan already; this guards every way a plan can be made.
+    super::check_server(
+        &plan.host,
+        plan.tls,
+        Some(plan.port),
+        plan.username.is_some(),
+    )
+    .map_err(|(key, message)| SendError::Refused {
+        server: server.clone(),
+        message: format!("notify.email.{key} {message}"),
+    })?;
     let tls = match plan.tls {
         TlsMode::None => None,
         TlsMode::Starttls | TlsMode::Tls => Some(tls_config(plan)?),

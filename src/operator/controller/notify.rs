@@ -22,12 +22,15 @@ use crate::summary::{Outcome, RunSummary, TypeCount};
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct EmailError {
-    pub field: &'static str,
+    pub field: String,
     pub message: String,
 }
 
-fn error(field: &'static str, message: String) -> EmailError {
-    EmailError { field, message }
+fn error(field: impl Into<String>, message: String) -> EmailError {
+    EmailError {
+        field: field.into(),
+        message,
+    }
 }
 
 /// Sends the e-mail about `last` if the export asks for one; returns what to record in
@@ -175,35 +178,10 @@ pub fn email_plan(
     ca: Option<CaCert>,
 ) -> Result<EmailPlan, EmailError> {
     let host = email.host.trim();
-    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
-        return Err(error(
-            "spec.notify.email.host",
-            format!(
-                "{:?} is not a host name or address: write e.g. smtp.example.org",
-                email.host
-            ),
-        ));
-    }
     let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
         .map_err(|e| error("spec.notify.email.tls", e))?;
-    if tls == TlsMode::None && credentials.is_some() && !crate::trust::is_loopback_host(host) {
-        return Err(error(
-            "spec.notify.email.tls",
-            format!(
-                "none would send the smtpSecretRef credentials unencrypted to {host}: use starttls (the default) or tls; plain text is only accepted to a loopback host"
-            ),
-        ));
-    }
-    let port = match email.port {
-        Some(0) => {
-            return Err(error(
-                "spec.notify.email.port",
-                "0 is not a port: use 1 to 65535, or leave it out (587 for starttls, 465 for tls, 25 for none)".into(),
-            ));
-        }
-        Some(p) => p,
-        None => tls.default_port(),
-    };
+    let port = crate::notify::check_server(host, tls, email.port, credentials.is_some())
+        .map_err(|(key, m)| error(format!("spec.notify.email.{key}"), m))?;
     let mailbox = |field: &'static str, a: &str| {
         a.parse()
             .map_err(|e| error(field, format!("{a:?} is not an e-mail address ({e})")))

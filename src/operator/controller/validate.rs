@@ -85,7 +85,7 @@ pub fn validate(
     check_output(export)?;
     check_limits(export)?;
     if let Some(email) = spec.notify.as_ref().and_then(|n| n.email.as_ref()) {
-        super::notify::check_email(email).map_err(|e| invalid(e.field, e.message))?;
+        super::notify::check_email(email).map_err(|e| invalid(&e.field, e.message))?;
     }
     check_run_config(export)?;
     let rotate_every = check_rotation(export)?;
