@@ -156,7 +156,7 @@ def main():
     for parent, graph in sorted(siblings.items()):
         for cycle in find_cycles(graph):
             where = "::".join(parent) or "crate"
-            problems.append(f"module cycle among the children of {where}: {", ".join(cycle[:-1])} use each other (directly or around a loop)")
+            problems.append(f"module cycle among the children of {where}: {', '.join(cycle[:-1])} use each other (directly or around a loop)")
 
     if "--graph" in sys.argv:
         top = defaultdict(set)
