@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod export;
 pub mod fhir;
+pub mod http;
 pub mod keygen;
 pub mod logging;
 pub mod notify;

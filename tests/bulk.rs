@@ -436,7 +436,7 @@ async fn fetch_file(env: &Env, url: String) -> (Result<(u64, u64), String>, Vec<
     let key = epic_export::auth::SigningKey::load(&env.path().join("keys/private.pem"), None, None)
         .unwrap();
     let tokens = std::sync::Arc::new(epic_export::auth::TokenSource::new(
-        epic_export::fhir::http_client(Duration::from_secs(5)),
+        http_client(Duration::from_secs(5)),
         epic_export::auth::TokenSourceConfig {
             client_id: CLIENT_ID.into(),
             token_url: env.sandbox.token_url(),
@@ -448,7 +448,7 @@ async fn fetch_file(env: &Env, url: String) -> (Result<(u64, u64), String>, Vec<
     let limits = epic_export::fhir::Limits {
         concurrency: 1,
         requests_per_second: None,
-        retry: epic_export::fhir::retry::RetryPolicy {
+        retry: epic_export::http::retry::RetryPolicy {
             max_attempts: 3,
             base_delay: Duration::from_millis(10),
             max_delay: Duration::from_secs(1),

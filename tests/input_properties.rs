@@ -11,7 +11,7 @@ use epic_export::auth::token::{MAX_TOKEN_LIFETIME, MIN_TOKEN_LIFETIME, token_lif
 use epic_export::config::{ini, roster};
 use epic_export::export::bulk::manifest::{FileRef, Kind, Manifest, plan_downloads};
 use epic_export::fhir::bundle::{parse_page, push_compact_line};
-use epic_export::fhir::retry::parse_retry_after;
+use epic_export::http::retry::parse_retry_after;
 use epic_export::trust::{check_transport, is_resource_type};
 use proptest::prelude::*;
 use serde_json::{Value, json};

@@ -9,7 +9,8 @@ use std::time::Duration;
 use epic_export::auth::{
     Algorithm, AuthError, SigningKey, TokenSource, TokenSourceConfig, discovery,
 };
-use epic_export::fhir::{FhirClient, Limits, http_client, retry::RetryPolicy};
+use epic_export::fhir::{FhirClient, Limits};
+use epic_export::http::retry::RetryPolicy;
 use epic_export::sandbox::{Fault, SandboxOptions};
 use support::*;
 

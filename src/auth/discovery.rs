@@ -39,16 +39,16 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value
         .header("Accept", "application/json, application/fhir+json")
         .send()
         .await
-        .map_err(|e| crate::fhir::describe_transport(&e))?;
+        .map_err(|e| crate::http::describe_transport(&e))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("HTTP {}", status.as_u16()));
     }
-    let body = crate::fhir::body::read_limited(resp, crate::fhir::body::MAX_DOCUMENT_BYTES)
+    let body = crate::http::body::read_limited(resp, crate::http::body::MAX_DOCUMENT_BYTES)
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&body)
-        .map_err(|e| format!("not JSON ({})", crate::fhir::bundle::json_error_kind(&e)))
+        .map_err(|e| format!("not JSON ({})", crate::http::body::json_error_kind(&e)))
 }
 
 /// The `token` URI from `rest[].security.extension[oauth-uris]`.

@@ -133,14 +133,8 @@ impl JwksOutcome {
 
 /// The HTTP client for the check: its own, with no default headers, so no credential is sent.
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .user_agent(concat!("epic-export/", env!("CARGO_PKG_VERSION")))
-        .timeout(FETCH_TIMEOUT)
-        .connect_timeout(FETCH_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::limited(5))
-        .build()
-        // Only fails if the TLS backend cannot initialise, which the crate's single provider rules out.
-        .expect("building the HTTP client")
+    use crate::http::{Redirects, Timeout};
+    crate::http::client(Timeout::Total(FETCH_TIMEOUT), Redirects::Anywhere)
 }
 
 /// Fetches `url` and checks that `key` (loaded from `key_file`) is published there under its kid.
@@ -193,7 +187,7 @@ async fn fetch(
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
         .await
-        .map_err(|e| unreachable(crate::fhir::describe_transport(&e)))?;
+        .map_err(|e| unreachable(crate::http::describe_transport(&e)))?;
     if url::Url::parse(url).ok().as_ref() != Some(resp.url()) {
         warnings.push(format!(
             "{url} redirects to {}: register the final URL, since Epic may not follow redirects",
@@ -212,17 +206,17 @@ async fn fetch(
         .get(reqwest::header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = crate::fhir::body::read_limited(resp, crate::fhir::body::MAX_DOCUMENT_BYTES)
+    let body = crate::http::body::read_limited(resp, crate::http::body::MAX_DOCUMENT_BYTES)
         .await
         .map_err(|e| match e {
-            crate::fhir::body::BodyError::TooLarge { .. } => JwksProblem::NotJwks {
+            crate::http::body::BodyError::TooLarge { .. } => JwksProblem::NotJwks {
                 url: url.to_owned(),
                 detail: format!(
                     "the answer is larger than {} KiB",
-                    crate::fhir::body::MAX_DOCUMENT_BYTES / 1024
+                    crate::http::body::MAX_DOCUMENT_BYTES / 1024
                 ),
             },
-            crate::fhir::body::BodyError::Transport(m) => unreachable(m),
+            crate::http::body::BodyError::Transport(m) => unreachable(m),
         })?
         .to_vec();
     Ok((body, cache_control))

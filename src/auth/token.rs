@@ -15,8 +15,8 @@ use tokio::sync::Mutex;
 
 use super::assertion;
 use super::keys::SigningKey;
-use crate::fhir::body;
-use crate::fhir::retry::{self, RetryPolicy};
+use crate::http::body;
+use crate::http::retry::{self, RetryPolicy};
 
 /// A bearer token. Cloning is cheap; `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -253,16 +253,15 @@ impl TokenSource {
                     tracing::warn!(
                         attempt,
                         "token request failed ({}); retrying",
-                        crate::fhir::describe_transport(&e)
+                        crate::http::describe_transport(&e)
                     );
-                    tokio::time::sleep(retry::backoff(&self.retry, attempt, retry::jitter_unit()))
-                        .await;
+                    tokio::time::sleep(self.retry.backoff().next(attempt)).await;
                     continue;
                 }
                 Err(e) => {
                     return Err(AuthError::Transport {
                         token_url: url.clone(),
-                        message: crate::fhir::describe_transport(&e),
+                        message: crate::http::describe_transport(&e),
                     });
                 }
             };
@@ -287,7 +286,7 @@ impl TokenSource {
                     .and_then(|v| {
                         retry::parse_retry_after(v, SystemTime::now(), self.retry.max_delay)
                     })
-                    .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
+                    .unwrap_or_else(|| self.retry.backoff().next(attempt));
                 tracing::warn!(
                     status,
                     attempt,
@@ -337,7 +336,7 @@ impl TokenSource {
             let parsed: TokenResponse =
                 serde_json::from_slice(&body).map_err(|e| AuthError::BadResponse {
                     token_url: url.clone(),
-                    detail: format!("not JSON ({})", crate::fhir::bundle::json_error_kind(&e)),
+                    detail: format!("not JSON ({})", crate::http::body::json_error_kind(&e)),
                 })?;
             let token = parsed
                 .access_token

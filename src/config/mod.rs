@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::auth::Algorithm;
 use crate::fhir::Limits;
-use crate::fhir::retry::RetryPolicy;
+use crate::http::retry::RetryPolicy;
 use lettre::message::Mailbox;
 
 use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, TlsMode};

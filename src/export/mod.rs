@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::auth::{self, AuthError, KeyError, SigningKey, TokenSource, TokenSourceConfig};
-use crate::fhir::{self, FhirClient};
+use crate::fhir::FhirClient;
 use crate::output::{self, OutputError, RunWriter};
 use crate::plan::ExportPlan;
 use crate::plan::Source;
@@ -47,7 +47,10 @@ pub struct Connection {
 pub async fn connect(plan: &ExportPlan) -> Result<Connection, ExportError> {
     let key = SigningKey::load(&plan.private_key_file, plan.algorithm, plan.key_id.clone())?;
     let kid = key.kid().to_owned();
-    let http = fhir::http_client(plan.limits.request_timeout);
+    let http = crate::http::client(
+        crate::http::Timeout::Total(plan.limits.request_timeout),
+        crate::http::Redirects::SameOrigin,
+    );
     let token_url = match &plan.token_url {
         Some(t) => t.clone(),
         None => {

@@ -1,6 +1,7 @@
 //! Search-set bundles, passed through as JSON text: entries are split into resources and outcome entries,
 //! each resource compacted to one line with its content unchanged, and the `next` link returned verbatim.
 
+use crate::http::body::json_error_kind;
 use std::borrow::Cow;
 
 use serde::Deserialize;
@@ -93,16 +94,6 @@ pub fn parse_page(body: &[u8]) -> Result<Page<'_>, String> {
 
 pub fn head(resource: &RawValue) -> Result<ResourceHead<'_>, serde_json::Error> {
     serde_json::from_str(resource.get())
-}
-
-/// What kind of JSON error this is, in a few words (never quoting the content).
-pub fn json_error_kind(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "I/O error",
-        serde_json::error::Category::Syntax => "invalid JSON",
-        serde_json::error::Category::Data => "unexpected structure",
-        serde_json::error::Category::Eof => "truncated JSON",
-    }
 }
 
 /// Appends `json` to `out` without insignificant whitespace, then a newline. Strings are copied byte

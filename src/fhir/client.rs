@@ -22,10 +22,11 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tokio::sync::Semaphore;
 
-use super::body::{self, BodyError};
 use super::ratelimit::RateLimiter;
-use super::retry::{self, RetryPolicy};
 use crate::auth::{AccessToken, AuthError, TokenSource};
+use crate::http::body::{self, BodyError};
+use crate::http::retry::{self, RetryPolicy};
+use crate::http::{Redirects, Timeout};
 
 /// Redirects followed for one download.
 const MAX_REDIRECTS: usize = 5;
@@ -153,8 +154,14 @@ impl FhirClient {
         let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/')))
             .map_err(|e| format!("invalid FHIR base URL: {e}"))?;
         Ok(FhirClient {
-            http: super::http_client(limits.request_timeout),
-            download_http: super::download_client(limits.request_timeout),
+            http: crate::http::client(
+                Timeout::Total(limits.request_timeout),
+                Redirects::SameOrigin,
+            ),
+            download_http: crate::http::client(
+                Timeout::BetweenReads(limits.request_timeout),
+                Redirects::None,
+            ),
             token_origins: vec![base.origin().ascii_serialization()],
             base,
             tokens,
@@ -295,7 +302,12 @@ impl FhirClient {
                 }
                 let resp = match req.send().await {
                     Ok(r) => r,
-                    Err(e) => break (Failure::Transport(super::describe_transport(&e)), None),
+                    Err(e) => {
+                        break (
+                            Failure::Transport(crate::http::describe_transport(&e)),
+                            None,
+                        );
+                    }
                 };
                 let status = resp.status();
                 if status.is_redirection() && redirects < MAX_REDIRECTS {
@@ -351,8 +363,7 @@ impl FhirClient {
 
     /// Waits before retry number `attempt`: the server's `Retry-After`, or backoff with jitter.
     pub async fn pause(&self, attempt: u32, server_wait: Option<Duration>, why: &str) {
-        let wait = server_wait
-            .unwrap_or_else(|| retry::backoff(&self.retry, attempt, retry::jitter_unit()));
+        let wait = server_wait.unwrap_or_else(|| self.retry.backoff().next(attempt));
         self.counters.retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             attempt,
@@ -410,7 +421,7 @@ impl FhirClient {
             Ok(r) => r,
             Err(e) => {
                 return Attempt::Retry {
-                    failure: Failure::Transport(super::describe_transport(&e)),
+                    failure: Failure::Transport(crate::http::describe_transport(&e)),
                     retry_after: None,
                 };
             }

@@ -21,14 +21,18 @@ use super::message::Rendered;
 use super::stream::{self, ConnectError};
 use super::tls;
 use super::{EmailPlan, PasswordSource, TlsMode};
+use crate::http::retry::Backoff;
 
 /// Retry settings.
 #[derive(Clone, Debug)]
 pub struct SendOptions {
     pub attempts: u32,
-    /// Wait before the second attempt; doubled for each further one.
+    /// Wait before the second attempt (with jitter); doubled for each further one, up to a minute.
     pub backoff: Duration,
 }
+
+/// The longest wait between two attempts.
+const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl Default for SendOptions {
     fn default() -> Self {
@@ -208,7 +212,10 @@ pub async fn send(
         .as_ref()
         .map(|user| Credentials::new(user.clone(), password.clone().unwrap_or_default()));
     let attempts = options.attempts.max(1);
-    let mut wait = options.backoff;
+    let backoff = Backoff {
+        first: options.backoff,
+        cap: MAX_WAIT.max(options.backoff),
+    };
     let mut attempt = 1;
     loop {
         let once = attempt_send(plan, tls.clone(), credentials.as_ref(), &message, &server);
@@ -225,12 +232,12 @@ pub async fn send(
                 if attempt >= attempts || !err.is_transient() {
                     return Err(err);
                 }
+                let wait = backoff.next(attempt);
                 tracing::warn!(
                     "notification e-mail attempt {attempt} of {attempts} failed, retrying in {:?}: {err}",
                     wait
                 );
                 tokio::time::sleep(wait).await;
-                wait *= 2;
                 attempt += 1;
             }
         }

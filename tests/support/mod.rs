@@ -196,3 +196,9 @@ pub fn expected_all(
     }
     out
 }
+
+/// The client the exporter uses for FHIR and token requests (same-origin redirects only).
+pub fn http_client(timeout: std::time::Duration) -> reqwest::Client {
+    use epic_export::http::{Redirects, Timeout, client};
+    client(Timeout::Total(timeout), Redirects::SameOrigin)
+}

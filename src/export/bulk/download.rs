@@ -17,7 +17,8 @@ use xxhash_rust::xxh3::Xxh3;
 use super::manifest::{Download, Kind};
 use crate::export::writer::WriterMsg;
 use crate::fhir::FhirClient;
-use crate::fhir::bundle::{ResourceHead, json_error_kind};
+use crate::fhir::bundle::ResourceHead;
+use crate::http::body::json_error_kind;
 
 /// The longest NDJSON line accepted (one resource).
 pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
@@ -191,7 +192,7 @@ pub async fn download(
         let failure = loop {
             match stream.next().await {
                 None => break None,
-                Some(Err(e)) => break Some(crate::fhir::describe_transport(&e)),
+                Some(Err(e)) => break Some(crate::http::describe_transport(&e)),
                 Some(Ok(chunk)) => {
                     body += chunk.len() as u64;
                     // Complete lines straight from the chunk; only a line split across chunks is copied.

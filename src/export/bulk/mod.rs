@@ -20,9 +20,11 @@ use self::manifest::{Kind, Manifest};
 use self::state::{Cooldown, LastSuccess, PENDING_FILE, Pending};
 use super::writer;
 use super::{ExportError, Retrieved, RunContext, RunReport};
-use crate::fhir::bundle::json_error_kind;
 use crate::fhir::client::{outcome_codes, outcome_text, parse_outcome};
-use crate::fhir::{FetchError, RetryMode, body, retry};
+use crate::fhir::{FetchError, RetryMode};
+use crate::http::body::json_error_kind;
+use crate::http::retry::Backoff;
+use crate::http::{body, retry};
 use crate::output::{Resume, RunWriter};
 use crate::plan::{BulkLevel, BulkPlan, Since};
 use crate::progress::Progress;
@@ -502,11 +504,14 @@ fn server_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     retry::parse_retry_after(v, SystemTime::now(), MAX_POLL).map(|d| d.clamp(MIN_POLL, MAX_POLL))
 }
 
-/// Exponential backoff for polls without `Retry-After`: 1, 2, 4... up to 5 minutes.
+/// Backoff for polls without `Retry-After`: 1, 2, 4... up to 5 minutes (with jitter, at least 1 s).
+const POLL_BACKOFF: Backoff = Backoff {
+    first: MIN_POLL,
+    cap: MAX_POLL,
+};
+
 fn backoff(attempt: u32) -> Duration {
-    MIN_POLL
-        .saturating_mul(1 << attempt.saturating_sub(1).min(9))
-        .min(MAX_POLL)
+    POLL_BACKOFF.next(attempt).max(MIN_POLL)
 }
 
 /// What the downloads came to.
@@ -714,8 +719,9 @@ mod tests {
         );
         assert_eq!(server_wait(&headers("later")), None);
         assert_eq!(server_wait(&HeaderMap::new()), None);
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(4), Duration::from_secs(8));
-        assert_eq!(backoff(30), MAX_POLL);
+        assert_eq!(POLL_BACKOFF.delay(1, 1.0), Duration::from_secs(1));
+        assert_eq!(POLL_BACKOFF.delay(4, 1.0), Duration::from_secs(8));
+        assert_eq!(POLL_BACKOFF.delay(30, 1.0), MAX_POLL);
+        assert!(backoff(1) >= MIN_POLL && backoff(30) <= MAX_POLL);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Retryable: 408, 429, 500, 502, 503, 504, timeouts and connection errors. The wait is the server's
 //! `Retry-After` when it gives one (delta-seconds or an HTTP date; absurd values are clamped), otherwise
-//! exponential backoff with full jitter.
+//! exponential backoff with jitter (`Backoff`).
 
 use std::time::{Duration, SystemTime};
 
@@ -57,15 +57,40 @@ pub fn parse_retry_after(value: &str, now: SystemTime, max: Duration) -> Option<
     Some(when.duration_since(now).unwrap_or(Duration::ZERO).min(max))
 }
 
-/// Exponential backoff with full jitter for retry number `attempt` (1 = first retry).
-/// `unit` is a random number in [0, 1).
-pub fn backoff(policy: &RetryPolicy, attempt: u32, unit: f64) -> Duration {
-    let exp = policy
-        .base_delay
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let cap = exp.min(policy.max_delay);
-    // Never zero: half the step is fixed, half is jitter.
-    cap.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+/// Exponential backoff with jitter: the one wait the exporter uses wherever it tries again (HTTP
+/// requests, token requests, Bulk Data status polls, e-mail, the controller's API errors). The step
+/// starts at `first`, doubles each attempt and is capped at `cap`; half of it is fixed and half random,
+/// so the wait is never zero and many clients that failed together do not retry together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// The wait before retry number `attempt` (1 = first retry), for `unit`, a random number in [0, 1)
+    /// (1.0 gives the whole step).
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = self
+            .first
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        exp.min(self.cap).mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+
+    /// `delay` with fresh randomness.
+    pub fn next(&self, attempt: u32) -> Duration {
+        self.delay(attempt, jitter_unit())
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff between attempts (`base_delay` doubling up to `max_delay`).
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            first: self.base_delay,
+            cap: self.max_delay,
+        }
+    }
 }
 
 /// A random number in [0, 1) for jitter.
@@ -123,10 +148,11 @@ mod tests {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
         };
-        assert_eq!(backoff(&p, 1, 1.0), Duration::from_millis(100));
-        assert_eq!(backoff(&p, 3, 1.0), Duration::from_millis(400));
-        assert_eq!(backoff(&p, 9, 1.0), Duration::from_secs(1));
-        assert_eq!(backoff(&p, 1, 0.0), Duration::from_millis(50));
+        let b = p.backoff();
+        assert_eq!(b.delay(1, 1.0), Duration::from_millis(100));
+        assert_eq!(b.delay(3, 1.0), Duration::from_millis(400));
+        assert_eq!(b.delay(9, 1.0), Duration::from_secs(1));
+        assert_eq!(b.delay(1, 0.0), Duration::from_millis(50));
         let u = jitter_unit();
         assert!((0.0..1.0).contains(&u));
     }

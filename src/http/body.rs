@@ -36,7 +36,7 @@ pub async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Bytes
     let mut buf = BytesMut::with_capacity(hint.min(limit));
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| BodyError::Transport(super::describe_transport(&e)))?;
+        let chunk = chunk.map_err(|e| BodyError::Transport(crate::http::describe_transport(&e)))?;
         if buf.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge { limit });
         }
@@ -58,4 +58,14 @@ pub async fn read_prefix(resp: reqwest::Response, limit: usize) -> Bytes {
         }
     }
     buf.freeze()
+}
+
+/// What kind of JSON error this is, in a few words (never quoting the content).
+pub fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "invalid JSON",
+        serde_json::error::Category::Data => "unexpected structure",
+        serde_json::error::Category::Eof => "truncated JSON",
+    }
 }
