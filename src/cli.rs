@@ -1,17 +1,15 @@
-//! The command line: clap definitions and dispatch. `main.rs` only calls `cli::main`.
+//! The command line: clap definitions, and dispatch to the commands (`run`, `scheduler`, `demo`,
+//! `check`, `keygen`, `operator`, `sandbox`), turning their typed errors into a message and an exit
+//! code. Parsing and wiring only: `main.rs` calls `cli::main`, and nothing calls back into `cli`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::{Algorithm, SigningKey, keys};
-use crate::export::ExportError;
+use crate::auth::Algorithm;
 use crate::logging::{self, LogFormat};
-use crate::summary::NotificationStatus;
-
-/// Exit code of a run that stopped early on purpose and will be resumed by the next run.
-pub const EXIT_UNFINISHED: u8 = 4;
+use crate::run::EXIT_FAILED;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -216,7 +214,7 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
@@ -236,62 +234,34 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             })
             .await?;
             println!("\n{}", report.summary.render_table());
-            Ok(report.summary.outcome.exit_code() as u8)
+            Ok(report.summary.outcome.exit_code())
         }
         Command::Run {
             config,
             no_progress,
-        } => run_once(&config, !no_progress).await,
+        } => {
+            let outcome = crate::run::run_config_file(&config, !no_progress).await?;
+            outcome.print();
+            Ok(outcome.exit_code())
+        }
         Command::Schedule {
             config,
             cron,
             time_zone,
             grace_seconds,
         } => {
-            let from_config = crate::config::load_schedule(&config)?;
-            let (expr, zone, deadline) = match (cron, from_config) {
-                (Some(c), from) => (c, time_zone.or(from.and_then(|f| f.time_zone)), None),
-                (None, Some(f)) => (
-                    f.cron,
-                    time_zone.or(f.time_zone),
-                    f.starting_deadline_seconds,
-                ),
-                (None, None) if is_ini(&config) => {
-                    // The original tool's scheduler ran the export daily; keep that, at 02:00 local
-                    // time, unless told otherwise.
-                    let zone = time_zone
-                        .or_else(|| jiff::tz::TimeZone::system().iana_name().map(str::to_owned));
-                    tracing::info!(
-                        "{} has no [schedule]: running daily at 02:00 ({}); set [schedule] cron = ... or pass --cron to change it",
-                        config.display(),
-                        zone.as_deref().unwrap_or("UTC")
-                    );
-                    ("0 2 * * *".to_owned(), zone, None)
-                }
-                (None, None) => anyhow::bail!(
-                    "{}: no schedule: add `schedule: {{cron: \"0 2 * * *\", timeZone: America/Chicago}}` to the config, or pass --cron",
-                    config.display()
-                ),
-            };
-            let schedule = crate::schedule::Schedule::parse(&expr, zone.as_deref())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let options = crate::scheduler::resolve(
+                &config,
+                cron,
+                time_zone,
+                std::time::Duration::from_secs(grace_seconds),
+            )?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 terminated().await;
                 let _ = stop_tx.send(true);
             });
-            crate::scheduler::run(
-                crate::scheduler::SchedulerOptions {
-                    config,
-                    schedule,
-                    deadline: deadline
-                        .map(std::time::Duration::from_secs)
-                        .unwrap_or(crate::scheduler::DEFAULT_DEADLINE),
-                    grace: std::time::Duration::from_secs(grace_seconds),
-                },
-                stop_rx,
-            )
-            .await
+            Ok(crate::scheduler::run(options, stop_rx).await?)
         }
         Command::Check { config } => {
             let plan = crate::config::load_plan(&config)?;
@@ -313,69 +283,19 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             namespace,
             secret_key,
         } => {
-            if !matches!(alg, Algorithm::RS384 | Algorithm::ES384) {
-                anyhow::bail!(
-                    "--alg must be RS384 or ES384 (the algorithms SMART requires clients to support)"
-                );
-            }
             let target = k8s_secret.map(|name| crate::keygen::SecretTarget {
                 name,
                 namespace,
                 key: secret_key.unwrap_or_else(|| crate::keygen::DEFAULT_SECRET_KEY.to_owned()),
             });
-            let key = SigningKey::generate(alg)?;
-            match (out, &target) {
-                (Some(dir), _) => {
-                    let written = crate::keygen::write_files(&key, &dir, target.as_ref())?;
-                    println!(
-                        "private key: {} (mode 0600; keep it secret)",
-                        written.private.display()
-                    );
-                    println!(
-                        "public JWKS: {} (register it with Epic or host it at your JWK Set URL)",
-                        written.jwks.display()
-                    );
-                    if let Some(secret) = &written.secret {
-                        println!(
-                            "Kubernetes Secret: {} (mode 0600; `kubectl apply -f` it)",
-                            secret.display()
-                        );
-                    }
-                    println!("kid: {}", key.kid());
-                }
-                (None, Some(target)) => {
-                    use std::io::{IsTerminal, Write};
-                    let manifest = crate::keygen::secret_manifest(&key, target)?;
-                    let mut stdout = std::io::stdout().lock();
-                    if stdout.is_terminal() {
-                        eprintln!(
-                            "note: this manifest holds the private key; pipe it to `kubectl apply -f -` or add --out DIR to write it to a 0600 file"
-                        );
-                    }
-                    stdout
-                        .write_all(manifest.as_bytes())
-                        .and_then(|()| stdout.flush())
-                        .map_err(|e| {
-                            anyhow::anyhow!(
-                                "cannot write the Secret manifest to stdout: {e}; the key was not kept anywhere, run keygen again"
-                            )
-                        })?;
-                    eprintln!("kid: {}", key.kid());
-                    eprintln!(
-                        "public JWKS (register it with Epic or host it at your JWK Set URL; `epic-export jwks --key FILE` prints it again from the key):\n{}",
-                        serde_json::to_string_pretty(&keys::jwks(std::slice::from_ref(&key)))?
-                    );
-                }
-                (None, None) => anyhow::bail!("keygen needs --out DIR, --k8s-secret NAME or both"),
-            }
+            crate::keygen::keygen(alg, out.as_deref(), target.as_ref())?;
             Ok(0)
         }
         Command::Jwks { key, kid } => {
-            let keys = crate::keygen::load_distinct(&key, &kid)?;
-            println!("{}", serde_json::to_string_pretty(&keys::jwks(&keys))?);
+            crate::keygen::print_jwks(&key, &kid)?;
             Ok(0)
         }
-        Command::Job { termination_log } => Ok(crate::operator::run_job(&termination_log).await),
+        Command::Job { termination_log } => Ok(crate::run::run_job(&termination_log).await),
         Command::Controller(args) => {
             let identity = args
                 .identity
@@ -428,78 +348,6 @@ async fn kube_client() -> anyhow::Result<kube::Client> {
             "cannot reach the Kubernetes API: {e} (in a pod, check the ServiceAccount; outside, KUBECONFIG)"
         )
     })
-}
-
-fn is_ini(path: &std::path::Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
-}
-
-/// One export run from a config file (YAML or the original INI), as `epic-export run` does and each
-/// run of `epic-export schedule`. Returns the exit code.
-pub async fn run_once(config: &std::path::Path, interactive: bool) -> anyhow::Result<u8> {
-    let plan = crate::config::load_plan(config)?;
-    let options = crate::export::RunOptions { interactive };
-    let started_at = jiff::Timestamp::now();
-    let started = std::time::Instant::now();
-    match crate::export::run(&plan, &options).await {
-        Ok(mut report) => {
-            // Best-effort: the outcome and exit code stay what the export decided.
-            let result = crate::notify::notify_run(plan.email.as_ref(), &report.summary).await;
-            if let Some(record) = result.record() {
-                report.summary.notification = Some(NotificationStatus {
-                    email: Some(record),
-                });
-                let path = report.dir.join("summary.json");
-                if let Err(e) = crate::output::write_json_atomic(&path, &report.summary) {
-                    tracing::warn!("cannot record the notification in {}: {e}", path.display());
-                }
-            }
-            let summary = &report.summary;
-            println!("{}", summary.render_table());
-            // The original tool's closing log lines: each file with its records and size.
-            for r in &summary.resources {
-                tracing::info!(
-                    file = %r.file,
-                    records = r.records,
-                    bytes = r.bytes,
-                    "{}: {} records, {}",
-                    r.file,
-                    r.records,
-                    crate::summary::human_bytes(r.bytes)
-                );
-            }
-            tracing::info!(
-                outcome = ?summary.outcome,
-                records = summary.records_total,
-                bytes = summary.bytes_total,
-                "export {} finished: {} records, {} in {}",
-                summary.export,
-                summary.records_total,
-                crate::summary::human_bytes(summary.bytes_total),
-                summary.output_dir
-            );
-            Ok(summary.outcome.exit_code() as u8)
-        }
-        Err(ExportError::Unfinished(why)) => {
-            eprintln!("unfinished: {why}");
-            Ok(EXIT_UNFINISHED)
-        }
-        Err(e) => {
-            // Nothing was written (key, authentication, output folder); still report the failure
-            // if asked to. There is no summary.json to record the result in.
-            if plan.email.is_some() {
-                let summary = crate::notify::summary_of_failed_start(
-                    &plan,
-                    started_at,
-                    started.elapsed().as_secs_f64(),
-                    &e.to_string(),
-                );
-                let _ = crate::notify::notify_run(plan.email.as_ref(), &summary).await;
-            }
-            Err(e.into())
-        }
-    }
 }
 
 /// Completes on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.

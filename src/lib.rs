@@ -23,6 +23,7 @@ pub mod operator;
 pub mod output;
 pub mod plan;
 pub mod progress;
+pub mod run;
 pub mod sandbox;
 pub mod schedule;
 pub mod scheduler;

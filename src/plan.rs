@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::auth::Algorithm;
 use crate::fhir::Limits;
+use crate::summary::RunMode;
 
 #[derive(Clone, Debug)]
 pub struct ExportPlan {
@@ -32,6 +33,14 @@ pub struct ExportPlan {
 
 impl ExportPlan {
     /// The search-mode part of the plan, if this is a search export.
+    /// Search or Bulk Data, as the summary names it.
+    pub fn mode(&self) -> RunMode {
+        match self.source {
+            Source::Search(_) => RunMode::Search,
+            Source::Bulk(_) => RunMode::Bulk,
+        }
+    }
+
     pub fn search(&self) -> Option<&SearchPlan> {
         match &self.source {
             Source::Search(s) => Some(s),

@@ -12,7 +12,32 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::schedule::{ConcurrencyPolicy, Schedule, ScheduleInput, ScheduleNote, decide};
+use crate::config::ConfigError;
+use crate::run::{RunError, RunOutcome};
+use crate::schedule::{
+    ConcurrencyPolicy, Schedule, ScheduleError, ScheduleInput, ScheduleNote, decide,
+};
+
+/// Why the scheduler cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "{config}: no schedule: add `schedule: {{cron: \"0 2 * * *\", timeZone: America/Chicago}}` to the config, or pass --cron"
+    )]
+    NoSchedule { config: String },
+    #[error("{config}: {source}")]
+    Schedule {
+        config: String,
+        source: ScheduleError,
+    },
+    #[error("cannot write {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+}
 
 /// Default for `schedule.startingDeadlineSeconds`.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
@@ -75,18 +100,54 @@ fn state_path(output_dir: &Path, name: &str) -> PathBuf {
 }
 
 fn read_state(path: &Path) -> State {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    crate::output::read_json(path).unwrap_or_default()
 }
 
-/// Writes the state atomically, `0600` in a `0700` folder (it sits beside the runs).
-fn write_state(path: &Path, state: &State) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        crate::output::create_private_dir(dir)?;
-    }
-    crate::output::write_json_atomic(path, state)
+/// The schedule of `epic-export schedule`: `--cron`/`--time-zone` over the config's `schedule`; an INI
+/// file without `[schedule]` keeps the original tool's daily run, at 02:00 in the system's time zone.
+pub fn resolve(
+    config: &Path,
+    cron: Option<String>,
+    time_zone: Option<String>,
+    grace: Duration,
+) -> Result<SchedulerOptions, SchedulerError> {
+    let from_config = crate::config::load_schedule(config)?;
+    let (expr, zone, deadline) = match (cron, from_config) {
+        (Some(c), from) => (c, time_zone.or(from.and_then(|f| f.time_zone)), None),
+        (None, Some(f)) => (
+            f.cron,
+            time_zone.or(f.time_zone),
+            f.starting_deadline_seconds,
+        ),
+        (None, None) if crate::config::is_ini(config) => {
+            let zone =
+                time_zone.or_else(|| jiff::tz::TimeZone::system().iana_name().map(str::to_owned));
+            tracing::info!(
+                "{} has no [schedule]: running daily at 02:00 ({}); set [schedule] cron = ... or pass --cron to change it",
+                config.display(),
+                zone.as_deref().unwrap_or("UTC")
+            );
+            ("0 2 * * *".to_owned(), zone, None)
+        }
+        (None, None) => {
+            return Err(SchedulerError::NoSchedule {
+                config: config.display().to_string(),
+            });
+        }
+    };
+    let schedule =
+        Schedule::parse(&expr, zone.as_deref()).map_err(|source| SchedulerError::Schedule {
+            config: config.display().to_string(),
+            source,
+        })?;
+    Ok(SchedulerOptions {
+        config: config.to_owned(),
+        schedule,
+        deadline: deadline
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_DEADLINE),
+        grace,
+    })
 }
 
 /// How `epic-export schedule` runs.
@@ -99,7 +160,10 @@ pub struct SchedulerOptions {
 }
 
 /// Runs until `stop` turns true (exit 0), or until the schedule never fires again.
-pub async fn run(options: SchedulerOptions, mut stop: watch::Receiver<bool>) -> anyhow::Result<u8> {
+pub async fn run(
+    options: SchedulerOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<u8, SchedulerError> {
     let started = Timestamp::now();
     let first = crate::config::load_plan(&options.config)?;
     let state_file = state_path(&first.output_dir, &first.name);
@@ -133,17 +197,19 @@ pub async fn run(options: SchedulerOptions, mut stop: watch::Receiver<bool>) -> 
             Step::Run(slot) => {
                 // Recorded before the run, like a CronJob's lastScheduleTime: a crash mid-run does
                 // not repeat the slot (the next slot, or the next start within the deadline, runs).
-                if let Err(e) = write_state(
+                if let Err(e) = crate::output::write_json_atomic(
                     &state_file,
                     &State {
                         last_scheduled: Some(slot.to_string()),
                     },
                 ) {
-                    tracing::error!("cannot write {}: {e}", state_file.display());
-                    return Ok(1);
+                    return Err(SchedulerError::State {
+                        path: state_file.display().to_string(),
+                        source: e,
+                    });
                 }
                 tracing::info!("run scheduled for {slot} starting");
-                let run = crate::cli::run_once(&options.config, false);
+                let run = crate::run::run_config_file(&options.config, false);
                 tokio::pin!(run);
                 let code = tokio::select! {
                     code = &mut run => code,
@@ -165,10 +231,13 @@ pub async fn run(options: SchedulerOptions, mut stop: watch::Receiver<bool>) -> 
     }
 }
 
-fn log_code(code: anyhow::Result<u8>) {
-    match code {
-        Ok(code) => tracing::info!(exit_code = code, "run finished"),
-        Err(e) => tracing::error!("run failed: {e:#}"),
+fn log_code(result: Result<RunOutcome, RunError>) {
+    match result {
+        Ok(outcome) => {
+            outcome.print();
+            tracing::info!(exit_code = outcome.exit_code(), "run finished");
+        }
+        Err(e) => tracing::error!("run failed: {e}"),
     }
 }
 
@@ -229,7 +298,7 @@ mod tests {
         let path = state_path(dir.path(), "nightly");
         assert_eq!(read_state(&path).last(), None);
         let t = ts("2026-12-01T08:00:00Z");
-        write_state(
+        crate::output::write_json_atomic(
             &path,
             &State {
                 last_scheduled: Some(t.to_string()),

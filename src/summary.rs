@@ -19,12 +19,37 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn exit_code(self) -> i32 {
+    pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Success => 0,
             Outcome::Failed => 1,
             Outcome::Partial => 3,
         }
+    }
+}
+
+/// How a run retrieved its data (`mode` in summary.json).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    /// Per-patient FHIR searches.
+    Search,
+    /// A Bulk Data `$export`.
+    Bulk,
+}
+
+impl RunMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Search => "search",
+            RunMode::Bulk => "bulk",
+        }
+    }
+}
+
+impl std::fmt::Display for RunMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -48,8 +73,7 @@ pub struct RunSummary {
     pub finished_at: String,
     pub duration_seconds: f64,
     pub fhir_base_url: String,
-    /// `search` or `bulk`.
-    pub mode: String,
+    pub mode: RunMode,
     pub requests: u64,
     pub retries: u64,
     pub token_renewals_after_401: u64,
@@ -123,6 +147,40 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 impl RunSummary {
+    /// A summary with nothing counted yet, no errors and no files: the one way to start one (the
+    /// exporter fills it in as the run ends; a run that failed before it started and the operator's
+    /// report of a Job's run set what they know).
+    pub fn new(
+        export: impl Into<String>,
+        run_id: impl Into<String>,
+        mode: RunMode,
+        fhir_base_url: impl Into<String>,
+        outcome: Outcome,
+    ) -> RunSummary {
+        RunSummary {
+            export: export.into(),
+            run_id: run_id.into(),
+            outcome,
+            started_at: String::new(),
+            finished_at: String::new(),
+            duration_seconds: 0.0,
+            fhir_base_url: fhir_base_url.into(),
+            mode,
+            requests: 0,
+            retries: 0,
+            token_renewals_after_401: 0,
+            resources: Vec::new(),
+            records_total: 0,
+            bytes_total: 0,
+            server_outcomes: 0,
+            search: None,
+            bulk: None,
+            errors: Vec::new(),
+            output_dir: String::new(),
+            notification: None,
+        }
+    }
+
     /// A plain-text table for the terminal.
     pub fn render_table(&self) -> String {
         let mut s = String::new();
@@ -181,7 +239,7 @@ impl RunSummary {
                 b.seconds_waiting,
                 if b.resumed { ", resumed" } else { "" }
             ),
-            (None, None) => self.mode.clone(),
+            (None, None) => self.mode.to_string(),
         };
         let _ = writeln!(
             s,

@@ -252,12 +252,15 @@ fn default_attempts() -> u32 {
     6
 }
 
+/// Whether `path` is the original tool's INI file (by its extension) rather than YAML.
+pub fn is_ini(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
+}
+
 /// Reads a YAML config file and validates it into a plan (reading the roster and resource CSVs).
 pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
-    {
+    if is_ini(path) {
         // The original tool's INI: its paths are already anchored at its app folder.
         let config = ini::config_from_ini(path)?;
         return plan_from_config(config, path, path.parent().unwrap_or(Path::new(".")));
@@ -271,10 +274,7 @@ pub fn load_plan(path: &Path) -> Result<ExportPlan, ConfigError> {
 
 /// The `schedule` block of the config at `path` (an INI file's `[schedule]`), `None` without one.
 pub fn load_schedule(path: &Path) -> Result<Option<ScheduleConfig>, ConfigError> {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("ini"))
-    {
+    if is_ini(path) {
         return ini::schedule_from_ini(path);
     }
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

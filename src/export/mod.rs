@@ -204,17 +204,9 @@ impl RunContext<'_> {
         let counters = &self.client.counters;
         let plan = self.plan;
         let summary = RunSummary {
-            export: plan.name.clone(),
-            run_id: writer.run_id().to_owned(),
-            outcome,
             started_at: self.start_ts.to_string(),
             finished_at: jiff::Timestamp::now().to_string(),
             duration_seconds: self.started.elapsed().as_secs_f64(),
-            fhir_base_url: plan.fhir_base.clone(),
-            mode: match plan.source {
-                Source::Search(_) => "search".into(),
-                Source::Bulk(_) => "bulk".into(),
-            },
             requests: counters.requests.load(Ordering::Relaxed),
             retries: counters.retries.load(Ordering::Relaxed),
             token_renewals_after_401: counters.renewals.load(Ordering::Relaxed),
@@ -232,7 +224,13 @@ impl RunContext<'_> {
             }
             .display()
             .to_string(),
-            notification: None,
+            ..RunSummary::new(
+                &plan.name,
+                writer.run_id(),
+                plan.mode(),
+                &plan.fhir_base,
+                outcome,
+            )
         };
         let run_id = summary.run_id.clone();
         let dir = if outcome == Outcome::Failed {

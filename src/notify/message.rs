@@ -98,7 +98,7 @@ pub fn render(s: &RunSummary) -> Rendered {
         ("Started", s.started_at.clone()),
         ("Finished", s.finished_at.clone()),
         ("Duration", duration_text(s.duration_seconds)),
-        ("Mode", s.mode.clone()),
+        ("Mode", s.mode.to_string()),
         ("FHIR server", s.fhir_base_url.clone()),
         (
             "Requests",
@@ -225,7 +225,7 @@ pub fn render(s: &RunSummary) -> Rendered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::summary::TypeCount;
+    use crate::summary::{RunMode, TypeCount};
 
     fn summary() -> RunSummary {
         RunSummary {
@@ -236,7 +236,7 @@ mod tests {
             finished_at: "2026-11-28T02:01:05Z".into(),
             duration_seconds: 65.2,
             fhir_base_url: "https://fhir.example.org/R4".into(),
-            mode: "search".into(),
+            mode: RunMode::Search,
             requests: 40,
             retries: 2,
             token_renewals_after_401: 0,

@@ -188,44 +188,6 @@ pub fn check_server(
     }
 }
 
-/// The summary of a run that failed before it wrote anything (key, authentication, output folder),
-/// for the notification only.
-pub fn summary_of_failed_start(
-    plan: &crate::plan::ExportPlan,
-    started_at: jiff::Timestamp,
-    duration_seconds: f64,
-    error: &str,
-) -> RunSummary {
-    RunSummary {
-        export: plan.name.clone(),
-        run_id: started_at.strftime("%Y%m%dT%H%M%SZ").to_string(),
-        outcome: Outcome::Failed,
-        started_at: started_at.to_string(),
-        finished_at: jiff::Timestamp::now().to_string(),
-        duration_seconds,
-        fhir_base_url: plan.fhir_base.clone(),
-        mode: match plan.source {
-            crate::plan::Source::Search(_) => "search".into(),
-            crate::plan::Source::Bulk(_) => "bulk".into(),
-        },
-        requests: 0,
-        retries: 0,
-        token_renewals_after_401: 0,
-        resources: Vec::new(),
-        records_total: 0,
-        bytes_total: 0,
-        server_outcomes: 0,
-        search: None,
-        bulk: None,
-        errors: vec![error.to_owned()],
-        output_dir: format!(
-            "{} (nothing was written)",
-            plan.output_dir.join(&plan.name).display()
-        ),
-        notification: None,
-    }
-}
-
 /// What became of a notification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NotifyResult {

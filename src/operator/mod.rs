@@ -1,7 +1,6 @@
 //! The Kubernetes side: the `EpicExport` custom resource (`crd`), the export Jobs built from it
-//! (`job`, with the images they may run in `images`), with the pod's entry point (`epic-export job`,
-//! `run_job`), the operator that runs them on schedule (`controller`, with its `metrics`; it reads the
-//! key Secrets, laid out as `key_secret` says, and publishes their public keys in the status), and the
+//! (`job`, with the images they may run in `images`; the pod runs `crate::run::run_job`), the operator
+//! that runs them on schedule (`controller`, with its `metrics`; it reads the key Secrets, laid out as `key_secret` says, and publishes their public keys in the status), and the
 //! JWK Set endpoint serving those public keys (`jwks`, a process of its own: `epic-export jwks-server`,
 //! which reads nothing but EpicExports).
 
@@ -14,60 +13,6 @@ pub mod jwks;
 pub mod key_secret;
 pub mod lease;
 pub mod metrics;
-
-use std::path::Path;
-
-use job::{JOB_CONFIG_ENV, RunReportMessage};
-
-/// What an export Job's pod runs (`epic-export job`): the config from `EPIC_EXPORT_JOB`, one export run,
-/// and the run report written to `termination_log` for the controller. Returns the exit code (as
-/// `epic-export run`: 0 success, 3 partial, 4 unfinished, 1 failed).
-pub async fn run_job(termination_log: &Path) -> u8 {
-    let (code, report) = match job_run().await {
-        Ok(summary) => (
-            summary.outcome.exit_code() as u8,
-            RunReportMessage::from_summary(&summary),
-        ),
-        Err((code, outcome, message)) => {
-            tracing::error!("{message}");
-            let report = RunReportMessage {
-                outcome: outcome.into(),
-                errors: vec![message],
-                ..RunReportMessage::default()
-            };
-            (code, report)
-        }
-    };
-    if let Err(e) = std::fs::write(termination_log, report.to_message()) {
-        tracing::warn!(
-            "cannot write the termination message to {}: {e}",
-            termination_log.display()
-        );
-    }
-    code
-}
-
-type JobFailure = (u8, &'static str, String);
-
-async fn job_run() -> Result<crate::summary::RunSummary, JobFailure> {
-    let failed = |message: String| (1, "failed", message);
-    let text = std::env::var(JOB_CONFIG_ENV).map_err(|_| {
-        failed(format!(
-            "the environment variable {JOB_CONFIG_ENV} (the run's config) is not set"
-        ))
-    })?;
-    let plan = crate::config::plan_from_text(&text, Path::new(JOB_CONFIG_ENV), Path::new("/"))
-        .map_err(|e| failed(e.to_string()))?;
-    match crate::export::run(&plan, &crate::export::RunOptions { interactive: false }).await {
-        Ok(report) => Ok(report.summary),
-        Err(crate::export::ExportError::Unfinished(why)) => Err((
-            crate::cli::EXIT_UNFINISHED,
-            "unfinished",
-            format!("unfinished: {why}"),
-        )),
-        Err(e) => Err(failed(e.to_string())),
-    }
-}
 
 /// How `epic-export controller` runs.
 #[derive(Clone, Debug)]

@@ -18,14 +18,31 @@ use serde::Serialize;
 
 pub use retention::{remove_old_runs, sweep_leftovers};
 
-/// Writes `value` as JSON to `path` atomically (a temporary file renamed over it), mode 0600.
+/// Writes `value` as JSON to `path` atomically (a temporary file renamed over it), mode 0600, creating
+/// its folder (0700) if needed: every state file (bulk progress, cooldown, schedule) and summary.json.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_private_dir(dir)?;
+    }
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     text.push(b'\n');
     write_new_private_file(&tmp, &text)?;
     fs::rename(&tmp, path)
+}
+
+/// Reads a state file written by [`write_json_atomic`]: `None` when it is missing, and when it is not
+/// valid (a warning says so; state is a hint, never a reason to stop).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!("ignoring {}: not valid ({e})", path.display());
+            None
+        }
+    }
 }
 
 pub const ERRORS_DIR: &str = "errors";

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::output::write_json_atomic;
+use crate::output::{read_json as read, write_json_atomic};
 
 pub const PENDING_FILE: &str = "bulk-status.json";
 const COOLDOWN_FILE: &str = ".bulk-cooldown.json";
@@ -42,17 +42,6 @@ pub struct Cooldown {
 pub struct LastSuccess {
     pub transaction_time: String,
     pub run_id: String,
-}
-
-fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
-    let bytes = std::fs::read(path).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::warn!("ignoring {}: not valid ({e})", path.display());
-            None
-        }
-    }
 }
 
 pub fn read_pending(marker: &Path) -> Option<Pending> {

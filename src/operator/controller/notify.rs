@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use super::dereference::name_problem;
 use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode, notify_run};
 use crate::operator::crd::{ConfigMapKeyRef, EmailSpec, EpicExport, LastRun};
-use crate::summary::{Outcome, RunSummary, TypeCount};
+use crate::summary::{Outcome, RunMode, RunSummary, TypeCount};
 
 /// A mistake in `spec.notify.email`, naming the field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -222,22 +222,15 @@ fn run_summary(export: &EpicExport, last: &LastRun, outcome: Outcome) -> RunSumm
         (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(0.0),
         _ => 0.0,
     };
+    let mode = if export.spec.source.bulk.is_some() {
+        RunMode::Bulk
+    } else {
+        RunMode::Search
+    };
     RunSummary {
-        export: export.name_any(),
-        run_id: last.job_name.clone(),
-        outcome,
         started_at: last.started_at.clone().unwrap_or_default(),
         finished_at: last.finished_at.clone().unwrap_or_default(),
         duration_seconds: duration,
-        fhir_base_url: export.spec.fhir.base_url.clone(),
-        mode: if export.spec.source.bulk.is_some() {
-            "bulk".into()
-        } else {
-            "search".into()
-        },
-        requests: 0,
-        retries: 0,
-        token_renewals_after_401: 0,
         resources: last
             .records_by_type
             .iter()
@@ -250,11 +243,14 @@ fn run_summary(export: &EpicExport, last: &LastRun, outcome: Outcome) -> RunSumm
             .collect(),
         records_total: last.records,
         bytes_total: last.bytes,
-        server_outcomes: 0,
-        search: None,
-        bulk: None,
         errors: last.errors.clone(),
         output_dir: last.output_path.clone().unwrap_or_default(),
-        notification: None,
+        ..RunSummary::new(
+            export.name_any(),
+            &last.job_name,
+            mode,
+            &export.spec.fhir.base_url,
+            outcome,
+        )
     }
 }
