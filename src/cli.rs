@@ -213,10 +213,24 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(e.as_ref()));
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// The error and its causes in one line; a cause the message already quotes is not repeated.
+fn message(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<u8> {
@@ -258,7 +272,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             )?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
-                terminated().await;
+                crate::task::terminated().await;
                 let _ = stop_tx.send(true);
             });
             Ok(crate::scheduler::run(options, stop_rx).await?)
@@ -315,7 +329,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     crate::operator::lease::LeaseSettings::new(args.lease_namespace, identity)
                 }),
             };
-            crate::operator::serve_controller(client, options, terminated()).await
+            crate::operator::serve_controller(client, options, crate::task::terminated()).await
         }
         Command::JwksServer(args) => {
             let client = kube_client().await?;
@@ -328,7 +342,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     rotation_max_age: std::time::Duration::from_secs(args.rotation_max_age),
                 },
             };
-            crate::operator::serve_jwks_server(client, options, terminated()).await
+            crate::operator::serve_jwks_server(client, options, crate::task::terminated()).await
         }
         Command::Crd => {
             print!("{}", crate::operator::crd::crd_yaml());
@@ -348,28 +362,4 @@ async fn kube_client() -> anyhow::Result<kube::Client> {
             "cannot reach the Kubernetes API: {e} (in a pod, check the ServiceAccount; outside, KUBECONFIG)"
         )
     })
-}
-
-/// Completes on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn terminated() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutting down");
 }

@@ -5,11 +5,40 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::auth::{Algorithm, KeyError, SigningKey, keys};
+use crate::config::ConfigError;
+use crate::export::{RunOptions, RunReport};
+use crate::run::{RunError, RunOutcome};
+use crate::sandbox::{
+    ClientKeys, ClientRegistration, SANDBOX_GROUP_ID, Sandbox, SandboxError, SandboxOptions,
+};
 
-use crate::auth::{Algorithm, SigningKey, keys};
-use crate::export::{self, RunOptions, RunReport};
-use crate::sandbox::{ClientKeys, ClientRegistration, SANDBOX_GROUP_ID, Sandbox, SandboxOptions};
+/// Why the demo stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{what}: {source}")]
+    Write {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("building the demo JWKS: {0}")]
+    Jwks(serde_json::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("the demo's export did not finish: {0}")]
+    Unfinished(String),
+}
+
+fn write_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Write { what, source }
+}
 
 /// The resource list the demo exports (the original tool's CSV format).
 pub const DEMO_RESOURCES_CSV: &str = "resource_type,search_params
@@ -45,11 +74,11 @@ pub fn write_demo_files(
     sandbox: &Sandbox,
     patient_ids: &[String],
     bulk: bool,
-) -> anyhow::Result<PathBuf> {
+) -> Result<PathBuf, DemoError> {
     let keys_dir = dir.join("keys");
     if keys_dir.join("private.pem").exists() {
         std::fs::remove_file(keys_dir.join("private.pem"))
-            .context("removing the previous demo key")?;
+            .map_err(write_error("removing the previous demo key"))?;
     }
     keys::write_key_pair(key, &keys_dir)?;
     let mut roster = String::from("patient_id\n");
@@ -57,9 +86,9 @@ pub fn write_demo_files(
         roster.push_str(id);
         roster.push('\n');
     }
-    std::fs::write(dir.join("roster.csv"), roster).context("writing roster.csv")?;
+    std::fs::write(dir.join("roster.csv"), roster).map_err(write_error("writing roster.csv"))?;
     std::fs::write(dir.join("resources.csv"), DEMO_RESOURCES_CSV)
-        .context("writing resources.csv")?;
+        .map_err(write_error("writing resources.csv"))?;
     let config = format!(
         "# Written by `epic-export demo` for its throwaway sandbox (gone when the demo ends).\n\
          name: demo\n\
@@ -77,14 +106,14 @@ pub fn write_demo_files(
         },
     );
     let path = dir.join("epic-export.yaml");
-    std::fs::write(&path, config).context("writing epic-export.yaml")?;
+    std::fs::write(&path, config).map_err(write_error("writing epic-export.yaml"))?;
     Ok(path)
 }
 
 /// Runs the demo and returns the run's report.
-pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
+pub async fn run(opts: &DemoOptions) -> Result<RunReport, DemoError> {
     crate::output::create_private_dir(&opts.out)
-        .with_context(|| format!("creating {}", opts.out.display()))?;
+        .map_err(write_error(format!("creating {}", opts.out.display())))?;
     let sandbox = Sandbox::start(SandboxOptions {
         patients: opts.patients,
         ..SandboxOptions::default()
@@ -92,8 +121,8 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
     .await?;
     println!("sandbox listening: {}", sandbox.base_url());
     let key = SigningKey::generate(Algorithm::ES384)?;
-    let jwks = serde_json::from_value(keys::jwks(std::slice::from_ref(&key)))
-        .context("building the demo JWKS")?;
+    let jwks =
+        serde_json::from_value(keys::jwks(std::slice::from_ref(&key))).map_err(DemoError::Jwks)?;
     sandbox.register_client(ClientRegistration {
         client_id: DEMO_CLIENT_ID.into(),
         keys: ClientKeys::Jwks(jwks),
@@ -105,7 +134,7 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
         opts.out.display()
     );
     let plan = crate::config::load_plan(&config)?;
-    let report = export::run(
+    let outcome = crate::run::run_once(
         &plan,
         &RunOptions {
             interactive: opts.interactive,
@@ -113,5 +142,8 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<RunReport> {
     )
     .await;
     sandbox.shutdown().await;
-    Ok(report?)
+    match outcome? {
+        RunOutcome::Finished(report) => Ok(report),
+        RunOutcome::Unfinished(why) => Err(DemoError::Unfinished(why)),
+    }
 }

@@ -4,10 +4,51 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use jsonwebtoken::jwk::JwkSet;
 
-use super::{ClientKeys, ClientRegistration, Sandbox, SandboxOptions};
+use super::{ClientKeys, ClientRegistration, Sandbox, SandboxError, SandboxOptions};
+
+/// What is wrong with the `sandbox` command's arguments, or why the sandbox could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxArgsError {
+    #[error("--rate-429 plus --rate-5xx must not exceed 1")]
+    Rates,
+    #[error("{0} is too large")]
+    TooLarge(&'static str),
+    #[error("--client {spec}: {problem}")]
+    Client { spec: String, problem: &'static str },
+    #[error("--client {client_id}: `{url}` is not a valid URL: {source}")]
+    ClientUrl {
+        client_id: String,
+        url: String,
+        source: url::ParseError,
+    },
+    #[error("--client: JWKS file {path}: cannot read it: {source}")]
+    JwksRead {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--client: JWKS file {path}: not a JWK Set (JSON with a `keys` array): {source}")]
+    JwksParse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("--bind {bind}: cannot start the sandbox: {source}")]
+    Start {
+        bind: SocketAddr,
+        source: SandboxError,
+    },
+    #[error("--write-roster {path}: cannot write it: {source}")]
+    WriteRoster {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A value clap refuses, with what to write instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(String);
 
 /// Run the built-in Epic-compatible FHIR sandbox.
 #[derive(clap::Args, Debug, Clone)]
@@ -69,42 +110,45 @@ pub struct SandboxArgs {
 }
 
 /// An http(s) origin (scheme, host, optional port; no path), without a trailing slash.
-fn parse_public_url(s: &str) -> Result<String, String> {
-    let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+fn parse_public_url(s: &str) -> Result<String, InvalidValue> {
+    let url = url::Url::parse(s).map_err(|e| InvalidValue(format!("`{s}` is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
+        return Err(InvalidValue(format!(
             "`{s}` must be an http:// or https:// URL with a host"
-        ));
+        )));
     }
     if url.path() != "/" || url.query().is_some() {
-        return Err(format!(
+        return Err(InvalidValue(format!(
             "`{s}` must be an origin only (e.g. http://epic-sandbox.ns.svc:8080): the sandbox serves FHIR under {}",
             super::FHIR_PATH
-        ));
+        )));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
 
-fn parse_rate(s: &str) -> Result<f64, String> {
-    let rate: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+fn parse_rate(s: &str) -> Result<f64, InvalidValue> {
+    let rate: f64 = s
+        .parse()
+        .map_err(|_| InvalidValue(format!("`{s}` is not a number")))?;
     if (0.0..=1.0).contains(&rate) {
         Ok(rate)
     } else {
-        Err(format!("`{s}` is not between 0 and 1"))
+        Err(InvalidValue(format!("`{s}` is not between 0 and 1")))
     }
 }
 
 impl SandboxArgs {
     /// The server options these arguments describe.
-    pub fn options(&self) -> anyhow::Result<SandboxOptions> {
+    pub fn options(&self) -> Result<SandboxOptions, SandboxArgsError> {
         if self.rate_429 + self.rate_5xx > 1.0 {
-            bail!("--rate-429 plus --rate-5xx must not exceed 1");
+            return Err(SandboxArgsError::Rates);
         }
         Ok(SandboxOptions {
             bind: self.bind,
             public_origin: self.public_url.clone(),
             patients: self.patients,
-            page_size: usize::try_from(self.page_size).context("--page-size is too large")?,
+            page_size: usize::try_from(self.page_size)
+                .map_err(|_| SandboxArgsError::TooLarge("--page-size"))?,
             latency: Duration::from_millis(self.latency_ms),
             token_lifetime: Duration::from_secs(self.token_lifetime_secs),
             rate_429: self.rate_429,
@@ -114,7 +158,7 @@ impl SandboxArgs {
             bulk_retry_after: Some(self.bulk_retry_after.trim().to_owned())
                 .filter(|v| !v.is_empty()),
             bulk_file_size: usize::try_from(self.bulk_file_size)
-                .context("--bulk-file-size is too large")?,
+                .map_err(|_| SandboxArgsError::TooLarge("--bulk-file-size"))?,
             bulk_throttle: Duration::from_secs(self.bulk_throttle_secs),
             bulk_expiry: Duration::from_secs(self.bulk_expiry_secs),
             bulk_files_on_storage: self.bulk_files_on_storage,
@@ -122,43 +166,62 @@ impl SandboxArgs {
     }
 
     /// The client registrations named by `--client`, with their keys loaded.
-    pub fn registrations(&self) -> anyhow::Result<Vec<ClientRegistration>> {
+    pub fn registrations(&self) -> Result<Vec<ClientRegistration>, SandboxArgsError> {
         self.clients
             .iter()
             .map(|spec| {
+                let client = |problem| SandboxArgsError::Client {
+                    spec: spec.clone(),
+                    problem,
+                };
                 let Some((client_id, source)) = spec.split_once('=') else {
-                    bail!("--client {spec}: write CLIENT_ID=JWKS_FILE or CLIENT_ID=https://host/jwks.json");
+                    return Err(client(
+                        "write CLIENT_ID=JWKS_FILE or CLIENT_ID=https://host/jwks.json",
+                    ));
                 };
                 if client_id.is_empty() || source.is_empty() {
-                    bail!("--client {spec}: both the client id and the key source are needed");
+                    return Err(client("both the client id and the key source are needed"));
                 }
                 let keys = if source.starts_with("http://") || source.starts_with("https://") {
-                    url::Url::parse(source)
-                        .with_context(|| format!("--client {client_id}: `{source}` is not a valid URL"))?;
+                    url::Url::parse(source).map_err(|e| SandboxArgsError::ClientUrl {
+                        client_id: client_id.to_owned(),
+                        url: source.to_owned(),
+                        source: e,
+                    })?;
                     ClientKeys::JwksUrl(source.to_owned())
                 } else {
                     ClientKeys::Jwks(read_jwks(source)?)
                 };
-                Ok(ClientRegistration { client_id: client_id.to_owned(), keys })
+                Ok(ClientRegistration {
+                    client_id: client_id.to_owned(),
+                    keys,
+                })
             })
             .collect()
     }
 }
 
-fn read_jwks(path: &str) -> anyhow::Result<JwkSet> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--client: JWKS file {path}: cannot read it"))?;
-    serde_json::from_str(&text).with_context(|| {
-        format!("--client: JWKS file {path}: not a JWK Set (JSON with a `keys` array)")
+fn read_jwks(path: &str) -> Result<JwkSet, SandboxArgsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SandboxArgsError::JwksRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| SandboxArgsError::JwksParse {
+        path: path.to_owned(),
+        source,
     })
 }
 
 /// Starts the sandbox, prints its URLs and serves until Ctrl-C or SIGTERM.
-pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
+pub async fn serve(args: SandboxArgs) -> Result<(), SandboxArgsError> {
     let registrations = args.registrations()?;
-    let sandbox = Sandbox::start(args.options()?)
-        .await
-        .with_context(|| format!("--bind {}: cannot start the sandbox", args.bind))?;
+    let sandbox =
+        Sandbox::start(args.options()?)
+            .await
+            .map_err(|source| SandboxArgsError::Start {
+                bind: args.bind,
+                source,
+            })?;
     for reg in registrations {
         tracing::info!(client_id = %reg.client_id, "client registered");
         sandbox.register_client(reg);
@@ -169,37 +232,17 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
             csv.push_str(&id);
             csv.push('\n');
         }
-        std::fs::write(path, csv)
-            .with_context(|| format!("--write-roster {}: cannot write it", path.display()))?;
+        std::fs::write(path, csv).map_err(|source| SandboxArgsError::WriteRoster {
+            path: path.display().to_string(),
+            source,
+        })?;
         println!("Roster: {}", path.display());
     }
     println!("FHIR base URL: {}", sandbox.base_url());
     println!("Token URL: {}", sandbox.token_url());
     println!("Bulk Data group: {}", super::SANDBOX_GROUP_ID);
     println!("Storage origin: {}", sandbox.storage_origin());
-    shutdown_signal().await;
-    tracing::info!("shutting down the sandbox");
+    crate::task::terminated().await;
     sandbox.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
