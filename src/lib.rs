@@ -29,4 +29,5 @@ pub mod schedule;
 pub mod scheduler;
 pub mod summary;
 pub mod task;
+pub mod text;
 pub mod trust;

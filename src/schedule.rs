@@ -7,7 +7,7 @@
 //!
 //! # Schedule syntax
 //!
-//! The same as a `batch/v1` CronJob (robfig/cron `ParseStandard`, see operator-notes 4.1): five fields
+//! The same as a `batch/v1` CronJob (robfig/cron `ParseStandard`): five fields
 //! `minute hour day-of-month month day-of-week`, with `*`, `,`, `-`, `/` (`N/step` means `N-max/step`),
 //! month names `JAN`–`DEC` and day names `SUN`–`SAT` (case-insensitive), or one of the macros
 //! `@hourly @daily @midnight @weekly @monthly @yearly @annually`. When both day-of-month and
@@ -454,7 +454,7 @@ impl fmt::Display for ScheduleNote {
     }
 }
 
-/// Upstream CronJob semantics (operator-notes 4.1), one pass:
+/// Upstream CronJob semantics, one pass:
 ///
 /// - `suspend` ⇒ nothing starts and no requeue (status upkeep only; a later unsuspend may still
 ///   run the most recent slot if it is within the deadline).
@@ -553,11 +553,7 @@ fn unix_minutes(t: Timestamp) -> i64 {
 /// The export name must be at most 52 characters (the CRD enforces it), so the result fits a
 /// 63-character DNS label; a longer name is cut to 52 (and any trailing `-` dropped) as a safety net.
 pub fn job_name(export: &str, scheduled: Timestamp) -> String {
-    let mut end = export.len().min(MAX_EXPORT_NAME_LEN);
-    while !export.is_char_boundary(end) {
-        end -= 1;
-    }
-    let base = export[..end].trim_end_matches('-');
+    let base = crate::text::truncate(export, MAX_EXPORT_NAME_LEN).trim_end_matches('-');
     format!("{base}-{}", unix_minutes(scheduled))
 }
 

@@ -303,7 +303,7 @@ impl TokenSource {
                 let error = err.error.unwrap_or_else(|| "(no OAuth error code)".into());
                 let description = err
                     .error_description
-                    .map(|d| format!(": {}", truncate(&d, 300)))
+                    .map(|d| format!(": {}", crate::text::truncate(&d, 300)))
                     .unwrap_or_default();
                 if error == "invalid_client" {
                     return Err(AuthError::InvalidClient {
@@ -397,13 +397,6 @@ pub fn describe_skew(server_date: Option<SystemTime>, now: SystemTime) -> String
                 )
             }
         }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

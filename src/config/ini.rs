@@ -1,4 +1,4 @@
-//! The original Node.js tool's `backend_epic_using_jwt.ini` (DESIGN.md 4.2), read into the same
+//! The original Node.js tool's `backend_epic_using_jwt.ini`, read into the same
 //! [`Config`](super::Config) as a YAML config, so a migrating user changes nothing but the command.
 //!
 //! Format: `[section]` headers, `key = value` lines, `;` and `#` comment lines, values optionally in
@@ -6,7 +6,7 @@
 //! a cycle or an unknown name is an error naming the line). Windows-style paths (`C:\FHIR\Backend`,
 //! backslashes) are accepted: backslashes become `/`, and a drive letter is refused on a system
 //! without drives, naming the key. Unknown sections and keys are warned about, not fatal; a missing
-//! required key is named with its section. The key mapping is documented in README.md.
+//! required key is named with its section. The key mapping is documented in docs/src/scheduling.md.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,18 +260,15 @@ fn email(ini: &Resolved<'_>, app: &Path) -> Result<Option<Value>, ConfigError> {
         }
         // A local bridge (ProtonMail Bridge) presents a self-signed certificate, which the original
         // tool accepted; keep that for loopback hosts only (never for a remote server).
-        None if is_loopback(&email["host"]) => email["insecureSkipVerify"] = json!(true),
+        None if email["host"]
+            .as_str()
+            .is_some_and(crate::trust::is_loopback_host) =>
+        {
+            email["insecureSkipVerify"] = json!(true)
+        }
         None => {}
     }
     Ok(Some(email))
-}
-
-fn is_loopback(host: &Value) -> bool {
-    let host = host.as_str().unwrap_or_default();
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_bool(v: &str) -> Option<bool> {

@@ -1,4 +1,5 @@
-//! The standalone configuration file (YAML, DESIGN.md 4.1) and its conversion into an `ExportPlan`.
+//! The standalone configuration file (YAML; its keys are documented in docs/src/first-export.md) and
+//! its conversion into an `ExportPlan`.
 //!
 //! This module only reads and validates; it does no networking. Every error names the file and the
 //! field (or CSV line) and says what to write instead. Relative paths are relative to the config file.
@@ -89,7 +90,7 @@ pub struct NotifyConfig {
     pub email: Option<EmailConfig>,
 }
 
-/// `notify.email` (DESIGN.md 4.1). The password never comes from the config itself: `passwordEnv`
+/// `notify.email`. The password never comes from the config itself: `passwordEnv`
 /// names an environment variable, `passwordFile` a file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -8,8 +8,8 @@ use crate::summary::{Outcome, RunSummary};
 
 /// Errors listed in a message; the rest are counted.
 pub const MAX_ERRORS: usize = 5;
-/// Longest error text in a message (characters); longer ones are cut with "…".
-pub const MAX_ERROR_CHARS: usize = 300;
+/// Longest error text in a message (bytes); longer ones are cut with "…".
+pub const MAX_ERROR_BYTES: usize = 300;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendered {
@@ -42,18 +42,13 @@ pub fn escape_html(s: &str) -> String {
     out
 }
 
-fn shorten(s: &str, max: usize) -> String {
-    let one_line: String = s
+/// `s` on one line (control characters become spaces), at most `max` bytes.
+fn one_line(s: &str, max: usize) -> String {
+    let line: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if one_line.chars().count() <= max {
-        one_line
-    } else {
-        let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
-        cut.push('…');
-        cut
-    }
+    crate::text::shorten(&line, max).into_owned()
 }
 
 fn duration_text(seconds: f64) -> String {
@@ -71,7 +66,7 @@ fn duration_text(seconds: f64) -> String {
 /// The subject: `[epic-export] <name>: <outcome> — <N> records`.
 pub fn subject(s: &RunSummary) -> String {
     // Header-safe: no control characters (the export name is validated anyway).
-    shorten(
+    one_line(
         &format!(
             "[epic-export] {}: {} — {} records",
             s.export,
@@ -88,7 +83,7 @@ pub fn render(s: &RunSummary) -> Rendered {
         .errors
         .iter()
         .take(MAX_ERRORS)
-        .map(|e| shorten(e, MAX_ERROR_CHARS))
+        .map(|e| one_line(e, MAX_ERROR_BYTES))
         .collect();
     let more_errors = s.errors.len().saturating_sub(MAX_ERRORS);
     let facts: Vec<(&str, String)> = vec![
@@ -283,7 +278,7 @@ mod tests {
             assert!(part.contains("1 min 5 s"));
             assert!(part.contains("and 3 more"));
             assert!(part.contains('…'), "long errors are shortened");
-            assert!(!part.contains(&"x".repeat(MAX_ERROR_CHARS)));
+            assert!(!part.contains(&"x".repeat(MAX_ERROR_BYTES)));
         }
         assert!(r.text.contains("search 4 failed"));
         assert!(!r.text.contains("search 5 failed"));

@@ -1,4 +1,4 @@
-//! E-mail notifications about standalone runs (`notify.email`, DESIGN.md 4.1).
+//! E-mail notifications about standalone runs (`notify.email`).
 //!
 //! After `epic-export run` ends, the run's `RunSummary` is rendered into a short message (`message`,
 //! pure: counts, sizes, duration, shortened errors, the output folder; never patient ids or resource

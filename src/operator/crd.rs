@@ -1,5 +1,5 @@
 //! The `EpicExport` custom resource (`fhirexport.dev/v1alpha1`): its spec mirrors the standalone config
-//! (DESIGN.md 4.1) with Kubernetes references instead of paths, plus CronJob-style scheduling fields and
+//! with Kubernetes references instead of paths, plus CronJob-style scheduling fields and
 //! pod settings; its status is kstatus-compatible. Field docs become the CRD's descriptions
 //! (`kubectl explain epicexport.spec`). `epic-export crd` prints the CRD; `crds/epicexport.yaml` is its
 //! committed output.

@@ -1,7 +1,7 @@
 //! Building an export run's Kubernetes Job from an `EpicExport` (pure: no API calls), and the compact
 //! run report the Job's pod leaves in its termination message.
 //!
-//! The pod runs `epic-export job`. Its whole configuration is the standalone config (DESIGN.md 4.1) as
+//! The pod runs `epic-export job`. Its whole configuration is the standalone config as
 //! JSON in the `EPIC_EXPORT_JOB` environment variable, so `kubectl describe` shows it; it holds no
 //! secret, only paths: the key Secret is mounted read-only (mode 0400), the roster and resource
 //! ConfigMaps as files, the PersistentVolumeClaim for output. The pod runs as non-root with a read-only

@@ -1,6 +1,6 @@
 //! The run folder: streaming NDJSON files, the manifest, the summary, and publishing a run atomically.
 //!
-//! Layout (DESIGN.md 4.3): `<dir>/<export>/<run-id>/` with one `<Type>.ndjson` per resource type,
+//! Layout: `<dir>/<export>/<run-id>/` with one `<Type>.ndjson` per resource type,
 //! `errors/`, `manifest.json` and `summary.json`. A run is written under `.<run-id>.partial/` and renamed
 //! into place only when complete, then `latest` is pointed at it; a fatal failure renames it to
 //! `.<run-id>.failed/` instead. Files are `0600`, folders `0700`. A lock file keeps two runs of one export
@@ -151,13 +151,9 @@ impl NdjsonFile {
             relative: self.relative,
             count: self.count,
             bytes: self.bytes,
-            sha256: hex(self.sha.finish().as_ref()),
+            sha256: crate::text::hex(self.sha.finish().as_ref()),
         })
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A closed output file as listed in the manifest.

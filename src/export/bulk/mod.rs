@@ -30,7 +30,7 @@ use crate::plan::{BulkLevel, BulkPlan, Since};
 use crate::progress::Progress;
 use crate::summary::BulkStats;
 
-/// Epic's words when a Group was exported too recently (protocol-notes 1.7).
+/// Epic's words when a Group was exported too recently.
 const THROTTLE_TEXT: &str = "too recently";
 /// Poll intervals: the server's `Retry-After` is clamped to this range; without one, backoff doubles up to the top.
 const MIN_POLL: Duration = Duration::from_secs(1);

@@ -158,11 +158,10 @@ pub fn on_demand_job_name(export: &str, token: &str) -> String {
     let hash = token.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
-    let mut end = export.len().min(MAX_EXPORT_NAME_LEN);
-    while !export.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}-r{hash:08x}", export[..end].trim_end_matches('-'))
+    format!(
+        "{}-r{hash:08x}",
+        crate::text::truncate(export, MAX_EXPORT_NAME_LEN).trim_end_matches('-')
+    )
 }
 
 /// Finished runs beyond the limits, oldest first out: `successful` succeeded and `failed` failed runs
