@@ -10,8 +10,15 @@ use crate::auth::token::describe_skew;
 use crate::export::{ExportError, connect};
 use crate::plan::ExportPlan;
 
-/// Runs the checks and returns the report to print; `Err` carries the report of what failed.
-pub async fn check(plan: &ExportPlan) -> Result<String, String> {
+/// What `check` found: the report to print, and whether every check passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    pub text: String,
+    pub passed: bool,
+}
+
+/// Runs the checks in order and returns the report to print (up to and including what failed).
+pub async fn check(plan: &ExportPlan) -> CheckReport {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -23,7 +30,10 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
         Ok(c) => c,
         Err(e) => {
             let _ = writeln!(out, "{}", fail_line(&e));
-            return Err(out);
+            return CheckReport {
+                text: out,
+                passed: false,
+            };
         }
     };
     let _ = writeln!(
@@ -68,11 +78,17 @@ pub async fn check(plan: &ExportPlan) -> Result<String, String> {
                 "clock:{}",
                 describe_skew(grant.server_date, SystemTime::now())
             );
-            if failed { Err(out) } else { Ok(out) }
+            CheckReport {
+                text: out,
+                passed: !failed,
+            }
         }
         Err(e) => {
             let _ = writeln!(out, "token: FAILED\n{e}");
-            Err(out)
+            CheckReport {
+                text: out,
+                passed: false,
+            }
         }
     }
 }

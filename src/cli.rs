@@ -279,16 +279,9 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         }
         Command::Check { config } => {
             let plan = crate::config::load_plan(&config)?;
-            match crate::check::check(&plan).await {
-                Ok(report) => {
-                    print!("{report}");
-                    Ok(0)
-                }
-                Err(report) => {
-                    print!("{report}");
-                    Ok(1)
-                }
-            }
+            let report = crate::check::check(&plan).await;
+            print!("{}", report.text);
+            Ok(if report.passed { 0 } else { EXIT_FAILED })
         }
         Command::Keygen {
             alg,

@@ -16,34 +16,53 @@ pub enum LogFormat {
     Json,
 }
 
+/// Why the log file cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFileError {
+    #[error("--log-file {0}: not a file name")]
+    NotAFile(String),
+    #[error("--log-file {path}: cannot create {dir}: {source}")]
+    Folder {
+        path: String,
+        dir: String,
+        source: std::io::Error,
+    },
+    #[error("--log-file {path}: {source}")]
+    Open {
+        path: String,
+        source: tracing_appender::rolling::InitError,
+    },
+}
+
 /// A daily-rotated log file: `PATH` becomes `PATH.YYYY-MM-DD` (UTC), one file a day.
-fn appender(path: &Path) -> Result<RollingFileAppender, String> {
+fn appender(path: &Path) -> Result<RollingFileAppender, LogFileError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
     let name = path
         .file_name()
-        .ok_or_else(|| format!("--log-file {}: not a file name", path.display()))?;
+        .ok_or_else(|| LogFileError::NotAFile(path.display().to_string()))?;
     // The folder is made 0700 and the files 0600 (the process' umask is 077, see `cli`): a log may
     // name the export's folders and servers, and is kept like the runs.
-    crate::output::create_private_dir(&dir).map_err(|e| {
-        format!(
-            "--log-file {}: cannot create {}: {e}",
-            path.display(),
-            dir.display()
-        )
+    crate::output::create_private_dir(&dir).map_err(|source| LogFileError::Folder {
+        path: path.display().to_string(),
+        dir: dir.display().to_string(),
+        source,
     })?;
     RollingFileAppender::builder()
         .rotation(Rotation::DAILY)
         .filename_prefix(name.to_string_lossy())
         .build(&dir)
-        .map_err(|e| format!("--log-file {}: {e}", path.display()))
+        .map_err(|source| LogFileError::Open {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 /// Installs the global subscriber (a second call is a no-op, for tests). With `file`, every line
 /// also goes to that daily-rotated file, without terminal colours.
-pub fn init(format: LogFormat, file: Option<&Path>) -> Result<(), String> {
+pub fn init(format: LogFormat, file: Option<&Path>) -> Result<(), LogFileError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let writer = match file {
         Some(path) => BoxMakeWriter::new(std::io::stderr.and(appender(path)?)),

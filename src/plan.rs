@@ -141,32 +141,52 @@ pub struct Search {
     pub params: Vec<(String, String)>,
 }
 
+/// What is wrong with a configured search.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SearchProblem {
+    #[error("{0:?} is not a FHIR resource type (e.g. Observation, Condition)")]
+    NotResourceType(String),
+    #[error("{0}: a search parameter has an empty name")]
+    EmptyParameter(String),
+    #[error("{resource_type}: do not set `{parameter}`; the patient comes from the roster")]
+    PatientParameter {
+        resource_type: String,
+        parameter: String,
+    },
+    #[error("Patient is read by id (Patient/{{id}}) and takes no search parameters")]
+    PatientWithParameters,
+    #[error(
+        "Observation needs a category or code parameter (Epic rejects Observation searches without one), e.g. category=laboratory"
+    )]
+    ObservationWithoutCategory,
+}
+
 impl Search {
     /// Validates a resource type and its parameters.
-    pub fn new(resource_type: String, params: Vec<(String, String)>) -> Result<Search, String> {
+    pub fn new(
+        resource_type: String,
+        params: Vec<(String, String)>,
+    ) -> Result<Search, SearchProblem> {
         let t = resource_type.trim().to_owned();
         if !crate::trust::is_resource_type(&t) {
-            return Err(format!(
-                "{t:?} is not a FHIR resource type (e.g. Observation, Condition)"
-            ));
+            return Err(SearchProblem::NotResourceType(t));
         }
         for (k, _) in &params {
             if k.is_empty() {
-                return Err(format!("{t}: a search parameter has an empty name"));
+                return Err(SearchProblem::EmptyParameter(t));
             }
             if matches!(k.as_str(), "patient" | "subject" | "_id") {
-                return Err(format!(
-                    "{t}: do not set `{k}`; the patient comes from the roster"
-                ));
+                return Err(SearchProblem::PatientParameter {
+                    resource_type: t,
+                    parameter: k.clone(),
+                });
             }
         }
         if t == "Patient" && !params.is_empty() {
-            return Err(
-                "Patient is read by id (Patient/{id}) and takes no search parameters".into(),
-            );
+            return Err(SearchProblem::PatientWithParameters);
         }
         if t == "Observation" && !params.iter().any(|(k, _)| k == "category" || k == "code") {
-            return Err("Observation needs a category or code parameter (Epic rejects Observation searches without one), e.g. category=laboratory".into());
+            return Err(SearchProblem::ObservationWithoutCategory);
         }
         Ok(Search {
             resource_type: t,

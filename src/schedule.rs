@@ -284,8 +284,25 @@ fn expand_macro(expr: &str) -> Result<&'static str, ScheduleError> {
     })
 }
 
+/// What Kubernetes would not accept in one cron field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum FieldProblem {
+    #[error("a step needs a start, e.g. */10 or 5/10")]
+    StepWithoutStart,
+    #[error("{0}")]
+    Quartz(&'static str),
+    #[error("unknown month name {0:?}; use 1-12 or JAN-DEC")]
+    MonthName(String),
+    #[error("unknown day name {0:?}; use 0-6 or SUN-SAT")]
+    DayName(String),
+    #[error("names such as {0:?} are not allowed here; use numbers")]
+    Name(String),
+    #[error("unexpected character {0:?}")]
+    Character(char),
+}
+
 /// Rejects, with an explanation, what Kubernetes would not accept but croner would.
-fn check_field(index: usize, field: &str) -> Result<(), String> {
+fn check_field(index: usize, field: &str) -> Result<(), FieldProblem> {
     let names: &[&str] = match index {
         3 => &MONTH_NAMES,
         4 => &DAY_NAMES,
@@ -298,17 +315,18 @@ fn check_field(index: usize, field: &str) -> Result<(), String> {
             '/' => {
                 let prev = field[..start].chars().next_back();
                 if matches!(prev, None | Some(',')) {
-                    return Err("a step needs a start, e.g. */10 or 5/10".into());
+                    return Err(FieldProblem::StepWithoutStart);
                 }
             }
             '?' => {
-                return Err("`?` is a Quartz extension Kubernetes does not accept; use *".into());
+                return Err(FieldProblem::Quartz(
+                    "`?` is a Quartz extension Kubernetes does not accept; use *",
+                ));
             }
             '#' => {
-                return Err(
-                    "`#` (nth weekday of the month) is a Quartz extension Kubernetes does not accept"
-                        .into(),
-                );
+                return Err(FieldProblem::Quartz(
+                    "`#` (nth weekday of the month) is a Quartz extension Kubernetes does not accept",
+                ));
             }
             c if c.is_ascii_alphabetic() => {
                 let mut end = start + c.len_utf8();
@@ -324,24 +342,22 @@ fn check_field(index: usize, field: &str) -> Result<(), String> {
                     continue;
                 }
                 if word == "L" {
-                    return Err(
-                        "`L` (last day) is a croner/Quartz extension Kubernetes does not accept; list the days explicitly"
-                            .into(),
-                    );
+                    return Err(FieldProblem::Quartz(
+                        "`L` (last day) is a croner/Quartz extension Kubernetes does not accept; list the days explicitly",
+                    ));
                 }
                 if word == "W" || word == "LW" {
-                    return Err(
-                        "`W` (nearest weekday) is a Quartz extension Kubernetes does not accept"
-                            .into(),
-                    );
+                    return Err(FieldProblem::Quartz(
+                        "`W` (nearest weekday) is a Quartz extension Kubernetes does not accept",
+                    ));
                 }
                 return Err(match index {
-                    3 => format!("unknown month name {word:?}; use 1-12 or JAN-DEC"),
-                    4 => format!("unknown day name {word:?}; use 0-6 or SUN-SAT"),
-                    _ => format!("names such as {word:?} are not allowed here; use numbers"),
+                    3 => FieldProblem::MonthName(word),
+                    4 => FieldProblem::DayName(word),
+                    _ => FieldProblem::Name(word),
                 });
             }
-            c => return Err(format!("unexpected character {c:?}")),
+            c => return Err(FieldProblem::Character(c)),
         }
     }
     Ok(())

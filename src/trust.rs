@@ -47,18 +47,30 @@ pub fn is_loopback_host(host: &str) -> bool {
 /// The rule for URLs the tool sends credentials or PHI over: `https://`, or `http://` only to a
 /// loopback host or when the config explicitly allows it (`fhir.allowInsecureHttp`). The error says
 /// why and what to write instead; the caller names the field.
-pub fn check_transport(url: &url::Url, allow_insecure_http: bool) -> Result<(), String> {
+pub fn check_transport(url: &url::Url, allow_insecure_http: bool) -> Result<(), TransportRefused> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if allow_insecure_http => Ok(()),
         "http" if url.host_str().is_some_and(is_loopback_host) => Ok(()),
-        "http" => Err(format!(
-            "{url} uses plain http to a host that is not loopback: the access token and patient data \
-             would cross the network unencrypted. Use https://, or set fhir.allowInsecureHttp: true \
-             only for a test server on a private network"
-        )),
-        other => Err(format!("{url}: the scheme {other}: is not http(s)")),
+        "http" => Err(TransportRefused::PlainHttp(url.to_string())),
+        other => Err(TransportRefused::Scheme {
+            url: url.to_string(),
+            scheme: other.to_owned(),
+        }),
     }
+}
+
+/// Why [`check_transport`] refuses a URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportRefused {
+    #[error(
+        "{0} uses plain http to a host that is not loopback: the access token and patient data \
+         would cross the network unencrypted. Use https://, or set fhir.allowInsecureHttp: true \
+         only for a test server on a private network"
+    )]
+    PlainHttp(String),
+    #[error("{url}: the scheme {scheme}: is not http(s)")]
+    Scheme { url: String, scheme: String },
 }
 
 #[cfg(test)]
@@ -125,7 +137,9 @@ mod tests {
         assert!(check_transport(&u("http://127.0.0.1:8080/R4"), false).is_ok());
         assert!(check_transport(&u("http://[::1]:8080/R4"), false).is_ok());
         assert!(check_transport(&u("http://localhost/R4"), false).is_ok());
-        let e = check_transport(&u("http://fhir.example.org/R4"), false).unwrap_err();
+        let e = check_transport(&u("http://fhir.example.org/R4"), false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("allowInsecureHttp"), "{e}");
         assert!(check_transport(&u("http://fhir.example.org/R4"), true).is_ok());
         assert!(check_transport(&u("ftp://fhir.example.org/R4"), true).is_err());

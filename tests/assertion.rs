@@ -36,7 +36,8 @@ fn rs384_and_es384_assertions_verify_with_the_public_key() {
         let now = epic_export::auth::token::unix_now();
         let jti = assertion::new_jti();
         let claims = assertion::claims("client-123", token_url, &jti, now);
-        let jwt = assertion::sign(&key, Some("https://keys.example.org/jwks.json"), &claims);
+        let jwt =
+            assertion::sign(&key, Some("https://keys.example.org/jwks.json"), &claims).unwrap();
 
         let header = decode_header(&jwt).unwrap();
         assert_eq!(

@@ -42,19 +42,22 @@ pub fn claims<'a>(client_id: &'a str, token_url: &'a str, jti: &'a str, now: i64
 }
 
 /// Signs a compact JWS (`header.claims.signature`).
-pub fn sign(key: &SigningKey, jku: Option<&str>, claims: &Claims<'_>) -> String {
+pub fn sign(
+    key: &SigningKey,
+    jku: Option<&str>,
+    claims: &Claims<'_>,
+) -> Result<String, serde_json::Error> {
     let header = Header {
         alg: key.algorithm().as_str(),
         typ: "JWT",
         kid: key.kid(),
         jku,
     };
-    // Serialising these plain structs cannot fail.
-    let h = b64(&serde_json::to_vec(&header).unwrap_or_default());
-    let c = b64(&serde_json::to_vec(claims).unwrap_or_default());
+    let h = b64(&serde_json::to_vec(&header)?);
+    let c = b64(&serde_json::to_vec(claims)?);
     let signing_input = format!("{h}.{c}");
     let sig = key.sign(signing_input.as_bytes());
-    format!("{signing_input}.{}", b64(&sig))
+    Ok(format!("{signing_input}.{}", b64(&sig)))
 }
 
 /// A new random `jti` (UUID v4: 36 characters, well under Epic's 151).

@@ -17,7 +17,7 @@ pub async fn token_url(http: &reqwest::Client, base_url: &str) -> Result<String,
             Some(t) => return resolve(base, t, &smart),
             None => "it has no token_endpoint".to_string(),
         },
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     let metadata = format!("{base}/metadata");
     let second = match get_json(http, &metadata).await {
@@ -25,7 +25,7 @@ pub async fn token_url(http: &reqwest::Client, base_url: &str) -> Result<String,
             Some(t) => return resolve(base, &t, &metadata),
             None => "it has no oauth-uris token extension".to_string(),
         },
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     Err(AuthError::Discovery {
         url: smart,
@@ -33,22 +33,33 @@ pub async fn token_url(http: &reqwest::Client, base_url: &str) -> Result<String,
     })
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value, String> {
+/// Why one discovery document gave nothing.
+#[derive(Debug, thiserror::Error)]
+enum DocumentProblem {
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error(transparent)]
+    Body(#[from] crate::http::body::BodyError),
+    #[error("not JSON ({0})")]
+    NotJson(&'static str),
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> Result<serde_json::Value, DocumentProblem> {
     let resp = http
         .get(url)
         .header("Accept", "application/json, application/fhir+json")
         .send()
         .await
-        .map_err(|e| crate::http::describe_transport(&e))?;
+        .map_err(|e| DocumentProblem::Transport(crate::http::describe_transport(&e)))?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(format!("HTTP {}", status.as_u16()));
+        return Err(DocumentProblem::Status(status.as_u16()));
     }
-    let body = crate::http::body::read_limited(resp, crate::http::body::MAX_DOCUMENT_BYTES)
-        .await
-        .map_err(|e| e.to_string())?;
+    let body = crate::http::body::read_limited(resp, crate::http::body::MAX_DOCUMENT_BYTES).await?;
     serde_json::from_slice(&body)
-        .map_err(|e| format!("not JSON ({})", crate::http::body::json_error_kind(&e)))
+        .map_err(|e| DocumentProblem::NotJson(crate::http::body::json_error_kind(&e)))
 }
 
 /// The `token` URI from `rest[].security.extension[oauth-uris]`.

@@ -51,18 +51,21 @@ impl fmt::Display for Algorithm {
     }
 }
 
+/// An algorithm name this tool does not sign with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported algorithm {0:?}: use RS384 (default), ES384, RS256, RS512 or ES256")]
+pub struct UnknownAlgorithm(pub String);
+
 impl std::str::FromStr for Algorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownAlgorithm;
+    fn from_str(s: &str) -> Result<Self, UnknownAlgorithm> {
         match s.to_ascii_uppercase().as_str() {
             "RS256" => Ok(Algorithm::RS256),
             "RS384" => Ok(Algorithm::RS384),
             "RS512" => Ok(Algorithm::RS512),
             "ES256" => Ok(Algorithm::ES256),
             "ES384" => Ok(Algorithm::ES384),
-            other => Err(format!(
-                "unsupported algorithm {other:?}: use RS384 (default), ES384, RS256, RS512 or ES256"
-            )),
+            other => Err(UnknownAlgorithm(other.to_owned())),
         }
     }
 }
@@ -405,7 +408,7 @@ fn parse_ec(der: &[u8]) -> Option<Inner> {
 /// RFC 7638 thumbprint of a JWK's required members (given as a JSON object; serde_json sorts keys and
 /// writes no whitespace, which is the RFC's canonical form).
 pub fn thumbprint_of(members: &Value) -> String {
-    let canonical = serde_json::to_string(members).unwrap_or_default();
+    let canonical = members.to_string();
     b64(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref())
 }
 
@@ -429,9 +432,7 @@ pub fn write_key_pair(key: &SigningKey, dir: &Path) -> Result<(PathBuf, PathBuf)
     let pem = key.to_pkcs8_pem()?;
     crate::output::write_new_private_file(&private, pem.as_bytes()).map_err(werr(&private))?;
     let public = dir.join("jwks.json");
-    let mut text =
-        serde_json::to_string_pretty(&jwks(std::slice::from_ref(key))).unwrap_or_default();
-    text.push('\n');
+    let text = format!("{:#}\n", jwks(std::slice::from_ref(key)));
     std::fs::write(&public, text).map_err(werr(&public))?;
     Ok((private, public))
 }

@@ -84,6 +84,8 @@ pub enum AuthError {
         "the token endpoint {token_url} sent a response without a usable access_token: {detail}"
     )]
     BadResponse { token_url: String, detail: String },
+    #[error("cannot build the client assertion: {0}")]
+    Assertion(String),
     #[error("cannot discover the token URL from {url}: {detail}; set fhir.tokenUrl in the config")]
     Discovery { url: String, detail: String },
 }
@@ -230,7 +232,8 @@ impl TokenSource {
             let jti = assertion::new_jti();
             let now = unix_now();
             let claims = assertion::claims(&self.cfg.client_id, url, &jti, now);
-            let jwt = assertion::sign(&self.cfg.key, self.cfg.jku.as_deref(), &claims);
+            let jwt = assertion::sign(&self.cfg.key, self.cfg.jku.as_deref(), &claims)
+                .map_err(|e| AuthError::Assertion(e.to_string()))?;
             let form = [
                 ("grant_type", "client_credentials"),
                 (

@@ -170,7 +170,7 @@ pub fn bulk_plan(
                         )
                     })?;
                 crate::trust::check_transport(&u, allow_insecure_http)
-                    .map_err(|m| invalid(&field, m))?;
+                    .map_err(|m| invalid(&field, m.to_string()))?;
                 Ok(u.origin().ascii_serialization())
             })
             .collect()

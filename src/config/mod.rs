@@ -334,12 +334,12 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         ));
     }
     let insecure = c.fhir.allow_insecure_http;
-    let base =
-        parse_http_url(&c.fhir.base_url, insecure).map_err(|m| invalid("fhir.baseUrl", m))?;
+    let base = parse_http_url(&c.fhir.base_url, insecure)
+        .map_err(|m| invalid("fhir.baseUrl", m.to_string()))?;
     let token_url = match &c.fhir.token_url {
         Some(t) => Some(
             parse_http_url(t, insecure)
-                .map_err(|m| invalid("fhir.tokenUrl", m))?
+                .map_err(|m| invalid("fhir.tokenUrl", m.to_string()))?
                 .to_string(),
         ),
         None => None,
@@ -353,12 +353,12 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
     let algorithm = match &c.auth.algorithm {
         Some(a) => Some(
             a.parse::<Algorithm>()
-                .map_err(|m| invalid("auth.algorithm", m))?,
+                .map_err(|m| invalid("auth.algorithm", m.to_string()))?,
         ),
         None => None,
     };
     if let Some(u) = &c.auth.jwks_url {
-        parse_http_url(u, insecure).map_err(|m| invalid("auth.jwksUrl", m))?;
+        parse_http_url(u, insecure).map_err(|m| invalid("auth.jwksUrl", m.to_string()))?;
     }
     let source = match (c.source.search, c.source.bulk) {
         (Some(_), Some(_)) => {
@@ -448,7 +448,7 @@ fn email_plan(
 ) -> Result<EmailPlan, ConfigError> {
     let host = e.host.trim().to_owned();
     let tls = match &e.tls {
-        Some(t) => TlsMode::parse(t).map_err(|m| invalid("notify.email.tls", m))?,
+        Some(t) => TlsMode::parse(t).map_err(|m| invalid("notify.email.tls", m.to_string()))?,
         None => TlsMode::Starttls,
     };
     let logs_in = e.username.as_deref().is_some_and(|u| !u.is_empty());
@@ -530,7 +530,7 @@ fn email_plan(
             "notify.email.insecureSkipVerify: the certificate of {host} will not be verified (loopback only)"
         );
     }
-    let on = OnSet::parse(&e.on).map_err(|m| invalid("notify.email.on", m))?;
+    let on = OnSet::parse(&e.on).map_err(|m| invalid("notify.email.on", m.to_string()))?;
     let timeout = match e.timeout_seconds {
         Some(0) => {
             return Err(invalid(
@@ -584,21 +584,32 @@ pub fn default_scope(source: &Source) -> String {
         .join(" ")
 }
 
-fn parse_http_url(s: &str, allow_insecure_http: bool) -> Result<url::Url, String> {
-    let u = url::Url::parse(s.trim()).map_err(|e| {
-        format!("{s:?} is not a URL ({e}); write e.g. https://fhir.example.org/api/FHIR/R4")
-    })?;
+/// What is wrong with a configured server URL.
+#[derive(Debug, thiserror::Error)]
+enum UrlProblem {
+    #[error("{0:?} is not a URL ({1}); write e.g. https://fhir.example.org/api/FHIR/R4")]
+    NotUrl(String, url::ParseError),
+    #[error("{0:?} must be an https:// URL")]
+    NotHttp(String),
+    #[error("{0:?} carries credentials in the URL; remove them (the key authenticates)")]
+    Credentials(String),
+    #[error(transparent)]
+    Transport(#[from] crate::trust::TransportRefused),
+    #[error("{0:?} must not have a query or fragment")]
+    Query(String),
+}
+
+fn parse_http_url(s: &str, allow_insecure_http: bool) -> Result<url::Url, UrlProblem> {
+    let u = url::Url::parse(s.trim()).map_err(|e| UrlProblem::NotUrl(s.to_owned(), e))?;
     if u.scheme() != "https" && u.scheme() != "http" {
-        return Err(format!("{s:?} must be an https:// URL"));
+        return Err(UrlProblem::NotHttp(s.to_owned()));
     }
     if !u.username().is_empty() || u.password().is_some() {
-        return Err(format!(
-            "{s:?} carries credentials in the URL; remove them (the key authenticates)"
-        ));
+        return Err(UrlProblem::Credentials(s.to_owned()));
     }
     crate::trust::check_transport(&u, allow_insecure_http)?;
     if u.query().is_some() || u.fragment().is_some() {
-        return Err(format!("{s:?} must not have a query or fragment"));
+        return Err(UrlProblem::Query(s.to_owned()));
     }
     Ok(u)
 }
@@ -617,9 +628,8 @@ fn search_plan(
             ));
         }
         (Some(f), None) => roster::read_roster(&resolve(f))?,
-        (None, Some(p)) => {
-            roster::check_patient_ids(p).map_err(|m| invalid("source.search.patients", m))?
-        }
+        (None, Some(p)) => roster::check_patient_ids(p)
+            .map_err(|m| invalid("source.search.patients", m.to_string()))?,
         (None, None) => {
             return Err(invalid(
                 "source.search",
@@ -639,8 +649,9 @@ fn search_plan(
             let mut out = Vec::new();
             for (i, r) in list.into_iter().enumerate() {
                 let params: Vec<(String, String)> = r.params.into_iter().collect();
-                let s = Search::new(r.resource_type, params)
-                    .map_err(|m| invalid(&format!("source.search.resources[{i}]"), m))?;
+                let s = Search::new(r.resource_type, params).map_err(|m| {
+                    invalid(&format!("source.search.resources[{i}]"), m.to_string())
+                })?;
                 out.push(s);
             }
             out

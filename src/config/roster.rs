@@ -91,10 +91,10 @@ pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
             continue;
         }
         let id = record.get(column).unwrap_or("");
-        check_id(id).map_err(|message| ConfigError::Csv {
+        check_id(id).map_err(|problem| ConfigError::Csv {
             path: path.to_owned(),
             line,
-            message,
+            message: problem.to_string(),
         })?;
         if seen.insert(id.to_owned()) {
             ids.push(id.to_owned());
@@ -111,18 +111,38 @@ pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
     Ok(ids)
 }
 
+/// What is wrong with a patient id (never quoting it: it may be an MRN or a name put there by mistake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdProblem {
+    #[error("the patient id is empty")]
+    Empty,
+    #[error(
+        "the patient id is not a FHIR id (letters, digits, '-', '.' only); put the patient's FHIR id, not an MRN or name, in this column"
+    )]
+    NotFhirId,
+}
+
+/// What is wrong with an inline list of patient ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PatientListProblem {
+    #[error("entry {index}: {problem}")]
+    Entry { index: usize, problem: IdProblem },
+    #[error("lists no patients")]
+    Empty,
+}
+
 /// Validates inline patient ids.
-pub fn check_patient_ids(ids: Vec<String>) -> Result<Vec<String>, String> {
+pub fn check_patient_ids(ids: Vec<String>) -> Result<Vec<String>, PatientListProblem> {
     let mut out: Vec<String> = Vec::with_capacity(ids.len());
-    for (i, id) in ids.into_iter().enumerate() {
+    for (index, id) in ids.into_iter().enumerate() {
         let id = id.trim().to_owned();
-        check_id(&id).map_err(|m| format!("entry {i}: {m}"))?;
+        check_id(&id).map_err(|problem| PatientListProblem::Entry { index, problem })?;
         if !out.contains(&id) {
             out.push(id);
         }
     }
     if out.is_empty() {
-        return Err("lists no patients".into());
+        return Err(PatientListProblem::Empty);
     }
     Ok(out)
 }
@@ -155,16 +175,16 @@ fn describe_header(headers: &csv::StringRecord) -> String {
 }
 
 /// A FHIR id: letters, digits, '-' and '.', 1-64 characters (Epic's ids are longer than R4 allows, so up to 200).
-fn check_id(id: &str) -> Result<(), String> {
+fn check_id(id: &str) -> Result<(), IdProblem> {
     if id.is_empty() {
-        return Err("the patient id is empty".into());
+        return Err(IdProblem::Empty);
     }
     if id.len() > 200
         || !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
     {
-        return Err("the patient id is not a FHIR id (letters, digits, '-', '.' only); put the patient's FHIR id, not an MRN or name, in this column".into());
+        return Err(IdProblem::NotFhirId);
     }
     Ok(())
 }
@@ -216,10 +236,10 @@ pub fn read_resources(path: &Path) -> Result<Vec<Search>, ConfigError> {
         let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
-        let search = Search::new(rtype, params).map_err(|message| ConfigError::Csv {
+        let search = Search::new(rtype, params).map_err(|problem| ConfigError::Csv {
             path: path.to_owned(),
             line,
-            message,
+            message: problem.to_string(),
         })?;
         if out.contains(&search) {
             tracing::warn!(file = %path.display(), line, "resource list repeats {}; running it once", search.label());

@@ -58,7 +58,10 @@ pub async fn connect(plan: &ExportPlan) -> Result<Connection, ExportError> {
             // The client assertion goes there: the discovered URL obeys the same rule as a configured one.
             url::Url::parse(&found)
                 .map_err(|e| e.to_string())
-                .and_then(|u| crate::trust::check_transport(&u, plan.allow_insecure_http))
+                .and_then(|u| {
+                    crate::trust::check_transport(&u, plan.allow_insecure_http)
+                        .map_err(|e| e.to_string())
+                })
                 .map_err(|detail| AuthError::Discovery {
                     url: format!("{}/.well-known/smart-configuration", plan.fhir_base),
                     detail: format!("the discovered token endpoint is refused: {detail}"),
@@ -106,7 +109,7 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
     let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
-        .map_err(ExportError::Config)?;
+        .map_err(|e| ExportError::Config(format!("invalid FHIR base URL: {e}")))?;
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }

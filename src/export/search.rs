@@ -208,6 +208,17 @@ pub fn first_url(client: &FhirClient, search: &Search, patient: &str) -> String 
     client.url(&q)
 }
 
+/// Why a page's resources are not written.
+#[derive(Debug, thiserror::Error)]
+enum PageRefused {
+    #[error("a bundle entry is not a FHIR resource (no resourceType)")]
+    NotResource,
+    #[error(
+        "the server returned a resource of type {found} that the search for {asked} did not ask for; the page was not written"
+    )]
+    UnaskedType { found: String, asked: String },
+}
+
 /// Groups a page's resources into one batch of compact NDJSON lines per resource type, leaving out
 /// resources this patient's other searches already returned. A resource whose type is not a FHIR type
 /// name, or one the search did not ask for, fails the page: nothing of it is written.
@@ -217,19 +228,17 @@ fn batch_by_type(
     seen: &Mutex<HashSet<(String, String)>>,
     counters: &SearchCounters,
     size_hint: usize,
-) -> Result<Vec<(String, Vec<u8>, u64)>, String> {
+) -> Result<Vec<(String, Vec<u8>, u64)>, PageRefused> {
     let mut heads = Vec::with_capacity(resources.len());
     for resource in resources {
-        let head = bundle::head(resource)
-            .map_err(|_| "a bundle entry is not a FHIR resource (no resourceType)".to_string())?;
+        let head = bundle::head(resource).map_err(|_| PageRefused::NotResource)?;
         if !crate::trust::is_resource_type(&head.resource_type)
             || !search.returns_type(&head.resource_type)
         {
-            return Err(format!(
-                "the server returned a resource of type {} that the search for {} did not ask for; the page was not written",
-                crate::trust::describe_type(&head.resource_type),
-                search.resource_type
-            ));
+            return Err(PageRefused::UnaskedType {
+                found: crate::trust::describe_type(&head.resource_type),
+                asked: search.resource_type.clone(),
+            });
         }
         heads.push(head);
     }
@@ -331,9 +340,9 @@ async fn run_search(
             counters.records.fetch_add(1, Ordering::Relaxed);
             return Ok(1);
         }
-        let page = bundle::parse_page(&body).map_err(|m| fail(written, bad_body(m)))?;
+        let page = bundle::parse_page(&body).map_err(|m| fail(written, bad_body(m.to_string())))?;
         let batches = batch_by_type(search, &page.resources, seen, counters, body.len())
-            .map_err(|m| fail(written, bad_body(m)))?;
+            .map_err(|m| fail(written, bad_body(m.to_string())))?;
         if !page.outcomes.is_empty() {
             let mut lines = Vec::new();
             for o in &page.outcomes {

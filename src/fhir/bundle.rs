@@ -52,18 +52,27 @@ pub struct Page<'a> {
     pub next: Option<String>,
 }
 
+/// Why a search answer is not a search-set page (never quoting its content).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageError {
+    #[error("the response is not a FHIR Bundle ({0})")]
+    NotJson(&'static str),
+    #[error("expected a Bundle, got a {0}")]
+    NotBundle(String),
+    #[error("the response has no resourceType")]
+    NoResourceType,
+}
+
 /// Parses a search-set page. The error says what is wrong without quoting content.
-pub fn parse_page(body: &[u8]) -> Result<Page<'_>, String> {
-    let bundle: Bundle<'_> = serde_json::from_slice(body).map_err(|e| {
-        format!(
-            "the response is not a FHIR Bundle ({})",
-            json_error_kind(&e)
-        )
-    })?;
+pub fn parse_page(body: &[u8]) -> Result<Page<'_>, PageError> {
+    let bundle: Bundle<'_> =
+        serde_json::from_slice(body).map_err(|e| PageError::NotJson(json_error_kind(&e)))?;
     match bundle.resource_type.as_deref() {
         Some("Bundle") => {}
-        Some(other) => return Err(format!("expected a Bundle, got a {other}")),
-        None => return Err("the response has no resourceType".into()),
+        Some(other) => {
+            return Err(PageError::NotBundle(crate::trust::describe_type(other)));
+        }
+        None => return Err(PageError::NoResourceType),
     }
     let mut page = Page {
         resources: Vec::with_capacity(bundle.entry.len()),

@@ -150,9 +150,12 @@ pub struct FhirClient {
 }
 
 impl FhirClient {
-    pub fn new(base: &str, tokens: Arc<TokenSource>, limits: Limits) -> Result<Self, String> {
-        let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/')))
-            .map_err(|e| format!("invalid FHIR base URL: {e}"))?;
+    pub fn new(
+        base: &str,
+        tokens: Arc<TokenSource>,
+        limits: Limits,
+    ) -> Result<Self, url::ParseError> {
+        let base = url::Url::parse(&format!("{}/", base.trim_end_matches('/')))?;
         Ok(FhirClient {
             http: crate::http::client(
                 Timeout::Total(limits.request_timeout),

@@ -29,15 +29,22 @@ pub enum TlsMode {
     Tls,
 }
 
+/// A `notify.email` value that is not one of the choices.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChoiceError {
+    #[error("{0:?} is not a TLS mode: use none, starttls or tls")]
+    TlsMode(String),
+    #[error("{0:?} is not an outcome: use success, partial or failure")]
+    Outcome(String),
+}
+
 impl TlsMode {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ChoiceError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "none" => Ok(TlsMode::None),
             "starttls" => Ok(TlsMode::Starttls),
             "tls" => Ok(TlsMode::Tls),
-            _ => Err(format!(
-                "{s:?} is not a TLS mode: use none, starttls or tls"
-            )),
+            _ => Err(ChoiceError::TlsMode(s.to_owned())),
         }
     }
 
@@ -100,7 +107,7 @@ impl Default for OnSet {
 
 impl OnSet {
     /// Parses `on:`; an empty list means every outcome.
-    pub fn parse(values: &[String]) -> Result<Self, String> {
+    pub fn parse(values: &[String]) -> Result<Self, ChoiceError> {
         if values.is_empty() {
             return Ok(OnSet::default());
         }
@@ -114,11 +121,7 @@ impl OnSet {
                 "success" => on.success = true,
                 "partial" => on.partial = true,
                 "failure" | "failed" => on.failure = true,
-                _ => {
-                    return Err(format!(
-                        "{v:?} is not an outcome: use success, partial or failure"
-                    ));
-                }
+                _ => return Err(ChoiceError::Outcome(v.clone())),
             }
         }
         Ok(on)

@@ -57,7 +57,7 @@ pub enum SendError {
     #[error("cannot build the message: {0}")]
     Message(String),
     #[error("TLS setup: {0}")]
-    TlsSetup(String),
+    TlsSetup(rustls::Error),
     #[error("not sending to {server}: {message}")]
     Refused { server: String, message: String },
     #[error(
@@ -121,8 +121,10 @@ fn tls_config(plan: &EmailPlan) -> Result<std::sync::Arc<rustls::ClientConfig>, 
                 ),
                 super::CaCert::Pem(pem) => ("(from the cluster)".to_owned(), pem.clone()),
             };
-            tls::parse_pem_certificates(&pem)
-                .map_err(|message| SendError::CaFile { path, message })?
+            tls::parse_pem_certificates(&pem).map_err(|problem| SendError::CaFile {
+                path,
+                message: problem.to_string(),
+            })?
         }
     };
     tls::SmtpVerifier::new(ca, plan.insecure_skip_verify)

@@ -34,13 +34,22 @@ pub struct SmtpVerifier {
     provider: Arc<CryptoProvider>,
 }
 
+/// Why `caFile` gives no certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum CaProblem {
+    #[error("not PEM certificates ({0})")]
+    NotPem(rustls::pki_types::pem::Error),
+    #[error("holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    Empty,
+}
+
 /// The certificates of a PEM file or text (`caFile`), or why there are none.
-pub fn parse_pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn parse_pem_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaProblem> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("not PEM certificates ({e})"))?;
+        .map_err(CaProblem::NotPem)?;
     if certs.is_empty() {
-        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        return Err(CaProblem::Empty);
     }
     Ok(certs)
 }
@@ -69,11 +78,10 @@ impl SmtpVerifier {
     }
 
     /// A rustls client configuration (aws-lc-rs, TLS 1.2 and 1.3) with this verifier.
-    pub fn client_config(self) -> Result<Arc<ClientConfig>, String> {
+    pub fn client_config(self) -> Result<Arc<ClientConfig>, rustls::Error> {
         let provider = self.provider.clone();
         let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(self))
             .with_no_client_auth();

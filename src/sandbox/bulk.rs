@@ -196,9 +196,7 @@ fn error_line() -> Bytes {
         "processing",
         "Some DocumentReference content could not be exported: attachments (Binary) are not part of the sandbox's bulk export.",
     );
-    let mut line = serde_json::to_vec(&outcome).unwrap_or_default();
-    line.push(b'\n');
-    Bytes::from(line)
+    Bytes::from(format!("{outcome}\n"))
 }
 
 // ---------- kick-off ----------
@@ -603,7 +601,7 @@ pub(super) async fn status(
     let mut resp = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        serde_json::to_vec(&manifest).unwrap_or_default(),
+        manifest.to_string(),
     )
         .into_response();
     if let Some(remaining) = ready.remaining

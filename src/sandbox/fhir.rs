@@ -91,7 +91,7 @@ fn token_list(value: &str) -> Vec<String> {
 
 /// A FHIR JSON response.
 pub(super) fn fhir(status: StatusCode, body: &Value) -> Response {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let bytes = body.to_string();
     (status, [(header::CONTENT_TYPE, FHIR_JSON)], bytes).into_response()
 }
 

@@ -179,7 +179,7 @@ pub fn email_plan(
 ) -> Result<EmailPlan, EmailError> {
     let host = email.host.trim();
     let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
-        .map_err(|e| error("spec.notify.email.tls", e))?;
+        .map_err(|e| error("spec.notify.email.tls", e.to_string()))?;
     let port = crate::notify::check_server(host, tls, email.port, credentials.is_some())
         .map_err(|(key, m)| error(format!("spec.notify.email.{key}"), m))?;
     let mailbox = |field: &'static str, a: &str| {
@@ -210,7 +210,8 @@ pub fn email_plan(
         password,
         ca,
         insecure_skip_verify: false,
-        on: OnSet::parse(&email.send_on).map_err(|e| error("spec.notify.email.sendOn", e))?,
+        on: OnSet::parse(&email.send_on)
+            .map_err(|e| error("spec.notify.email.sendOn", e.to_string()))?,
         timeout: Duration::from_secs(30),
     })
 }
