@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All the benchmarks, with their targets, in one table (docs/performance.md explains each figure):
+# All the benchmarks, with their targets, in one table (docs/src/performance.md explains each figure):
 #   - search mode: 200 patients x 12 searches at 20 ms latency, concurrency 8, against the ideal bound;
 #   - CPU cost: the same export at zero latency, CPU time per exported record;
 #   - bulk mode: a ~1 GiB export, epic-export beside curl on the same files in the same run;

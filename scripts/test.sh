@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command (README.md): formatting, lints, the one-TLS-provider rule, and every test.
+# The project's test command (README.md): formatting, lints, the one-TLS-provider rule, the chart and
+# manifests, the user guide's build and links, and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ fi
 
 echo "== chart and manifests"
 scripts/check-manifests.sh
+
+echo "== user guide (mdBook) and its links"
+scripts/check-book.sh
 
 echo "== SMTP test server venv (aiosmtpd, for tests/notify.rs)"
 EPIC_EXPORT_TEST_PYTHON=$(scripts/venv.sh target/smtp-venv scripts/smtp-test-requirements.txt)
