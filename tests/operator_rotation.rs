@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use epic_export::auth::keys::{Algorithm, SigningKey};
-use epic_export::operator::controller::dereference::{Run, RunState};
+use epic_export::operator::controller::model::{Run, RunState};
 use epic_export::operator::controller::rotation::{
-    RotationInput, RotationPlan, RotationTiming, parse_every, plan,
+    RotationInput, RotationPlan, RotationTiming, plan,
 };
+use epic_export::operator::controller::validate::parse_every;
 use epic_export::operator::crd::KeyRotationStatus;
 use epic_export::operator::key_secret::{self, KeyChange, KeyKids, Signing};
 use jiff::{SignedDuration, Timestamp};

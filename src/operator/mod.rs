@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod exports;
 pub mod http;
 pub mod images;
 pub mod job;

@@ -1,8 +1,15 @@
 //! The EpicExport controller (`epic-export controller`): watches EpicExports and the Jobs they own,
-//! and reconciles each export through a pipeline of named steps:
+//! and reconciles each export through a pipeline of named steps, each a function over plain data:
 //!
-//! `dereference` (read) → `validate` (pure) → `decide` (pure) → build (`operator::job`, pure) →
-//! `apply` (write) → `status` (pure; written only when it changed).
+//! `dereference` (read) → `validate` (pure) → `decide` and `rotation` (pure: the runs, and the key
+//! Secret's rotation step) → build (`operator::job`, pure) → `apply` (write: Jobs, the key Secret, the
+//! status) → `status` (pure; written only when it changed) → `notify` (the e-mail about a finished
+//! run).
+//!
+//! What the steps hand each other (the observed references and runs, the [`model::SpecError`], the
+//! [`model::Validated`] export, the [`model::RunPlan`], the Event [`model::Note`]s) is in `model`. A step
+//! imports `model` and the steps before it, never one after it (`scripts/check_layers.py` checks that
+//! there is no cycle); this module runs them in order.
 //!
 //! Secrets and ConfigMaps are read by name when an export is reconciled, never listed or watched, so
 //! the operator needs only `get` on them (list or watch would let it read every Secret). Each export
@@ -15,8 +22,10 @@
 //! minutes.
 
 pub mod apply;
+pub mod clock;
 pub mod decide;
 pub mod dereference;
+pub mod model;
 pub mod notify;
 pub mod rotation;
 pub mod status;
@@ -37,11 +46,12 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use self::apply::{ApplyError, Started};
-use self::decide::{Note, Trigger};
+pub use self::clock::Clock;
+use self::model::{Note, SpecError, Trigger, rfc3339};
 use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationTiming};
-use self::status::{StatusInput, rfc3339};
-use self::validate::SpecError;
+use self::status::StatusInput;
 use super::crd::EpicExport;
+use super::exports;
 use super::images::ImagePolicy;
 use super::job::{EXPORT_LABEL, RunInputs, build_job};
 use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
@@ -70,6 +80,8 @@ pub struct Settings {
     pub reference_retry: Duration,
     /// How often every export is looked at again at the latest.
     pub resync: Duration,
+    /// What every pass takes as "now" (the system clock by default).
+    pub clock: Clock,
 }
 
 impl Settings {
@@ -82,6 +94,7 @@ impl Settings {
             rotation: RotationTiming::default(),
             reference_retry: Duration::from_secs(30),
             resync: Duration::from_secs(15 * 60),
+            clock: Clock::system(),
         }
     }
 }
@@ -94,6 +107,7 @@ pub struct Context {
     rotation: RotationTiming,
     reference_retry: Duration,
     resync: Duration,
+    clock: Clock,
     metrics: Arc<Metrics>,
     /// Consecutive failures per export (uid), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -132,6 +146,7 @@ impl Context {
             rotation: settings.rotation,
             reference_retry: settings.reference_retry,
             resync: settings.resync,
+            clock: settings.clock.clone(),
             metrics,
             failures: Mutex::default(),
             noted: Mutex::default(),
@@ -169,7 +184,7 @@ pub async fn reconcile(
         // Its Jobs go with it (owner references).
         return Ok(Action::await_change());
     }
-    let now = Timestamp::now();
+    let now = ctx.clock.now();
     let observed = dereference::dereference(&ctx.client, &export).await?;
     let valid = match validate::validate(&export, &observed, &ctx.images) {
         Ok(v) => v,
@@ -198,7 +213,7 @@ pub async fn reconcile(
         }
     };
     let (runs, started) =
-        match apply::start_run(&ctx.client, &export, &observed.runs, &plan.stop, job).await {
+        match apply::start_run(&ctx.client, &export, &observed.runs, &plan.stop, job, now).await {
             Ok(done) => done,
             Err(ApplyError::Spec(e)) => return stalled(&ctx, &export, &observed, e, now).await,
             Err(ApplyError::Kube(e)) => return Err(e.into()),
@@ -314,9 +329,9 @@ impl Context {
     async fn rotate_key(
         &self,
         export: &EpicExport,
-        valid: &validate::Validated,
-        keys: &dereference::ObservedKeys,
-        runs: &[dereference::Run],
+        valid: &model::Validated,
+        keys: &model::ObservedKeys,
+        runs: &[model::Run],
         now: Timestamp,
     ) -> Result<Rotated, kube::Error> {
         let previous = export.status.as_ref().and_then(|s| s.key_rotation.as_ref());
@@ -398,7 +413,7 @@ fn since_for(export: &EpicExport) -> Option<String> {
 async fn stalled(
     ctx: &Context,
     export: &EpicExport,
-    observed: &dereference::Observed,
+    observed: &model::Observed,
     error: SpecError,
     now: Timestamp,
 ) -> Result<Action, ReconcileError> {
@@ -552,41 +567,23 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    let exports: Api<EpicExport> = api(&client, &settings.namespace);
+    let namespace = settings.namespace.as_deref();
+    let exports: Api<EpicExport> = exports::api(client.clone(), namespace);
     if let Err(e) = exports.list(&ListParams::default().limit(1)).await {
         anyhow::bail!(
             "cannot list EpicExports ({e}): is the CRD installed? `epic-export crd | kubectl apply -f -` (or install the Helm chart), and check the operator's RBAC"
         );
     }
-    let jobs: Api<Job> = api(&client, &settings.namespace);
+    let jobs: Api<Job> = exports::api(client.clone(), namespace);
     let ctx = Arc::new(Context::new(client.clone(), &settings, metrics));
 
     // At most this many exports reconcile at once: bounds API requests in flight (and connections, and
     // memory) when many exports are due together; more does not finish sooner.
-    let controller = Controller::new(exports, watcher::Config::default().any_semantic())
-        .with_config(
-            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
-        );
-    let ready_store = controller.store();
-    tokio::spawn(async move {
-        // Polled again every half second: kube's store readiness wakes only the last of several
-        // concurrent waiters (the controller itself waits too), but once ready it stays ready.
-        while tokio::time::timeout(Duration::from_millis(500), ready_store.wait_until_ready())
-            .await
-            .is_err()
-        {}
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("EpicExport cache ready");
-    });
+    let (store, watch) = exports::reflector(client.clone(), namespace);
+    let controller = Controller::for_stream(watch, store).with_config(
+        kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+    );
+    tokio::spawn(exports::mark_ready(controller.store(), ready, ""));
     controller
         .owns(jobs, watcher::Config::default().labels(EXPORT_LABEL))
         .graceful_shutdown_on(shutdown)

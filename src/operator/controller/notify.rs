@@ -4,34 +4,18 @@
 //! is written before sending, so a restarted operator never sends a second message for a run. SMTP
 //! credentials come from the `username` and `password` keys of `notify.email.smtpSecretRef`, and a
 //! certificate to trust from `notify.email.caCertRef` (a ConfigMap key), both read by name only to
-//! send. [`check_email`] is what `validate` refuses up front: among others, credentials that would
-//! cross the network without TLS.
-
-use std::time::Duration;
+//! send. The settings themselves were checked by `validate` ([`super::validate::check_email`], which
+//! refuses among others credentials that would cross the network without TLS); the message is built
+//! with the same [`email_plan`].
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 
-use super::dereference::name_problem;
-use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode, notify_run};
-use crate::operator::crd::{ConfigMapKeyRef, EmailSpec, EpicExport, LastRun};
+use super::validate::email_plan;
+use crate::notify::{CaCert, notify_run};
+use crate::operator::crd::{ConfigMapKeyRef, EpicExport, LastRun};
 use crate::summary::{Outcome, RunSummary, TypeCount};
-
-/// A mistake in `spec.notify.email`, naming the field.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct EmailError {
-    pub field: String,
-    pub message: String,
-}
-
-fn error(field: impl Into<String>, message: String) -> EmailError {
-    EmailError {
-        field: field.into(),
-        message,
-    }
-}
 
 /// Sends the e-mail about `last` if the export asks for one; returns what to record in
 /// `lastRun.notification` (`None` when nothing was to be sent).
@@ -128,90 +112,6 @@ async fn ca_certificate(client: &Client, ns: &str, r: &ConfigMapKeyRef) -> Resul
             "ConfigMap {name:?} (spec.notify.email.caCertRef) has no key {:?}",
             r.key
         )
-    })
-}
-
-/// What the spec alone shows to be wrong with `notify.email` (checked by `validate`, so such an
-/// export is `Stalled` instead of failing to send after each run).
-pub fn check_email(email: &EmailSpec) -> Result<(), EmailError> {
-    if email.on.is_some() {
-        return Err(error(
-            "spec.notify.email.on",
-            "renamed: write sendOn (a bare `on` key is the boolean true for YAML 1.1 parsers such as kubectl)".into(),
-        ));
-    }
-    if email.yaml11_on.is_some() {
-        return Err(error(
-            "spec.notify.email",
-            "has a key `true`: a YAML 1.1 parser (kubectl, many GitOps tools) read `on:` as the boolean true; write sendOn instead".into(),
-        ));
-    }
-    if let Some(r) = &email.smtp_secret_ref
-        && let Some(why) = name_problem(&r.name, "password")
-    {
-        return Err(error(
-            "spec.notify.email.smtpSecretRef",
-            format!("Secret {why}"),
-        ));
-    }
-    if let Some(r) = &email.ca_cert_ref
-        && let Some(why) = name_problem(&r.config_map_name, &r.key)
-    {
-        return Err(error(
-            "spec.notify.email.caCertRef",
-            format!("ConfigMap {why}"),
-        ));
-    }
-    // Placeholder credentials: only whether there are any matters here.
-    let credentials = email
-        .smtp_secret_ref
-        .as_ref()
-        .map(|_| (String::new(), String::new()));
-    email_plan(email, credentials, None).map(|_| ())
-}
-
-/// The e-mail settings of the spec, with the Secret's credentials and the certificate to trust.
-/// Credentials are never sent over `tls: none` to a host that is not loopback.
-pub fn email_plan(
-    email: &EmailSpec,
-    credentials: Option<(String, String)>,
-    ca: Option<CaCert>,
-) -> Result<EmailPlan, EmailError> {
-    let host = email.host.trim();
-    let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
-        .map_err(|e| error("spec.notify.email.tls", e))?;
-    let port = crate::notify::check_server(host, tls, email.port, credentials.is_some())
-        .map_err(|(key, m)| error(format!("spec.notify.email.{key}"), m))?;
-    let mailbox = |field: &'static str, a: &str| {
-        a.parse()
-            .map_err(|e| error(field, format!("{a:?} is not an e-mail address ({e})")))
-    };
-    if email.to.is_empty() {
-        return Err(error(
-            "spec.notify.email.to",
-            "is empty: give at least one recipient".into(),
-        ));
-    }
-    let (username, password) = match credentials {
-        Some((u, p)) => (Some(u), Some(PasswordSource::Value(SecretValue(p)))),
-        None => (None, None),
-    };
-    Ok(EmailPlan {
-        host: host.to_owned(),
-        port,
-        tls,
-        from: mailbox("spec.notify.email.from", &email.from)?,
-        to: email
-            .to
-            .iter()
-            .map(|a| mailbox("spec.notify.email.to", a))
-            .collect::<Result<_, _>>()?,
-        username,
-        password,
-        ca,
-        insecure_skip_verify: false,
-        on: OnSet::parse(&email.send_on).map_err(|e| error("spec.notify.email.sendOn", e))?,
-        timeout: Duration::from_secs(30),
     })
 }
 

@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::decide::Note;
-use super::dereference::{Run, RunState};
-use super::status::rfc3339;
+use super::model::{Note, Run, RunState, rfc3339};
 use crate::operator::crd::KeyRotationStatus;
 use crate::operator::key_secret::{KeyChange, KeyKids};
 
@@ -289,43 +287,6 @@ fn same_key(recorded: &Option<String>, kid: &str) -> bool {
 
 fn parse(t: &Option<String>) -> Option<Timestamp> {
     t.as_deref().and_then(|t| t.parse().ok())
-}
-
-/// Parses `spec.auth.rotation.every`: a whole number and a unit (`m`, `h`, `d`, `w`), at least 1 hour.
-pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: i64 = number.parse().map_err(|_| {
-        if number.is_empty() {
-            format!("{text:?} is not a duration: write e.g. 90d, 12w or 36h")
-        } else {
-            format!("{text:?} is too long: rotate at least every 100 years")
-        }
-    })?;
-    let minutes = match unit {
-        "m" => 1,
-        "h" => 60,
-        "d" => 24 * 60,
-        "w" => 7 * 24 * 60,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?}; use m, h, d or w (e.g. 90d)"
-            ));
-        }
-    };
-    let total = n
-        .checked_mul(minutes)
-        .filter(|m| *m <= 100 * 366 * 24 * 60)
-        .ok_or_else(|| format!("{text:?} is too long: rotate at least every 100 years"))?;
-    if total < 60 {
-        return Err(format!(
-            "{text:?} is shorter than 1h: rotate at most hourly"
-        ));
-    }
-    Ok(SignedDuration::from_mins(total))
 }
 
 /// A rotation that cannot go on (e.g. the operator may not update the Secret): the status to

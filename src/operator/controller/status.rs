@@ -14,24 +14,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Resource, ResourceExt};
 
-use super::decide::{Note, RunPlan};
-use super::dereference::{FinishedReport, Run, RunState};
-use super::validate::SpecError;
+use super::model::{FinishedReport, Note, Run, RunPlan, RunState, SpecError, Trigger, rfc3339};
 use crate::operator::crd::{EpicExport, EpicExportStatus, LastRun, PublicKeys};
-
-/// The newest finished run (by finish time, then start).
-pub fn newest_finished(runs: &[Run]) -> Option<&Run> {
-    runs.iter()
-        .filter(|r| r.is_finished())
-        .max_by_key(|r| (r.finished, r.began(), r.name.clone()))
-}
-
-/// RFC 3339, whole seconds, UTC (`2026-12-01T02:00:00Z`).
-pub fn rfc3339(t: Timestamp) -> String {
-    Timestamp::from_second(t.as_second())
-        .unwrap_or(t)
-        .to_string()
-}
 
 pub struct StatusInput<'a> {
     pub export: &'a EpicExport,
@@ -70,8 +54,8 @@ pub fn next_status(input: &StatusInput<'_>) -> EpicExportStatus {
             .start
             .as_ref()
             .and_then(|s| match &s.trigger {
-                super::decide::Trigger::OnDemand(token) => Some(token),
-                super::decide::Trigger::Schedule => None,
+                Trigger::OnDemand(token) => Some(token),
+                Trigger::Schedule => None,
             })
             .or(plan.run_now_handled.as_ref())
         {
