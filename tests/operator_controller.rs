@@ -26,7 +26,7 @@ use epic_export::operator::images::ImagePolicy;
 use epic_export::operator::job::RunReportMessage;
 use epic_export::operator::jwks::JwksSettings;
 use epic_export::operator::lease::LeaseSettings;
-use epic_export::operator::{ControllerOptions, serve_controller};
+use epic_export::operator::{ControllerOptions, run_controller};
 use epic_export::sandbox::{ClientKeys, ClientRegistration, Sandbox, SandboxOptions};
 use epic_export::schedule::job_name;
 use fake_api::FakeApi;
@@ -116,7 +116,7 @@ async fn scheduled_run(fake: &FakeApi, export: &str) -> (String, Timestamp) {
 
 struct Operator {
     stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<anyhow::Result<u8>>,
+    done: tokio::task::JoinHandle<Result<u8, epic_export::operator::Error>>,
 }
 
 impl Operator {
@@ -146,7 +146,7 @@ impl Operator {
 
     fn start_with(fake: &FakeApi, options: ControllerOptions) -> Operator {
         let (tx, rx) = oneshot::channel();
-        let done = tokio::spawn(serve_controller(fake.client(), options, async {
+        let done = tokio::spawn(run_controller(fake.client(), options, async {
             let _ = rx.await;
         }));
         Operator {

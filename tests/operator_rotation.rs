@@ -374,7 +374,12 @@ fn every_is_parsed_with_units_and_a_floor() {
     for bad in ["", "d", "90", "90y", "30m", "-1d", "9999999999999w"] {
         assert!(parse_every(bad).is_err(), "{bad:?} accepted");
     }
-    assert!(parse_every("90x").unwrap_err().contains("use m, h, d or w"));
+    assert!(
+        parse_every("90x")
+            .unwrap_err()
+            .to_string()
+            .contains("use m, h, d or w")
+    );
 }
 
 fn pem(alg: Algorithm) -> (String, String) {

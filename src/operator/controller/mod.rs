@@ -53,7 +53,7 @@ use self::status::StatusInput;
 use super::crd::EpicExport;
 use super::exports;
 use super::images::ImagePolicy;
-use super::job::{EXPORT_LABEL, RunInputs, build_job};
+use super::job::{BuildError, EXPORT_LABEL, RunInputs, build_job};
 use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
 
 /// The `reportingController` of Events and the Lease holder prefix.
@@ -119,6 +119,10 @@ pub struct Context {
 pub enum ReconcileError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// The run's Job could not be built from a valid spec (a bug: retried with backoff, visible in
+    /// the logs and metrics, never an empty config).
+    #[error("cannot build the run's Job: {0}")]
+    Build(#[from] BuildError),
 }
 
 impl ReconcileError {
@@ -126,6 +130,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Kube(kube::Error::Api(e)) => format!("api_{}", e.code),
             ReconcileError::Kube(_) => "api_unreachable".into(),
+            ReconcileError::Build(_) => "build_failed".into(),
         }
     }
 }
@@ -201,6 +206,7 @@ pub async fn reconcile(
             };
             match build_job(&export, &inputs, ctx.images.default_image()) {
                 Ok(job) => Some(job),
+                Err(e @ BuildError::Serialize { .. }) => return Err(e.into()),
                 Err(e) => {
                     let error = SpecError {
                         reason: "InvalidSpec",
@@ -558,6 +564,15 @@ fn uid(export: &EpicExport) -> String {
     export.uid().unwrap_or_else(|| status::describe(export))
 }
 
+/// Why the controller cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "cannot list EpicExports ({0}): is the CRD installed? `epic-export crd | kubectl apply -f -` (or install the Helm chart), and check the operator's RBAC"
+    )]
+    CannotList(#[source] kube::Error),
+}
+
 /// Runs the controller until `shutdown` completes. `ready` is set once the EpicExport cache is
 /// filled. Fails at once, with the fix, when the CRD is not installed.
 pub async fn run(
@@ -566,14 +581,13 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let namespace = settings.namespace.as_deref();
     let exports: Api<EpicExport> = exports::api(client.clone(), namespace);
-    if let Err(e) = exports.list(&ListParams::default().limit(1)).await {
-        anyhow::bail!(
-            "cannot list EpicExports ({e}): is the CRD installed? `epic-export crd | kubectl apply -f -` (or install the Helm chart), and check the operator's RBAC"
-        );
-    }
+    exports
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(RunError::CannotList)?;
     let jobs: Api<Job> = exports::api(client.clone(), namespace);
     let ctx = Arc::new(Context::new(client.clone(), &settings, metrics));
 

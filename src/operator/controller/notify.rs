@@ -17,6 +17,58 @@ use crate::notify::{CaCert, notify_run};
 use crate::operator::crd::{ConfigMapKeyRef, EpicExport, LastRun};
 use crate::summary::{Outcome, RunSummary, TypeCount};
 
+/// Why the SMTP credentials or the certificate to trust could not be read (recorded as
+/// `failed: <this>` in `lastRun.notification`).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{kind} {name:?} ({field}) does not exist")]
+    Missing {
+        kind: &'static str,
+        name: String,
+        field: &'static str,
+    },
+    #[error("cannot read {kind} {name:?}: {source}")]
+    Api {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("Secret {0:?} (spec.notify.email.smtpSecretRef) needs the keys username and password")]
+    NoCredentials(String),
+    #[error("ConfigMap {name:?} (spec.notify.email.caCertRef) has no key {key:?}")]
+    NoCertificate { name: String, key: String },
+}
+
+/// Reads `name` (`kind`, the object `field` refers to) by name.
+async fn read_named<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    kind: &'static str,
+    field: &'static str,
+) -> Result<K, ReadError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(name).await {
+        Ok(Some(object)) => Ok(object),
+        Ok(None) => Err(ReadError::Missing {
+            kind,
+            name: name.to_owned(),
+            field,
+        }),
+        Err(source) => Err(ReadError::Api {
+            kind,
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Sends the e-mail about `last` if the export asks for one; returns what to record in
 /// `lastRun.notification` (`None` when nothing was to be sent).
 pub async fn send_for_run(client: &Client, export: &EpicExport, last: &LastRun) -> Option<String> {
@@ -57,17 +109,15 @@ async fn smtp_credentials(
     client: &Client,
     ns: &str,
     name: &str,
-) -> Result<(String, String), String> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = match secrets.get_opt(name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return Err(format!(
-                "Secret {name:?} (spec.notify.email.smtpSecretRef) does not exist"
-            ));
-        }
-        Err(e) => return Err(format!("cannot read Secret {name:?}: {e}")),
-    };
+) -> Result<(String, String), ReadError> {
+    let secret: Secret = read_named(
+        client,
+        ns,
+        name,
+        "Secret",
+        "spec.notify.email.smtpSecretRef",
+    )
+    .await?;
     let key = |k: &str| {
         secret
             .data
@@ -77,25 +127,19 @@ async fn smtp_credentials(
     };
     match (key("username"), key("password")) {
         (Some(u), Some(p)) => Ok((u, p)),
-        _ => Err(format!(
-            "Secret {name:?} (spec.notify.email.smtpSecretRef) needs the keys username and password"
-        )),
+        _ => Err(ReadError::NoCredentials(name.to_owned())),
     }
 }
 
 /// The PEM text under `r`'s key (`data` or `binaryData`).
-async fn ca_certificate(client: &Client, ns: &str, r: &ConfigMapKeyRef) -> Result<Vec<u8>, String> {
+async fn ca_certificate(
+    client: &Client,
+    ns: &str,
+    r: &ConfigMapKeyRef,
+) -> Result<Vec<u8>, ReadError> {
     let name = &r.config_map_name;
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let map = match maps.get_opt(name).await {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return Err(format!(
-                "ConfigMap {name:?} (spec.notify.email.caCertRef) does not exist"
-            ));
-        }
-        Err(e) => return Err(format!("cannot read ConfigMap {name:?}: {e}")),
-    };
+    let map: ConfigMap =
+        read_named(client, ns, name, "ConfigMap", "spec.notify.email.caCertRef").await?;
     let text = map
         .data
         .as_ref()
@@ -107,12 +151,11 @@ async fn ca_certificate(client: &Client, ns: &str, r: &ConfigMapKeyRef) -> Resul
             .and_then(|d| d.get(&r.key))
             .map(|b| b.0.clone())
     };
-    text.or_else(binary).ok_or_else(|| {
-        format!(
-            "ConfigMap {name:?} (spec.notify.email.caCertRef) has no key {:?}",
-            r.key
-        )
-    })
+    text.or_else(binary)
+        .ok_or_else(|| ReadError::NoCertificate {
+            name: name.clone(),
+            key: r.key.clone(),
+        })
 }
 
 /// The run as a summary for the message (figures only, as in `lastRun`).

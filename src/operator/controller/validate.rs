@@ -217,7 +217,7 @@ fn check_rotation(export: &EpicExport) -> Result<Option<jiff::SignedDuration>, S
         .as_deref()
         .map(parse_every)
         .transpose()
-        .map_err(|message| invalid("spec.auth.rotation.every", message))
+        .map_err(|e| invalid("spec.auth.rotation.every", e.to_string()))
 }
 
 /// Runs the Job's config through the standalone config validation, with the mounted files (which
@@ -225,6 +225,7 @@ fn check_rotation(export: &EpicExport) -> Result<Option<jiff::SignedDuration>, S
 fn check_run_config(export: &EpicExport) -> Result<(), SpecError> {
     let mut config = run_config(export).map_err(|e| match e {
         BuildError::Invalid { field, message, .. } => invalid(field, message),
+        e @ BuildError::Serialize { field, .. } => invalid(field, e.to_string()),
         BuildError::NoUid(name) => SpecError {
             reason: "InvalidSpec",
             field: "metadata.uid".into(),
@@ -259,8 +260,21 @@ fn spec_field(config_field: &str) -> String {
     }
 }
 
+/// Why `spec.auth.rotation.every` is not a rotation period.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EveryError {
+    #[error("{0:?} is not a duration: write e.g. 90d, 12w or 36h")]
+    NotADuration(String),
+    #[error("{0:?} is too long: rotate at least every 100 years")]
+    TooLong(String),
+    #[error("{text:?}: unknown unit {unit:?}; use m, h, d or w (e.g. 90d)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{0:?} is shorter than 1h: rotate at most hourly")]
+    TooShort(String),
+}
+
 /// Parses `spec.auth.rotation.every`: a whole number and a unit (`m`, `h`, `d`, `w`), at least 1 hour.
-pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
+pub fn parse_every(text: &str) -> Result<SignedDuration, EveryError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -268,9 +282,9 @@ pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
     let (number, unit) = text.split_at(split);
     let n: i64 = number.parse().map_err(|_| {
         if number.is_empty() {
-            format!("{text:?} is not a duration: write e.g. 90d, 12w or 36h")
+            EveryError::NotADuration(text.to_owned())
         } else {
-            format!("{text:?} is too long: rotate at least every 100 years")
+            EveryError::TooLong(text.to_owned())
         }
     })?;
     let minutes = match unit {
@@ -279,19 +293,18 @@ pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
         "d" => 24 * 60,
         "w" => 7 * 24 * 60,
         _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?}; use m, h, d or w (e.g. 90d)"
-            ));
+            return Err(EveryError::UnknownUnit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            });
         }
     };
     let total = n
         .checked_mul(minutes)
         .filter(|m| *m <= 100 * 366 * 24 * 60)
-        .ok_or_else(|| format!("{text:?} is too long: rotate at least every 100 years"))?;
+        .ok_or_else(|| EveryError::TooLong(text.to_owned()))?;
     if total < 60 {
-        return Err(format!(
-            "{text:?} is shorter than 1h: rotate at most hourly"
-        ));
+        return Err(EveryError::TooShort(text.to_owned()));
     }
     Ok(SignedDuration::from_mins(total))
 }
