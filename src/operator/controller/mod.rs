@@ -48,7 +48,7 @@ use kube::{Client, Resource, ResourceExt};
 use self::apply::{ApplyError, Started};
 pub use self::clock::Clock;
 use self::model::{Note, SpecError, Trigger, rfc3339};
-use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationTiming};
+use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationPhase, RotationTiming};
 use self::status::StatusInput;
 use super::crd::EpicExport;
 use super::exports;
@@ -383,8 +383,9 @@ impl Context {
                 },
                 apply::KeyWrite::Refused(why) => {
                     let status = rotation::blocked(&plan, previous, &why);
-                    let repeated = previous
-                        .is_some_and(|p| p.phase == "Blocked" && p.message == status.message);
+                    let repeated = previous.is_some_and(|p| {
+                        p.phase == RotationPhase::Blocked.as_str() && p.message == status.message
+                    });
                     let notes = (!repeated)
                         .then(|| Note {
                             warning: true,
@@ -512,7 +513,7 @@ impl Context {
                 .run_duration
                 .observe(end.duration_since(start).as_secs_f64().max(0.0));
         }
-        if last.outcome == "success"
+        if model::RunOutcome::parse(&last.outcome) == model::RunOutcome::Success
             && let Some(end) = parse(&last.finished_at)
         {
             self.metrics

@@ -273,3 +273,34 @@ pub struct RunPlan {
     /// The next scheduled time (+100 ms), when to reconcile again; `None` when suspended.
     pub requeue_at: Option<Timestamp>,
 }
+
+/// A run's outcome as `lastRun.outcome` and the run report carry it (a string there; the CRD keeps
+/// the field a string, so any other value reads as [`RunOutcome::Failed`] here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    Success,
+    Partial,
+    /// Stopped before the end; the next run resumes it.
+    Unfinished,
+    Failed,
+}
+
+impl RunOutcome {
+    pub fn parse(text: &str) -> RunOutcome {
+        match text {
+            "success" => RunOutcome::Success,
+            "partial" => RunOutcome::Partial,
+            "unfinished" => RunOutcome::Unfinished,
+            _ => RunOutcome::Failed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Success => "success",
+            RunOutcome::Partial => "partial",
+            RunOutcome::Unfinished => "unfinished",
+            RunOutcome::Failed => "failed",
+        }
+    }
+}

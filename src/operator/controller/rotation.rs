@@ -26,6 +26,34 @@ use crate::operator::key_secret::{KeyChange, KeyKids};
 /// `kubectl annotate epx NAME fhirexport.dev/rotate-key="$(date +%s)" --overwrite`.
 pub const ROTATE_KEY_ANNOTATION: &str = "fhirexport.dev/rotate-key";
 
+/// Where a rotation stands, as `status.keyRotation.phase` shows it (the CRD keeps the field a
+/// string: its schema stays as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationPhase {
+    /// Only the signing key (none rotating).
+    Idle,
+    /// A next key is being generated into the Secret.
+    Generating,
+    /// The next key is published beside the signing key, waiting out the JWKS caches.
+    Publishing,
+    /// Signing switched; the old key stays published until nobody can still use it.
+    Retiring,
+    /// The rotation cannot go on (e.g. the operator may not update the Secret).
+    Blocked,
+}
+
+impl RotationPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationPhase::Idle => "Idle",
+            RotationPhase::Generating => "Generating",
+            RotationPhase::Publishing => "Publishing",
+            RotationPhase::Retiring => "Retiring",
+            RotationPhase::Blocked => "Blocked",
+        }
+    }
+}
+
 /// The waits of a rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RotationTiming {
@@ -102,7 +130,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
             .then(|| parse_past(&previous.switched_at, now))
             .flatten()
             .unwrap_or(now);
-        status.phase = "Retiring".into();
+        status.phase = RotationPhase::Retiring.as_str().into();
         status.switched_at = Some(rfc3339(switched_at));
         // A run created before the switch (plus the margin, for the kubelet's copy of the Secret)
         // may sign with the old key until it ends.
@@ -150,7 +178,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
                 kids.active
             ),
         });
-        status.phase = "Idle".into();
+        status.phase = RotationPhase::Idle.as_str().into();
         status.retiring_kid = None;
         status.switched_at = None;
         let due = next_rotation(input, &status);
@@ -187,7 +215,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
                     ),
                 });
             }
-            status.phase = "Publishing".into();
+            status.phase = RotationPhase::Publishing.as_str().into();
             status.published_at = Some(rfc3339(published_at));
             status.switch_after = Some(rfc3339(switch_after));
             status.message = Some(format!(
@@ -209,7 +237,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
                 kids.active
             ),
         });
-        status.phase = "Retiring".into();
+        status.phase = RotationPhase::Retiring.as_str().into();
         status.signing_kid = Some(next.clone());
         status.next_kid = None;
         status.retiring_kid = Some(kids.active.clone());
@@ -224,7 +252,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
     }
 
     // Idle: only the signing key.
-    status.phase = "Idle".into();
+    status.phase = RotationPhase::Idle.as_str().into();
     let due = next_rotation(input, &status);
     let why = match (pending_request, due) {
         (Some(r), _) => Some(format!("requested ({ROTATE_KEY_ANNOTATION}={r:?})")),
@@ -246,7 +274,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
     if let Some(r) = pending_request {
         status.request_handled = Some(r.to_owned());
     }
-    status.phase = "Generating".into();
+    status.phase = RotationPhase::Generating.as_str().into();
     status.message = Some(format!("generating a next key: {why}"));
     notes.push(Note {
         warning: false,
@@ -298,7 +326,7 @@ pub fn blocked(
 ) -> KeyRotationStatus {
     let previous = previous.cloned().unwrap_or_default();
     KeyRotationStatus {
-        phase: "Blocked".into(),
+        phase: RotationPhase::Blocked.as_str().into(),
         message: Some(why.to_owned()),
         // Not acted on: a retry (or a fixed RBAC) takes the same request again.
         request_handled: previous.request_handled,

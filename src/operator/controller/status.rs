@@ -14,7 +14,9 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Resource, ResourceExt};
 
-use super::model::{FinishedReport, Note, Run, RunPlan, RunState, SpecError, Trigger, rfc3339};
+use super::model::{
+    FinishedReport, Note, Run, RunOutcome, RunPlan, RunState, SpecError, Trigger, rfc3339,
+};
 use crate::operator::crd::{EpicExport, EpicExportStatus, LastRun, PublicKeys};
 
 pub struct StatusInput<'a> {
@@ -88,7 +90,7 @@ pub fn next_status(input: &StatusInput<'_>) -> EpicExportStatus {
         && let Some(run) = input.runs.iter().find(|r| r.name == report.job)
     {
         let last = last_run(run, report);
-        if last.outcome == "success"
+        if RunOutcome::parse(&last.outcome) == RunOutcome::Success
             && let Some(tt) = report
                 .message
                 .as_ref()
@@ -186,10 +188,11 @@ fn last_run(run: &Run, report: &FinishedReport) -> LastRun {
         }
         None => {
             last.outcome = if run.state == RunState::Succeeded {
-                "success"
+                RunOutcome::Success
             } else {
-                "failed"
+                RunOutcome::Failed
             }
+            .as_str()
             .into();
             if run.state == RunState::Failed {
                 last.errors.push(match &run.failure {
@@ -233,11 +236,11 @@ pub fn finished_run_note(old: &EpicExportStatus, new: &EpicExportStatus) -> Opti
     if old.last_run.as_ref().map(|l| &l.job_name) == Some(&last.job_name) {
         return None;
     }
-    let (warning, reason) = match last.outcome.as_str() {
-        "success" => (false, "RunSucceeded"),
-        "partial" => (true, "RunPartial"),
-        "unfinished" => (false, "RunUnfinished"),
-        _ => (true, "RunFailed"),
+    let (warning, reason) = match RunOutcome::parse(&last.outcome) {
+        RunOutcome::Success => (false, "RunSucceeded"),
+        RunOutcome::Partial => (true, "RunPartial"),
+        RunOutcome::Unfinished => (false, "RunUnfinished"),
+        RunOutcome::Failed => (true, "RunFailed"),
     };
     let mut message = format!(
         "run {} {}: {} records, {} bytes",
