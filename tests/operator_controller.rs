@@ -26,7 +26,7 @@ use epic_export::operator::images::ImagePolicy;
 use epic_export::operator::job::RunReportMessage;
 use epic_export::operator::jwks::JwksSettings;
 use epic_export::operator::lease::LeaseSettings;
-use epic_export::operator::{ControllerOptions, serve_controller};
+use epic_export::operator::{ControllerOptions, run_controller};
 use epic_export::sandbox::{ClientKeys, ClientRegistration, Sandbox, SandboxOptions};
 use epic_export::schedule::job_name;
 use fake_api::FakeApi;
@@ -116,7 +116,7 @@ async fn scheduled_run(fake: &FakeApi, export: &str) -> (String, Timestamp) {
 
 struct Operator {
     stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<anyhow::Result<u8>>,
+    done: tokio::task::JoinHandle<Result<u8, epic_export::operator::Error>>,
 }
 
 impl Operator {
@@ -146,7 +146,7 @@ impl Operator {
 
     fn start_with(fake: &FakeApi, options: ControllerOptions) -> Operator {
         let (tx, rx) = oneshot::channel();
-        let done = tokio::spawn(serve_controller(fake.client(), options, async {
+        let done = tokio::spawn(run_controller(fake.client(), options, async {
             let _ = rx.await;
         }));
         Operator {
@@ -165,12 +165,22 @@ impl Operator {
     }
 }
 
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+/// Polls `probe` every 50 ms until it gives a value; fails after 15 s.
+async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    eventually_within(what, Duration::from_secs(15), probe).await
+}
+
+/// Polls `probe` every 50 ms until it gives a value; fails after `limit`.
+async fn eventually_within<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = probe().await {
             return v;
@@ -402,10 +412,23 @@ async fn a_missing_secret_stalls_until_it_is_created() {
     assert!(fake.list(JOBS, Some(NS)).is_empty(), "no run while stalled");
 
     // Looking again (the Secret is read by name, not watched), but writing nothing while nothing
-    // changes, and never listing or watching Secrets.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // changes, and never listing or watching Secrets: over three more looks once the Stalled pass
+    // is done (its Event is its last write).
+    eventually("the Stalled Event", || async {
+        event_reasons(&fake, "nightly")
+            .contains(&"SecretNotFound".to_owned())
+            .then_some(())
+    })
+    .await;
     let mark = fake.requests().len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually("three more looks at the Secret", || async {
+        let looks = fake.requests()[mark..]
+            .iter()
+            .filter(|r| r.path.ends_with("/secrets/epic-key"))
+            .count();
+        (looks > 3).then_some(())
+    })
+    .await;
     assert!(fake.writes_since(mark).is_empty());
     let secret_reads: Vec<_> = fake.requests()[mark..]
         .iter()
@@ -734,12 +757,14 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
     // Secret's key of the moment.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let old_run_active = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let tokens = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let runs = {
-        let (fake, jwks_url, stop, old_run_active) = (
+        let (fake, jwks_url, stop, old_run_active, tokens) = (
             fake.clone(),
             jwks_url.clone(),
             stop.clone(),
             old_run_active.clone(),
+            tokens.clone(),
         );
         let sandbox = &sandbox;
         async move {
@@ -752,7 +777,10 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
                     failures.push(format!("old run: {e}"));
                 }
                 match authenticate(&mounted_key(&fake), sandbox, &jwks_url).await {
-                    Ok(kid) => kids.push(kid),
+                    Ok(kid) => {
+                        kids.push(kid);
+                        tokens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Err(e) => failures.push(format!("new run: {e}")),
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -776,8 +804,17 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
         assert_ne!(next_kid, first.kid());
         assert_eq!(retiring["keyRotation"]["retiringKid"], first.kid());
         assert_eq!(secret_keys(&fake), ["private.pem", "retiring-private.pem"]);
-        // While the run from before the switch is active, the old key stays published.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // While the run from before the switch is active, the old key stays published: still so
+        // once it would have gone without that run (the switch + margin + grace, here 3 s), with a
+        // second to spare for the pass that would have retired it.
+        let switched: Timestamp = retiring["keyRotation"]["switchedAt"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let would_retire = switched + jiff::SignedDuration::from_secs(3 + 1);
+        let wait = Timestamp::now().duration_until(would_retire);
+        tokio::time::sleep(Duration::try_from(wait).unwrap_or_default()).await;
         let s = status(&fake, "nightly");
         assert_eq!(s["keyRotation"]["phase"], "Retiring", "{s}");
         assert!(
@@ -798,7 +835,12 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
         .await;
         assert_eq!(done["keyRotation"]["requestHandled"], "2026-12-02");
         assert!(done["keyRotation"]["lastRotationTime"].is_string());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // New runs go on authenticating after the old key is gone.
+        let before = tokens.load(std::sync::atomic::Ordering::SeqCst);
+        eventually("two more tokens after the retirement", || async {
+            (tokens.load(std::sync::atomic::Ordering::SeqCst) >= before + 2).then_some(())
+        })
+        .await;
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         next_kid
     };
@@ -824,10 +866,19 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
         .map(|k| k["kid"].as_str().unwrap())
         .collect();
     assert_eq!(published, [next_kid.as_str()]);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Refused once the sandbox's copy of the set (max-age 1 s) has expired.
     let old_pem = first.to_pkcs8_pem().unwrap();
-    let refused = authenticate(old_pem.as_bytes(), &sandbox, &jwks_url).await;
-    assert!(refused.is_err(), "the retired key still works");
+    eventually_within(
+        "the retired key refused",
+        Duration::from_millis(1500),
+        || async {
+            authenticate(old_pem.as_bytes(), &sandbox, &jwks_url)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         authenticate(&mounted_key(&fake), &sandbox, &jwks_url).await,
         Ok(next_kid.clone())

@@ -20,7 +20,7 @@ use epic_export::auth::keys::{Algorithm, SigningKey};
 use epic_export::operator::controller::Settings;
 use epic_export::operator::images::ImagePolicy;
 use epic_export::operator::jwks::{JwksSettings, serve};
-use epic_export::operator::{ControllerOptions, serve_controller};
+use epic_export::operator::{ControllerOptions, run_controller};
 use fake_api::FakeApi;
 use serde_json::{Value, json};
 
@@ -295,7 +295,7 @@ async fn the_controller_publishes_and_the_endpoint_serves_without_reading_a_secr
     settings.resync = Duration::from_millis(500);
     settings.reference_retry = Duration::from_millis(500);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(serve_controller(
+    let operator = tokio::spawn(run_controller(
         fake.client(),
         ControllerOptions {
             settings,

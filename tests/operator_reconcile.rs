@@ -1,15 +1,14 @@
 //! The controller's pure steps: `validate`, `decide` and `status`, with an injected clock.
 
 use epic_export::operator::controller::decide::{
-    RUN_NOW_ANNOTATION, Trigger, decide, history_to_prune, on_demand_job_name,
+    RUN_NOW_ANNOTATION, decide, history_to_prune, on_demand_job_name,
 };
-use epic_export::operator::controller::dereference::{
-    FinishedReport, Observed, RefCheck, Reference, Run, RunState,
+use epic_export::operator::controller::model::{
+    FinishedReport, Observed, RefCheck, Reference, Run, RunState, SpecError, Trigger, Validated,
 };
 use epic_export::operator::controller::status::{
     StatusInput, finished_run_note, next_status, spec_error_note,
 };
-use epic_export::operator::controller::validate::{SpecError, Validated};
 use epic_export::operator::crd::EpicExport;
 use epic_export::operator::images::ImagePolicy;
 use epic_export::operator::job::RunReportMessage;

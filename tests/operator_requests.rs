@@ -145,7 +145,7 @@ async fn an_existing_run_of_ours_is_adopted_on_409_and_a_foreign_one_stalls() {
             );
             send.send_response(respond(200, job_named("nightly-29401560", owner)));
         });
-        let result = start_run(&client, &e, &[], &[], Some(job)).await;
+        let result = start_run(&client, &e, &[], &[], Some(job), jiff::Timestamp::now()).await;
         server.await.unwrap();
         match result {
             Ok((runs, Some(Started::Adopted))) if adopted => {
@@ -180,7 +180,7 @@ async fn a_job_the_api_server_refuses_is_a_spec_problem() {
             .await
             .is_err()
     });
-    let result = start_run(&client, &e, &[], &[], Some(job)).await;
+    let result = start_run(&client, &e, &[], &[], Some(job), jiff::Timestamp::now()).await;
     assert!(server.await.unwrap(), "one request, no retry");
     match result {
         Err(ApplyError::Spec(e)) => {
@@ -236,7 +236,7 @@ async fn dereference_reads_only_what_the_export_refers_to() {
             "GET /apis/batch/v1/namespaces/phi/jobs?&labelSelector=fhirexport.dev%2Fexport%3Dnightly",
         ]
     );
-    use epic_export::operator::controller::dereference::RefCheck;
+    use epic_export::operator::controller::model::RefCheck;
     assert_eq!(observed.references[0].check, RefCheck::Present);
     assert_eq!(
         observed.references[1].check,

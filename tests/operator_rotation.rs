@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use epic_export::auth::keys::{Algorithm, SigningKey};
-use epic_export::operator::controller::dereference::{Run, RunState};
+use epic_export::operator::controller::model::{Run, RunState};
 use epic_export::operator::controller::rotation::{
-    RotationInput, RotationPlan, RotationTiming, parse_every, plan,
+    RotationInput, RotationPlan, RotationTiming, plan,
 };
+use epic_export::operator::controller::validate::parse_every;
 use epic_export::operator::crd::KeyRotationStatus;
 use epic_export::operator::key_secret::{self, KeyChange, KeyKids, Signing};
 use jiff::{SignedDuration, Timestamp};
@@ -373,7 +374,12 @@ fn every_is_parsed_with_units_and_a_floor() {
     for bad in ["", "d", "90", "90y", "30m", "-1d", "9999999999999w"] {
         assert!(parse_every(bad).is_err(), "{bad:?} accepted");
     }
-    assert!(parse_every("90x").unwrap_err().contains("use m, h, d or w"));
+    assert!(
+        parse_every("90x")
+            .unwrap_err()
+            .to_string()
+            .contains("use m, h, d or w")
+    );
 }
 
 fn pem(alg: Algorithm) -> (String, String) {

@@ -7,9 +7,8 @@
 use std::time::Duration;
 
 use epic_export::operator::controller::decide::decide;
-use epic_export::operator::controller::dereference::{Run, RunState};
+use epic_export::operator::controller::model::{Run, RunState, Validated};
 use epic_export::operator::controller::rotation::{RotationInput, RotationTiming, plan};
-use epic_export::operator::controller::validate::Validated;
 use epic_export::operator::crd::{EpicExport, KeyRotationStatus};
 use epic_export::operator::job::{RunReportMessage, TERMINATION_MESSAGE_MAX};
 use epic_export::operator::key_secret::KeyKids;

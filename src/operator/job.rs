@@ -48,6 +48,13 @@ pub enum BuildError {
         field: &'static str,
         message: String,
     },
+    /// A part of the spec did not serialise into the run's config (a bug, not a mistake in the spec).
+    #[error("EpicExport {name}: cannot put {field} into the run's config: {message}")]
+    Serialize {
+        name: String,
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// What differs from one run to the next.
@@ -241,17 +248,31 @@ fn mounted(r: &ConfigMapKeyRef) -> String {
     format!("{CONFIG_DIR}/{}/{}", r.config_map_name, r.key)
 }
 
+/// `value` (the spec's `field`) as JSON for the run's config.
+fn config_value<T: Serialize>(
+    name: &str,
+    field: &'static str,
+    value: &T,
+) -> Result<Value, BuildError> {
+    serde_json::to_value(value).map_err(|e| BuildError::Serialize {
+        name: name.to_owned(),
+        field,
+        message: e.to_string(),
+    })
+}
+
 /// The standalone config the pod runs, with paths into its mounts.
 pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
     let name = export.name_any();
     let spec = &export.spec;
+
     let source = match (&spec.source.search, &spec.source.bulk) {
         (Some(s), None) => {
             let mut search = json!({ "rosterFile": mounted(&s.roster_ref) });
             match (&s.resources_ref, &s.resources) {
                 (Some(r), None) => search["resourcesFile"] = json!(mounted(r)),
                 (None, Some(list)) => {
-                    search["resources"] = serde_json::to_value(list).unwrap_or_default()
+                    search["resources"] = config_value(&name, "spec.source.search.resources", list)?
                 }
                 _ => {
                     return Err(BuildError::Invalid {
@@ -263,7 +284,7 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
             }
             json!({ "search": search })
         }
-        (None, Some(b)) => json!({ "bulk": serde_json::to_value(b).unwrap_or_default() }),
+        (None, Some(b)) => json!({ "bulk": config_value(&name, "spec.source.bulk", b)? }),
         _ => {
             return Err(BuildError::Invalid {
                 name,
@@ -285,7 +306,7 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
     }
     let mut config = json!({
         "name": name,
-        "fhir": serde_json::to_value(&spec.fhir).unwrap_or_default(),
+        "fhir": config_value(&name, "spec.fhir", &spec.fhir)?,
         "auth": auth,
         "source": source,
         "output": { "directory": DATA_DIR },
@@ -294,7 +315,7 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
         config["output"]["keepRuns"] = json!(keep);
     }
     if let Some(l) = &spec.limits {
-        config["limits"] = serde_json::to_value(l).unwrap_or_default();
+        config["limits"] = config_value(&name, "spec.limits", l)?;
     }
     Ok(config)
 }

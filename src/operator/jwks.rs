@@ -16,7 +16,7 @@
 //! answer `If-None-Match` with 304. `/healthz` and `/readyz` are served on a separate address.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use axum::Router;
@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 
 use super::crd::{EpicExport, PublicJwk, PublicKeys};
 
@@ -259,34 +259,18 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let api: Api<EpicExport> = match &namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
-    };
-    let (reader, writer) = reflector::store();
-    let watch = reflector(
-        writer,
-        watcher(api, watcher::Config::default().any_semantic()),
-    )
-    .default_backoff()
-    .for_each(|event| async move {
+    let (reader, watch) = super::exports::reflector(client, namespace.as_deref());
+    let watch = watch.for_each(|event| async move {
         if let Err(e) = event {
             tracing::warn!("JWKS: EpicExport watch failed, retrying: {e}");
         }
     });
     let _watch = crate::task::AbortOnDrop(tokio::spawn(watch));
-    let ready_store = reader.clone();
-    let _ready = crate::task::AbortOnDrop(tokio::spawn(async move {
-        // Polled again every half second: kube's store readiness wakes only the last of several
-        // concurrent waiters (each request checks it too), but once ready it stays ready.
-        while tokio::time::timeout(Duration::from_millis(500), ready_store.wait_until_ready())
-            .await
-            .is_err()
-        {}
-        ready.store(true, Ordering::Relaxed);
-        tracing::info!("JWKS: EpicExport cache ready");
-    }));
+    let _ready = crate::task::AbortOnDrop(tokio::spawn(super::exports::mark_ready(
+        reader.clone(),
+        ready,
+        "JWKS: ",
+    )));
     let publisher = Arc::new(Publisher::new(reader, settings));
     axum::serve(listener, router(publisher)).await
 }

@@ -196,6 +196,19 @@ pub enum KeyChange {
     Retire,
 }
 
+/// Why a key Secret change cannot be made: the Secret is not in the state the change expects.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EditError {
+    #[error("{0:?} exists already")]
+    Exists(String),
+    #[error("{0:?} is still there")]
+    StillThere(String),
+    #[error("{0:?} is gone")]
+    Gone(String),
+    #[error("no key was generated")]
+    NoNewKey,
+}
+
 /// Applies `change` to `data` (the Secret's `data` map). `new_key_pem` is the generated key for
 /// `AddNext`. Fails, naming the slot, when the Secret is not in the state the change expects.
 pub fn edit(
@@ -203,29 +216,28 @@ pub fn edit(
     key: &str,
     change: &KeyChange,
     new_key_pem: Option<String>,
-) -> Result<(), String> {
+) -> Result<(), EditError> {
     let (next, retiring) = (next_slot(key), retiring_slot(key));
     match change {
         KeyChange::AddNext => {
             if data.contains_key(&next) {
-                return Err(format!("{next:?} exists already"));
+                return Err(EditError::Exists(next));
             }
-            let pem = new_key_pem.ok_or("no key was generated")?;
+            let pem = new_key_pem.ok_or(EditError::NoNewKey)?;
             data.insert(next, ByteString(pem.into_bytes()));
         }
         KeyChange::Switch => {
             if data.contains_key(&retiring) {
-                return Err(format!("{retiring:?} is still there"));
+                return Err(EditError::StillThere(retiring));
             }
-            let new = data.remove(&next).ok_or(format!("{next:?} is gone"))?;
+            let new = data.remove(&next).ok_or(EditError::Gone(next))?;
             let old = data
                 .insert(key.to_owned(), new)
-                .ok_or(format!("{key:?} is gone"))?;
+                .ok_or_else(|| EditError::Gone(key.to_owned()))?;
             data.insert(retiring, old);
         }
         KeyChange::Retire => {
-            data.remove(&retiring)
-                .ok_or(format!("{retiring:?} is gone"))?;
+            data.remove(&retiring).ok_or(EditError::Gone(retiring))?;
         }
     }
     Ok(())

@@ -6,6 +6,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod exports;
 pub mod http;
 pub mod images;
 pub mod job;
@@ -36,22 +37,66 @@ pub struct JwksServerOptions {
     pub settings: jwks::JwksSettings,
 }
 
-/// Runs the JWK Set endpoint until `shutdown` completes (exit code 0).
+/// Why `epic-export controller` or `epic-export jwks-server` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("JWK Set endpoint stopped: {0}")]
+    JwksStopped(#[source] std::io::Error),
+    #[error(transparent)]
+    Controller(#[from] controller::RunError),
+}
+
+/// Binds `addr` for `what`; returns the listener and the address it got.
+async fn listen(
+    addr: std::net::SocketAddr,
+    what: &'static str,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), Error> {
+    let failed = |source| Error::Listen { addr, what, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
+}
+
+/// [`run_jwks_server`] for the command line (`anyhow` at the binary edge; goes once `cli.rs` calls
+/// `run_jwks_server` and converts its error itself).
 pub async fn serve_jwks_server(
     client: kube::Client,
     options: JwksServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<u8> {
+    Ok(run_jwks_server(client, options, shutdown).await?)
+}
+
+/// [`run_controller`] for the command line (`anyhow` at the binary edge; goes once `cli.rs` calls
+/// `run_controller` and converts its error itself).
+pub async fn serve_controller(
+    client: kube::Client,
+    options: ControllerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<u8> {
+    Ok(run_controller(client, options, shutdown).await?)
+}
+
+/// Runs the JWK Set endpoint until `shutdown` completes (exit code 0).
+pub async fn run_jwks_server(
+    client: kube::Client,
+    options: JwksServerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<u8, Error> {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
     let ready = Arc::new(AtomicBool::new(false));
     let _health = match options.health_addr {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for health: {e}"))?;
-            tracing::info!("health on http://{}", listener.local_addr()?);
+            let (listener, local) = listen(addr, "health").await?;
+            tracing::info!("health on http://{local}");
             let app = http::health(ready.clone());
             Some(crate::task::AbortOnDrop(tokio::spawn(async move {
                 axum::serve(listener, app).await
@@ -59,21 +104,11 @@ pub async fn serve_jwks_server(
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(options.addr)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} for the JWK Set endpoint: {e}",
-                options.addr
-            )
-        })?;
-    tracing::info!(
-        "JWK Set endpoint on http://{}/jwks/",
-        listener.local_addr()?
-    );
+    let (listener, local) = listen(options.addr, "the JWK Set endpoint").await?;
+    tracing::info!("JWK Set endpoint on http://{local}/jwks/");
     tokio::select! {
         served = jwks::serve(client, options.namespace, listener, options.settings, ready) => {
-            served.map_err(|e| anyhow::anyhow!("JWK Set endpoint stopped: {e}"))?;
+            served.map_err(Error::JwksStopped)?;
         }
         _ = shutdown => {}
     }
@@ -81,11 +116,11 @@ pub async fn serve_jwks_server(
 }
 
 /// Runs the operator until SIGTERM/Ctrl-C (exit 0) or until it loses its lease (exit 1).
-pub async fn serve_controller(
+pub async fn run_controller(
     client: kube::Client,
     options: ControllerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<u8> {
+) -> Result<u8, Error> {
     use futures::FutureExt;
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
@@ -93,10 +128,8 @@ pub async fn serve_controller(
     let metrics = Arc::new(metrics::Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = options.http_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /metrics and health: {e}"))?;
-        tracing::info!("metrics and health on http://{}", listener.local_addr()?);
+        let (listener, local) = listen(addr, "/metrics and health").await?;
+        tracing::info!("metrics and health on http://{local}");
         let app = http::router(metrics.clone(), ready.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
     }

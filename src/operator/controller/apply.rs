@@ -8,8 +8,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::dereference::{Run, RunState};
-use super::validate::SpecError;
+use super::model::{Run, RunState, SpecError, signing_of};
 use crate::auth::keys::{Algorithm, SigningKey};
 use crate::operator::crd::{EpicExport, EpicExportStatus};
 use crate::operator::job::owned_by;
@@ -37,13 +36,14 @@ pub enum ApplyError {
 }
 
 /// Stops `stop` (Replace), then creates `job` (or adopts an existing one of ours). Returns the runs as
-/// they stand afterwards.
+/// they stand afterwards (a run whose Job carries no creation time yet was created `now`).
 pub async fn start_run(
     client: &Client,
     export: &EpicExport,
     runs: &[Run],
     stop: &[String],
     job: Option<Job>,
+    now: jiff::Timestamp,
 ) -> Result<(Vec<Run>, Option<Started>), ApplyError> {
     let ns = export.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
@@ -87,7 +87,7 @@ pub async fn start_run(
     };
     let mut run = Run::from_job(&job);
     if run.created.is_none() {
-        run.created = Some(jiff::Timestamp::now());
+        run.created = Some(now);
     }
     runs.retain(|r| r.name != run.name);
     if run.state == RunState::Active || started == Started::Adopted {
@@ -177,7 +177,7 @@ pub async fn change_key(
         Err(kube::Error::Api(e)) if e.code == 403 => return Ok(refused("read")),
         Err(e) => return Err(e),
     };
-    let signing = super::dereference::signing_of(export);
+    let signing = signing_of(export);
     match key_secret::read(&secret, &key_ref.key, &signing) {
         Ok(set) if set.kids() == *expected => {}
         _ => return Ok(KeyWrite::Stale),

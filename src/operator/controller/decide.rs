@@ -8,53 +8,12 @@ use std::time::Duration;
 use jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 
-use super::dereference::{Run, RunState};
-use super::validate::Validated;
+use super::model::{Note, Run, RunPlan, RunStart, RunState, Trigger, Validated};
 use crate::operator::crd::EpicExport;
 use crate::schedule::{self, ConcurrencyPolicy, MAX_EXPORT_NAME_LEN, ScheduleInput, job_name};
 
 /// Annotation whose new value starts one run now: `kubectl annotate epx NAME fhirexport.dev/run-now="$(date +%s)" --overwrite`.
 pub const RUN_NOW_ANNOTATION: &str = "fhirexport.dev/run-now";
-
-/// Why a run starts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Trigger {
-    Schedule,
-    /// The run-now annotation, with its value.
-    OnDemand(String),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunStart {
-    pub job_name: String,
-    /// The scheduled time (for on-demand runs: now).
-    pub scheduled: Timestamp,
-    pub trigger: Trigger,
-}
-
-/// Something worth an Event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Note {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RunPlan {
-    pub start: Option<RunStart>,
-    /// Active runs to stop before starting (Replace).
-    pub stop: Vec<String>,
-    /// Finished runs beyond the history limits, to delete.
-    pub prune: Vec<String>,
-    /// The scheduled time to record as `lastScheduleTime` (a run started or found already created).
-    pub record_schedule: Option<Timestamp>,
-    /// The run-now value to record as handled (its run started or found already created).
-    pub run_now_handled: Option<String>,
-    pub notes: Vec<Note>,
-    /// The next scheduled time (+100 ms), when to reconcile again; `None` when suspended.
-    pub requeue_at: Option<Timestamp>,
-}
 
 pub fn decide(export: &EpicExport, valid: &Validated, runs: &[Run], now: Timestamp) -> RunPlan {
     let spec = &export.spec;

@@ -9,153 +9,17 @@
 
 use std::collections::BTreeSet;
 
-use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use crate::operator::crd::{EpicExport, PublicKeys};
-use crate::operator::job::{EXPORT_LABEL, RunReportMessage, SCHEDULED_ANNOTATION, owned_by};
-use crate::operator::key_secret::{self, KeyKids, KeySetError, Signing};
-
-/// Whether a referenced object and key exist.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RefCheck {
-    Present,
-    /// The object does not exist.
-    Missing,
-    /// The object exists without the key; `keys` are the keys it has (names only).
-    KeyMissing {
-        keys: Vec<String>,
-    },
-    /// A key Secret slot holds no usable private key.
-    Invalid {
-        reason: String,
-    },
-    /// The name or key cannot be one of a Kubernetes object (nothing was read).
-    BadName {
-        reason: String,
-    },
-}
-
-/// A Secret or ConfigMap key the spec refers to, and what was found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reference {
-    /// The spec field, e.g. `spec.auth.keySecretRef`.
-    pub field: &'static str,
-    /// `Secret` or `ConfigMap`.
-    pub kind: &'static str,
-    pub name: String,
-    pub key: String,
-    pub check: RefCheck,
-}
-
-/// Where a run (one Job) stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    Active,
-    Succeeded,
-    Failed,
-}
-
-/// One run: a Job owned by the EpicExport.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Run {
-    pub name: String,
-    /// The Job's uid: its pods carry it in their owner reference.
-    pub uid: Option<String>,
-    pub state: RunState,
-    /// The scheduled time annotation (RFC 3339).
-    pub scheduled_at: Option<String>,
-    pub created: Option<Timestamp>,
-    pub started: Option<Timestamp>,
-    pub finished: Option<Timestamp>,
-    /// Why Kubernetes failed the Job (e.g. `DeadlineExceeded: Job was active longer than ...`).
-    pub failure: Option<String>,
-}
-
-impl Run {
-    pub fn from_job(job: &Job) -> Run {
-        let status = job.status.clone().unwrap_or_default();
-        let condition = |kind: &str| {
-            status
-                .conditions
-                .iter()
-                .flatten()
-                .find(|c| c.type_ == kind && c.status == "True")
-                .cloned()
-        };
-        let (state, finished_condition) = if let Some(c) = condition("Complete") {
-            (RunState::Succeeded, Some(c))
-        } else if let Some(c) = condition("Failed") {
-            (RunState::Failed, Some(c))
-        } else {
-            (RunState::Active, None)
-        };
-        let failure = match (&state, &finished_condition) {
-            (RunState::Failed, Some(c)) => Some(
-                [c.reason.as_deref(), c.message.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join(": "),
-            )
-            .filter(|s| !s.is_empty()),
-            _ => None,
-        };
-        Run {
-            name: job.name_any(),
-            uid: job.metadata.uid.clone(),
-            state,
-            scheduled_at: job.annotations().get(SCHEDULED_ANNOTATION).cloned(),
-            created: job.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            started: status.start_time.as_ref().map(|t| t.0),
-            finished: status
-                .completion_time
-                .as_ref()
-                .map(|t| t.0)
-                .or_else(|| finished_condition.and_then(|c| c.last_transition_time.map(|t| t.0))),
-            failure,
-        }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.state != RunState::Active
-    }
-
-    /// When the run began, for ordering (start, else creation).
-    pub fn began(&self) -> Option<Timestamp> {
-        self.started.or(self.created)
-    }
-}
-
-/// The report a finished run's pod left in its termination message.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FinishedReport {
-    pub job: String,
-    /// `None` when the pod is gone or left no readable message (e.g. killed for memory).
-    pub message: Option<RunReportMessage>,
-}
-
-/// Everything `validate`, `decide` and `status` need from the cluster.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Observed {
-    pub references: Vec<Reference>,
-    /// The key Secret's public keys and key ids by slot, when the Secret is usable.
-    pub keys: Option<ObservedKeys>,
-    pub runs: Vec<Run>,
-    pub report: Option<FinishedReport>,
-}
-
-/// What the status (`publicKeys`) and key rotation need from the key Secret.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ObservedKeys {
-    pub kids: KeyKids,
-    /// The public JWK Set (signing key first).
-    pub public: PublicKeys,
-    pub secret_created: Option<Timestamp>,
-}
+use super::model::{FinishedReport, ObservedKeys, Run, name_problem, newest_finished, signing_of};
+// What this step returns, also under its name here.
+pub use super::model::{Observed, RefCheck, Reference};
+use crate::operator::crd::EpicExport;
+use crate::operator::job::{EXPORT_LABEL, RunReportMessage, owned_by};
+use crate::operator::key_secret::{self, KeySetError};
 
 /// Reads the references, runs and (for the newest finished run not yet in `status.lastRun`) its
 /// report.
@@ -237,7 +101,7 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
         .as_ref()
         .and_then(|s| s.last_run.as_ref())
         .map(|r| r.job_name.as_str());
-    let report = match super::status::newest_finished(&runs) {
+    let report = match newest_finished(&runs) {
         Some(run) if Some(run.name.as_str()) != recorded => Some(FinishedReport {
             job: run.name.clone(),
             message: termination_message(client, &ns, run).await?,
@@ -250,46 +114,6 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
         runs,
         report,
     })
-}
-
-/// How the export signs (an unparsable algorithm is left to `validate` to report).
-pub fn signing_of(export: &EpicExport) -> Signing {
-    Signing {
-        algorithm: export
-            .spec
-            .auth
-            .algorithm
-            .as_deref()
-            .and_then(|a| a.parse().ok()),
-        key_id: export.spec.auth.key_id.clone(),
-    }
-}
-
-/// Why `name` cannot name a Secret or ConfigMap (a DNS subdomain) or `key` one of its keys, if so.
-pub fn name_problem(name: &str, key: &str) -> Option<String> {
-    let dns_subdomain = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if !dns_subdomain {
-        return Some(format!(
-            "{name:?} is not an object name: use lower-case letters, digits, '-' and '.'"
-        ));
-    }
-    let key_ok = !key.is_empty()
-        && key.len() <= 253
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !key_ok {
-        return Some(format!(
-            "{key:?} is not a key name: use letters, digits, '-', '_' and '.'"
-        ));
-    }
-    None
 }
 
 /// The key names of a Secret's or ConfigMap's two data maps (the values are not looked at).

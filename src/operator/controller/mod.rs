@@ -1,8 +1,15 @@
 //! The EpicExport controller (`epic-export controller`): watches EpicExports and the Jobs they own,
-//! and reconciles each export through a pipeline of named steps:
+//! and reconciles each export through a pipeline of named steps, each a function over plain data:
 //!
-//! `dereference` (read) → `validate` (pure) → `decide` (pure) → build (`operator::job`, pure) →
-//! `apply` (write) → `status` (pure; written only when it changed).
+//! `dereference` (read) → `validate` (pure) → `decide` and `rotation` (pure: the runs, and the key
+//! Secret's rotation step) → build (`operator::job`, pure) → `apply` (write: Jobs, the key Secret, the
+//! status) → `status` (pure; written only when it changed) → `notify` (the e-mail about a finished
+//! run).
+//!
+//! What the steps hand each other (the observed references and runs, the [`model::SpecError`], the
+//! [`model::Validated`] export, the [`model::RunPlan`], the Event [`model::Note`]s) is in `model`. A step
+//! imports `model` and the steps before it, never one after it (`scripts/check_layers.py` checks that
+//! there is no cycle); this module runs them in order.
 //!
 //! Secrets and ConfigMaps are read by name when an export is reconciled, never listed or watched, so
 //! the operator needs only `get` on them (list or watch would let it read every Secret). Each export
@@ -15,8 +22,10 @@
 //! minutes.
 
 pub mod apply;
+pub mod clock;
 pub mod decide;
 pub mod dereference;
+pub mod model;
 pub mod notify;
 pub mod rotation;
 pub mod status;
@@ -37,13 +46,14 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use self::apply::{ApplyError, Started};
-use self::decide::{Note, Trigger};
-use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationTiming};
-use self::status::{StatusInput, rfc3339};
-use self::validate::SpecError;
+pub use self::clock::Clock;
+use self::model::{Note, SpecError, Trigger, rfc3339};
+use self::rotation::{ROTATE_KEY_ANNOTATION, RotationInput, RotationPhase, RotationTiming};
+use self::status::StatusInput;
 use super::crd::EpicExport;
+use super::exports;
 use super::images::ImagePolicy;
-use super::job::{EXPORT_LABEL, RunInputs, build_job};
+use super::job::{BuildError, EXPORT_LABEL, RunInputs, build_job};
 use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
 
 /// The `reportingController` of Events and the Lease holder prefix.
@@ -70,6 +80,8 @@ pub struct Settings {
     pub reference_retry: Duration,
     /// How often every export is looked at again at the latest.
     pub resync: Duration,
+    /// What every pass takes as "now" (the system clock by default).
+    pub clock: Clock,
 }
 
 impl Settings {
@@ -82,6 +94,7 @@ impl Settings {
             rotation: RotationTiming::default(),
             reference_retry: Duration::from_secs(30),
             resync: Duration::from_secs(15 * 60),
+            clock: Clock::system(),
         }
     }
 }
@@ -94,6 +107,7 @@ pub struct Context {
     rotation: RotationTiming,
     reference_retry: Duration,
     resync: Duration,
+    clock: Clock,
     metrics: Arc<Metrics>,
     /// Consecutive failures per export (uid), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -105,6 +119,10 @@ pub struct Context {
 pub enum ReconcileError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// The run's Job could not be built from a valid spec (a bug: retried with backoff, visible in
+    /// the logs and metrics, never an empty config).
+    #[error("cannot build the run's Job: {0}")]
+    Build(#[from] BuildError),
 }
 
 impl ReconcileError {
@@ -112,6 +130,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Kube(kube::Error::Api(e)) => format!("api_{}", e.code),
             ReconcileError::Kube(_) => "api_unreachable".into(),
+            ReconcileError::Build(_) => "build_failed".into(),
         }
     }
 }
@@ -132,6 +151,7 @@ impl Context {
             rotation: settings.rotation,
             reference_retry: settings.reference_retry,
             resync: settings.resync,
+            clock: settings.clock.clone(),
             metrics,
             failures: Mutex::default(),
             noted: Mutex::default(),
@@ -169,7 +189,7 @@ pub async fn reconcile(
         // Its Jobs go with it (owner references).
         return Ok(Action::await_change());
     }
-    let now = Timestamp::now();
+    let now = ctx.clock.now();
     let observed = dereference::dereference(&ctx.client, &export).await?;
     let valid = match validate::validate(&export, &observed, &ctx.images) {
         Ok(v) => v,
@@ -186,6 +206,7 @@ pub async fn reconcile(
             };
             match build_job(&export, &inputs, ctx.images.default_image()) {
                 Ok(job) => Some(job),
+                Err(e @ BuildError::Serialize { .. }) => return Err(e.into()),
                 Err(e) => {
                     let error = SpecError {
                         reason: "InvalidSpec",
@@ -198,7 +219,7 @@ pub async fn reconcile(
         }
     };
     let (runs, started) =
-        match apply::start_run(&ctx.client, &export, &observed.runs, &plan.stop, job).await {
+        match apply::start_run(&ctx.client, &export, &observed.runs, &plan.stop, job, now).await {
             Ok(done) => done,
             Err(ApplyError::Spec(e)) => return stalled(&ctx, &export, &observed, e, now).await,
             Err(ApplyError::Kube(e)) => return Err(e.into()),
@@ -314,9 +335,9 @@ impl Context {
     async fn rotate_key(
         &self,
         export: &EpicExport,
-        valid: &validate::Validated,
-        keys: &dereference::ObservedKeys,
-        runs: &[dereference::Run],
+        valid: &model::Validated,
+        keys: &model::ObservedKeys,
+        runs: &[model::Run],
         now: Timestamp,
     ) -> Result<Rotated, kube::Error> {
         let previous = export.status.as_ref().and_then(|s| s.key_rotation.as_ref());
@@ -362,8 +383,9 @@ impl Context {
                 },
                 apply::KeyWrite::Refused(why) => {
                     let status = rotation::blocked(&plan, previous, &why);
-                    let repeated = previous
-                        .is_some_and(|p| p.phase == "Blocked" && p.message == status.message);
+                    let repeated = previous.is_some_and(|p| {
+                        p.phase == RotationPhase::Blocked.as_str() && p.message == status.message
+                    });
                     let notes = (!repeated)
                         .then(|| Note {
                             warning: true,
@@ -398,7 +420,7 @@ fn since_for(export: &EpicExport) -> Option<String> {
 async fn stalled(
     ctx: &Context,
     export: &EpicExport,
-    observed: &dereference::Observed,
+    observed: &model::Observed,
     error: SpecError,
     now: Timestamp,
 ) -> Result<Action, ReconcileError> {
@@ -491,7 +513,7 @@ impl Context {
                 .run_duration
                 .observe(end.duration_since(start).as_secs_f64().max(0.0));
         }
-        if last.outcome == "success"
+        if model::RunOutcome::parse(&last.outcome) == model::RunOutcome::Success
             && let Some(end) = parse(&last.finished_at)
         {
             self.metrics
@@ -543,6 +565,15 @@ fn uid(export: &EpicExport) -> String {
     export.uid().unwrap_or_else(|| status::describe(export))
 }
 
+/// Why the controller cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "cannot list EpicExports ({0}): is the CRD installed? `epic-export crd | kubectl apply -f -` (or install the Helm chart), and check the operator's RBAC"
+    )]
+    CannotList(#[source] kube::Error),
+}
+
 /// Runs the controller until `shutdown` completes. `ready` is set once the EpicExport cache is
 /// filled. Fails at once, with the fix, when the CRD is not installed.
 pub async fn run(
@@ -551,42 +582,23 @@ pub async fn run(
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) -> anyhow::Result<()> {
-    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match ns {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
-    let exports: Api<EpicExport> = api(&client, &settings.namespace);
-    if let Err(e) = exports.list(&ListParams::default().limit(1)).await {
-        anyhow::bail!(
-            "cannot list EpicExports ({e}): is the CRD installed? `epic-export crd | kubectl apply -f -` (or install the Helm chart), and check the operator's RBAC"
-        );
-    }
-    let jobs: Api<Job> = api(&client, &settings.namespace);
+) -> Result<(), RunError> {
+    let namespace = settings.namespace.as_deref();
+    let exports: Api<EpicExport> = exports::api(client.clone(), namespace);
+    exports
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(RunError::CannotList)?;
+    let jobs: Api<Job> = exports::api(client.clone(), namespace);
     let ctx = Arc::new(Context::new(client.clone(), &settings, metrics));
 
     // At most this many exports reconcile at once: bounds API requests in flight (and connections, and
     // memory) when many exports are due together; more does not finish sooner.
-    let controller = Controller::new(exports, watcher::Config::default().any_semantic())
-        .with_config(
-            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
-        );
-    let ready_store = controller.store();
-    tokio::spawn(async move {
-        // Polled again every half second: kube's store readiness wakes only the last of several
-        // concurrent waiters (the controller itself waits too), but once ready it stays ready.
-        while tokio::time::timeout(Duration::from_millis(500), ready_store.wait_until_ready())
-            .await
-            .is_err()
-        {}
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("EpicExport cache ready");
-    });
+    let (store, watch) = exports::reflector(client.clone(), namespace);
+    let controller = Controller::for_stream(watch, store).with_config(
+        kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+    );
+    tokio::spawn(exports::mark_ready(controller.store(), ready, ""));
     controller
         .owns(jobs, watcher::Config::default().labels(EXPORT_LABEL))
         .graceful_shutdown_on(shutdown)

@@ -4,32 +4,69 @@
 //! is written before sending, so a restarted operator never sends a second message for a run. SMTP
 //! credentials come from the `username` and `password` keys of `notify.email.smtpSecretRef`, and a
 //! certificate to trust from `notify.email.caCertRef` (a ConfigMap key), both read by name only to
-//! send. [`check_email`] is what `validate` refuses up front: among others, credentials that would
-//! cross the network without TLS.
-
-use std::time::Duration;
+//! send. The settings themselves were checked by `validate` ([`super::validate::check_email`], which
+//! refuses among others credentials that would cross the network without TLS); the message is built
+//! with the same [`email_plan`].
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 
-use super::dereference::name_problem;
-use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode, notify_run};
-use crate::operator::crd::{ConfigMapKeyRef, EmailSpec, EpicExport, LastRun};
+use super::model::RunOutcome;
+use super::validate::email_plan;
+use crate::notify::{CaCert, notify_run};
+use crate::operator::crd::{ConfigMapKeyRef, EpicExport, LastRun};
 use crate::summary::{Outcome, RunMode, RunSummary, TypeCount};
 
-/// A mistake in `spec.notify.email`, naming the field.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct EmailError {
-    pub field: String,
-    pub message: String,
+/// Why the SMTP credentials or the certificate to trust could not be read (recorded as
+/// `failed: <this>` in `lastRun.notification`).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{kind} {name:?} ({field}) does not exist")]
+    Missing {
+        kind: &'static str,
+        name: String,
+        field: &'static str,
+    },
+    #[error("cannot read {kind} {name:?}: {source}")]
+    Api {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("Secret {0:?} (spec.notify.email.smtpSecretRef) needs the keys username and password")]
+    NoCredentials(String),
+    #[error("ConfigMap {name:?} (spec.notify.email.caCertRef) has no key {key:?}")]
+    NoCertificate { name: String, key: String },
 }
 
-fn error(field: impl Into<String>, message: String) -> EmailError {
-    EmailError {
-        field: field.into(),
-        message,
+/// Reads `name` (`kind`, the object `field` refers to) by name.
+async fn read_named<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    kind: &'static str,
+    field: &'static str,
+) -> Result<K, ReadError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(name).await {
+        Ok(Some(object)) => Ok(object),
+        Ok(None) => Err(ReadError::Missing {
+            kind,
+            name: name.to_owned(),
+            field,
+        }),
+        Err(source) => Err(ReadError::Api {
+            kind,
+            name: name.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -37,12 +74,12 @@ fn error(field: impl Into<String>, message: String) -> EmailError {
 /// `lastRun.notification` (`None` when nothing was to be sent).
 pub async fn send_for_run(client: &Client, export: &EpicExport, last: &LastRun) -> Option<String> {
     let email = export.spec.notify.as_ref()?.email.as_ref()?;
-    let outcome = match last.outcome.as_str() {
-        "success" => Outcome::Success,
-        "partial" => Outcome::Partial,
+    let outcome = match RunOutcome::parse(&last.outcome) {
+        RunOutcome::Success => Outcome::Success,
+        RunOutcome::Partial => Outcome::Partial,
         // Resumed by the next run: nothing to report yet.
-        "unfinished" => return None,
-        _ => Outcome::Failed,
+        RunOutcome::Unfinished => return None,
+        RunOutcome::Failed => Outcome::Failed,
     };
     let ns = export.namespace().unwrap_or_default();
     let credentials = match &email.smtp_secret_ref {
@@ -73,17 +110,15 @@ async fn smtp_credentials(
     client: &Client,
     ns: &str,
     name: &str,
-) -> Result<(String, String), String> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = match secrets.get_opt(name).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return Err(format!(
-                "Secret {name:?} (spec.notify.email.smtpSecretRef) does not exist"
-            ));
-        }
-        Err(e) => return Err(format!("cannot read Secret {name:?}: {e}")),
-    };
+) -> Result<(String, String), ReadError> {
+    let secret: Secret = read_named(
+        client,
+        ns,
+        name,
+        "Secret",
+        "spec.notify.email.smtpSecretRef",
+    )
+    .await?;
     let key = |k: &str| {
         secret
             .data
@@ -93,25 +128,19 @@ async fn smtp_credentials(
     };
     match (key("username"), key("password")) {
         (Some(u), Some(p)) => Ok((u, p)),
-        _ => Err(format!(
-            "Secret {name:?} (spec.notify.email.smtpSecretRef) needs the keys username and password"
-        )),
+        _ => Err(ReadError::NoCredentials(name.to_owned())),
     }
 }
 
 /// The PEM text under `r`'s key (`data` or `binaryData`).
-async fn ca_certificate(client: &Client, ns: &str, r: &ConfigMapKeyRef) -> Result<Vec<u8>, String> {
+async fn ca_certificate(
+    client: &Client,
+    ns: &str,
+    r: &ConfigMapKeyRef,
+) -> Result<Vec<u8>, ReadError> {
     let name = &r.config_map_name;
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let map = match maps.get_opt(name).await {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return Err(format!(
-                "ConfigMap {name:?} (spec.notify.email.caCertRef) does not exist"
-            ));
-        }
-        Err(e) => return Err(format!("cannot read ConfigMap {name:?}: {e}")),
-    };
+    let map: ConfigMap =
+        read_named(client, ns, name, "ConfigMap", "spec.notify.email.caCertRef").await?;
     let text = map
         .data
         .as_ref()
@@ -123,97 +152,11 @@ async fn ca_certificate(client: &Client, ns: &str, r: &ConfigMapKeyRef) -> Resul
             .and_then(|d| d.get(&r.key))
             .map(|b| b.0.clone())
     };
-    text.or_else(binary).ok_or_else(|| {
-        format!(
-            "ConfigMap {name:?} (spec.notify.email.caCertRef) has no key {:?}",
-            r.key
-        )
-    })
-}
-
-/// What the spec alone shows to be wrong with `notify.email` (checked by `validate`, so such an
-/// export is `Stalled` instead of failing to send after each run).
-pub fn check_email(email: &EmailSpec) -> Result<(), EmailError> {
-    if email.on.is_some() {
-        return Err(error(
-            "spec.notify.email.on",
-            "renamed: write sendOn (a bare `on` key is the boolean true for YAML 1.1 parsers such as kubectl)".into(),
-        ));
-    }
-    if email.yaml11_on.is_some() {
-        return Err(error(
-            "spec.notify.email",
-            "has a key `true`: a YAML 1.1 parser (kubectl, many GitOps tools) read `on:` as the boolean true; write sendOn instead".into(),
-        ));
-    }
-    if let Some(r) = &email.smtp_secret_ref
-        && let Some(why) = name_problem(&r.name, "password")
-    {
-        return Err(error(
-            "spec.notify.email.smtpSecretRef",
-            format!("Secret {why}"),
-        ));
-    }
-    if let Some(r) = &email.ca_cert_ref
-        && let Some(why) = name_problem(&r.config_map_name, &r.key)
-    {
-        return Err(error(
-            "spec.notify.email.caCertRef",
-            format!("ConfigMap {why}"),
-        ));
-    }
-    // Placeholder credentials: only whether there are any matters here.
-    let credentials = email
-        .smtp_secret_ref
-        .as_ref()
-        .map(|_| (String::new(), String::new()));
-    email_plan(email, credentials, None).map(|_| ())
-}
-
-/// The e-mail settings of the spec, with the Secret's credentials and the certificate to trust.
-/// Credentials are never sent over `tls: none` to a host that is not loopback.
-pub fn email_plan(
-    email: &EmailSpec,
-    credentials: Option<(String, String)>,
-    ca: Option<CaCert>,
-) -> Result<EmailPlan, EmailError> {
-    let host = email.host.trim();
-    let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
-        .map_err(|e| error("spec.notify.email.tls", e.to_string()))?;
-    let port = crate::notify::check_server(host, tls, email.port, credentials.is_some())
-        .map_err(|(key, m)| error(format!("spec.notify.email.{key}"), m))?;
-    let mailbox = |field: &'static str, a: &str| {
-        a.parse()
-            .map_err(|e| error(field, format!("{a:?} is not an e-mail address ({e})")))
-    };
-    if email.to.is_empty() {
-        return Err(error(
-            "spec.notify.email.to",
-            "is empty: give at least one recipient".into(),
-        ));
-    }
-    let (username, password) = match credentials {
-        Some((u, p)) => (Some(u), Some(PasswordSource::Value(SecretValue(p)))),
-        None => (None, None),
-    };
-    Ok(EmailPlan {
-        host: host.to_owned(),
-        port,
-        tls,
-        from: mailbox("spec.notify.email.from", &email.from)?,
-        to: email
-            .to
-            .iter()
-            .map(|a| mailbox("spec.notify.email.to", a))
-            .collect::<Result<_, _>>()?,
-        username,
-        password,
-        ca,
-        insecure_skip_verify: false,
-        on: OnSet::parse(&email.send_on)
-            .map_err(|e| error("spec.notify.email.sendOn", e.to_string()))?,
-        timeout: Duration::from_secs(30),
-    })
+    text.or_else(binary)
+        .ok_or_else(|| ReadError::NoCertificate {
+            name: name.clone(),
+            key: r.key.clone(),
+        })
 }
 
 /// The run as a summary for the message (figures only, as in `lastRun`).

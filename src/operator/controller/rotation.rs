@@ -18,15 +18,41 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::decide::Note;
-use super::dereference::{Run, RunState};
-use super::status::rfc3339;
+use super::model::{Note, Run, RunState, rfc3339};
 use crate::operator::crd::KeyRotationStatus;
 use crate::operator::key_secret::{KeyChange, KeyKids};
 
 /// Annotation whose new value starts a key rotation:
 /// `kubectl annotate epx NAME fhirexport.dev/rotate-key="$(date +%s)" --overwrite`.
 pub const ROTATE_KEY_ANNOTATION: &str = "fhirexport.dev/rotate-key";
+
+/// Where a rotation stands, as `status.keyRotation.phase` shows it (the CRD keeps the field a
+/// string: its schema stays as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationPhase {
+    /// Only the signing key (none rotating).
+    Idle,
+    /// A next key is being generated into the Secret.
+    Generating,
+    /// The next key is published beside the signing key, waiting out the JWKS caches.
+    Publishing,
+    /// Signing switched; the old key stays published until nobody can still use it.
+    Retiring,
+    /// The rotation cannot go on (e.g. the operator may not update the Secret).
+    Blocked,
+}
+
+impl RotationPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationPhase::Idle => "Idle",
+            RotationPhase::Generating => "Generating",
+            RotationPhase::Publishing => "Publishing",
+            RotationPhase::Retiring => "Retiring",
+            RotationPhase::Blocked => "Blocked",
+        }
+    }
+}
 
 /// The waits of a rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +130,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
             .then(|| parse_past(&previous.switched_at, now))
             .flatten()
             .unwrap_or(now);
-        status.phase = "Retiring".into();
+        status.phase = RotationPhase::Retiring.as_str().into();
         status.switched_at = Some(rfc3339(switched_at));
         // A run created before the switch (plus the margin, for the kubelet's copy of the Secret)
         // may sign with the old key until it ends.
@@ -152,7 +178,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
                 kids.active
             ),
         });
-        status.phase = "Idle".into();
+        status.phase = RotationPhase::Idle.as_str().into();
         status.retiring_kid = None;
         status.switched_at = None;
         let due = next_rotation(input, &status);
@@ -189,7 +215,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
                     ),
                 });
             }
-            status.phase = "Publishing".into();
+            status.phase = RotationPhase::Publishing.as_str().into();
             status.published_at = Some(rfc3339(published_at));
             status.switch_after = Some(rfc3339(switch_after));
             status.message = Some(format!(
@@ -211,7 +237,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
                 kids.active
             ),
         });
-        status.phase = "Retiring".into();
+        status.phase = RotationPhase::Retiring.as_str().into();
         status.signing_kid = Some(next.clone());
         status.next_kid = None;
         status.retiring_kid = Some(kids.active.clone());
@@ -226,7 +252,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
     }
 
     // Idle: only the signing key.
-    status.phase = "Idle".into();
+    status.phase = RotationPhase::Idle.as_str().into();
     let due = next_rotation(input, &status);
     let why = match (pending_request, due) {
         (Some(r), _) => Some(format!("requested ({ROTATE_KEY_ANNOTATION}={r:?})")),
@@ -248,7 +274,7 @@ pub fn plan(input: &RotationInput<'_>) -> RotationPlan {
     if let Some(r) = pending_request {
         status.request_handled = Some(r.to_owned());
     }
-    status.phase = "Generating".into();
+    status.phase = RotationPhase::Generating.as_str().into();
     status.message = Some(format!("generating a next key: {why}"));
     notes.push(Note {
         warning: false,
@@ -291,43 +317,6 @@ fn parse(t: &Option<String>) -> Option<Timestamp> {
     t.as_deref().and_then(|t| t.parse().ok())
 }
 
-/// Parses `spec.auth.rotation.every`: a whole number and a unit (`m`, `h`, `d`, `w`), at least 1 hour.
-pub fn parse_every(text: &str) -> Result<SignedDuration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: i64 = number.parse().map_err(|_| {
-        if number.is_empty() {
-            format!("{text:?} is not a duration: write e.g. 90d, 12w or 36h")
-        } else {
-            format!("{text:?} is too long: rotate at least every 100 years")
-        }
-    })?;
-    let minutes = match unit {
-        "m" => 1,
-        "h" => 60,
-        "d" => 24 * 60,
-        "w" => 7 * 24 * 60,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?}; use m, h, d or w (e.g. 90d)"
-            ));
-        }
-    };
-    let total = n
-        .checked_mul(minutes)
-        .filter(|m| *m <= 100 * 366 * 24 * 60)
-        .ok_or_else(|| format!("{text:?} is too long: rotate at least every 100 years"))?;
-    if total < 60 {
-        return Err(format!(
-            "{text:?} is shorter than 1h: rotate at most hourly"
-        ));
-    }
-    Ok(SignedDuration::from_mins(total))
-}
-
 /// A rotation that cannot go on (e.g. the operator may not update the Secret): the status to
 /// show, keeping everything else as planned.
 pub fn blocked(
@@ -337,7 +326,7 @@ pub fn blocked(
 ) -> KeyRotationStatus {
     let previous = previous.cloned().unwrap_or_default();
     KeyRotationStatus {
-        phase: "Blocked".into(),
+        phase: RotationPhase::Blocked.as_str().into(),
         message: Some(why.to_owned()),
         // Not acted on: a retry (or a fixed RBAC) takes the same request again.
         request_handled: previous.request_handled,

@@ -14,24 +14,10 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Resource, ResourceExt};
 
-use super::decide::{Note, RunPlan};
-use super::dereference::{FinishedReport, Run, RunState};
-use super::validate::SpecError;
+use super::model::{
+    FinishedReport, Note, Run, RunOutcome, RunPlan, RunState, SpecError, Trigger, rfc3339,
+};
 use crate::operator::crd::{EpicExport, EpicExportStatus, LastRun, PublicKeys};
-
-/// The newest finished run (by finish time, then start).
-pub fn newest_finished(runs: &[Run]) -> Option<&Run> {
-    runs.iter()
-        .filter(|r| r.is_finished())
-        .max_by_key(|r| (r.finished, r.began(), r.name.clone()))
-}
-
-/// RFC 3339, whole seconds, UTC (`2026-12-01T02:00:00Z`).
-pub fn rfc3339(t: Timestamp) -> String {
-    Timestamp::from_second(t.as_second())
-        .unwrap_or(t)
-        .to_string()
-}
 
 pub struct StatusInput<'a> {
     pub export: &'a EpicExport,
@@ -70,8 +56,8 @@ pub fn next_status(input: &StatusInput<'_>) -> EpicExportStatus {
             .start
             .as_ref()
             .and_then(|s| match &s.trigger {
-                super::decide::Trigger::OnDemand(token) => Some(token),
-                super::decide::Trigger::Schedule => None,
+                Trigger::OnDemand(token) => Some(token),
+                Trigger::Schedule => None,
             })
             .or(plan.run_now_handled.as_ref())
         {
@@ -104,7 +90,7 @@ pub fn next_status(input: &StatusInput<'_>) -> EpicExportStatus {
         && let Some(run) = input.runs.iter().find(|r| r.name == report.job)
     {
         let last = last_run(run, report);
-        if last.outcome == "success"
+        if RunOutcome::parse(&last.outcome) == RunOutcome::Success
             && let Some(tt) = report
                 .message
                 .as_ref()
@@ -202,10 +188,11 @@ fn last_run(run: &Run, report: &FinishedReport) -> LastRun {
         }
         None => {
             last.outcome = if run.state == RunState::Succeeded {
-                "success"
+                RunOutcome::Success
             } else {
-                "failed"
+                RunOutcome::Failed
             }
+            .as_str()
             .into();
             if run.state == RunState::Failed {
                 last.errors.push(match &run.failure {
@@ -249,11 +236,11 @@ pub fn finished_run_note(old: &EpicExportStatus, new: &EpicExportStatus) -> Opti
     if old.last_run.as_ref().map(|l| &l.job_name) == Some(&last.job_name) {
         return None;
     }
-    let (warning, reason) = match last.outcome.as_str() {
-        "success" => (false, "RunSucceeded"),
-        "partial" => (true, "RunPartial"),
-        "unfinished" => (false, "RunUnfinished"),
-        _ => (true, "RunFailed"),
+    let (warning, reason) = match RunOutcome::parse(&last.outcome) {
+        RunOutcome::Success => (false, "RunSucceeded"),
+        RunOutcome::Partial => (true, "RunPartial"),
+        RunOutcome::Unfinished => (false, "RunUnfinished"),
+        RunOutcome::Failed => (true, "RunFailed"),
     };
     let mut message = format!(
         "run {} {}: {} records, {} bytes",

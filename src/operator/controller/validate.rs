@@ -8,37 +8,18 @@
 //! missing Secret, ConfigMap or key, looks again periodically) instead of retrying.
 
 use std::path::Path;
+use std::time::Duration;
 
+use jiff::SignedDuration;
 use serde_json::{Value, json};
 
-use super::dereference::{Observed, RefCheck};
+use super::model::{Observed, RefCheck, SpecError, Validated, name_problem};
 use crate::config::ConfigError;
-use crate::operator::crd::EpicExport;
+use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode};
+use crate::operator::crd::{EmailSpec, EpicExport};
 use crate::operator::images::ImagePolicy;
 use crate::operator::job::{BuildError, run_config};
-use crate::schedule::{ConcurrencyPolicy, Schedule};
-
-/// A mistake in the EpicExport or in what it refers to; only a change fixes it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct SpecError {
-    /// The condition and Event reason, e.g. `SecretNotFound`.
-    pub reason: &'static str,
-    /// The field to fix, e.g. `spec.auth.keySecretRef`.
-    pub field: String,
-    pub message: String,
-}
-
-impl SpecError {
-    /// Whether the problem is in a referenced Secret or ConfigMap, which can be fixed without touching
-    /// the EpicExport (the controller does not watch them, so it looks again periodically).
-    pub fn is_in_reference(&self) -> bool {
-        matches!(
-            self.reason,
-            "SecretNotFound" | "ConfigMapNotFound" | "KeyNotFound" | "InvalidKey"
-        )
-    }
-}
+use crate::schedule::Schedule;
 
 fn invalid(field: &str, message: String) -> SpecError {
     SpecError {
@@ -46,15 +27,6 @@ fn invalid(field: &str, message: String) -> SpecError {
         field: field.into(),
         message,
     }
-}
-
-/// What later steps need from a valid export.
-#[derive(Clone, Debug)]
-pub struct Validated {
-    pub schedule: Schedule,
-    pub concurrency: ConcurrencyPolicy,
-    /// `spec.auth.rotation.every`, parsed.
-    pub rotate_every: Option<jiff::SignedDuration>,
 }
 
 pub fn validate(
@@ -85,7 +57,7 @@ pub fn validate(
     check_output(export)?;
     check_limits(export)?;
     if let Some(email) = spec.notify.as_ref().and_then(|n| n.email.as_ref()) {
-        super::notify::check_email(email).map_err(|e| invalid(&e.field, e.message))?;
+        check_email(email).map_err(|e| invalid(&e.field, e.message))?;
     }
     check_run_config(export)?;
     let rotate_every = check_rotation(export)?;
@@ -243,9 +215,9 @@ fn check_rotation(export: &EpicExport) -> Result<Option<jiff::SignedDuration>, S
     rotation
         .every
         .as_deref()
-        .map(super::rotation::parse_every)
+        .map(parse_every)
         .transpose()
-        .map_err(|message| invalid("spec.auth.rotation.every", message))
+        .map_err(|e| invalid("spec.auth.rotation.every", e.to_string()))
 }
 
 /// Runs the Job's config through the standalone config validation, with the mounted files (which
@@ -253,6 +225,7 @@ fn check_rotation(export: &EpicExport) -> Result<Option<jiff::SignedDuration>, S
 fn check_run_config(export: &EpicExport) -> Result<(), SpecError> {
     let mut config = run_config(export).map_err(|e| match e {
         BuildError::Invalid { field, message, .. } => invalid(field, message),
+        e @ BuildError::Serialize { field, .. } => invalid(field, e.to_string()),
         BuildError::NoUid(name) => SpecError {
             reason: "InvalidSpec",
             field: "metadata.uid".into(),
@@ -285,4 +258,153 @@ fn spec_field(config_field: &str) -> String {
         "name" => "metadata.name".into(),
         f => format!("spec.{f}"),
     }
+}
+
+/// Why `spec.auth.rotation.every` is not a rotation period.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EveryError {
+    #[error("{0:?} is not a duration: write e.g. 90d, 12w or 36h")]
+    NotADuration(String),
+    #[error("{0:?} is too long: rotate at least every 100 years")]
+    TooLong(String),
+    #[error("{text:?}: unknown unit {unit:?}; use m, h, d or w (e.g. 90d)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{0:?} is shorter than 1h: rotate at most hourly")]
+    TooShort(String),
+}
+
+/// Parses `spec.auth.rotation.every`: a whole number and a unit (`m`, `h`, `d`, `w`), at least 1 hour.
+pub fn parse_every(text: &str) -> Result<SignedDuration, EveryError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: i64 = number.parse().map_err(|_| {
+        if number.is_empty() {
+            EveryError::NotADuration(text.to_owned())
+        } else {
+            EveryError::TooLong(text.to_owned())
+        }
+    })?;
+    let minutes = match unit {
+        "m" => 1,
+        "h" => 60,
+        "d" => 24 * 60,
+        "w" => 7 * 24 * 60,
+        _ => {
+            return Err(EveryError::UnknownUnit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            });
+        }
+    };
+    let total = n
+        .checked_mul(minutes)
+        .filter(|m| *m <= 100 * 366 * 24 * 60)
+        .ok_or_else(|| EveryError::TooLong(text.to_owned()))?;
+    if total < 60 {
+        return Err(EveryError::TooShort(text.to_owned()));
+    }
+    Ok(SignedDuration::from_mins(total))
+}
+
+/// A mistake in `spec.notify.email`, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct EmailError {
+    pub field: String,
+    pub message: String,
+}
+
+fn error(field: impl Into<String>, message: String) -> EmailError {
+    EmailError {
+        field: field.into(),
+        message,
+    }
+}
+
+/// What the spec alone shows to be wrong with `notify.email` (checked by `validate`, so such an
+/// export is `Stalled` instead of failing to send after each run).
+pub fn check_email(email: &EmailSpec) -> Result<(), EmailError> {
+    if email.on.is_some() {
+        return Err(error(
+            "spec.notify.email.on",
+            "renamed: write sendOn (a bare `on` key is the boolean true for YAML 1.1 parsers such as kubectl)".into(),
+        ));
+    }
+    if email.yaml11_on.is_some() {
+        return Err(error(
+            "spec.notify.email",
+            "has a key `true`: a YAML 1.1 parser (kubectl, many GitOps tools) read `on:` as the boolean true; write sendOn instead".into(),
+        ));
+    }
+    if let Some(r) = &email.smtp_secret_ref
+        && let Some(why) = name_problem(&r.name, "password")
+    {
+        return Err(error(
+            "spec.notify.email.smtpSecretRef",
+            format!("Secret {why}"),
+        ));
+    }
+    if let Some(r) = &email.ca_cert_ref
+        && let Some(why) = name_problem(&r.config_map_name, &r.key)
+    {
+        return Err(error(
+            "spec.notify.email.caCertRef",
+            format!("ConfigMap {why}"),
+        ));
+    }
+    // Placeholder credentials: only whether there are any matters here.
+    let credentials = email
+        .smtp_secret_ref
+        .as_ref()
+        .map(|_| (String::new(), String::new()));
+    email_plan(email, credentials, None).map(|_| ())
+}
+
+/// The e-mail settings of the spec, with the Secret's credentials and the certificate to trust.
+/// Credentials are never sent over `tls: none` to a host that is not loopback.
+pub fn email_plan(
+    email: &EmailSpec,
+    credentials: Option<(String, String)>,
+    ca: Option<CaCert>,
+) -> Result<EmailPlan, EmailError> {
+    let host = email.host.trim();
+    let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
+        .map_err(|e| error("spec.notify.email.tls", e.to_string()))?;
+    let port = crate::notify::check_server(host, tls, email.port, credentials.is_some())
+        .map_err(|(key, m)| error(format!("spec.notify.email.{key}"), m))?;
+    let mailbox = |field: &'static str, a: &str| {
+        a.parse()
+            .map_err(|e| error(field, format!("{a:?} is not an e-mail address ({e})")))
+    };
+    if email.to.is_empty() {
+        return Err(error(
+            "spec.notify.email.to",
+            "is empty: give at least one recipient".into(),
+        ));
+    }
+    let (username, password) = match credentials {
+        Some((u, p)) => (Some(u), Some(PasswordSource::Value(SecretValue(p)))),
+        None => (None, None),
+    };
+    Ok(EmailPlan {
+        host: host.to_owned(),
+        port,
+        tls,
+        from: mailbox("spec.notify.email.from", &email.from)?,
+        to: email
+            .to
+            .iter()
+            .map(|a| mailbox("spec.notify.email.to", a))
+            .collect::<Result<_, _>>()?,
+        username,
+        password,
+        ca,
+        insecure_skip_verify: false,
+        on: OnSet::parse(&email.send_on)
+            .map_err(|e| error("spec.notify.email.sendOn", e.to_string()))?,
+        timeout: Duration::from_secs(30),
+    })
 }
