@@ -322,7 +322,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     crate::operator::lease::LeaseSettings::new(args.lease_namespace, identity)
                 }),
             };
-            crate::operator::serve_controller(client, options, crate::task::terminated()).await
+            Ok(crate::operator::run_controller(client, options, crate::task::terminated()).await?)
         }
         Command::JwksServer(args) => {
             let client = kube_client().await?;
@@ -335,10 +335,13 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
                     rotation_max_age: std::time::Duration::from_secs(args.rotation_max_age),
                 },
             };
-            crate::operator::serve_jwks_server(client, options, crate::task::terminated()).await
+            Ok(
+                crate::operator::run_jwks_server(client, options, crate::task::terminated())
+                    .await?,
+            )
         }
         Command::Crd => {
-            print!("{}", crate::operator::crd::crd_yaml());
+            print!("{}", crate::operator::crd::crd_yaml()?);
             Ok(0)
         }
         Command::Sandbox(args) => {

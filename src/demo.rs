@@ -143,7 +143,7 @@ pub async fn run(opts: &DemoOptions) -> Result<RunReport, DemoError> {
     .await;
     sandbox.shutdown().await;
     match outcome? {
-        RunOutcome::Finished(report) => Ok(report),
+        RunOutcome::Finished(report) => Ok(*report),
         RunOutcome::Unfinished(why) => Err(DemoError::Unfinished(why)),
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::config::ConfigError;
 use crate::export::{ExportError, RunOptions, RunReport};
-use crate::operator::job::{JOB_CONFIG_ENV, RunReportMessage};
+use crate::operator::job::{JOB_CONFIG_ENV, RunOutcome as ReportedOutcome, RunReportMessage};
 use crate::plan::ExportPlan;
 use crate::summary::{NotificationStatus, Outcome, RunSummary, human_bytes};
 
@@ -23,7 +23,7 @@ pub const EXIT_FAILED: u8 = 1;
 #[derive(Debug)]
 pub enum RunOutcome {
     /// The run ended with a summary and a folder (success, partial, or failed after it started).
-    Finished(RunReport),
+    Finished(Box<RunReport>),
     /// The run stopped early on purpose and left its state for the next run (a bulk export the
     /// server is still preparing, or one interrupted): why.
     Unfinished(String),
@@ -83,7 +83,7 @@ pub async fn run_once(plan: &ExportPlan, options: &RunOptions) -> Result<RunOutc
                 }
             }
             log_closing_lines(&report.summary);
-            Ok(RunOutcome::Finished(report))
+            Ok(RunOutcome::Finished(Box::new(report)))
         }
         Err(ExportError::Unfinished(why)) => Ok(RunOutcome::Unfinished(why)),
         Err(e) => {
@@ -163,11 +163,7 @@ pub async fn run_job(termination_log: &Path) -> u8 {
             tracing::error!("{message}");
             (
                 EXIT_UNFINISHED,
-                RunReportMessage {
-                    outcome: "unfinished".into(),
-                    errors: vec![message],
-                    ..RunReportMessage::default()
-                },
+                RunReportMessage::without_summary(ReportedOutcome::Unfinished, message),
             )
         }
         Err(e) => {
@@ -175,15 +171,15 @@ pub async fn run_job(termination_log: &Path) -> u8 {
             tracing::error!("{message}");
             (
                 EXIT_FAILED,
-                RunReportMessage {
-                    outcome: "failed".into(),
-                    errors: vec![message],
-                    ..RunReportMessage::default()
-                },
+                RunReportMessage::without_summary(ReportedOutcome::Failed, message),
             )
         }
     };
-    if let Err(e) = std::fs::write(termination_log, report.to_message()) {
+    let written = report
+        .to_message()
+        .map_err(std::io::Error::other)
+        .and_then(|text| std::fs::write(termination_log, text));
+    if let Err(e) = written {
         tracing::warn!(
             "cannot write the termination message to {}: {e}",
             termination_log.display()

@@ -1,7 +1,7 @@
 //! The EpicExport CRD: the committed `crds/epicexport.yaml` is exactly what `epic-export crd` prints, and
 //! the schema carries the descriptions, printer columns and validation rules users rely on.
 
-use epic_export::operator::crd::{EpicExport, try_crd_yaml};
+use epic_export::operator::crd::{EpicExport, crd_yaml};
 use kube::CustomResourceExt;
 
 #[test]
@@ -10,7 +10,7 @@ fn committed_crd_matches_the_code() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/epicexport.yaml"))
             .unwrap();
     assert!(
-        committed == try_crd_yaml().unwrap(),
+        committed == crd_yaml().unwrap(),
         "crds/epicexport.yaml is stale: run `cargo run -- crd > crds/epicexport.yaml` and commit it"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use clap::Parser;
 use epic_export::cli::Cli;
-use epic_export::operator::controller::dereference::{Observed, RefCheck, Reference};
+use epic_export::operator::controller::model::{Observed, RefCheck, RefKind, Reference};
 use epic_export::operator::controller::validate::validate;
 use epic_export::operator::crd::EpicExport;
 use serde_json::Value;
@@ -61,7 +61,7 @@ fn example_exports_are_complete_and_valid() {
             let all_present = Observed {
                 references: vec![Reference {
                     field: "spec.auth.keySecretRef",
-                    kind: "Secret",
+                    kind: RefKind::Secret,
                     name: "epic-key".into(),
                     key: "private.pem".into(),
                     check: RefCheck::Present,

@@ -154,7 +154,7 @@ fn the_termination_message_fits_in_4_kib() {
             .collect(),
         ..RunReportMessage::default()
     };
-    let text = report.to_message();
+    let text = report.to_message().unwrap();
     assert!(text.len() <= TERMINATION_MESSAGE_MAX, "{}", text.len());
     let back: RunReportMessage = serde_json::from_str(&text).unwrap();
     assert!(back.errors_omitted > 0 && !back.errors.is_empty());

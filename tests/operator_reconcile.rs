@@ -4,7 +4,8 @@ use epic_export::operator::controller::decide::{
     RUN_NOW_ANNOTATION, decide, history_to_prune, on_demand_job_name,
 };
 use epic_export::operator::controller::model::{
-    FinishedReport, Observed, RefCheck, Reference, Run, RunState, SpecError, Trigger, Validated,
+    FinishedReport, Observed, RefCheck, RefKind, Reference, Run, RunState, SpecError, Trigger,
+    Validated,
 };
 use epic_export::operator::controller::status::{
     StatusInput, finished_run_note, next_status, spec_error_note,
@@ -51,14 +52,14 @@ fn present() -> Observed {
         references: vec![
             Reference {
                 field: "spec.auth.keySecretRef",
-                kind: "Secret",
+                kind: RefKind::Secret,
                 name: "epic-key".into(),
                 key: "private.pem".into(),
                 check: RefCheck::Present,
             },
             Reference {
                 field: "spec.source.search.rosterRef",
-                kind: "ConfigMap",
+                kind: RefKind::ConfigMap,
                 name: "roster".into(),
                 key: "roster.csv".into(),
                 check: RefCheck::Present,

@@ -303,7 +303,7 @@ proptest! {
     /// report itself when that fits.
     #[test]
     fn the_run_report_always_fits_the_termination_message(report in report()) {
-        let message = report.to_message();
+        let message = report.to_message().unwrap();
         prop_assert!(
             message.len() <= TERMINATION_MESSAGE_MAX,
             "{} bytes", message.len()
@@ -340,7 +340,7 @@ fn a_huge_report_is_cut_quickly() {
         ..RunReportMessage::default()
     };
     let started = std::time::Instant::now();
-    let message = report.to_message();
+    let message = report.to_message().unwrap();
     assert!(message.len() <= TERMINATION_MESSAGE_MAX);
     let back: RunReportMessage = serde_json::from_str(&message).unwrap();
     assert_eq!(back.outcome, "failed");

@@ -534,13 +534,7 @@ pub struct LastRun {
 pub struct CrdError(String);
 
 /// The CRD as YAML, as `epic-export crd` prints it.
-pub fn try_crd_yaml() -> Result<String, CrdError> {
+pub fn crd_yaml() -> Result<String, CrdError> {
     use kube::CustomResourceExt;
     serde_saphyr::to_string(&EpicExport::crd()).map_err(|e| CrdError(e.to_string()))
-}
-
-/// [`try_crd_yaml`] for `epic-export crd` until `cli.rs` calls `try_crd_yaml` itself: a failure is a
-/// bug and stops the command loudly instead of printing nothing.
-pub fn crd_yaml() -> String {
-    try_crd_yaml().unwrap_or_else(|e| panic!("{e}"))
 }

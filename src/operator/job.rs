@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 use super::crd::{ConfigMapKeyRef, EpicExport};
 use crate::summary::RunSummary;
+use crate::text::shorten;
 
 /// The environment variable holding the run's config (JSON).
 pub const JOB_CONFIG_ENV: &str = "EPIC_EXPORT_JOB";
@@ -320,6 +321,37 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
     Ok(config)
 }
 
+/// A run's outcome as `lastRun.outcome` and the run report carry it (a string there; the CRD keeps
+/// the field a string, so any other value reads as [`RunOutcome::Failed`] here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    Success,
+    Partial,
+    /// Stopped before the end; the next run resumes it.
+    Unfinished,
+    Failed,
+}
+
+impl RunOutcome {
+    pub fn parse(text: &str) -> RunOutcome {
+        match text {
+            "success" => RunOutcome::Success,
+            "partial" => RunOutcome::Partial,
+            "unfinished" => RunOutcome::Unfinished,
+            _ => RunOutcome::Failed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Success => "success",
+            RunOutcome::Partial => "partial",
+            RunOutcome::Unfinished => "unfinished",
+            RunOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// The run report a Job's pod leaves in its termination message (at most 4 KiB).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -345,12 +377,18 @@ fn is_zero(n: &usize) -> bool {
 }
 
 impl RunReportMessage {
+    /// The report of a run that ended without a summary (it could not start, or is unfinished).
+    pub fn without_summary(outcome: RunOutcome, error: String) -> Self {
+        RunReportMessage {
+            outcome: outcome.as_str().to_owned(),
+            errors: vec![error],
+            ..RunReportMessage::default()
+        }
+    }
+
     pub fn from_summary(s: &RunSummary) -> Self {
         RunReportMessage {
-            outcome: serde_json::to_value(s.outcome)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            outcome: s.outcome.as_str().to_owned(),
             run_id: s.run_id.clone(),
             started_at: s.started_at.clone(),
             finished_at: s.finished_at.clone(),
@@ -371,18 +409,18 @@ impl RunReportMessage {
     /// JSON of at most `TERMINATION_MESSAGE_MAX` bytes, always parseable back: errors are shortened
     /// to 300 bytes each and as many as fit are kept (the rest counted in `errorsOmitted`); if that
     /// is not enough the per-type counts go, then the remaining text fields are shortened.
-    pub fn to_message(&self) -> String {
+    pub fn to_message(&self) -> Result<String, serde_json::Error> {
         let mut m = self.clone();
         let mut errors = std::mem::take(&mut m.errors);
         for e in &mut errors {
-            shorten(e, 300);
+            *e = shorten(e, 300).into_owned();
         }
         if let Some(text) = m.fit_errors(&errors) {
-            return text;
+            return Ok(text);
         }
         m.records_by_type.clear();
         if let Some(text) = m.fit_errors(&errors) {
-            return text;
+            return Ok(text);
         }
         for (field, max) in [
             (&mut m.outcome, 32),
@@ -391,13 +429,13 @@ impl RunReportMessage {
             (&mut m.finished_at, 64),
             (&mut m.output_dir, 512),
         ] {
-            shorten(field, max);
+            *field = shorten(field, max).into_owned();
         }
         if let Some(t) = m.transaction_time.as_mut() {
-            shorten(t, 64);
+            *t = shorten(t, 64).into_owned();
         }
         if let Some(text) = m.fit_errors(&errors) {
-            return text;
+            return Ok(text);
         }
         // Only reachable with text that escapes to six times its size: the outcome and counts.
         let minimal = RunReportMessage {
@@ -407,7 +445,7 @@ impl RunReportMessage {
             errors_omitted: m.errors_omitted.saturating_add(errors.len()),
             ..RunReportMessage::default()
         };
-        serde_json::to_string(&minimal).unwrap_or_default()
+        serde_json::to_string(&minimal)
     }
 
     /// `self` with as many of `errors` (in order) as fit, the others counted, if the result fits.
@@ -435,18 +473,6 @@ impl RunReportMessage {
         self.errors = Vec::new();
         self.errors_omitted = already_omitted;
         fits.then_some(text)
-    }
-}
-
-/// Cuts `text` to at most `max` bytes (at a character boundary) and marks the cut with `…`.
-pub fn shorten(text: &mut String, max: usize) {
-    if text.len() > max {
-        let cut = (0..=max)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        text.truncate(cut);
-        text.push('…');
     }
 }
 

@@ -107,13 +107,7 @@ impl Publisher {
         })
         .ok()?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body);
-        let etag = format!(
-            "\"{}\"",
-            digest.as_ref()[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let etag = format!("\"{}\"", crate::text::hex(&digest.as_ref()[..16]));
         Some(Document {
             body: body.into(),
             etag,

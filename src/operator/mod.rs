@@ -63,26 +63,6 @@ async fn listen(
     Ok((listener, local))
 }
 
-/// [`run_jwks_server`] for the command line (`anyhow` at the binary edge; goes once `cli.rs` calls
-/// `run_jwks_server` and converts its error itself).
-pub async fn serve_jwks_server(
-    client: kube::Client,
-    options: JwksServerOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<u8> {
-    Ok(run_jwks_server(client, options, shutdown).await?)
-}
-
-/// [`run_controller`] for the command line (`anyhow` at the binary edge; goes once `cli.rs` calls
-/// `run_controller` and converts its error itself).
-pub async fn serve_controller(
-    client: kube::Client,
-    options: ControllerOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<u8> {
-    Ok(run_controller(client, options, shutdown).await?)
-}
-
 /// Runs the JWK Set endpoint until `shutdown` completes (exit code 0).
 pub async fn run_jwks_server(
     client: kube::Client,

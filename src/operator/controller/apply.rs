@@ -73,8 +73,7 @@ pub async fn start_run(
         }
         // A value the schema let through but the Job API does not accept: retrying cannot help.
         Err(kube::Error::Api(e)) if e.code == 422 => {
-            let mut why = e.message;
-            crate::operator::job::shorten(&mut why, 800);
+            let why = crate::text::shorten(&e.message, 800).into_owned();
             return Err(ApplyError::Spec(SpecError {
                 reason: "JobRejected",
                 field: "spec.job".into(),

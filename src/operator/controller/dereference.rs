@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 
 use super::model::{FinishedReport, ObservedKeys, Run, name_problem, newest_finished, signing_of};
 // What this step returns, also under its name here.
-pub use super::model::{Observed, RefCheck, Reference};
+use super::model::{Observed, RefCheck, RefKind, Reference};
 use crate::operator::crd::EpicExport;
 use crate::operator::job::{EXPORT_LABEL, RunReportMessage, owned_by};
 use crate::operator::key_secret::{self, KeySetError};
@@ -51,7 +51,7 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
     };
     references.push(Reference {
         field: "spec.auth.keySecretRef",
-        kind: "Secret",
+        kind: RefKind::Secret,
         name: key_ref.name.clone(),
         key: key_ref.key.clone(),
         check,
@@ -77,7 +77,7 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
             };
             references.push(Reference {
                 field,
-                kind: "ConfigMap",
+                kind: RefKind::ConfigMap,
                 name: r.config_map_name.clone(),
                 key: r.key.clone(),
                 check,

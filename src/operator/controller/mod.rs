@@ -55,6 +55,7 @@ use super::exports;
 use super::images::ImagePolicy;
 use super::job::{BuildError, EXPORT_LABEL, RunInputs, build_job};
 use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
+use crate::http::retry::Backoff;
 
 /// The `reportingController` of Events and the Lease holder prefix.
 pub const CONTROLLER_NAME: &str = "epic-export-operator";
@@ -62,8 +63,11 @@ pub const CONTROLLER_NAME: &str = "epic-export-operator";
 /// How many exports reconcile at once.
 const RECONCILE_CONCURRENCY: u16 = 16;
 
-const BACKOFF_START: Duration = Duration::from_secs(5);
-const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// Per-export backoff after API errors: 5 s, 10 s, 20 s … capped at five minutes, with jitter.
+const ERROR_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(5),
+    cap: Duration::from_secs(300),
+};
 
 /// What the controller needs besides the client.
 #[derive(Clone, Debug)]
@@ -159,9 +163,8 @@ impl Context {
     }
 
     async fn publish(&self, export: &EpicExport, note: &Note, action: &str) {
-        let mut text = note.message.clone();
         // Event notes are limited to 1 kB.
-        super::job::shorten(&mut text, 1000);
+        let text = crate::text::shorten(&note.message, 1000).into_owned();
         let event = Event {
             type_: if note.warning {
                 EventType::Warning
@@ -541,7 +544,7 @@ pub fn error_policy(export: Arc<EpicExport>, error: &ReconcileError, ctx: Arc<Co
         *n = n.saturating_add(1);
         *n
     };
-    let delay = backoff(attempt, jitter_ms());
+    let delay = ERROR_BACKOFF.next(attempt);
     tracing::warn!(
         export = %status::describe(&export),
         attempt,
@@ -549,16 +552,6 @@ pub fn error_policy(export: Arc<EpicExport>, error: &ReconcileError, ctx: Arc<Co
         "reconcile failed: {error}"
     );
     Action::requeue(delay)
-}
-
-/// The delay before retry number `attempt` (1-based), plus `jitter_ms` (capped at the cap).
-pub fn backoff(attempt: u32, jitter_ms: u64) -> Duration {
-    let exp = BACKOFF_START.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    (exp + Duration::from_millis(jitter_ms)).min(BACKOFF_CAP)
-}
-
-fn jitter_ms() -> u64 {
-    u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 4 // 0..1 s
 }
 
 fn uid(export: &EpicExport) -> String {
@@ -638,11 +631,11 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(1, 0), Duration::from_secs(5));
-        assert_eq!(backoff(2, 0), Duration::from_secs(10));
-        assert_eq!(backoff(3, 0), Duration::from_secs(20));
-        assert_eq!(backoff(7, 0), Duration::from_secs(300));
-        assert_eq!(backoff(40, 999), Duration::from_secs(300));
-        assert_eq!(backoff(1, 500), Duration::from_millis(5500));
+        assert_eq!(ERROR_BACKOFF.delay(1, 1.0), Duration::from_secs(5));
+        assert_eq!(ERROR_BACKOFF.delay(2, 1.0), Duration::from_secs(10));
+        assert_eq!(ERROR_BACKOFF.delay(3, 1.0), Duration::from_secs(20));
+        assert_eq!(ERROR_BACKOFF.delay(7, 1.0), Duration::from_secs(300));
+        assert!(ERROR_BACKOFF.delay(40, 0.999) <= Duration::from_secs(300));
+        assert_eq!(ERROR_BACKOFF.delay(1, 0.0), Duration::from_millis(2500));
     }
 }

@@ -36,11 +36,32 @@ pub enum RefCheck {
 pub struct Reference {
     /// The spec field, e.g. `spec.auth.keySecretRef`.
     pub field: &'static str,
-    /// `Secret` or `ConfigMap`.
-    pub kind: &'static str,
+    pub kind: RefKind,
     pub name: String,
     pub key: String,
     pub check: RefCheck,
+}
+
+/// What kind of object a spec field refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefKind {
+    Secret,
+    ConfigMap,
+}
+
+impl RefKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefKind::Secret => "Secret",
+            RefKind::ConfigMap => "ConfigMap",
+        }
+    }
+}
+
+impl std::fmt::Display for RefKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where a run (one Job) stands.
@@ -274,33 +295,4 @@ pub struct RunPlan {
     pub requeue_at: Option<Timestamp>,
 }
 
-/// A run's outcome as `lastRun.outcome` and the run report carry it (a string there; the CRD keeps
-/// the field a string, so any other value reads as [`RunOutcome::Failed`] here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunOutcome {
-    Success,
-    Partial,
-    /// Stopped before the end; the next run resumes it.
-    Unfinished,
-    Failed,
-}
-
-impl RunOutcome {
-    pub fn parse(text: &str) -> RunOutcome {
-        match text {
-            "success" => RunOutcome::Success,
-            "partial" => RunOutcome::Partial,
-            "unfinished" => RunOutcome::Unfinished,
-            _ => RunOutcome::Failed,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Success => "success",
-            RunOutcome::Partial => "partial",
-            RunOutcome::Unfinished => "unfinished",
-            RunOutcome::Failed => "failed",
-        }
-    }
-}
+pub use crate::operator::job::RunOutcome;

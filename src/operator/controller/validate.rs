@@ -13,7 +13,7 @@ use std::time::Duration;
 use jiff::SignedDuration;
 use serde_json::{Value, json};
 
-use super::model::{Observed, RefCheck, SpecError, Validated, name_problem};
+use super::model::{Observed, RefCheck, RefKind, SpecError, Validated, name_problem};
 use crate::config::ConfigError;
 use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode};
 use crate::operator::crd::{EmailSpec, EpicExport};
@@ -75,7 +75,7 @@ fn check_references(observed: &Observed) -> Result<(), SpecError> {
         let (reason, message) = match &r.check {
             RefCheck::Present => continue,
             RefCheck::Missing => (
-                if r.kind == "Secret" {
+                if r.kind == RefKind::Secret {
                     "SecretNotFound"
                 } else {
                     "ConfigMapNotFound"
