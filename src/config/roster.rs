@@ -26,6 +26,14 @@ impl CsvFile {
         Ok(CsvFile { bytes })
     }
 
+    /// The header row (the first line that is not a comment).
+    fn headers(&self, path: &Path) -> Result<csv::StringRecord, ConfigError> {
+        self.reader()
+            .headers()
+            .cloned()
+            .map_err(|e| csv_err(path, self, e))
+    }
+
     fn reader(&self) -> csv::Reader<&[u8]> {
         csv::ReaderBuilder::new()
             .trim(csv::Trim::All)
@@ -61,11 +69,8 @@ fn csv_err(path: &Path, file: &CsvFile, e: csv::Error) -> ConfigError {
 /// Reads the patient FHIR ids from a roster CSV, in file order, without duplicates.
 pub fn read_roster(path: &Path) -> Result<Vec<String>, ConfigError> {
     let file = CsvFile::read(path)?;
+    let headers = file.headers(path)?;
     let mut reader = file.reader();
-    let headers = reader
-        .headers()
-        .map_err(|e| csv_err(path, &file, e))?
-        .clone();
     let column = headers
         .iter()
         .position(|h| {
@@ -192,11 +197,8 @@ fn check_id(id: &str) -> Result<(), IdProblem> {
 /// Reads the resource list CSV into searches.
 pub fn read_resources(path: &Path) -> Result<Vec<Search>, ConfigError> {
     let file = CsvFile::read(path)?;
+    let headers = file.headers(path)?;
     let mut reader = file.reader();
-    let headers = reader
-        .headers()
-        .map_err(|e| csv_err(path, &file, e))?
-        .clone();
     let col = |name: &str| {
         headers
             .iter()
