@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command (README.md): formatting, lints, the one-TLS-provider rule, the chart and
-# manifests, the user guide's build and links, and every test.
+# The project's test command (README.md): formatting, lints, the one-TLS-provider rule, the module
+# layers, the chart and manifests, the user guide's build and links, and every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,9 @@ echo "== one rustls crypto provider (aws-lc-rs): ring must not be in the tree"
 if cargo tree --locked -e normal -i ring 2>/dev/null | grep -q '^ring'; then
   echo "ring is in the dependency tree: two rustls providers panic at run time"; cargo tree -e normal -i ring; exit 1
 fi
+
+echo "== module layers: dependencies point one way, no module cycles"
+python3 scripts/check_layers.py
 
 echo "== chart and manifests"
 scripts/check-manifests.sh

@@ -30,7 +30,8 @@ pub struct BulkConfig {
     /// How long to keep polling, in hours (default 72).
     #[serde(default = "default_max_wait_hours")]
     pub max_wait_hours: f64,
-    /// Wait after "requested this Group too recently" when the server gives no time, in hours (default 24).
+    /// Wait after "requested this Group too recently" (Epic gives no time), in hours (default 24); no
+    /// kick-off is sent for this Group until then.
     #[serde(default = "default_cooldown_hours")]
     pub throttle_cooldown_hours: f64,
     /// Other hosts whose file URLs may be downloaded (never with the token), e.g. `https://storage.example.org`.
