@@ -453,7 +453,7 @@ fn email_plan(
     };
     let logs_in = e.username.as_deref().is_some_and(|u| !u.is_empty());
     let port = crate::notify::check_server(&host, tls, e.port, logs_in)
-        .map_err(|(key, m)| invalid(&format!("notify.email.{key}"), m))?;
+        .map_err(|p| invalid(&format!("notify.email.{}", p.key()), p.to_string()))?;
     let mailbox = |field: &str, s: &str| {
         s.trim().parse::<Mailbox>().map_err(|err| {
             invalid(

@@ -155,37 +155,50 @@ pub struct EmailPlan {
     pub timeout: Duration,
 }
 
+/// What is wrong with the SMTP server settings; [`ServerProblem::key`] names the key under
+/// `notify.email`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerProblem {
+    #[error("{0:?} is not a host name or address: write e.g. smtp.example.org or 127.0.0.1")]
+    Host(String),
+    #[error(
+        "is none, so the SMTP password would cross the network in plain text to {0}: use starttls or tls (none is only for a loopback host)"
+    )]
+    PlainTextPassword(String),
+    #[error(
+        "0 is not a port: use 1 to 65535, or leave it out (587 for starttls, 465 for tls, 25 for none)"
+    )]
+    Port,
+}
+
+impl ServerProblem {
+    /// The key under `notify.email` the problem is in.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ServerProblem::Host(_) => "host",
+            ServerProblem::PlainTextPassword(_) => "tls",
+            ServerProblem::Port => "port",
+        }
+    }
+}
+
 /// The rules for the SMTP server of `notify.email`, whichever front end it came from (the config
 /// file or an `EpicExport`): a host name or address, a port (by default the one of `tls`), and no
-/// credentials over plain text to a host that is not loopback. Returns the port; an error names the
-/// key under `notify.email` and says what to write.
+/// credentials over plain text to a host that is not loopback. Returns the port.
 pub fn check_server(
     host: &str,
     tls: TlsMode,
     port: Option<u16>,
     credentials: bool,
-) -> Result<u16, (&'static str, String)> {
+) -> Result<u16, ServerProblem> {
     if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
-        return Err((
-            "host",
-            format!(
-                "{host:?} is not a host name or address: write e.g. smtp.example.org or 127.0.0.1"
-            ),
-        ));
+        return Err(ServerProblem::Host(host.to_owned()));
     }
     if tls == TlsMode::None && credentials && !crate::trust::is_loopback_host(host) {
-        return Err((
-            "tls",
-            format!(
-                "is none, so the SMTP password would cross the network in plain text to {host}: use starttls or tls (none is only for a loopback host)"
-            ),
-        ));
+        return Err(ServerProblem::PlainTextPassword(host.to_owned()));
     }
     match port {
-        Some(0) => Err((
-            "port",
-            "0 is not a port: use 1 to 65535, or leave it out (587 for starttls, 465 for tls, 25 for none)".into(),
-        )),
+        Some(0) => Err(ServerProblem::Port),
         Some(p) => Ok(p),
         None => Ok(tls.default_port()),
     }

@@ -195,9 +195,9 @@ pub async fn send(
         Some(plan.port),
         plan.username.is_some(),
     )
-    .map_err(|(key, message)| SendError::Refused {
+    .map_err(|p| SendError::Refused {
         server: server.clone(),
-        message: format!("notify.email.{key} {message}"),
+        message: format!("notify.email.{} {p}", p.key()),
     })?;
     let tls = match plan.tls {
         TlsMode::None => None,

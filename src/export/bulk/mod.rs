@@ -72,8 +72,9 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         Since::None => None,
         Since::At(t) => Some(t.clone()),
         // The state file is ours, but a damaged one must not become a garbled `_since`.
-        Since::Auto => state::read_last_success(&export_dir)
-            .and_then(|s| parse_instant(&s.transaction_time).ok()),
+        Since::Auto => {
+            state::read_last_success(&export_dir).and_then(|s| parse_instant(&s.transaction_time))
+        }
     };
     let kickoff = kickoff_url(&plan.fhir_base, b, since.as_deref());
     let same_request = |marker: &std::path::Path| {
@@ -104,10 +105,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         }
     };
     stats.seconds_waiting = waited.elapsed().as_secs_f64();
-    let transaction_time = manifest
-        .transaction_time
-        .as_deref()
-        .and_then(|t| parse_instant(t).ok());
+    let transaction_time = manifest.transaction_time.as_deref().and_then(parse_instant);
     stats.transaction_time = transaction_time.clone();
     let pending = state::read_pending(&writer.staging_dir().join(PENDING_FILE));
     let (writer, mut got) = download_all(ctx, b, writer, &manifest, &progress, &mut stats).await?;
@@ -185,11 +183,12 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
 }
 
 /// A server's instant, normalised (`2026-01-01T00:00:00Z`), or `Err` when it is not one.
-fn parse_instant(s: &str) -> Result<String, ()> {
+/// An instant in RFC 3339 form, normalised; `None` if `s` is not one.
+fn parse_instant(s: &str) -> Option<String> {
     s.trim()
         .parse::<jiff::Timestamp>()
+        .ok()
         .map(|t| t.to_string())
-        .map_err(|_| ())
 }
 
 fn failed(writer: RunWriter, fatal: Vec<String>, request: String, stats: BulkStats) -> Retrieved {

@@ -374,7 +374,7 @@ pub fn email_plan(
     let tls = TlsMode::parse(email.tls.as_deref().unwrap_or("starttls"))
         .map_err(|e| error("spec.notify.email.tls", e.to_string()))?;
     let port = crate::notify::check_server(host, tls, email.port, credentials.is_some())
-        .map_err(|(key, m)| error(format!("spec.notify.email.{key}"), m))?;
+        .map_err(|p| error(format!("spec.notify.email.{}", p.key()), p.to_string()))?;
     let mailbox = |field: &'static str, a: &str| {
         a.parse()
             .map_err(|e| error(field, format!("{a:?} is not an e-mail address ({e})")))
