@@ -236,6 +236,23 @@ fn job_posts(fake: &FakeApi) -> usize {
         .count()
 }
 
+/// Whether `r` starts a reconcile pass of an export in `phi`: every pass reads the key Secret
+/// `epic-key` by name first (Secrets are not watched).
+fn starts_pass(r: &fake_api::Request) -> bool {
+    r.method == "GET" && r.path == "/api/v1/namespaces/phi/secrets/epic-key"
+}
+
+/// The reconcile passes begun after the first `mark` requests.
+fn passes_since(fake: &FakeApi, mark: usize) -> usize {
+    fake.requests()[mark..]
+        .iter()
+        .filter(|r| starts_pass(r))
+        .count()
+}
+
+/// A resync short enough that waiting for a few passes proves the operator looked and did nothing.
+const RESYNC: Duration = Duration::from_millis(200);
+
 #[tokio::test]
 async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metrics() {
     let fake = FakeApi::new();
@@ -246,7 +263,9 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
         .unwrap()
         .local_addr()
         .unwrap();
-    let op = Operator::start(&fake, None, Some(port));
+    let mut options = Operator::options(None, Some(port));
+    options.settings.resync = RESYNC;
+    let op = Operator::start_with(&fake, options);
 
     let (name, slot) = scheduled_run(&fake, "nightly").await;
     let job = fake.get(JOBS, NS, &name).unwrap();
@@ -350,14 +369,42 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
     })
     .await;
 
-    // Steady state: an idle operator writes nothing (no hot loop on its own status writes).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mark = fake.requests().len();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Steady state: an idle operator writes nothing (no hot loop on its own status writes). Once a
+    // whole pass has written nothing (the finished run's writes are done), mark the start of the
+    // next pass; over three more whole passes (every `resync`) nothing is written, and each pass
+    // reads only what it must (the Secret, the ConfigMap, the export's Jobs).
+    let mark = eventually("a whole pass that writes nothing", || async {
+        let log = fake.requests();
+        let quiet = log
+            .iter()
+            .rposition(|r| r.method != "GET")
+            .map_or(0, |i| i + 1);
+        log.iter()
+            .enumerate()
+            .skip(quiet)
+            .filter(|(_, r)| starts_pass(r))
+            .nth(1)
+            .map(|(i, _)| i)
+    })
+    .await;
+    const PASSES: usize = 3;
+    let log = eventually("three more reconcile passes", || async {
+        (passes_since(&fake, mark) > PASSES).then(|| fake.requests())
+    })
+    .await;
     let writes = fake.writes_since(mark);
     assert!(writes.is_empty(), "idle writes: {writes:?}");
-    let reads = fake.requests().len() - mark;
-    assert!(reads < 10, "idle reads: {reads}");
+    let passes: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .skip(mark)
+        .filter(|(_, r)| starts_pass(r))
+        .map(|(i, _)| i)
+        .collect();
+    for pass in passes.windows(2).take(PASSES) {
+        let reads = &log[pass[0]..pass[1]];
+        assert!(reads.len() <= 3, "idle reads in one pass: {reads:?}");
+    }
     assert_eq!(op.stop().await, 0);
 }
 
@@ -534,7 +581,31 @@ async fn of_two_replicas_only_the_leader_acts_and_a_standby_takes_over() {
     let b = Operator::start(&fake, Some(lease("b")), None);
     export(&fake, "nightly", json!({}), json!({}));
     let (name, _) = scheduled_run(&fake, "nightly").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // b has had its chances while a renewed the lease twice (renewTime changed twice) and b looked
+    // at it at least twice (a renewal is a read and a write; b only reads while a holds it).
+    let lease_path =
+        "/apis/coordination.k8s.io/v1/namespaces/epic-export-system/leases/epic-export-operator";
+    let mark = fake.requests().len();
+    let renewals = std::cell::RefCell::new(Vec::<Value>::new());
+    eventually("two renewals by a while b looks", || async {
+        let lease = fake.get(LEASES, "epic-export-system", "epic-export-operator")?;
+        let mut seen = renewals.borrow_mut();
+        let renewed = &lease["spec"]["renewTime"];
+        if !seen.contains(renewed) {
+            seen.push(renewed.clone());
+        }
+        let on_lease = |method: &str| {
+            fake.requests()[mark..]
+                .iter()
+                .filter(|r| r.path == lease_path && r.method == method)
+                .count()
+        };
+        // The first value seen is from before the renewals; the reads not followed by a write are
+        // b's, but for one of a's whose write may still be in flight.
+        let b_looks = on_lease("GET").saturating_sub(on_lease("PUT") + 1);
+        (seen.len() > 2 && b_looks >= 2).then_some(())
+    })
+    .await;
     let lease_now = fake
         .get(LEASES, "epic-export-system", "epic-export-operator")
         .unwrap();
@@ -585,7 +656,9 @@ async fn each_finished_run_sends_one_email_even_when_the_pod_never_reported() {
             "smtpSecretRef": {"name": "smtp"}}}}),
         json!({}),
     );
-    let op = Operator::start(&fake, None, None);
+    let mut options = Operator::options(None, None);
+    options.settings.resync = RESYNC;
+    let op = Operator::start_with(&fake, options);
     let (name, _) = scheduled_run(&fake, "nightly").await;
     fake.finish_job(NS, &name, true, &report("success", 42));
     let s = eventually("the e-mail recorded in lastRun", || async {
@@ -621,8 +694,12 @@ async fn each_finished_run_sends_one_email_even_when_the_pod_never_reported() {
         second["subject"],
         "[epic-export] nightly: failed — 0 records"
     );
-    // Steady state: no third message.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Steady state: no third message over three more whole passes of the export (every `resync`).
+    let mark = fake.requests().len();
+    eventually("three more reconcile passes", || async {
+        (passes_since(&fake, mark) > 3).then_some(())
+    })
+    .await;
     assert!(!mail(3).exists(), "one e-mail per run");
     assert_eq!(
         status(&fake, "nightly")["lastRun"]["notification"],
