@@ -644,17 +644,28 @@ async fn jwks_server(initial: JwkSet, cache_control: &'static str) -> JwksServer
     }
 }
 
-#[tokio::test]
-async fn jwks_url_clients_are_fetched_cached_and_refetched_on_rotation() {
+/// A sandbox with `client` registered by its JWK Set URL: a new [`jwks_server`] holding `keys`,
+/// answering with `cache_control`.
+async fn with_jwks_url(
+    client: &str,
+    keys: JwkSet,
+    cache_control: &'static str,
+) -> (Sandbox, JwksServer) {
     let sb = Sandbox::start(SandboxOptions::default())
         .await
         .expect("start");
-    let ec1 = ec_key("ec-1");
-    let server = jwks_server(jwks(&[&ec1]), "max-age=3600").await;
+    let server = jwks_server(keys, cache_control).await;
     sb.register_client(ClientRegistration {
-        client_id: "jku-client".into(),
+        client_id: client.into(),
         keys: ClientKeys::JwksUrl(server.url.clone()),
     });
+    (sb, server)
+}
+
+#[tokio::test]
+async fn jwks_url_clients_are_fetched_cached_and_refetched_on_rotation() {
+    let ec1 = ec_key("ec-1");
+    let (sb, server) = with_jwks_url("jku-client", jwks(&[&ec1]), "max-age=3600").await;
     let aud = sb.token_url();
     let (status, body) =
         token_request(&sb, &sign(&ec1, Some("ec-1"), &claims("jku-client", &aud))).await;
@@ -696,15 +707,8 @@ async fn jwks_url_clients_are_fetched_cached_and_refetched_on_rotation() {
 
 #[tokio::test]
 async fn jwks_url_no_store_is_fetched_every_time() {
-    let sb = Sandbox::start(SandboxOptions::default())
-        .await
-        .expect("start");
     let rsa = rsa_key("r");
-    let server = jwks_server(jwks(&[&rsa]), "no-store").await;
-    sb.register_client(ClientRegistration {
-        client_id: "c".into(),
-        keys: ClientKeys::JwksUrl(server.url.clone()),
-    });
+    let (sb, server) = with_jwks_url("c", jwks(&[&rsa]), "no-store").await;
     for _ in 0..2 {
         let (status, _) =
             token_request(&sb, &sign(&rsa, Some("r"), &claims("c", &sb.token_url()))).await;

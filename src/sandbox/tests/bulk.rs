@@ -297,11 +297,7 @@ async fn bulk_gzip_and_range_downloads() {
         .expect("get");
     assert_eq!(plain.status(), 200);
     assert!(plain.headers().get("content-encoding").is_none());
-    let length: usize = plain.headers()["content-length"]
-        .to_str()
-        .expect("length")
-        .parse()
-        .expect("number");
+    let length: usize = content_length(&plain) as usize;
     let plain = plain.bytes().await.expect("body");
     assert_eq!(plain.len(), length);
     assert_eq!(ndjson(&plain).len(), 50);
@@ -573,11 +569,7 @@ async fn bulk_drop_download_fault_cuts_the_body_short() {
         .expect("get");
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("content-encoding").is_none());
-    let full: u64 = resp.headers()["content-length"]
-        .to_str()
-        .expect("length")
-        .parse()
-        .expect("number");
+    let full: u64 = content_length(&resp);
     assert!(full > 1000);
     let mut received = 0u64;
     let cut = loop {
@@ -787,4 +779,13 @@ async fn bulk_a_20000_resource_file_is_streamed_not_built_in_memory() {
             "peak RSS grew by {growth} bytes while streaming a {bytes}-byte file"
         );
     }
+}
+
+/// The `Content-Length` the server announced.
+fn content_length(resp: &reqwest::Response) -> u64 {
+    resp.headers()["content-length"]
+        .to_str()
+        .expect("length")
+        .parse()
+        .expect("number")
 }
