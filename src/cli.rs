@@ -255,7 +255,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
             no_progress,
         } => {
             let outcome = crate::run::run_config_file(&config, !no_progress).await?;
-            outcome.print();
+            outcome.report();
             Ok(outcome.exit_code())
         }
         Command::Schedule {

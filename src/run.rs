@@ -38,11 +38,14 @@ impl RunOutcome {
         }
     }
 
-    /// What the person at the terminal sees: the summary table on stdout, or why the run is unfinished
-    /// on stderr.
-    pub fn print(&self) {
+    /// How `run` and `schedule` report a run: the summary table on stdout and the original tool's
+    /// closing log lines, or why the run is unfinished on stderr.
+    pub fn report(&self) {
         match self {
-            RunOutcome::Finished(report) => println!("{}", report.summary.render_table()),
+            RunOutcome::Finished(report) => {
+                println!("{}", report.summary.render_table());
+                log_closing_lines(&report.summary);
+            }
             RunOutcome::Unfinished(why) => eprintln!("unfinished: {why}"),
         }
     }
@@ -82,7 +85,6 @@ pub async fn run_once(plan: &ExportPlan, options: &RunOptions) -> Result<RunOutc
                     tracing::warn!("cannot record the notification in {}: {e}", path.display());
                 }
             }
-            log_closing_lines(&report.summary);
             Ok(RunOutcome::Finished(Box::new(report)))
         }
         Err(ExportError::Unfinished(why)) => Ok(RunOutcome::Unfinished(why)),

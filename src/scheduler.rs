@@ -234,7 +234,7 @@ pub async fn run(
 fn log_code(result: Result<RunOutcome, RunError>) {
     match result {
         Ok(outcome) => {
-            outcome.print();
+            outcome.report();
             tracing::info!(exit_code = outcome.exit_code(), "run finished");
         }
         Err(e) => tracing::error!("run failed: {e}"),

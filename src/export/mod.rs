@@ -26,10 +26,14 @@ pub enum ExportError {
     Auth(#[from] AuthError),
     #[error("{0}")]
     Output(#[from] OutputError),
-    #[error("{0}")]
-    Config(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("invalid FHIR base URL: {0}")]
+    BaseUrl(#[from] url::ParseError),
+    /// A task of the run (the writer, a download) panicked or was cancelled.
+    #[error("internal error: the {task} task failed: {source}")]
+    Task {
+        task: &'static str,
+        source: tokio::task::JoinError,
+    },
     /// The run stopped early but left its state so that the next run carries on (a bulk export).
     #[error("{0}")]
     Unfinished(String),
@@ -108,8 +112,7 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let conn = connect(plan).await?;
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
-    let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
-        .map_err(|e| ExportError::Config(format!("invalid FHIR base URL: {e}")))?;
+    let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())?;
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }

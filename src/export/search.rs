@@ -63,9 +63,10 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
     .await;
     drop(tx);
     progress.finish();
-    let (writer, written) = writer_task
-        .await
-        .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
+    let (writer, written) = writer_task.await.map_err(|source| ExportError::Task {
+        task: "writer",
+        source,
+    })?;
 
     let mut fatal = Vec::new();
     let mut write_error = None;

@@ -568,8 +568,10 @@ async fn download_all(
         })
         .buffer_unordered(ctx.plan.limits.concurrency)
         .map(|joined| {
-            let (d, r) = joined
-                .map_err(|e| ExportError::Internal(format!("a download task failed: {e}")))?;
+            let (d, r) = joined.map_err(|source| ExportError::Task {
+                task: "download",
+                source,
+            })?;
             if let Ok((records, received)) = &r {
                 bytes.fetch_add(*received, Ordering::Relaxed);
                 progress.item_done(*records);
@@ -623,9 +625,10 @@ async fn download_all(
     }
     drop(results);
     drop(tx);
-    let (writer, written) = writer_task
-        .await
-        .map_err(|e| ExportError::Internal(format!("the writer task failed: {e}")))?;
+    let (writer, written) = writer_task.await.map_err(|source| ExportError::Task {
+        task: "writer",
+        source,
+    })?;
     if let Err(e) = written {
         got.write_error = Some(e);
     }
