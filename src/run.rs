@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::config::ConfigError;
 use crate::export::{ExportError, RunOptions, RunReport};
-use crate::operator::job::{JOB_CONFIG_ENV, RunOutcome as ReportedOutcome, RunReportMessage};
+use crate::operator::job::{JOB_CONFIG_ENV, ReportedOutcome, RunReportMessage};
 use crate::plan::ExportPlan;
 use crate::summary::{NotificationStatus, Outcome, RunSummary, human_bytes};
 

@@ -103,6 +103,14 @@ fn read_state(path: &Path) -> State {
     crate::output::read_json(path).unwrap_or_default()
 }
 
+/// Writes the state (`0600`) beside the runs, making the export's folder (`0700`) on the first run.
+fn write_state(path: &Path, state: &State) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        crate::output::create_private_dir(dir)?;
+    }
+    crate::output::write_json_atomic(path, state)
+}
+
 /// The schedule of `epic-export schedule`: `--cron`/`--time-zone` over the config's `schedule`; an INI
 /// file without `[schedule]` keeps the original tool's daily run, at 02:00 in the system's time zone.
 pub fn resolve(
@@ -197,7 +205,7 @@ pub async fn run(
             Step::Run(slot) => {
                 // Recorded before the run, like a CronJob's lastScheduleTime: a crash mid-run does
                 // not repeat the slot (the next slot, or the next start within the deadline, runs).
-                if let Err(e) = crate::output::write_json_atomic(
+                if let Err(e) = write_state(
                     &state_file,
                     &State {
                         last_scheduled: Some(slot.to_string()),
@@ -298,7 +306,7 @@ mod tests {
         let path = state_path(dir.path(), "nightly");
         assert_eq!(read_state(&path).last(), None);
         let t = ts("2026-12-01T08:00:00Z");
-        crate::output::write_json_atomic(
+        write_state(
             &path,
             &State {
                 last_scheduled: Some(t.to_string()),

@@ -1,9 +1,10 @@
 //! The SMART Backend Services client assertion: a short-lived JWT signed with the app's private key.
 //!
-//! Building the header and claims is pure (the caller passes `now` and the `jti`); only `sign` touches the
-//! key. Rules (SMART Backend Services, client authentication): `typ: JWT`, `kid` always, `jku` when configured; `iss` = `sub` =
-//! client id, `aud` = the token URL exactly, `exp` 240 s ahead (Epic rejects more than 300 s when the request
-//! arrives), a fresh `jti` per request, and no `iat`/`nbf` (a fast client clock would put them in the future).
+//! Building the header and claims is pure (the caller passes `now` and the `jti`); only `sign` touches
+//! the key. Rules (SMART Backend Services, client authentication): `typ: JWT`, `kid` always, `jku`
+//! when configured; `iss` = `sub` = client id, `aud` = the token URL exactly, `exp` 240 s ahead (Epic
+//! rejects more than 300 s when the request arrives), a fresh `jti` per request, and no `iat`/`nbf` (a
+//! fast client clock would put them in the future).
 
 use serde::Serialize;
 

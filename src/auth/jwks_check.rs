@@ -1,6 +1,7 @@
 //! Checking a JWK Set URL (`auth.jwksUrl`, sent as the assertion's `jku`) the way Epic will use it:
 //! fetch it without credentials, parse it as a JWK Set, and confirm that the key we sign with is
-//! published under our `kid` (SMART Backend Services: the JWK Set URL is fetched by the server, keys matched by `kid`).
+//! published under our `kid` (SMART Backend Services: the server fetches the JWK Set URL and picks
+//! the key by `kid`).
 //!
 //! [`fetch_and_compare`] does one GET (`Accept: application/json`, [`FETCH_TIMEOUT`], its own HTTP
 //! client, so no access token or other credential can ever be sent to the URL); [`compare`] is the

@@ -27,7 +27,7 @@ pub enum ExportError {
     #[error("{0}")]
     Output(#[from] OutputError),
     #[error("invalid FHIR base URL: {0}")]
-    BaseUrl(#[from] url::ParseError),
+    BaseUrl(url::ParseError),
     /// A task of the run (the writer, a download) panicked or was cancelled.
     #[error("internal error: the {task} task failed: {source}")]
     Task {
@@ -112,7 +112,8 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let conn = connect(plan).await?;
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
-    let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())?;
+    let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
+        .map_err(ExportError::BaseUrl)?;
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }

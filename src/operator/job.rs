@@ -266,7 +266,6 @@ fn config_value<T: Serialize>(
 pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
     let name = export.name_any();
     let spec = &export.spec;
-
     let source = match (&spec.source.search, &spec.source.bulk) {
         (Some(s), None) => {
             let mut search = json!({ "rosterFile": mounted(&s.roster_ref) });
@@ -322,9 +321,9 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
 }
 
 /// A run's outcome as `lastRun.outcome` and the run report carry it (a string there; the CRD keeps
-/// the field a string, so any other value reads as [`RunOutcome::Failed`] here).
+/// the field a string, so any other value reads as [`ReportedOutcome::Failed`] here).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunOutcome {
+pub enum ReportedOutcome {
     Success,
     Partial,
     /// Stopped before the end; the next run resumes it.
@@ -332,22 +331,22 @@ pub enum RunOutcome {
     Failed,
 }
 
-impl RunOutcome {
-    pub fn parse(text: &str) -> RunOutcome {
+impl ReportedOutcome {
+    pub fn parse(text: &str) -> ReportedOutcome {
         match text {
-            "success" => RunOutcome::Success,
-            "partial" => RunOutcome::Partial,
-            "unfinished" => RunOutcome::Unfinished,
-            _ => RunOutcome::Failed,
+            "success" => ReportedOutcome::Success,
+            "partial" => ReportedOutcome::Partial,
+            "unfinished" => ReportedOutcome::Unfinished,
+            _ => ReportedOutcome::Failed,
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            RunOutcome::Success => "success",
-            RunOutcome::Partial => "partial",
-            RunOutcome::Unfinished => "unfinished",
-            RunOutcome::Failed => "failed",
+            ReportedOutcome::Success => "success",
+            ReportedOutcome::Partial => "partial",
+            ReportedOutcome::Unfinished => "unfinished",
+            ReportedOutcome::Failed => "failed",
         }
     }
 }
@@ -378,7 +377,7 @@ fn is_zero(n: &usize) -> bool {
 
 impl RunReportMessage {
     /// The report of a run that ended without a summary (it could not start, or is unfinished).
-    pub fn without_summary(outcome: RunOutcome, error: String) -> Self {
+    pub fn without_summary(outcome: ReportedOutcome, error: String) -> Self {
         RunReportMessage {
             outcome: outcome.as_str().to_owned(),
             errors: vec![error],

@@ -1,8 +1,9 @@
 //! The Kubernetes side: the `EpicExport` custom resource (`crd`), the export Jobs built from it
 //! (`job`, with the images they may run in `images`; the pod runs `crate::run::run_job`), the operator
-//! that runs them on schedule (`controller`, with its `metrics`; it reads the key Secrets, laid out as `key_secret` says, and publishes their public keys in the status), and the
-//! JWK Set endpoint serving those public keys (`jwks`, a process of its own: `epic-export jwks-server`,
-//! which reads nothing but EpicExports).
+//! that runs them on schedule (`controller`, with its `metrics`; it reads the key Secrets, laid out as
+//! `key_secret` says, and publishes their public keys in the status), and the JWK Set endpoint serving
+//! those public keys (`jwks`, a process of its own: `epic-export jwks-server`, which reads nothing but
+//! EpicExports). Both processes build their EpicExport cache with `exports`.
 
 pub mod controller;
 pub mod crd;

@@ -18,12 +18,10 @@ use serde::Serialize;
 
 pub use retention::{remove_old_runs, sweep_leftovers};
 
-/// Writes `value` as JSON to `path` atomically (a temporary file renamed over it), mode 0600, creating
-/// its folder (0700) if needed: every state file (bulk progress, cooldown, schedule) and summary.json.
+/// Writes `value` as JSON to `path` atomically (a temporary file renamed over it), mode 0600: every
+/// state file (bulk progress, cooldown, schedule) and summary.json. The folder must exist (a run
+/// folder that is gone is an error, never silently made again).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        create_private_dir(dir)?;
-    }
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;

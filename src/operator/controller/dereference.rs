@@ -14,9 +14,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use super::model::{FinishedReport, ObservedKeys, Run, name_problem, newest_finished, signing_of};
-// What this step returns, also under its name here.
-use super::model::{Observed, RefCheck, RefKind, Reference};
+use super::model::{
+    FinishedReport, Observed, ObservedKeys, RefCheck, RefKind, Reference, Run, name_problem,
+    newest_finished, signing_of,
+};
 use crate::operator::crd::EpicExport;
 use crate::operator::job::{EXPORT_LABEL, RunReportMessage, owned_by};
 use crate::operator::key_secret::{self, KeySetError};

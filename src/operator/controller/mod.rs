@@ -516,7 +516,7 @@ impl Context {
                 .run_duration
                 .observe(end.duration_since(start).as_secs_f64().max(0.0));
         }
-        if model::RunOutcome::parse(&last.outcome) == model::RunOutcome::Success
+        if model::ReportedOutcome::parse(&last.outcome) == model::ReportedOutcome::Success
             && let Some(end) = parse(&last.finished_at)
         {
             self.metrics

@@ -295,4 +295,4 @@ pub struct RunPlan {
     pub requeue_at: Option<Timestamp>,
 }
 
-pub use crate::operator::job::RunOutcome;
+pub use crate::operator::job::ReportedOutcome;

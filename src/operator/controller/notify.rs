@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 
-use super::model::RunOutcome;
+use super::model::ReportedOutcome;
 use super::validate::email_plan;
 use crate::notify::{CaCert, notify_run};
 use crate::operator::crd::{ConfigMapKeyRef, EpicExport, LastRun};
@@ -74,12 +74,12 @@ where
 /// `lastRun.notification` (`None` when nothing was to be sent).
 pub async fn send_for_run(client: &Client, export: &EpicExport, last: &LastRun) -> Option<String> {
     let email = export.spec.notify.as_ref()?.email.as_ref()?;
-    let outcome = match RunOutcome::parse(&last.outcome) {
-        RunOutcome::Success => Outcome::Success,
-        RunOutcome::Partial => Outcome::Partial,
+    let outcome = match ReportedOutcome::parse(&last.outcome) {
+        ReportedOutcome::Success => Outcome::Success,
+        ReportedOutcome::Partial => Outcome::Partial,
         // Resumed by the next run: nothing to report yet.
-        RunOutcome::Unfinished => return None,
-        RunOutcome::Failed => Outcome::Failed,
+        ReportedOutcome::Unfinished => return None,
+        ReportedOutcome::Failed => Outcome::Failed,
     };
     let ns = export.namespace().unwrap_or_default();
     let credentials = match &email.smtp_secret_ref {

@@ -2,8 +2,8 @@
 //! the runs and the clock, decide the one Secret change to make now (if any), the new
 //! `status.keyRotation`, the Events to emit and when to look again.
 //!
-//! The steps (the JWK Set URL lets a server see the old and the next key at once): generate a next key into the Secret (on the `fhirexport.dev/rotate-key`
-//! annotation, or when `every` has passed since the last switch) → both keys are published → wait the
+//! The steps (the JWK Set URL lets a server see the old and the next key at once): generate a next
+//! key into the Secret (on the `fhirexport.dev/rotate-key` annotation, or when `every` has passed since the last switch) → both keys are published → wait the
 //! JWKS cache lifetime plus a margin → switch signing (`next-<key>` becomes `<key>`, the old key becomes
 //! `retiring-<key>`) → wait until no run started before the switch is left, then 5 minutes more (the
 //! longest a client assertion lives) → retire the old key.

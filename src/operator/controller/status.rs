@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{Resource, ResourceExt};
 
 use super::model::{
-    FinishedReport, Note, Run, RunOutcome, RunPlan, RunState, SpecError, Trigger, rfc3339,
+    FinishedReport, Note, ReportedOutcome, Run, RunPlan, RunState, SpecError, Trigger, rfc3339,
 };
 use crate::operator::crd::{EpicExport, EpicExportStatus, LastRun, PublicKeys};
 
@@ -90,7 +90,7 @@ pub fn next_status(input: &StatusInput<'_>) -> EpicExportStatus {
         && let Some(run) = input.runs.iter().find(|r| r.name == report.job)
     {
         let last = last_run(run, report);
-        if RunOutcome::parse(&last.outcome) == RunOutcome::Success
+        if ReportedOutcome::parse(&last.outcome) == ReportedOutcome::Success
             && let Some(tt) = report
                 .message
                 .as_ref()
@@ -188,9 +188,9 @@ fn last_run(run: &Run, report: &FinishedReport) -> LastRun {
         }
         None => {
             last.outcome = if run.state == RunState::Succeeded {
-                RunOutcome::Success
+                ReportedOutcome::Success
             } else {
-                RunOutcome::Failed
+                ReportedOutcome::Failed
             }
             .as_str()
             .into();
@@ -236,11 +236,11 @@ pub fn finished_run_note(old: &EpicExportStatus, new: &EpicExportStatus) -> Opti
     if old.last_run.as_ref().map(|l| &l.job_name) == Some(&last.job_name) {
         return None;
     }
-    let (warning, reason) = match RunOutcome::parse(&last.outcome) {
-        RunOutcome::Success => (false, "RunSucceeded"),
-        RunOutcome::Partial => (true, "RunPartial"),
-        RunOutcome::Unfinished => (false, "RunUnfinished"),
-        RunOutcome::Failed => (true, "RunFailed"),
+    let (warning, reason) = match ReportedOutcome::parse(&last.outcome) {
+        ReportedOutcome::Success => (false, "RunSucceeded"),
+        ReportedOutcome::Partial => (true, "RunPartial"),
+        ReportedOutcome::Unfinished => (false, "RunUnfinished"),
+        ReportedOutcome::Failed => (true, "RunFailed"),
     };
     let mut message = format!(
         "run {} {}: {} records, {} bytes",
