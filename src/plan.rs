@@ -29,6 +29,10 @@ pub struct ExportPlan {
     pub limits: Limits,
     /// `notify.email`: where to report each run's outcome.
     pub email: Option<crate::notify::EmailPlan>,
+    /// `attachments`: download the documents resources point at; `None` when disabled.
+    pub attachments: Option<AttachmentPlan>,
+    /// `hydrate`: referenced resource types fetched once each after the export.
+    pub hydrate: Vec<String>,
 }
 
 impl ExportPlan {
@@ -132,6 +136,51 @@ pub struct BulkPlan {
     pub file_origins: Vec<String>,
     /// Other origins trusted with the access token when the manifest requires it.
     pub token_origins: Vec<String>,
+}
+
+/// The resource types whose attachments can be downloaded, and where each keeps them: a path of
+/// fields, `[]` meaning every element of an array.
+pub const ATTACHMENT_RESOURCES: &[(&str, &str)] = &[
+    ("DocumentReference", "content[].attachment"),
+    ("DiagnosticReport", "presentedForm[]"),
+    ("Media", "content"),
+    ("Communication", "payload[].contentAttachment"),
+    ("CommunicationRequest", "payload[].contentAttachment"),
+];
+
+/// What `attachments` asks for.
+#[derive(Clone, Debug)]
+pub struct AttachmentPlan {
+    /// Resource types to look in (each one of `ATTACHMENT_RESOURCES`).
+    pub resources: Vec<String>,
+    /// Lower-case content types without parameters; empty = all.
+    pub content_types: Vec<String>,
+    /// Attachments smaller than this go into `attachment.data`; 0 = never.
+    pub inline_smaller_than: u64,
+    /// Larger attachments are recorded as errors.
+    pub max_bytes: u64,
+    /// Other origins attachments may come from, never with the token.
+    pub file_origins: Vec<String>,
+    /// Other origins trusted with the token.
+    pub token_origins: Vec<String>,
+    /// Plain http to hosts that are not loopback is allowed (`fhir.allowInsecureHttp`).
+    pub allow_insecure_http: bool,
+}
+
+impl AttachmentPlan {
+    /// Whether an attachment of `content_type` (as the resource gives it, parameters allowed) is
+    /// wanted. Without a list every type is; with one, an attachment without a type is not.
+    pub fn wants(&self, content_type: Option<&str>) -> bool {
+        if self.content_types.is_empty() {
+            return true;
+        }
+        content_type.is_some_and(|c| {
+            let bare = c.split(';').next().unwrap_or_default().trim();
+            self.content_types
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(bare))
+        })
+    }
 }
 
 /// One configured search: a resource type and its extra parameters (the patient is added per patient).

@@ -2,6 +2,7 @@
 //! and reported in status. It holds counts, sizes, file names and error messages; never patient ids or
 //! resource content.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -95,6 +96,12 @@ pub struct RunSummary {
     pub search: Option<SearchStats>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bulk: Option<BulkStats>,
+    /// Documents downloaded (with `attachments.enabled`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attachments: Option<AttachmentStats>,
+    /// Referenced resources fetched (with `hydrate`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hydration: Option<HydrationStats>,
     /// Messages about what went wrong, without patient identifiers.
     pub errors: Vec<String>,
     /// Where the files are (the published run folder, or the `.failed` folder).
@@ -138,6 +145,36 @@ pub struct BulkStats {
     pub files_total: u64,
     pub files_failed: u64,
     pub deleted_records: u64,
+}
+
+/// Attachment figures: distinct documents (one per URL and content type).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentStats {
+    /// Files in `attachments/` (identical content is one file).
+    pub files: u64,
+    pub bytes: u64,
+    /// Attachments put into `attachment.data` instead of a file.
+    pub inlined: u64,
+    /// Attachments left alone because of `contentTypes`.
+    pub skipped: u64,
+    /// Attachments that could not be downloaded or did not match their declared size or hash.
+    pub failed: u64,
+    /// Documents a resumed run found downloaded already.
+    pub reused: u64,
+}
+
+/// Hydration figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HydrationStats {
+    /// Rounds that fetched something (the first fetches what the export references, each next one
+    /// what the last round's resources reference).
+    pub rounds: u32,
+    /// Resources fetched, per type.
+    pub fetched: BTreeMap<String, u64>,
+    /// References that could not be fetched.
+    pub failed: u64,
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -184,6 +221,8 @@ impl RunSummary {
             server_outcomes: 0,
             search: None,
             bulk: None,
+            attachments: None,
+            hydration: None,
             errors: Vec::new(),
             output_dir: String::new(),
             notification: None,
@@ -258,6 +297,35 @@ impl RunSummary {
             self.duration_seconds,
             self.records_total as f64 / self.duration_seconds.max(0.001)
         );
+        if let Some(a) = &self.attachments {
+            let _ = writeln!(
+                s,
+                "attachments: {} files, {} in attachments/ ({} inlined, {} skipped by content type, {} failed{})",
+                a.files,
+                human_bytes(a.bytes),
+                a.inlined,
+                a.skipped,
+                a.failed,
+                match a.reused {
+                    0 => String::new(),
+                    n => format!(", {n} kept from the interrupted run"),
+                }
+            );
+        }
+        if let Some(h) = &self.hydration {
+            let fetched: Vec<String> = h.fetched.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            let _ = writeln!(
+                s,
+                "hydrated: {} ({} rounds, {} failed)",
+                if fetched.is_empty() {
+                    "nothing to fetch".to_string()
+                } else {
+                    fetched.join(", ")
+                },
+                h.rounds,
+                h.failed
+            );
+        }
         if self.server_outcomes > 0 {
             let _ = writeln!(
                 s,

@@ -148,34 +148,6 @@ pub fn bulk_plan(
             ))
         }
     };
-    let origins = |field: &str, hosts: Vec<String>| -> Result<Vec<String>, ConfigError> {
-        hosts
-            .into_iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let field = format!("{field}[{i}]");
-                let u = url::Url::parse(&h)
-                    .ok()
-                    .filter(|u| {
-                        matches!(u.scheme(), "https" | "http")
-                            && u.host().is_some()
-                            && u.username().is_empty()
-                            && u.password().is_none()
-                            && matches!(u.path(), "" | "/")
-                            && u.query().is_none()
-                    })
-                    .ok_or_else(|| {
-                        invalid(
-                            &field,
-                            format!("{h:?} must be an origin such as https://storage.example.org (no path)"),
-                        )
-                    })?;
-                crate::trust::check_transport(&u, allow_insecure_http)
-                    .map_err(|m| invalid(&field, m.to_string()))?;
-                Ok(u.origin().ascii_serialization())
-            })
-            .collect()
-    };
     Ok(BulkPlan {
         level,
         types: b.types,
@@ -188,7 +160,12 @@ pub fn bulk_plan(
             "source.bulk.throttleCooldownHours",
             b.throttle_cooldown_hours,
         )?,
-        file_origins: origins("source.bulk.fileHosts", b.file_hosts)?,
-        token_origins: origins("source.bulk.tokenHosts", b.token_hosts)?,
+        file_origins: super::origins("source.bulk.fileHosts", b.file_hosts, allow_insecure_http, invalid)?,
+        token_origins: super::origins(
+            "source.bulk.tokenHosts",
+            b.token_hosts,
+            allow_insecure_http,
+            invalid,
+        )?,
     })
 }

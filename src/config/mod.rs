@@ -4,6 +4,7 @@
 //! This module only reads and validates; it does no networking. Every error names the file and the
 //! field (or CSV line) and says what to write instead. Relative paths are relative to the config file.
 
+pub mod attachments;
 pub mod bulk;
 pub mod ini;
 pub mod roster;
@@ -66,6 +67,12 @@ pub struct Config {
     /// Notifications about each run's outcome.
     #[serde(default)]
     pub notify: Option<NotifyConfig>,
+    /// Download the documents that resources point at (clinical notes).
+    #[serde(default)]
+    pub attachments: Option<attachments::AttachmentsConfig>,
+    /// Referenced resource types to fetch once each after the export (e.g. Medication).
+    #[serde(default)]
+    pub hydrate: Vec<String>,
 }
 
 /// `schedule`: when `epic-export schedule` runs the export.
@@ -411,7 +418,19 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         Some(e) => Some(email_plan(e, &invalid, &resolve)?),
         None => None,
     };
-    let scope = c.auth.scope.unwrap_or_else(|| default_scope(&source));
+    let bulk_hosts = match &source {
+        Source::Bulk(b) => (b.file_origins.clone(), b.token_origins.clone()),
+        Source::Search(_) => (Vec::new(), Vec::new()),
+    };
+    let attachments = match c.attachments {
+        Some(a) => attachments::attachment_plan(a, insecure, bulk_hosts, &invalid)?,
+        None => None,
+    };
+    let hydrate = attachments::hydrate_types(c.hydrate, &invalid)?;
+    let scope = c
+        .auth
+        .scope
+        .unwrap_or_else(|| default_scope(&source, attachments.is_some(), &hydrate));
     Ok(ExportPlan {
         name: c.name,
         fhir_base: base.as_str().trim_end_matches('/').to_owned(),
@@ -436,7 +455,45 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             request_timeout: Duration::from_secs(l.request_timeout_seconds),
         },
         email,
+        attachments,
+        hydrate,
     })
+}
+
+/// Validates a list of origins (`fileHosts`, `tokenHosts`): each `https://host[:port]` without a path;
+/// plain http only where `check_transport` allows it.
+fn origins(
+    field: &str,
+    hosts: Vec<String>,
+    allow_insecure_http: bool,
+    invalid: &Invalid<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let field = format!("{field}[{i}]");
+            let u = url::Url::parse(&h)
+                .ok()
+                .filter(|u| {
+                    matches!(u.scheme(), "https" | "http")
+                        && u.host().is_some()
+                        && u.username().is_empty()
+                        && u.password().is_none()
+                        && matches!(u.path(), "" | "/")
+                        && u.query().is_none()
+                })
+                .ok_or_else(|| {
+                    invalid(
+                        &field,
+                        format!("{h:?} must be an origin such as https://storage.example.org (no path)"),
+                    )
+                })?;
+            crate::trust::check_transport(&u, allow_insecure_http)
+                .map_err(|m| invalid(&field, m.to_string()))?;
+            Ok(u.origin().ascii_serialization())
+        })
+        .collect()
 }
 
 /// Validates `notify.email`. The password itself is not read here: a missing environment variable or
@@ -556,9 +613,10 @@ fn email_plan(
     })
 }
 
-/// `system/<Type>.read` for every exported type (SMART v1 form, accepted by Epic of every version);
-/// `system/*.read` for a bulk export of every type.
-pub fn default_scope(source: &Source) -> String {
+/// `system/<Type>.read` for every exported type (SMART v1 form, accepted by Epic of every version),
+/// `Binary` when attachments are downloaded and the hydrated types; `system/*.read` for a bulk
+/// export of every type.
+pub fn default_scope(source: &Source, attachments: bool, hydrate: &[String]) -> String {
     let mut types: Vec<&str> = match source {
         Source::Search(s) => s
             .searches
@@ -575,6 +633,10 @@ pub fn default_scope(source: &Source) -> String {
     {
         types.push("Group");
     }
+    if attachments {
+        types.push("Binary");
+    }
+    types.extend(hydrate.iter().map(String::as_str));
     types.sort_unstable();
     types.dedup();
     types

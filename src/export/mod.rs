@@ -1,8 +1,11 @@
 //! One export run from an `ExportPlan`: connect (key, token URL, first token), open the run folder,
-//! retrieve, publish, and build the `RunSummary`. The retrieval itself lives in `search`; files in
-//! `output`. Authentication and configuration problems are found before any folder is created.
+//! retrieve, enrich, publish, and build the `RunSummary`. Retrieval lives in `search` and `bulk`;
+//! what is added after it (hydrated references, attachments) in `enrich`; files in `output`. Authentication and configuration problems are found before any folder is created.
 
+pub mod attachments;
 pub mod bulk;
+pub mod enrich;
+pub mod hydrate;
 pub mod search;
 pub mod writer;
 
@@ -159,6 +162,8 @@ pub struct Retrieved {
     pub server_outcomes: u64,
     pub search: Option<SearchStats>,
     pub bulk: Option<BulkStats>,
+    /// Hydration and attachments, when the plan asks for them.
+    pub enrichment: enrich::Enrichment,
 }
 
 impl RunContext<'_> {
@@ -175,6 +180,7 @@ impl RunContext<'_> {
             server_outcomes,
             search,
             bulk,
+            enrichment,
         } = r;
         let files = match write_error {
             Some(_) => Vec::new(),
@@ -223,6 +229,8 @@ impl RunContext<'_> {
             server_outcomes,
             search,
             bulk,
+            attachments: enrichment.attachments.as_ref().map(|a| a.stats.clone()),
+            hydration: enrichment.hydration.clone(),
             errors: fatal.iter().chain(&partial).cloned().collect(),
             output_dir: if outcome == Outcome::Failed {
                 writer.failed_dir()
@@ -254,7 +262,8 @@ impl RunContext<'_> {
             dir
         } else {
             let export_dir = writer.export_dir().to_owned();
-            let dir = writer.publish(&transaction_time, &request, &files, &summary)?;
+            let attachments = enrichment.attachments.as_ref().map(|a| &a.manifest);
+            let dir = writer.publish(&transaction_time, &request, &files, attachments, &summary)?;
             for old in output::remove_old_runs(&export_dir, plan.keep_runs) {
                 tracing::info!("removed old run {old} (keepRuns = {})", plan.keep_runs);
             }

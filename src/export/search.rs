@@ -76,13 +76,24 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
         _ => {}
     }
     let failed = counters.searches_failed.load(Ordering::Relaxed);
-    let partial = if failed > 0 {
+    let mut partial = if failed > 0 {
         vec![format!(
             "{failed} searches failed; see errors/{}",
             output::FAILURES_FILE
         )]
     } else {
         Vec::new()
+    };
+    let (writer, enrichment) = if fatal.is_empty() && write_error.is_none() {
+        let done = super::enrich::enrich(ctx, writer).await?;
+        if let Some(e) = done.fatal {
+            fatal.push(e.to_string());
+        }
+        write_error = done.write_error;
+        partial.extend(done.partial);
+        (done.writer, done.enrichment)
+    } else {
+        (writer, Default::default())
     };
     ctx.conclude(Retrieved {
         writer,
@@ -100,6 +111,7 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
             duplicates_skipped: counters.duplicates.load(Ordering::Relaxed),
         }),
         bulk: None,
+        enrichment,
     })
 }
 

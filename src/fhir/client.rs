@@ -271,11 +271,13 @@ impl FhirClient {
 
     /// Opens a download for streaming: follows redirects by hand (the token is sent only while the URL
     /// is on an origin in `token_origins`), renews the token after a 401, and retries 408/429/5xx and
-    /// transport errors. `range_from` asks for the bytes from that offset on (`Range: bytes=N-`).
+    /// transport errors. `accept` is the `Accept` header; `range_from` asks for the bytes from that
+    /// offset on (`Range: bytes=N-`).
     pub async fn open_download(
         &self,
         url: &str,
         token_origins: &[String],
+        accept: &str,
         range_from: Option<u64>,
     ) -> Result<reqwest::Response, FetchError> {
         let start = url::Url::parse(url).map_err(|_| FetchError::InvalidUrl)?;
@@ -296,7 +298,7 @@ impl FhirClient {
                 let mut req = self
                     .download_http
                     .get(target.clone())
-                    .header(reqwest::header::ACCEPT, "application/fhir+ndjson");
+                    .header(reqwest::header::ACCEPT, accept);
                 if let (true, Some(t)) = (with_token, &token) {
                     req = req.bearer_auth(t.secret());
                 }
@@ -361,6 +363,14 @@ impl FhirClient {
             if server_wait != Some(Duration::ZERO) {
                 self.pause(attempt, server_wait, &failure.describe()).await;
             }
+        }
+    }
+
+    /// Waits for the request rate limit (`limits.requestsPerSecond`), for requests that do not go
+    /// through `fetch` (downloads of documents from the FHIR server).
+    pub async fn pace(&self) {
+        if let Some(l) = &self.limiter {
+            l.wait().await;
         }
     }
 

@@ -86,7 +86,7 @@ pub fn render(s: &RunSummary) -> Rendered {
         .map(|e| one_line(e, MAX_ERROR_BYTES))
         .collect();
     let more_errors = s.errors.len().saturating_sub(MAX_ERRORS);
-    let facts: Vec<(&str, String)> = vec![
+    let mut facts: Vec<(&str, String)> = vec![
         ("Export", s.export.clone()),
         ("Outcome", outcome_word(s.outcome).to_string()),
         ("Run", s.run_id.clone()),
@@ -103,6 +103,26 @@ pub fn render(s: &RunSummary) -> Rendered {
         ("Bytes", s.bytes_total.to_string()),
         ("Output folder", s.output_dir.clone()),
     ];
+    if let Some(a) = &s.attachments {
+        facts.push((
+            "Attachments",
+            format!(
+                "{} files, {} bytes ({} inlined, {} skipped by content type, {} failed)",
+                a.files, a.bytes, a.inlined, a.skipped, a.failed
+            ),
+        ));
+    }
+    if let Some(h) = &s.hydration {
+        let fetched: Vec<String> = h.fetched.iter().map(|(t, n)| format!("{t} {n}")).collect();
+        facts.push((
+            "Hydrated",
+            format!(
+                "{} ({} failed)",
+                if fetched.is_empty() { "none".to_string() } else { fetched.join(", ") },
+                h.failed
+            ),
+        ));
+    }
 
     // Plain text.
     let mut text = String::new();
@@ -254,6 +274,13 @@ mod tests {
             server_outcomes: 1,
             search: None,
             bulk: None,
+            attachments: Some(crate::summary::AttachmentStats {
+                files: 4,
+                bytes: 9000,
+                failed: 1,
+                ..Default::default()
+            }),
+            hydration: None,
             errors: (0..8)
                 .map(|i| {
                     format!(
@@ -281,6 +308,8 @@ mod tests {
             assert!(!part.contains(&"x".repeat(MAX_ERROR_BYTES)));
         }
         assert!(r.text.contains("search 4 failed"));
+        assert!(r.text.contains("Attachments"));
+        assert!(r.text.contains("4 files, 9000 bytes"));
         assert!(!r.text.contains("search 5 failed"));
     }
 
@@ -326,6 +355,8 @@ mod tests {
                     "Records",
                     "Bytes",
                     "Output folder",
+                    "Attachments",
+                    "Hydrated",
                 ]
                 .iter()
                 .any(|k| line.starts_with(k));

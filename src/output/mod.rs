@@ -1,7 +1,7 @@
 //! The run folder: streaming NDJSON files, the manifest, the summary, and publishing a run atomically.
 //!
 //! Layout: `<dir>/<export>/<run-id>/` with one `<Type>.ndjson` per resource type,
-//! `errors/`, `manifest.json` and `summary.json`. A run is written under `.<run-id>.partial/` and renamed
+//! `errors/`, `deleted/`, `attachments/`, `manifest.json` and `summary.json`. A run is written under `.<run-id>.partial/` and renamed
 //! into place only when complete, then `latest` is pointed at it; a fatal failure renames it to
 //! `.<run-id>.failed/` instead. Files are `0600`, folders `0700`. A lock file keeps two runs of one export
 //! apart, which also makes it safe to sweep leftovers of killed runs. This module knows nothing about HTTP.
@@ -45,6 +45,8 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 
 pub const ERRORS_DIR: &str = "errors";
 pub const DELETED_DIR: &str = "deleted";
+/// Downloaded documents, named by their SHA-256.
+pub const ATTACHMENTS_DIR: &str = "attachments";
 
 /// Whether a file holds exported resources (not errors, not deletions).
 pub fn is_data_file(f: &FileEntry) -> bool {
@@ -174,6 +176,29 @@ pub struct Manifest<'a> {
     pub output: Vec<ManifestEntry>,
     pub error: Vec<ManifestEntry>,
     pub deleted: Vec<ManifestEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<&'a AttachmentsManifest>,
+}
+
+/// The `attachments` section of `manifest.json`: the documents downloaded into `attachments/`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AttachmentsManifest {
+    pub count: u64,
+    pub bytes: u64,
+    pub files: Vec<AttachmentFile>,
+}
+
+/// One downloaded document.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentFile {
+    /// Relative to the run folder: `attachments/<sha256>.<ext>`.
+    pub url: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// The attachment URLs (as the resources give them) whose content this is.
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,10 +222,12 @@ pub struct RunWriter {
 }
 
 /// Which unfinished run `RunWriter::open` may resume: one whose staging folder holds the file `marker`
-/// and for which `accept(path of the marker)` says yes.
+/// and for which `accept(path of the marker)` says yes. The marker and the entries named in `keep`
+/// survive; the rest of the folder is cleared.
 pub struct Resume<'a> {
     pub marker: &'a str,
     pub accept: &'a dyn Fn(&Path) -> bool,
+    pub keep: &'a [&'a str],
 }
 
 /// Takes the export's lock (`<export>/.lock`), or says another run holds it.
@@ -259,7 +286,8 @@ impl RunWriter {
             other => other,
         };
         if let (Some((_, dir)), Some(r)) = (&resumed, &resume) {
-            retention::clear_except(dir, r.marker).map_err(io_err(dir))?;
+            let keep: Vec<&str> = std::iter::once(r.marker).chain(r.keep.iter().copied()).collect();
+            retention::clear_except(dir, &keep).map_err(io_err(dir))?;
         }
         sweep_leftovers(&export_dir, resumed.as_ref().map(|(_, d)| d.as_path()));
         let (id, partial) = match resumed {
@@ -368,6 +396,47 @@ impl RunWriter {
         file.1.append(lines, count)
     }
 
+    /// Flushes every open file to the operating system (not to the disk), so that they can be read
+    /// while the run goes on.
+    pub fn flush(&mut self) -> Result<(), OutputError> {
+        let open = self
+            .files
+            .values_mut()
+            .map(|(_, f)| f)
+            .chain(self.outcomes.as_mut())
+            .chain(self.failures.as_mut());
+        for f in open {
+            f.out.flush().map_err(io_err(&f.path))?;
+        }
+        Ok(())
+    }
+
+    /// The resource files written so far: `(type, path)`, deleted-resource files left out.
+    pub fn data_files(&self) -> Vec<(String, PathBuf)> {
+        self.files
+            .iter()
+            .filter(|(relative, _)| !relative.starts_with(DELETED_DIR))
+            .map(|(_, (t, f))| (t.clone(), f.path.clone()))
+            .collect()
+    }
+
+    /// Takes `<Type>.ndjson` out of the run to be rewritten: closes it and renames it to
+    /// `.<Type>.original.ndjson` in the staging folder, whose path is returned (`None` if the run has
+    /// no such file). Appending to the type afterwards starts a new `<Type>.ndjson`; the caller
+    /// removes the original when done.
+    pub fn detach(&mut self, resource_type: &str) -> Result<Option<PathBuf>, OutputError> {
+        let Some((_, file)) = self.files.remove(&format!("{resource_type}.ndjson")) else {
+            return Ok(None);
+        };
+        let from = file.path.clone();
+        file.close()?;
+        let to = self
+            .partial
+            .join(format!(".{resource_type}.original.ndjson"));
+        fs::rename(&from, &to).map_err(io_err(&to))?;
+        Ok(Some(to))
+    }
+
     /// Appends OperationOutcome lines the server reported (search outcome entries).
     pub fn append_outcomes(&mut self, lines: &[u8], count: u64) -> Result<(), OutputError> {
         Self::append_to(
@@ -435,6 +504,7 @@ impl RunWriter {
         transaction_time: &str,
         request: &str,
         files: &[(String, FileEntry)],
+        attachments: Option<&AttachmentsManifest>,
         summary: &S,
     ) -> Result<PathBuf, OutputError> {
         let entry = |(resource_type, file): &(String, FileEntry)| ManifestEntry {
@@ -454,6 +524,7 @@ impl RunWriter {
                 .collect(),
             error: files.iter().filter(under(ERRORS_DIR)).map(entry).collect(),
             deleted: files.iter().filter(under(DELETED_DIR)).map(entry).collect(),
+            attachments,
         };
         self.write_json("manifest.json", &manifest)?;
         self.write_json("summary.json", summary)?;
@@ -466,8 +537,8 @@ impl RunWriter {
 
     /// Ends a run that failed: writes `summary.json` and renames the folder to `failed_dir()` so
     /// nothing mistakes it for a complete run. Returns that folder. With `discard_data` (the run
-    /// failed because the disk could not take its files) the resource files are removed first, so
-    /// that the space is free for the summary and the next run; `errors/` is kept.
+    /// failed because the disk could not take its files) the resource files and attachments are
+    /// removed first, so that the space is free for the summary and the next run; `errors/` is kept.
     pub fn abandon<S: Serialize>(
         mut self,
         summary: &S,
@@ -491,6 +562,12 @@ impl RunWriter {
             }
         }
         let _ = fs::remove_dir(self.partial.join(DELETED_DIR));
+        let attachments = self.partial.join(ATTACHMENTS_DIR);
+        if attachments.exists()
+            && let Err(e) = fs::remove_dir_all(&attachments)
+        {
+            tracing::warn!("cannot remove {}: {e}", attachments.display());
+        }
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), OutputError> {

@@ -99,11 +99,11 @@ pub fn find_resumable(
     found.pop()
 }
 
-/// Empties a staging folder but for the file `keep`.
-pub fn clear_except(dir: &Path, keep: &str) -> std::io::Result<()> {
+/// Empties a staging folder but for the entries named in `keep`.
+pub fn clear_except(dir: &Path, keep: &[&str]) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_name() == keep {
+        if keep.iter().any(|k| entry.file_name() == *k) {
             continue;
         }
         if entry.file_type()?.is_dir() {

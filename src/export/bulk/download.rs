@@ -156,7 +156,12 @@ pub async fn download(
     loop {
         attempt += 1;
         let resp = client
-            .open_download(&d.file.url, &d.token_origins, resume_from)
+            .open_download(
+                &d.file.url,
+                &d.token_origins,
+                "application/fhir+ndjson",
+                resume_from,
+            )
             .await
             .map_err(|e| DownloadError {
                 message: e.brief(),

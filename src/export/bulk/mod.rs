@@ -83,6 +83,8 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     let resume = Resume {
         marker: PENDING_FILE,
         accept: &same_request,
+        // Documents already downloaded are not downloaded again.
+        keep: &[crate::output::ATTACHMENTS_DIR],
     };
     let writer = RunWriter::open(&plan.output_dir, &plan.name, &ctx.run_id, Some(resume))?;
     let mut stats = BulkStats {
@@ -133,6 +135,23 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
             "the download stopped: {why}; the next run with this config downloads the same export again"
         )));
     }
+    // Hydration and attachments run while the status URL is still kept: a run killed or stopped
+    // during them resumes without a second kick-off (and without downloading attachments again).
+    let done = super::enrich::enrich(ctx, writer).await?;
+    let writer = done.writer;
+    if let Some(e) = done.write_error {
+        return ctx.conclude(Retrieved {
+            write_error: Some(e),
+            ..failed(writer, Vec::new(), kickoff, stats)
+        });
+    }
+    if let Some(why) = done.fatal {
+        drop(writer);
+        return Err(ExportError::Unfinished(format!(
+            "the download stopped: {why}; the next run with this config downloads the same export again"
+        )));
+    }
+    got.partial.extend(done.partial);
     // The status URL has served its purpose once the files are here.
     let _ = std::fs::remove_file(writer.staging_dir().join(PENDING_FILE));
     let complete = got.partial.is_empty();
@@ -149,6 +168,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         server_outcomes: got.server_outcomes,
         search: None,
         bulk: Some(stats),
+        enrichment: done.enrichment,
     })?;
     if complete {
         if let (true, Some(p)) = (b.delete_after_download, &pending) {
@@ -202,6 +222,7 @@ fn failed(writer: RunWriter, fatal: Vec<String>, request: String, stats: BulkSta
         server_outcomes: 0,
         search: None,
         bulk: Some(stats),
+        enrichment: Default::default(),
     }
 }
 

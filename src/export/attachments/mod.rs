@@ -1,0 +1,550 @@
+//! Attachments: the documents that resources point at (a note's HTML and RTF, a scanned PDF), downloaded
+//! once each into `attachments/` and linked from the resources as written.
+//!
+//! After retrieval, each resource file of a type in `attachments.resources` is read back line by line
+//! (the original set aside by the writer), a chunk at a time: the chunk's attachments that are not
+//! stored yet are downloaded concurrently (`fetch`, into the `store`), then each resource is rewritten
+//! (`edit`) and written again. A stored attachment gets `url` = `attachments/<sha256>.<ext>` with the
+//! original URL kept in an extension; a small one gets `data` instead; `size` and `hash` are set when
+//! absent and checked when present. A failure is recorded and leaves the attachment as it was.
+
+pub mod edit;
+pub mod fetch;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use self::edit::{AttachmentView, Step};
+use self::fetch::{FetchFailure, Request};
+use self::store::{Key, Store, Stored};
+use super::writer::WriterMsg;
+use crate::fhir::bundle::{self, push_compact_line};
+use crate::fhir::raw::RawObject;
+use crate::fhir::{FetchError, FhirClient};
+use crate::output::{ATTACHMENTS_DIR, AttachmentFile, AttachmentsManifest};
+use crate::plan::AttachmentPlan;
+use crate::summary::AttachmentStats;
+
+/// The extension that keeps an attachment's original URL once `url` points at the file.
+pub const ORIGINAL_URL_EXTENSION: &str =
+    "https://fhirexport.dev/fhir/StructureDefinition/original-url";
+
+/// Resources rewritten per chunk: the chunk's new documents download concurrently.
+const CHUNK_LINES: usize = 256;
+
+/// Why the phase stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    /// Authentication failed: nothing more can be downloaded.
+    #[error("{0}")]
+    Fetch(FetchError),
+    #[error("the output writer stopped")]
+    WriterGone,
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the phase did.
+#[derive(Debug, Default)]
+pub struct Attached {
+    pub stats: AttachmentStats,
+    pub manifest: AttachmentsManifest,
+}
+
+/// What became of one (URL, content type).
+#[derive(Clone, Debug)]
+enum State {
+    Stored(Stored),
+    /// Not downloaded; recorded once.
+    Failed,
+    /// Left alone by `contentTypes`.
+    Skipped,
+}
+
+pub struct Phase<'a> {
+    plan: &'a AttachmentPlan,
+    client: &'a FhirClient,
+    /// The FHIR base with a trailing slash, for relative URLs.
+    base: url::Url,
+    token_origins: Vec<String>,
+    concurrency: usize,
+    store: Store,
+    states: HashMap<Key, State>,
+    /// Entries the store had from an interrupted run, not used yet.
+    resumed: usize,
+    /// Files linked from a resource, with the URLs they came from.
+    linked: BTreeMap<String, (Stored, BTreeSet<String>)>,
+    /// Files put into resources as `data`.
+    inlined: BTreeSet<String>,
+    stats: AttachmentStats,
+    tx: &'a mpsc::Sender<WriterMsg>,
+}
+
+/// One resource read back, with what its attachments need.
+struct Line {
+    text: String,
+    resource_type: String,
+    id: Option<String>,
+    found: Vec<AttachmentView>,
+}
+
+impl<'a> Phase<'a> {
+    /// Opens the store in `staging` (finding what an interrupted run downloaded).
+    pub fn open(
+        plan: &'a AttachmentPlan,
+        client: &'a FhirClient,
+        fhir_base: &str,
+        concurrency: usize,
+        staging: &Path,
+        tx: &'a mpsc::Sender<WriterMsg>,
+    ) -> Result<Phase<'a>, Stop> {
+        let io = |source| Stop::Io {
+            path: staging.join(ATTACHMENTS_DIR),
+            source,
+        };
+        let (store, found) = Store::open(staging).map_err(io)?;
+        let base = url::Url::parse(&format!("{}/", fhir_base.trim_end_matches('/')))
+            .map_err(|_| Stop::Fetch(FetchError::InvalidUrl))?;
+        let mut token_origins = vec![client.origin()];
+        token_origins.extend(plan.token_origins.iter().cloned());
+        if !found.is_empty() {
+            tracing::info!(
+                "{} attachments were downloaded by the interrupted run; they are not downloaded again",
+                found.len()
+            );
+        }
+        Ok(Phase {
+            plan,
+            client,
+            base,
+            token_origins,
+            concurrency: concurrency.max(1),
+            store,
+            resumed: found.len(),
+            states: found
+                .into_iter()
+                .map(|(k, s)| (k, State::Stored(s)))
+                .collect(),
+            linked: BTreeMap::new(),
+            inlined: BTreeSet::new(),
+            stats: AttachmentStats::default(),
+            tx,
+        })
+    }
+
+    /// Rewrites the resources of `original` (a file the writer set aside) into `resource_type`'s
+    /// new file, downloading their attachments.
+    pub async fn process_file(&mut self, resource_type: &str, original: &Path) -> Result<(), Stop> {
+        let Some(path) = edit::path_of(resource_type) else {
+            return Ok(());
+        };
+        let (chunks_tx, mut chunks) = mpsc::channel::<std::io::Result<Vec<Vec<u8>>>>(2);
+        let file = original.to_owned();
+        let reader = tokio::task::spawn_blocking(move || read_chunks(&file, &chunks_tx));
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.map_err(|source| Stop::Io {
+                path: original.to_owned(),
+                source,
+            })?;
+            self.process_chunk(resource_type, &path, chunk).await?;
+        }
+        let _ = reader.await;
+        Ok(())
+    }
+
+    async fn process_chunk(
+        &mut self,
+        resource_type: &str,
+        path: &[Step],
+        chunk: Vec<Vec<u8>>,
+    ) -> Result<(), Stop> {
+        let lines: Vec<Line> = chunk
+            .into_iter()
+            .map(|bytes| {
+                // The writer wrote these lines from validated JSON: they are UTF-8.
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let head = serde_json::from_str::<&serde_json::value::RawValue>(&text)
+                    .ok()
+                    .and_then(|raw| {
+                        bundle::head(raw)
+                            .ok()
+                            .map(|h| (h.resource_type.into_owned(), h.id.map(|i| i.into_owned())))
+                    });
+                let (resource_type, id) =
+                    head.unwrap_or_else(|| (resource_type.to_owned(), None));
+                let found = edit::find(&text, path);
+                Line {
+                    text,
+                    resource_type,
+                    id,
+                    found,
+                }
+            })
+            .collect();
+        self.download_new(&lines).await?;
+        let mut out = Vec::new();
+        let mut count = 0;
+        for line in &lines {
+            let rewritten = self.rewrite(line, path).await?;
+            let text = rewritten.as_ref().map(|r| r.get()).unwrap_or(&line.text);
+            push_compact_line(text.as_bytes(), &mut out);
+            count += 1;
+        }
+        if count > 0 {
+            self.tx
+                .send(WriterMsg::Resources {
+                    resource_type: resource_type.to_owned(),
+                    lines: out,
+                    count,
+                })
+                .await
+                .map_err(|_| Stop::WriterGone)?;
+        }
+        Ok(())
+    }
+
+    /// The key of an attachment, or why it is left alone.
+    fn key_of(&self, a: &AttachmentView) -> Option<Key> {
+        if a.has_data {
+            return None;
+        }
+        let url = a.url.as_deref()?;
+        let absolute = self.base.join(url).ok()?;
+        if !matches!(absolute.scheme(), "http" | "https") {
+            return None;
+        }
+        Some(Key {
+            url: absolute.to_string(),
+            content_type: a.content_type.as_deref().unwrap_or_default().trim().to_owned(),
+        })
+    }
+
+    /// Downloads the chunk's attachments that have no state yet, at most `concurrency` at once.
+    async fn download_new(&mut self, lines: &[Line]) -> Result<(), Stop> {
+        let mut wanted: Vec<(Key, &Line, &AttachmentView)> = Vec::new();
+        for line in lines {
+            for a in &line.found {
+                let Some(key) = self.key_of(a) else { continue };
+                if self.states.contains_key(&key) || wanted.iter().any(|(k, _, _)| *k == key) {
+                    continue;
+                }
+                if !self.plan.wants(a.content_type.as_deref()) {
+                    self.stats.skipped += 1;
+                    self.states.insert(key, State::Skipped);
+                    continue;
+                }
+                wanted.push((key, line, a));
+            }
+        }
+        let mut refused = Vec::new();
+        let mut allowed = Vec::new();
+        for (key, line, a) in wanted {
+            match self.token_rule(&key.url) {
+                Ok(origins) => allowed.push((key, line, a, origins)),
+                Err(why) => refused.push((key, line, a, why)),
+            }
+        }
+        for (key, line, a, why) in refused {
+            self.fail(&key, line, a, None, why).await?;
+        }
+        let client = self.client;
+        let store = &self.store;
+        let max_bytes = self.plan.max_bytes;
+        let mut results = futures::stream::iter(allowed.iter().map(|(key, _, a, origins)| async move {
+            let req = Request {
+                url: &key.url,
+                token_origins: origins,
+                content_type: a.content_type.as_deref(),
+                max_bytes,
+            };
+            fetch::download(client, store, &req).await
+        }))
+        .buffered(self.concurrency);
+        let mut outcomes = Vec::with_capacity(allowed.len());
+        while let Some(r) = results.next().await {
+            outcomes.push(r);
+        }
+        drop(results);
+        for ((key, line, a, _), outcome) in allowed.iter().zip(outcomes) {
+            match outcome {
+                Ok(stored) => {
+                    self.store.record(key, &stored).map_err(|source| Stop::Io {
+                        path: PathBuf::from(ATTACHMENTS_DIR),
+                        source,
+                    })?;
+                    self.states.insert(key.clone(), State::Stored(stored));
+                }
+                Err(FetchFailure::Fetch(e)) if e.is_fatal() => return Err(Stop::Fetch(e)),
+                Err(FetchFailure::Disk(source)) => {
+                    return Err(Stop::Io {
+                        path: PathBuf::from(ATTACHMENTS_DIR),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    let status = e.status();
+                    self.fail(key, line, a, status, e.to_string()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The origins the token may go to for `url`, or why it is not downloaded at all.
+    fn token_rule(&self, url: &str) -> Result<Vec<String>, String> {
+        let parsed = url::Url::parse(url).map_err(|_| "the attachment URL is not valid".to_owned())?;
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err("the attachment URL carries credentials; it was not downloaded".into());
+        }
+        crate::trust::check_transport(&parsed, self.plan.allow_insecure_http)
+            .map_err(|e| format!("the attachment was not downloaded: {e}"))?;
+        let origin = parsed.origin().ascii_serialization();
+        if self.token_origins.contains(&origin) {
+            return Ok(self.token_origins.clone());
+        }
+        if self.plan.file_origins.contains(&origin) {
+            return Ok(Vec::new());
+        }
+        Err(format!(
+            "the attachment is on {origin}, which is neither the FHIR server nor listed in attachments.fileHosts; \
+             add it to attachments.fileHosts to download it without the access token (or to tokenHosts if it is part of the FHIR server)"
+        ))
+    }
+
+    /// Records a failed attachment (once per key) and remembers it.
+    async fn fail(
+        &mut self,
+        key: &Key,
+        line: &Line,
+        a: &AttachmentView,
+        status: Option<u16>,
+        message: String,
+    ) -> Result<(), Stop> {
+        self.stats.failed += 1;
+        self.states.insert(key.clone(), State::Failed);
+        self.record_failure(line, a, status, message).await
+    }
+
+    async fn record_failure(
+        &self,
+        line: &Line,
+        a: &AttachmentView,
+        status: Option<u16>,
+        message: String,
+    ) -> Result<(), Stop> {
+        let record = json!({
+            "kind": "attachment",
+            "resourceType": line.resource_type,
+            "id": line.id,
+            "url": a.url,
+            "contentType": a.content_type,
+            "status": status,
+            "message": message,
+        });
+        self.tx
+            .send(WriterMsg::Failure(record))
+            .await
+            .map_err(|_| Stop::WriterGone)
+    }
+
+    /// The resource with its stored attachments linked or inlined; `None` if nothing changed.
+    async fn rewrite(
+        &mut self,
+        line: &Line,
+        path: &[Step],
+    ) -> Result<Option<Box<serde_json::value::RawValue>>, Stop> {
+        // Decide per attachment first (checks, reads of small files), then edit in one pass.
+        let mut edits: Vec<Option<Edit>> = Vec::with_capacity(line.found.len());
+        for a in &line.found {
+            let stored = match self.key_of(a).and_then(|k| self.states.get(&k).cloned()) {
+                Some(State::Stored(s)) => s,
+                _ => {
+                    edits.push(None);
+                    continue;
+                }
+            };
+            if let Some(why) = mismatch(a, &stored) {
+                self.stats.failed += 1;
+                self.record_failure(line, a, None, why).await?;
+                edits.push(None);
+                continue;
+            }
+            let original = a.url.clone().unwrap_or_default();
+            if stored.size < self.plan.inline_smaller_than {
+                let bytes = self.store.read(&stored.file).map_err(|source| Stop::Io {
+                    path: PathBuf::from(format!("{ATTACHMENTS_DIR}/{}", stored.file)),
+                    source,
+                })?;
+                self.inlined.insert(stored.file.clone());
+                edits.push(Some(Edit::Inline {
+                    data: BASE64.encode(bytes),
+                    stored,
+                }));
+            } else {
+                self.linked
+                    .entry(stored.file.clone())
+                    .or_insert_with(|| (stored.clone(), BTreeSet::new()))
+                    .1
+                    .insert(original.clone());
+                edits.push(Some(Edit::Link { original, stored }));
+            }
+        }
+        if edits.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut i = 0;
+        Ok(edit::rewrite(&line.text, path, &mut |att| {
+            let e = edits.get(i).and_then(Option::as_ref);
+            i += 1;
+            match e {
+                Some(e) => {
+                    e.apply(att);
+                    true
+                }
+                None => false,
+            }
+        }))
+    }
+
+    /// Counts, the manifest section, and the store cleaned: documents no resource links to (only
+    /// inlined, or refused for a wrong declared size or hash) are removed.
+    pub fn finish(mut self) -> Result<Attached, Stop> {
+        let linked = std::mem::take(&mut self.linked);
+        let staging_attachments = PathBuf::from(ATTACHMENTS_DIR);
+        self.store
+            .finish(&|name| linked.contains_key(name))
+            .map_err(|source| Stop::Io {
+                path: staging_attachments,
+                source,
+            })?;
+        let mut stats = self.stats;
+        stats.files = linked.len() as u64;
+        stats.bytes = linked.values().map(|(s, _)| s.size).sum();
+        stats.reused = self.resumed as u64;
+        stats.inlined = self.inlined.len() as u64;
+        let files: Vec<AttachmentFile> = linked
+            .into_values()
+            .map(|(s, sources)| AttachmentFile {
+                url: format!("{ATTACHMENTS_DIR}/{}", s.file),
+                content_type: s.content_type,
+                bytes: s.size,
+                sha256: s.sha256,
+                sources: sources.into_iter().collect(),
+            })
+            .collect();
+        Ok(Attached {
+            manifest: AttachmentsManifest {
+                count: stats.files,
+                bytes: stats.bytes,
+                files,
+            },
+            stats,
+        })
+    }
+}
+
+/// What to do to one attachment.
+enum Edit {
+    Link { original: String, stored: Stored },
+    Inline { data: String, stored: Stored },
+}
+
+impl Edit {
+    fn apply(&self, a: &mut RawObject) {
+        let stored = match self {
+            Edit::Link { original, stored } => {
+                a.set_value("url", &format!("{ATTACHMENTS_DIR}/{}", stored.file));
+                let mut extensions: Vec<Box<serde_json::value::RawValue>> =
+                    a.get_as("extension").unwrap_or_default();
+                extensions.push(crate::fhir::raw::to_raw(&json!({
+                    "url": ORIGINAL_URL_EXTENSION,
+                    "valueUrl": original,
+                })));
+                a.set_value("extension", &extensions);
+                stored
+            }
+            Edit::Inline { data, stored } => {
+                a.set_value("data", data);
+                stored
+            }
+        };
+        if a.get("size").is_none() {
+            a.set_value("size", &stored.size);
+        }
+        if a.get("hash").is_none() {
+            a.set_value("hash", &stored.sha1);
+        }
+    }
+}
+
+/// Why a stored document does not match what the attachment declares, if it does not.
+fn mismatch(a: &AttachmentView, stored: &Stored) -> Option<String> {
+    if let Some(size) = a.size.filter(|s| *s != stored.size) {
+        return Some(format!(
+            "the attachment declares {size} bytes but the server sent {}; the document was not kept",
+            stored.size
+        ));
+    }
+    if a.hash.as_deref().is_some_and(|h| h.trim() != stored.sha1) {
+        return Some(
+            "the attachment's declared SHA-1 hash does not match the document the server sent; the document was not kept"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Reads `file` in chunks of complete lines and sends them until the receiver is gone.
+fn read_chunks(file: &Path, tx: &mpsc::Sender<std::io::Result<Vec<Vec<u8>>>>) {
+    let f = match std::fs::File::open(file) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+    };
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, f);
+    let mut chunk = Vec::with_capacity(CHUNK_LINES);
+    loop {
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                if !line.is_empty() {
+                    chunk.push(line);
+                }
+                if chunk.len() == CHUNK_LINES
+                    && tx
+                        .blocking_send(Ok(std::mem::replace(
+                            &mut chunk,
+                            Vec::with_capacity(CHUNK_LINES),
+                        )))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(Ok(chunk));
+    }
+}
