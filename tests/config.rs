@@ -72,6 +72,34 @@ fn a_good_config_becomes_a_plan() {
 }
 
 #[test]
+fn attachments_and_hydrate_become_the_plan_and_the_scope() {
+    let f = Files::new();
+    let yaml = format!(
+        "{GOOD}attachments:\n  enabled: true\n  contentTypes: [TEXT/HTML, application/pdf]\n  inlineSmallerThan: 1024\n  fileHosts: [https://files.example.org/]\nhydrate: [Medication, Practitioner, Medication]\n"
+    );
+    let plan = load_plan(&f.write("config.yaml", &yaml)).unwrap();
+    let a = plan.attachments.as_ref().unwrap();
+    assert_eq!(a.resources, ["DocumentReference", "DiagnosticReport"]);
+    assert_eq!(a.content_types, ["text/html", "application/pdf"]);
+    assert!(a.wants(Some("text/html; charset=utf-8")));
+    assert!(!a.wants(Some("image/png")));
+    assert!(!a.wants(None), "with a list, an attachment without a type is not wanted");
+    assert_eq!(a.inline_smaller_than, 1024);
+    assert_eq!(a.max_bytes, 100 * 1024 * 1024);
+    assert_eq!(a.file_origins, ["https://files.example.org"]);
+    assert_eq!(plan.hydrate, ["Medication", "Practitioner"], "each type once");
+    assert_eq!(
+        plan.scope,
+        "system/Binary.read system/Medication.read system/Observation.read system/Patient.read system/Practitioner.read"
+    );
+    // Disabled: no plan, no Binary scope.
+    let off = format!("{GOOD}attachments:\n  enabled: false\n");
+    let plan = load_plan(&f.write("config.yaml", &off)).unwrap();
+    assert!(plan.attachments.is_none());
+    assert!(!plan.scope.contains("Binary"));
+}
+
+#[test]
 fn inline_resources_and_patients() {
     let f = Files::new();
     let yaml = GOOD.replace(
@@ -137,6 +165,42 @@ fn config_errors_name_the_field_and_the_fix() {
         (
             format!("{GOOD}limits:\n  concurrency: 0\n"),
             &["limits.concurrency", "1 to 256"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enabled: true\n  resources: [Observation]\n"),
+            &["attachments.resources[0]", "DocumentReference"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enabled: true\n  contentTypes: [pdf]\n"),
+            &["attachments.contentTypes[0]", "application/pdf"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enabled: true\n  maxBytes: 0\n"),
+            &["attachments.maxBytes", "out of range"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enabled: true\n  inlineSmallerThan: 99999999\n"),
+            &["attachments.inlineSmallerThan", "too large"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enabled: true\n  fileHosts: [https://files.example.org/notes]\n"),
+            &["attachments.fileHosts[0]", "origin"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enabled: true\n  fileHosts: [http://files.example.org]\n"),
+            &["attachments.fileHosts[0]", "https"],
+        ),
+        (
+            format!("{GOOD}attachments:\n  enable: true\n"),
+            &["enable"],
+        ),
+        (
+            format!("{GOOD}hydrate: [../Medication]\n"),
+            &["hydrate[0]", "not a FHIR resource type"],
+        ),
+        (
+            format!("{GOOD}hydrate: [Binary]\n"),
+            &["hydrate[0]", "attachments.enabled"],
         ),
         (
             format!("{GOOD}output:\n  keepRuns: 0\n"),

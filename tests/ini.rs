@@ -150,6 +150,29 @@ fn every_key_maps_to_the_config() {
 }
 
 #[test]
+fn attachments_and_hydrate_sections() {
+    let text = format!(
+        "{FULL}\n[attachments]\nenabled = yes\ncontent_types = text/html, text/rtf\nmax_bytes = 5000000\ninline_smaller_than = 2048\nfile_hosts = https://files.example.org\n[hydrate]\ntypes = Medication, Practitioner\n"
+    );
+    let c = read(&text).unwrap();
+    let a = c.attachments.as_ref().unwrap();
+    assert!(a.enabled);
+    assert_eq!(a.content_types, ["text/html", "text/rtf"]);
+    assert_eq!((a.max_bytes, a.inline_smaller_than), (5_000_000, 2048));
+    assert_eq!(a.file_hosts, ["https://files.example.org"]);
+    assert_eq!(a.resources, None, "the default types");
+    assert_eq!(c.hydrate, ["Medication", "Practitioner"]);
+    assert!(read(FULL).unwrap().attachments.is_none());
+
+    let bad = format!("{FULL}\n[attachments]\nmax_bytes = 100MB\n");
+    let e = read(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("[attachments] max_bytes") && e.contains("number of bytes"),
+        "{e}"
+    );
+}
+
+#[test]
 fn mistakes_name_the_key_and_line() {
     let err = |text: &str| read(text).expect_err("an error").to_string();
 

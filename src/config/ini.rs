@@ -50,6 +50,19 @@ const KNOWN: &[(&str, &[&str])] = &[
         &["cron", "time_zone", "starting_deadline_seconds"],
     ),
     (
+        "attachments",
+        &[
+            "enabled",
+            "resources",
+            "content_types",
+            "inline_smaller_than",
+            "max_bytes",
+            "file_hosts",
+            "token_hosts",
+        ],
+    ),
+    ("hydrate", &["types"]),
+    (
         "email",
         &[
             "smtp_host",
@@ -185,6 +198,12 @@ pub fn config_from_ini_text(
     if let Some(email) = email(&ini, &app)? {
         config["notify"] = json!({ "email": email });
     }
+    if let Some(a) = attachments(&ini)? {
+        config["attachments"] = a;
+    }
+    if let Some(types) = ini.get("hydrate", "types")? {
+        config["hydrate"] = json!(list(&types));
+    }
     serde_json::from_value(config).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
@@ -269,6 +288,51 @@ fn email(ini: &Resolved<'_>, app: &Path) -> Result<Option<Value>, ConfigError> {
         None => {}
     }
     Ok(Some(email))
+}
+
+/// A comma-separated INI value as a list (blanks dropped).
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `[attachments]` as `attachments` (not in the original tool), or `None` without that section.
+fn attachments(ini: &Resolved<'_>) -> Result<Option<Value>, ConfigError> {
+    if !ini.sections.contains_key("attachments") {
+        return Ok(None);
+    }
+    let enabled = match ini.get("attachments", "enabled")?.as_deref() {
+        None => true,
+        Some(v) => {
+            parse_bool(v).ok_or_else(|| ini.invalid("attachments", "enabled", "use true or false"))?
+        }
+    };
+    let mut a = json!({ "enabled": enabled });
+    for (key, field) in [
+        ("resources", "resources"),
+        ("content_types", "contentTypes"),
+        ("file_hosts", "fileHosts"),
+        ("token_hosts", "tokenHosts"),
+    ] {
+        if let Some(v) = ini.get("attachments", key)? {
+            a[field] = json!(list(&v));
+        }
+    }
+    for (key, field) in [
+        ("inline_smaller_than", "inlineSmallerThan"),
+        ("max_bytes", "maxBytes"),
+    ] {
+        if let Some(v) = ini.get("attachments", key)? {
+            let n: u64 = v.parse().map_err(|_| {
+                ini.invalid("attachments", key, "use a number of bytes, e.g. 104857600")
+            })?;
+            a[field] = json!(n);
+        }
+    }
+    Ok(Some(a))
 }
 
 fn parse_bool(v: &str) -> Option<bool> {

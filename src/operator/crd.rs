@@ -47,6 +47,15 @@ pub struct EpicExportSpec {
     /// Notifications about each run's outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifySpec>,
+    /// Download the documents resources point at (clinical notes, scanned documents) into the run's
+    /// `attachments/` folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<AttachmentsSpec>,
+    /// Referenced resource types to fetch once each after the export (e.g. Medication, Practitioner,
+    /// Organization, Location), written to `<Type>.ndjson`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub hydrate: Vec<String>,
     /// When to run: 5-field cron (minute hour day-of-month month day-of-week) or a macro such as `@daily`,
     /// evaluated in `timeZone`.
     #[x_kube(validation = Rule::new("!self.contains('TZ=')").message("put the time zone in timeZone, not in the schedule"))]
@@ -271,6 +280,35 @@ pub struct LimitsSpec {
     #[schemars(range(min = 0, max = 1000))]
     #[x_kube(validation = Rule::new("self == 0.0 || self >= 0.01").message("limits.requestsPerSecond: use 0 (no limit) or a rate from 0.01 to 1000"))]
     pub requests_per_second: Option<f64>,
+}
+
+/// `spec.attachments`: the same settings as the config file's `attachments`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentsSpec {
+    /// Download attachments (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Resource types to look in (default DocumentReference and DiagnosticReport).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<String>>,
+    /// Content types to download, e.g. text/html, text/rtf, application/pdf; empty = all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content_types: Vec<String>,
+    /// Attachments smaller than this many bytes go into `attachment.data` instead of a file (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 4194304))]
+    pub inline_smaller_than: Option<u64>,
+    /// Larger attachments are recorded as errors, not downloaded (default 104857600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<u64>,
+    /// Other origins attachments may be downloaded from, never with the access token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_hosts: Vec<String>,
+    /// Other origins trusted with the access token for attachment downloads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_hosts: Vec<String>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -517,6 +555,12 @@ pub struct LastRun {
     /// Records per resource type.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub records_by_type: BTreeMap<String, u64>,
+    /// Documents downloaded into the run's `attachments/` folder.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attachments: u64,
+    /// Bytes of those documents.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attachment_bytes: u64,
     /// What went wrong (shortened; the run's summary.json has everything).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
@@ -526,6 +570,10 @@ pub struct LastRun {
     /// What became of the e-mail about this run (`sent to N recipients` or `failed: ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The CRD did not serialise as YAML (a bug).

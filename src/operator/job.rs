@@ -317,6 +317,12 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
     if let Some(l) = &spec.limits {
         config["limits"] = config_value(&name, "spec.limits", l)?;
     }
+    if let Some(a) = &spec.attachments {
+        config["attachments"] = config_value(&name, "spec.attachments", a)?;
+    }
+    if !spec.hydrate.is_empty() {
+        config["hydrate"] = json!(spec.hydrate);
+    }
     Ok(config)
 }
 
@@ -362,6 +368,11 @@ pub struct RunReportMessage {
     pub records: u64,
     pub bytes: u64,
     pub records_by_type: BTreeMap<String, u64>,
+    /// Documents in the run's `attachments/` folder, and their bytes.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub attachments: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub attachment_bytes: u64,
     pub errors: Vec<String>,
     pub output_dir: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -372,6 +383,10 @@ pub struct RunReportMessage {
 }
 
 fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
@@ -398,6 +413,8 @@ impl RunReportMessage {
                 .iter()
                 .map(|r| (r.resource_type.clone(), r.records))
                 .collect(),
+            attachments: s.attachments.as_ref().map_or(0, |a| a.files),
+            attachment_bytes: s.attachments.as_ref().map_or(0, |a| a.bytes),
             errors: s.errors.clone(),
             output_dir: s.output_dir.clone(),
             transaction_time: s.bulk.as_ref().and_then(|b| b.transaction_time.clone()),

@@ -187,6 +187,11 @@ fn run_summary(export: &EpicExport, last: &LastRun, outcome: Outcome) -> RunSumm
             .collect(),
         records_total: last.records,
         bytes_total: last.bytes,
+        attachments: (last.attachments > 0).then(|| crate::summary::AttachmentStats {
+            files: last.attachments,
+            bytes: last.attachment_bytes,
+            ..Default::default()
+        }),
         errors: last.errors.clone(),
         output_dir: last.output_path.clone().unwrap_or_default(),
         ..RunSummary::new(

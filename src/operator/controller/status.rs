@@ -177,6 +177,8 @@ fn last_run(run: &Run, report: &FinishedReport) -> LastRun {
             last.records = m.records;
             last.bytes = m.bytes;
             last.records_by_type = m.records_by_type.clone();
+            last.attachments = m.attachments;
+            last.attachment_bytes = m.attachment_bytes;
             last.errors = m.errors.clone();
             if m.errors_omitted > 0 {
                 last.errors.push(format!(
