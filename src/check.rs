@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use crate::auth::jwks_check;
+use crate::auth::{jwks_check, scope};
 use crate::auth::token::describe_skew;
 use crate::export::{ExportError, connect};
 use crate::plan::ExportPlan;
@@ -78,6 +78,9 @@ pub async fn check(plan: &ExportPlan) -> CheckReport {
                 "clock:{}",
                 describe_skew(grant.server_date, SystemTime::now())
             );
+            if let Some(granted) = &grant.scope {
+                failed |= !report_scopes(plan, granted, &mut out);
+            }
             CheckReport {
                 text: out,
                 passed: !failed,
@@ -91,6 +94,47 @@ pub async fn check(plan: &ExportPlan) -> CheckReport {
             }
         }
     }
+}
+
+/// Checks that the granted scope reads what attachments and hydration need; writes a line saying
+/// what is missing and how to fix it. Returns whether nothing is.
+fn report_scopes(plan: &ExportPlan, granted: &str, out: &mut String) -> bool {
+    let mut needed: Vec<&str> = Vec::new();
+    if plan.attachments.is_some() {
+        needed.push("Binary");
+    }
+    needed.extend(plan.hydrate.iter().map(String::as_str));
+    if needed.is_empty() {
+        return true;
+    }
+    let missing = scope::missing_reads(granted, &needed);
+    if missing.is_empty() {
+        let _ = writeln!(out, "scope: ok for {}", needed.join(", "));
+        return true;
+    }
+    let scopes: Vec<String> = missing.iter().map(|t| format!("system/{t}.read")).collect();
+    let _ = writeln!(
+        out,
+        "scope: MISSING {}: the token does not allow reading {} (needed by {}). Add the matching \
+         APIs ({}) to your Epic app, wait for the change to reach the site, and add the scopes to \
+         auth.scope (or remove auth.scope to use the default)",
+        scopes.join(" "),
+        missing.join(", "),
+        match (
+            missing.contains(&"Binary"),
+            missing.iter().any(|t| *t != "Binary")
+        ) {
+            (true, false) => "attachments.enabled",
+            (true, true) => "attachments.enabled and hydrate",
+            _ => "hydrate",
+        },
+        missing
+            .iter()
+            .map(|t| format!("{t}.Read (R4)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    false
 }
 
 fn fail_line(e: &ExportError) -> String {

@@ -330,6 +330,42 @@ async fn absurd_token_lifetimes_neither_panic_nor_stop_the_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_scopes_attachments_and_hydration_lack() {
+    let granted = |scope: &str| {
+        Lie::TokenAnswer(json!({"access_token": TOKEN, "token_type": "bearer", "expires_in": 3600, "scope": scope}))
+    };
+    let extra = "attachments:\n  enabled: true\nhydrate: [Medication, Location]\n";
+    let check = |case: &Case| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+            .args(["check", "--config"])
+            .arg(&case.config)
+            .output()
+            .unwrap()
+    };
+    let h = Hostile::start(granted("system/Condition.read system/Location.read")).await;
+    let case = Case::new(&h, true, SEARCH, extra);
+    let out = check(&case);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("scope: MISSING system/Binary.read system/Medication.read")
+            && stdout.contains("Binary.Read (R4), Medication.Read (R4)")
+            && stdout.contains("auth.scope"),
+        "{stdout}"
+    );
+    // A wildcard grant covers them.
+    let h = Hostile::start(granted("system/*.read")).await;
+    let case = Case::new(&h, true, SEARCH, extra);
+    let out = check(&case);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("scope: ok for Binary, Medication, Location"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_like_types_in_a_bulk_manifest_never_become_paths() {
     let h = Hostile::start(Lie::ManifestTypes(vec![
         ("output", "../../../../hostile-escape-f".into()),

@@ -5,6 +5,7 @@ pub mod assertion;
 pub mod discovery;
 pub mod jwks_check;
 pub mod keys;
+pub mod scope;
 pub mod token;
 
 pub use keys::{Algorithm, KeyError, SigningKey};
