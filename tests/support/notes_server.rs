@@ -464,7 +464,9 @@ fn build(base: &str, files: &str, third: &str, opts: Options) -> Data {
             "dr-scan",
             "p1",
             "Outside records",
-            vec![json!({"contentType": "application/pdf", "url": format!("{files}/files/scan.pdf"), "title": "Scanned outside records"})],
+            vec![
+                json!({"contentType": "application/pdf", "url": format!("{files}/files/scan.pdf"), "title": "Scanned outside records"}),
+            ],
         ),
         // The same Binary for two patients: relative from one, absolute (under the base) from the other.
         document(
@@ -608,10 +610,7 @@ fn build(base: &str, files: &str, third: &str, opts: Options) -> Data {
             "Outside note",
             vec![json!({"contentType": "text/html", "url": format!("{third}/notes/outside.html")})],
         ));
-        let mr2 = resources
-            .iter_mut()
-            .find(|r| r["id"] == "mr2")
-            .unwrap();
+        let mr2 = resources.iter_mut().find(|r| r["id"] == "mr2").unwrap();
         mr2["recorder"] = reference("Practitioner/ghost");
     }
     Data {
@@ -711,14 +710,19 @@ fn fhir(s: &Shared, seen: &Seen, method: &Method) -> Response {
             .into_response();
     }
     if seen.authorization.as_deref() != Some(&format!("Bearer {TOKEN}")) {
-        return outcome(StatusCode::UNAUTHORIZED, "login", "a bearer token is required");
+        return outcome(
+            StatusCode::UNAUTHORIZED,
+            "login",
+            "a bearer token is required",
+        );
     }
     let Some(rel) = path.strip_prefix("/fhir/") else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "not a FHIR path");
     };
-    let query: Vec<(String, String)> = url::form_urlencoded::parse(seen.query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect();
+    let query: Vec<(String, String)> =
+        url::form_urlencoded::parse(seen.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     let param = |name: &str| {
         query
             .iter()
@@ -733,7 +737,10 @@ fn fhir(s: &Shared, seen: &Seen, method: &Method) -> Response {
             let types = param("_type").unwrap_or("all").replace(',', "+");
             return (
                 StatusCode::ACCEPTED,
-                [(header::CONTENT_LOCATION, format!("{}/bulk-status/{types}", data.base))],
+                [(
+                    header::CONTENT_LOCATION,
+                    format!("{}/bulk-status/{types}", data.base),
+                )],
                 "",
             )
                 .into_response();
@@ -742,7 +749,12 @@ fn fhir(s: &Shared, seen: &Seen, method: &Method) -> Response {
             return StatusCode::ACCEPTED.into_response();
         }
         ["bulk-status", types] => {
-            let all = ["Patient", "DocumentReference", "DiagnosticReport", "MedicationRequest"];
+            let all = [
+                "Patient",
+                "DocumentReference",
+                "DiagnosticReport",
+                "MedicationRequest",
+            ];
             let output: Vec<Value> = all
                 .iter()
                 .filter(|t| *types == "all" || types.split('+').any(|x| x == **t))
