@@ -585,6 +585,18 @@ async fn without_attachments_or_hydrate_nothing_more_is_fetched() {
     assert!(n.seen_on("third").is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_export_without_attachments_writes_the_documents_as_sent() {
+    let n = Notes::start(Options::default()).await;
+    let case = Case::new(&n, BULK, "");
+    let run = case.run().await;
+    let s = summary(&run);
+    assert_eq!(s["outcome"], "success", "{s}\n{:?}", failures(&run));
+    check_documents(&n, &run, |_, _| Fate::Unchanged);
+    assert_eq!(read_type(&run, "Patient").len(), 2);
+    assert!(attachment_requests(&n).is_empty());
+}
+
 // ---- Attachments. ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
