@@ -3,6 +3,9 @@
 //! Binary resource, no `_id` search, files on a second origin, one attachment on a third origin that
 //! nothing lists. Each test runs a whole export through the library and checks the run folder
 //! (`out/notes/latest/`) and what the servers were asked.
+//!
+//! `notes_server_serves_like_documented` and the runs without `attachments`/`hydrate` need nothing but
+//! the server and today's exporter; the rest follow the attachments and hydration contract.
 
 #[path = "support/notes_server.rs"]
 mod notes_server;
