@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use crate::auth::{jwks_check, scope};
 use crate::auth::token::describe_skew;
+use crate::auth::{jwks_check, scope};
 use crate::export::{ExportError, connect};
 use crate::plan::ExportPlan;
 

@@ -1,7 +1,8 @@
 //! `epic-export demo`: the whole flow offline. Starts the built-in sandbox on an ephemeral loopback port,
 //! makes a throwaway key, registers it, writes a config with a roster and resource list (the same files a
-//! user writes), runs the export from that config and prints the summary. `--bulk` runs a Bulk Data
-//! Group export of the sandbox's patients instead of per-patient searches.
+//! user writes), runs the export from that config and prints the summary. The export downloads the
+//! notes' documents and hydrates the references, so the summary shows attachments and hydrated types.
+//! `--bulk` runs a Bulk Data Group export of the sandbox's patients instead of per-patient searches.
 
 use std::path::{Path, PathBuf};
 
@@ -96,7 +97,11 @@ pub fn write_demo_files(
          auth:\n  clientId: {DEMO_CLIENT_ID}\n  privateKeyFile: keys/private.pem\n  algorithm: {alg}\n\
          source:\n{source}\
          output:\n  directory: output\n  keepRuns: 5\n\
-         limits:\n  concurrency: 8\n  requestsPerSecond: 0\n",
+         limits:\n  concurrency: 8\n  requestsPerSecond: 0\n\
+         # Clinical notes (HTML, RTF, PDF) into output/demo/<run>/attachments/, and the resources\n\
+         # the export references (the drug of each MedicationRequest, the clinicians...) fetched once each.\n\
+         attachments:\n  enabled: true\n\
+         hydrate: [Medication, Practitioner, PractitionerRole, Organization, Location]\n",
         base = sandbox.base_url(),
         alg = key.algorithm(),
         source = if bulk {

@@ -26,6 +26,10 @@ fn demo_runs_the_whole_flow_offline() {
         "Observation.ndjson",
         "success: 5 patients",
         "run folder:",
+        "attachments: ",
+        "hydrated: ",
+        "Medication",
+        "Practitioner",
     ] {
         assert!(
             stdout.contains(needle),
@@ -35,6 +39,14 @@ fn demo_runs_the_whole_flow_offline() {
     let latest = dir.path().join("output/demo/latest");
     let patients = std::fs::read_to_string(latest.join("Patient.ndjson")).unwrap();
     assert_eq!(patients.lines().count(), 5);
+    // The notes' documents are files the DocumentReferences link to; the Medications are there.
+    let documents = std::fs::read_dir(latest.join("attachments"))
+        .unwrap()
+        .count();
+    assert!(documents > 0, "no attachment files");
+    let notes = std::fs::read_to_string(latest.join("DocumentReference.ndjson")).unwrap();
+    assert!(notes.contains("\"url\":\"attachments/"), "{notes}");
+    assert!(latest.join("Medication.ndjson").exists());
     // The files it wrote are a working config for `run` (against a sandbox that is gone now).
     assert!(dir.path().join("epic-export.yaml").exists() && dir.path().join("roster.csv").exists());
     // Running the demo again in the same folder works too.
@@ -121,7 +133,9 @@ fn demo_bulk_runs_a_group_export() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("bulk export") && stdout.contains("Observation.ndjson"),
+        stdout.contains("bulk export")
+            && stdout.contains("Observation.ndjson")
+            && stdout.contains("attachments: "),
         "{stdout}"
     );
     let config = std::fs::read_to_string(dir.path().join("epic-export.yaml")).unwrap();

@@ -83,11 +83,18 @@ fn attachments_and_hydrate_become_the_plan_and_the_scope() {
     assert_eq!(a.content_types, ["text/html", "application/pdf"]);
     assert!(a.wants(Some("text/html; charset=utf-8")));
     assert!(!a.wants(Some("image/png")));
-    assert!(!a.wants(None), "with a list, an attachment without a type is not wanted");
+    assert!(
+        !a.wants(None),
+        "with a list, an attachment without a type is not wanted"
+    );
     assert_eq!(a.inline_smaller_than, 1024);
     assert_eq!(a.max_bytes, 100 * 1024 * 1024);
     assert_eq!(a.file_origins, ["https://files.example.org"]);
-    assert_eq!(plan.hydrate, ["Medication", "Practitioner"], "each type once");
+    assert_eq!(
+        plan.hydrate,
+        ["Medication", "Practitioner"],
+        "each type once"
+    );
     assert_eq!(
         plan.scope,
         "system/Binary.read system/Medication.read system/Observation.read system/Patient.read system/Practitioner.read"
@@ -134,8 +141,7 @@ fn plain_http_is_accepted_for_loopback_and_with_the_opt_in() {
 #[test]
 fn config_errors_name_the_field_and_the_fix() {
     let f = Files::new();
-    let cases: Vec<(String, &[&str])> =
-        vec![
+    let cases: Vec<(String, &[&str])> = vec![
         ("name: [unclosed\n".into(), &["config.yaml"]),
         (
             GOOD.replace("name: nightly\n", ""),
@@ -183,17 +189,18 @@ fn config_errors_name_the_field_and_the_fix() {
             &["attachments.inlineSmallerThan", "too large"],
         ),
         (
-            format!("{GOOD}attachments:\n  enabled: true\n  fileHosts: [https://files.example.org/notes]\n"),
+            format!(
+                "{GOOD}attachments:\n  enabled: true\n  fileHosts: [https://files.example.org/notes]\n"
+            ),
             &["attachments.fileHosts[0]", "origin"],
         ),
         (
-            format!("{GOOD}attachments:\n  enabled: true\n  fileHosts: [http://files.example.org]\n"),
+            format!(
+                "{GOOD}attachments:\n  enabled: true\n  fileHosts: [http://files.example.org]\n"
+            ),
             &["attachments.fileHosts[0]", "https"],
         ),
-        (
-            format!("{GOOD}attachments:\n  enable: true\n"),
-            &["enable"],
-        ),
+        (format!("{GOOD}attachments:\n  enable: true\n"), &["enable"]),
         (
             format!("{GOOD}hydrate: [../Medication]\n"),
             &["hydrate[0]", "not a FHIR resource type"],
@@ -283,7 +290,10 @@ fn config_errors_name_the_field_and_the_fix() {
             &["source.bulk.fileHosts[0]", "plain http"],
         ),
         (
-            GOOD.replace("https://fhir.example.org", "https://user:pw@fhir.example.org"),
+            GOOD.replace(
+                "https://fhir.example.org",
+                "https://user:pw@fhir.example.org",
+            ),
             &["fhir.baseUrl", "credentials"],
         ),
         (

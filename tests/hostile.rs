@@ -332,7 +332,9 @@ async fn absurd_token_lifetimes_neither_panic_nor_stop_the_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_the_scopes_attachments_and_hydration_lack() {
     let granted = |scope: &str| {
-        Lie::TokenAnswer(json!({"access_token": TOKEN, "token_type": "bearer", "expires_in": 3600, "scope": scope}))
+        Lie::TokenAnswer(
+            json!({"access_token": TOKEN, "token_type": "bearer", "expires_in": 3600, "scope": scope}),
+        )
     };
     let extra = "attachments:\n  enabled: true\nhydrate: [Medication, Location]\n";
     let check = |case: &Case| {

@@ -16,9 +16,7 @@ pub fn grants_read(granted: &str, resource_type: &str) -> bool {
             && match access {
                 "read" | "*" => true,
                 v2 => {
-                    !v2.is_empty()
-                        && v2.bytes().all(|b| b"cruds".contains(&b))
-                        && v2.contains('r')
+                    !v2.is_empty() && v2.bytes().all(|b| b"cruds".contains(&b)) && v2.contains('r')
                 }
             }
     })
@@ -39,7 +37,10 @@ mod tests {
 
     #[test]
     fn read_grants() {
-        assert!(grants_read("system/Patient.read system/Binary.read", "Binary"));
+        assert!(grants_read(
+            "system/Patient.read system/Binary.read",
+            "Binary"
+        ));
         assert!(grants_read("system/*.read", "Medication"));
         assert!(grants_read("system/Binary.rs", "Binary"));
         assert!(grants_read("system/*.cruds", "Location"));
@@ -47,7 +48,10 @@ mod tests {
         assert!(!grants_read("system/Binary.write", "Binary"));
         assert!(!grants_read("system/Binary.c", "Binary"));
         assert!(!grants_read("patient/Binary.read user/*.read", "Binary"));
-        assert!(!grants_read("system/Observation.rs?category=laboratory", "Observation"));
+        assert!(!grants_read(
+            "system/Observation.rs?category=laboratory",
+            "Observation"
+        ));
         assert!(!grants_read("", "Binary"));
         assert_eq!(
             missing_reads("system/Binary.read", &["Binary", "Medication"]),

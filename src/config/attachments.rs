@@ -56,7 +56,10 @@ pub fn attachment_plan(
         return Ok(None);
     }
     let resources = match a.resources {
-        None => vec!["DocumentReference".to_owned(), "DiagnosticReport".to_owned()],
+        None => vec![
+            "DocumentReference".to_owned(),
+            "DiagnosticReport".to_owned(),
+        ],
         Some(list) if list.is_empty() => {
             return Err(invalid(
                 "attachments.resources",
@@ -152,7 +155,10 @@ pub fn attachment_plan(
 }
 
 /// Validates `hydrate`: resource type names, each once.
-pub fn hydrate_types(types: Vec<String>, invalid: &Invalid<'_>) -> Result<Vec<String>, ConfigError> {
+pub fn hydrate_types(
+    types: Vec<String>,
+    invalid: &Invalid<'_>,
+) -> Result<Vec<String>, ConfigError> {
     let mut out: Vec<String> = Vec::new();
     for (i, t) in types.into_iter().enumerate() {
         let t = t.trim().to_owned();

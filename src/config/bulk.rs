@@ -160,7 +160,12 @@ pub fn bulk_plan(
             "source.bulk.throttleCooldownHours",
             b.throttle_cooldown_hours,
         )?,
-        file_origins: super::origins("source.bulk.fileHosts", b.file_hosts, allow_insecure_http, invalid)?,
+        file_origins: super::origins(
+            "source.bulk.fileHosts",
+            b.file_hosts,
+            allow_insecure_http,
+            invalid,
+        )?,
         token_origins: super::origins(
             "source.bulk.tokenHosts",
             b.token_hosts,

@@ -306,9 +306,8 @@ fn attachments(ini: &Resolved<'_>) -> Result<Option<Value>, ConfigError> {
     }
     let enabled = match ini.get("attachments", "enabled")?.as_deref() {
         None => true,
-        Some(v) => {
-            parse_bool(v).ok_or_else(|| ini.invalid("attachments", "enabled", "use true or false"))?
-        }
+        Some(v) => parse_bool(v)
+            .ok_or_else(|| ini.invalid("attachments", "enabled", "use true or false"))?,
     };
     let mut a = json!({ "enabled": enabled });
     for (key, field) in [

@@ -486,7 +486,9 @@ fn origins(
                 .ok_or_else(|| {
                     invalid(
                         &field,
-                        format!("{h:?} must be an origin such as https://storage.example.org (no path)"),
+                        format!(
+                            "{h:?} must be an origin such as https://storage.example.org (no path)"
+                        ),
                     )
                 })?;
             crate::trust::check_transport(&u, allow_insecure_http)

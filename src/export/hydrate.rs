@@ -52,11 +52,7 @@ struct Scan {
 }
 
 /// Reads the resource files (blocking): which resources of `types` they hold and reference.
-fn scan_files(
-    files: &[(String, PathBuf)],
-    types: &[String],
-    base: &str,
-) -> Result<Scan, Stop> {
+fn scan_files(files: &[(String, PathBuf)], types: &[String], base: &str) -> Result<Scan, Stop> {
     let mut scan = Scan::default();
     for (file_type, path) in files {
         let io = |source| Stop::Io {
@@ -148,12 +144,17 @@ impl<'a> Hydrator<'a> {
         let mut have = scan.have;
         let mut wanted = scan.wanted;
         for round in 1..=MAX_ROUNDS {
-            let missing: Vec<Reference> = wanted.into_iter().filter(|r| !have.contains(r)).collect();
+            let missing: Vec<Reference> =
+                wanted.into_iter().filter(|r| !have.contains(r)).collect();
             if missing.is_empty() {
                 break;
             }
             self.stats.rounds = round;
-            tracing::info!(round, references = missing.len(), "hydrating referenced resources");
+            tracing::info!(
+                round,
+                references = missing.len(),
+                "hydrating referenced resources"
+            );
             // Whatever happens to them, these are not asked for again.
             have.extend(missing.iter().cloned());
             let fetched = self.fetch_all(missing).await?;
@@ -261,7 +262,9 @@ impl<'a> Hydrator<'a> {
             let page = bundle::parse_page(&body)
                 .map_err(|e| FetchError::Transport(format!("the _id search answer: {e}")))?;
             for raw in &page.resources {
-                let Ok(head) = bundle::head(raw) else { continue };
+                let Ok(head) = bundle::head(raw) else {
+                    continue;
+                };
                 // Only what was asked for: anything else the server adds is dropped.
                 if head.resource_type != t
                     || !head.id.as_deref().is_some_and(|id| wanted.contains(id))
@@ -278,7 +281,10 @@ impl<'a> Hydrator<'a> {
                     line,
                 });
             }
-            match page.next.and_then(|n| url::Url::parse(&url).ok()?.join(&n).ok()) {
+            match page
+                .next
+                .and_then(|n| url::Url::parse(&url).ok()?.join(&n).ok())
+            {
                 Some(next) if next.as_str() != url => url = next.to_string(),
                 _ => return Ok(found),
             }
@@ -329,7 +335,10 @@ mod tests {
         assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [50, 50, 20]);
         let long: Vec<String> = (0..5).map(|i| format!("{i}{}", "x".repeat(63))).collect();
         let b = batches(&long);
-        assert!(b.iter().all(|b| b.iter().map(|i| i.len() + 1).sum::<usize>() <= MAX_QUERY_BYTES));
+        assert!(
+            b.iter()
+                .all(|b| b.iter().map(|i| i.len() + 1).sum::<usize>() <= MAX_QUERY_BYTES)
+        );
         assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 5);
         assert!(batches(&[]).is_empty());
     }

@@ -27,7 +27,8 @@ impl RawObject {
 
     /// The value of `key` read as `T`; `None` when absent or of another shape.
     pub fn get_as<'a, T: Deserialize<'a>>(&'a self, key: &str) -> Option<T> {
-        self.get(key).and_then(|v| serde_json::from_str(v.get()).ok())
+        self.get(key)
+            .and_then(|v| serde_json::from_str(v.get()).ok())
     }
 
     /// Replaces the value of `key` where it is, or appends the member.

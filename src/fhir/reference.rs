@@ -185,8 +185,14 @@ mod tests {
             })
         };
         assert_eq!(local("Medication/m1", base), r("Medication", "m1"));
-        assert_eq!(local("Practitioner/d.1/_history/3", base), r("Practitioner", "d.1"));
-        assert_eq!(local(&format!("{base}/Location/l-2"), base), r("Location", "l-2"));
+        assert_eq!(
+            local("Practitioner/d.1/_history/3", base),
+            r("Practitioner", "d.1")
+        );
+        assert_eq!(
+            local(&format!("{base}/Location/l-2"), base),
+            r("Location", "l-2")
+        );
         for other in [
             "#med1",
             "urn:uuid:0f1e",

@@ -118,7 +118,11 @@ pub fn render(s: &RunSummary) -> Rendered {
             "Hydrated",
             format!(
                 "{} ({} failed)",
-                if fetched.is_empty() { "none".to_string() } else { fetched.join(", ") },
+                if fetched.is_empty() {
+                    "none".to_string()
+                } else {
+                    fetched.join(", ")
+                },
                 h.failed
             ),
         ));

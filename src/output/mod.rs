@@ -286,7 +286,9 @@ impl RunWriter {
             other => other,
         };
         if let (Some((_, dir)), Some(r)) = (&resumed, &resume) {
-            let keep: Vec<&str> = std::iter::once(r.marker).chain(r.keep.iter().copied()).collect();
+            let keep: Vec<&str> = std::iter::once(r.marker)
+                .chain(r.keep.iter().copied())
+                .collect();
             retention::clear_except(dir, &keep).map_err(io_err(dir))?;
         }
         sweep_leftovers(&export_dir, resumed.as_ref().map(|(_, d)| d.as_path()));

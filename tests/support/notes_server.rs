@@ -26,8 +26,7 @@ use serde_json::{Value, json};
 pub const TOKEN: &str = "notes-access-token-51c0a8e2";
 
 /// The extension the exporter appends to a downloaded attachment.
-pub const ORIGINAL_URL: &str =
-    "https://fhirexport.dev/fhir/StructureDefinition/original-url";
+pub const ORIGINAL_URL: &str = "https://fhirexport.dev/fhir/StructureDefinition/original-url";
 
 /// The patients (the Group `g1` holds both).
 pub const PATIENTS: [&str; 2] = ["p1", "p2"];

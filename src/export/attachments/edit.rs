@@ -146,7 +146,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             out.get(),
-            DOC.replace(r#""url":"Binary/b1","size""#, r#""url":"attachments/x.rtf","size""#)
+            DOC.replace(
+                r#""url":"Binary/b1","size""#,
+                r#""url":"attachments/x.rtf","size""#
+            )
         );
         assert!(rewrite(DOC, &path, &mut |_| false).is_none());
     }

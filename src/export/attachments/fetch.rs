@@ -269,7 +269,10 @@ mod tests {
             br#"{"resourceType":"Binary","contentType":"text/plain","data":"aGVsbG8="}"#,
         )
         .unwrap();
-        assert_eq!((ct.as_deref(), bytes.as_slice()), (Some("text/plain"), &b"hello"[..]));
+        assert_eq!(
+            (ct.as_deref(), bytes.as_slice()),
+            (Some("text/plain"), &b"hello"[..])
+        );
         for bad in [
             &br#"{"resourceType":"Patient","data":"aGVsbG8="}"#[..],
             br#"{"resourceType":"Binary"}"#,

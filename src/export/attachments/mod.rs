@@ -181,8 +181,7 @@ impl<'a> Phase<'a> {
                             .ok()
                             .map(|h| (h.resource_type.into_owned(), h.id.map(|i| i.into_owned())))
                     });
-                let (resource_type, id) =
-                    head.unwrap_or_else(|| (resource_type.to_owned(), None));
+                let (resource_type, id) = head.unwrap_or_else(|| (resource_type.to_owned(), None));
                 let found = edit::find(&text, path);
                 Line {
                     text,
@@ -226,7 +225,12 @@ impl<'a> Phase<'a> {
         }
         Some(Key {
             url: absolute.to_string(),
-            content_type: a.content_type.as_deref().unwrap_or_default().trim().to_owned(),
+            content_type: a
+                .content_type
+                .as_deref()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
         })
     }
 
@@ -261,16 +265,17 @@ impl<'a> Phase<'a> {
         let client = self.client;
         let store = &self.store;
         let max_bytes = self.plan.max_bytes;
-        let mut results = futures::stream::iter(allowed.iter().map(|(key, _, a, origins)| async move {
-            let req = Request {
-                url: &key.url,
-                token_origins: origins,
-                content_type: a.content_type.as_deref(),
-                max_bytes,
-            };
-            fetch::download(client, store, &req).await
-        }))
-        .buffered(self.concurrency);
+        let mut results =
+            futures::stream::iter(allowed.iter().map(|(key, _, a, origins)| async move {
+                let req = Request {
+                    url: &key.url,
+                    token_origins: origins,
+                    content_type: a.content_type.as_deref(),
+                    max_bytes,
+                };
+                fetch::download(client, store, &req).await
+            }))
+            .buffered(self.concurrency);
         let mut outcomes = Vec::with_capacity(allowed.len());
         while let Some(r) = results.next().await {
             outcomes.push(r);
@@ -303,7 +308,8 @@ impl<'a> Phase<'a> {
 
     /// The origins the token may go to for `url`, or why it is not downloaded at all.
     fn token_rule(&self, url: &str) -> Result<Vec<String>, String> {
-        let parsed = url::Url::parse(url).map_err(|_| "the attachment URL is not valid".to_owned())?;
+        let parsed =
+            url::Url::parse(url).map_err(|_| "the attachment URL is not valid".to_owned())?;
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err("the attachment URL carries credentials; it was not downloaded".into());
         }

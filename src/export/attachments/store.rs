@@ -180,9 +180,13 @@ mod tests {
             url: u.into(),
             content_type: "text/html".into(),
         };
-        store.record(&key("https://h/Binary/a"), &stored(&a, 3)).unwrap();
+        store
+            .record(&key("https://h/Binary/a"), &stored(&a, 3))
+            .unwrap();
         // Recorded with a size the file does not have: downloaded again.
-        store.record(&key("https://h/Binary/b"), &stored(&b, 5)).unwrap();
+        store
+            .record(&key("https://h/Binary/b"), &stored(&b, 5))
+            .unwrap();
         drop(store);
         let (store, found) = Store::open(dir.path()).unwrap();
         assert_eq!(found.len(), 1);
