@@ -286,6 +286,8 @@ fn report() -> impl Strategy<Value = RunReportMessage> {
                     records,
                     bytes,
                     records_by_type: by_type,
+                    attachments: records / 3,
+                    attachment_bytes: bytes / 2,
                     errors,
                     output_dir: dir,
                     transaction_time: tt,
