@@ -17,7 +17,7 @@ use crate::http::body::{self, BodyError};
 pub enum FetchFailure {
     #[error("{0}")]
     Fetch(FetchError),
-    #[error("the document is larger than attachments.maxBytes ({max} bytes){}", size.map(|s| format!(": {s} bytes")).unwrap_or_default())]
+    #[error("the document is larger than attachments.maxBytes ({max} bytes; 48 MiB when the server sends it as a FHIR Binary resource){}", size.map(|s| format!(": {s} bytes")).unwrap_or_default())]
     TooLarge { max: u64, size: Option<u64> },
     #[error("the server answered with a FHIR resource that is not a Binary with data")]
     NotBinary,
@@ -52,6 +52,20 @@ fn bare(content_type: &str) -> String {
         .trim()
         .to_ascii_lowercase()
 }
+
+/// Whether `t` is a bare `type/subtype` that can go into an `Accept` header as it is.
+fn is_media_type(t: &str) -> bool {
+    let token = |x: &str| {
+        !x.is_empty()
+            && x.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    t.split_once('/').is_some_and(|(a, b)| token(a) && token(b))
+}
+
+/// The largest document read from a FHIR `Binary` resource: its base64 text is read whole, so a server
+/// that sends big documents that way (instead of raw, as `Accept` asks) is refused beyond this.
+pub const MAX_BINARY_RESOURCE_BYTES: u64 = 48 * 1024 * 1024;
 
 fn is_json(content_type: &str) -> bool {
     matches!(
@@ -146,7 +160,11 @@ async fn download_once(
     if !req.token_origins.is_empty() {
         client.pace().await;
     }
-    let accept = req.content_type.map(bare).unwrap_or_else(|| "*/*".into());
+    let accept = req
+        .content_type
+        .map(bare)
+        .filter(|t| is_media_type(t))
+        .unwrap_or_else(|| "*/*".into());
     let resp = client
         .open_download(req.url, req.token_origins, &accept, None)
         .await
@@ -173,20 +191,19 @@ async fn download_once(
     let mut digests = Digests::new();
     if served.as_deref().is_some_and(is_json) && !wanted_json {
         // A FHIR Binary: its base64 `data` is the document. Base64 is 4/3 of the content.
-        let limit = (req.max_bytes.saturating_mul(4) / 3 + 64 * 1024).min(usize::MAX as u64);
+        let max = req.max_bytes.min(MAX_BINARY_RESOURCE_BYTES);
+        let limit = max * 4 / 3 + 64 * 1024;
         let text = body::read_limited(resp, limit as usize)
             .await
             .map_err(|e| match e {
-                BodyError::TooLarge { .. } => FetchFailure::TooLarge {
-                    max: req.max_bytes,
-                    size: None,
-                },
+                BodyError::TooLarge { .. } => FetchFailure::TooLarge { max, size: None },
                 BodyError::Transport(t) => FetchFailure::Fetch(FetchError::Transport(t)),
             })?;
         let (content_type, bytes) = decode_binary(&text)?;
-        if bytes.len() as u64 > req.max_bytes {
+        drop(text);
+        if bytes.len() as u64 > max {
             return Err(FetchFailure::TooLarge {
-                max: req.max_bytes,
+                max,
                 size: Some(bytes.len() as u64),
             });
         }
@@ -265,6 +282,9 @@ mod tests {
         assert_eq!(extension("text/html; charset=utf-8"), "html");
         assert_eq!(extension("TEXT/RTF"), "rtf");
         assert_eq!(extension("application/x-unknown"), "bin");
+        assert!(is_media_type("application/fhir+json"));
+        assert!(!is_media_type("text/html\r\nX-Evil: 1"));
+        assert!(!is_media_type("text"));
         let (ct, bytes) = decode_binary(
             br#"{"resourceType":"Binary","contentType":"text/plain","data":"aGVsbG8="}"#,
         )
