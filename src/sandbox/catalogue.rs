@@ -518,7 +518,7 @@ mod unit {
                     }
                 })
                 .sum();
-            sum % 10 == 0
+            sum.is_multiple_of(10)
         }
         assert!(valid("1234567893"));
         for t in ["Practitioner", "Organization"] {

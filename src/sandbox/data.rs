@@ -928,10 +928,8 @@ impl Gen<'_> {
             .map(|i| {
                 let obs = self.one("Observation", i, Gen::observation);
                 let q = &LABS[(i as usize) % LABS.len()];
-                format!(
-                    "{}: {} {} (reference range {} - {})",
-                    q.1, obs["valueQuantity"]["value"], q.2, q.3, q.4
-                )
+                let value = obs["valueQuantity"]["value"].as_f64().unwrap_or_default();
+                format!("{}: {:.*} {}", q.1, q.5.max(0) as usize, value, q.2)
             })
             .collect();
         let lab = catalogue::organization_display(catalogue::DEPT_LABORATORY);

@@ -344,7 +344,8 @@ pub(super) fn scanned_note(f: &NoteFacts<'_>, pages: u64) -> Note {
             "Scanned Document",
             vec![
                 format!("{pages} page(s) scanned from paper and indexed to the patient's chart."),
-                "The image below is a scanned copy; refer to the original for signatures.".into(),
+                "A reduced image of the first page is shown; refer to the original for signatures."
+                    .into(),
             ],
             vec![],
         )],
