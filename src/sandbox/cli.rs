@@ -104,6 +104,10 @@ pub struct SandboxArgs {
     /// Bulk Data: point manifests at pre-signed URLs on the storage origin (no token).
     #[arg(long)]
     pub bulk_files_on_storage: bool,
+    /// Point DocumentReference attachment URLs at the storage origin (`/notes/{id}`, no token)
+    /// instead of `Binary/{id}`.
+    #[arg(long)]
+    pub attachments_on_storage: bool,
     /// Write the synthetic patients' ids to this roster CSV (`patient_id` column) for `epic-export run`.
     #[arg(long, value_name = "FILE")]
     pub write_roster: Option<std::path::PathBuf>,
@@ -162,6 +166,7 @@ impl SandboxArgs {
             bulk_throttle: Duration::from_secs(self.bulk_throttle_secs),
             bulk_expiry: Duration::from_secs(self.bulk_expiry_secs),
             bulk_files_on_storage: self.bulk_files_on_storage,
+            attachments_on_storage: self.attachments_on_storage,
         })
     }
 

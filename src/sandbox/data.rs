@@ -1,14 +1,36 @@
-//! The sandbox's synthetic data set: deterministic FHIR R4 resources for N patients.
+//! The sandbox's synthetic data set: deterministic FHIR R4 resources for N patients, the
+//! resources they share, and the attachments of their documents.
 //!
-//! Nothing is stored per resource. [`Dataset::generate`] only derives the patient ids; every
-//! resource is rebuilt on demand from `(seed, patient index, type, ordinal)`, so a data set of
-//! 10,000 patients costs a few hundred kilobytes and the same seed always yields the same JSON
-//! (`meta.lastUpdated` included: it is derived too, spread over 2022-2025, never from the clock).
-//! This module knows nothing about HTTP, paging or auth (see `fhir.rs` for those).
+//! Nothing is stored per resource. [`Dataset::generate`] only derives the patient ids (and
+//! indexes the few dozen catalogue ids); every resource is rebuilt on demand from
+//! `(seed, patient index, type, ordinal)`, so a data set of 10,000 patients costs a few hundred
+//! kilobytes and the same seed always yields the same JSON (`meta.lastUpdated` included: it is
+//! derived too, spread over 2022-2025, never from the clock).
+//!
+//! Per patient: Patient, Condition, Observation (labs, vitals, smoking status), MedicationRequest,
+//! AllergyIntolerance, Immunization, Procedure, Encounter, DiagnosticReport (one per five labs)
+//! and DocumentReference. They reference the shared catalogue (`catalogue.rs`) the way Epic's
+//! do: MedicationRequest `medicationReference` → Medication and `requester` → PractitionerRole;
+//! Encounter `participant` → Practitioner, `serviceProvider` → Organization, `location` →
+//! Location; DocumentReference `author` → Practitioner; DiagnosticReport `performer` →
+//! Organization. Documents carry attachments (`documents.rs` renders their bytes):
+//!
+//! - four DocumentReferences in five are clinical notes with two `content` entries, `text/html`
+//!   and `text/rtf`, pointing at the same `Binary/{id}`; the fifth is a scanned document with one
+//!   `application/pdf` attachment;
+//! - every other DiagnosticReport (even ordinals) has one `presentedForm`, a PDF (two in three)
+//!   or HTML rendering of the report.
+//!
+//! [`Dataset::binary`] maps a Binary id back to its content, [`Dataset::binary_ids`] lists a
+//! patient's. This module knows nothing about HTTP, paging or auth (see `fhir.rs` for those).
 
 use std::collections::HashMap;
 
 use serde_json::{Value, json};
+
+use super::catalogue::{self, CATALOGUE_TYPES};
+use super::documents::{self, BinaryDoc, NoteFacts, Source};
+use super::rng::{SplitMix64, fhir_id, rng_for};
 
 /// The resource types that can be searched per patient (besides `Patient` itself).
 pub const SEARCH_TYPES: &[&str] = &[
@@ -22,75 +44,6 @@ pub const SEARCH_TYPES: &[&str] = &[
     "DiagnosticReport",
     "DocumentReference",
 ];
-
-/// A tiny deterministic PRNG (splitmix64); good enough for synthetic data and fault rolls.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub(crate) fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-
-    /// A value in `0..n` (0 when `n == 0`).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-
-    /// A value in `lo..=hi`.
-    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi.saturating_sub(lo) + 1)
-    }
-
-    /// A float in `[0, 1)`.
-    pub(crate) fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A PRNG for one (seed, patient, purpose, ordinal) tuple.
-fn rng_for(seed: u64, patient: usize, tag: u64, n: u64) -> SplitMix64 {
-    let mut h = mix(seed ^ 0xA076_1D64_78BD_642F);
-    h = mix(h ^ patient as u64);
-    h = mix(h ^ tag.wrapping_mul(0xE703_7ED1_A0B4_28DB));
-    h = mix(h ^ n);
-    SplitMix64::new(h)
-}
-
-/// Characters Epic-style FHIR ids are made of (all valid in a FHIR `id`).
-const ID_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.";
-
-/// An Epic-looking FHIR id: `e` + 40 opaque characters + `3`.
-fn fhir_id(seed: u64, patient: usize, tag: u64, n: u64) -> String {
-    let mut rng = rng_for(seed, patient, tag ^ 0x1D, n);
-    let mut id = String::with_capacity(42);
-    id.push('e');
-    let mut bits = 0u64;
-    for i in 0..40 {
-        if i % 10 == 0 {
-            bits = rng.next_u64();
-        }
-        id.push(ID_CHARS[(bits & 63) as usize] as char);
-        bits >>= 6;
-    }
-    id.push('3');
-    id
-}
 
 fn type_tag(resource_type: &str) -> Option<u64> {
     if resource_type == "Patient" {
@@ -108,6 +61,11 @@ pub struct Dataset {
     seed: u64,
     ids: Vec<String>,
     index: HashMap<String, usize>,
+    /// Catalogue id → (type, ordinal).
+    catalogue: HashMap<String, (&'static str, usize)>,
+    /// Where DocumentReference attachments live, when not `Binary/{id}` (see
+    /// [`Dataset::with_attachment_base`]).
+    attachment_base: Option<String>,
 }
 
 impl Dataset {
@@ -121,7 +79,27 @@ impl Dataset {
             .enumerate()
             .map(|(i, id)| (id.clone(), i))
             .collect();
-        Dataset { seed, ids, index }
+        let catalogue = CATALOGUE_TYPES
+            .iter()
+            .flat_map(|t| {
+                (0..catalogue::count(t)).map(move |n| (catalogue::id(seed, t, n), (*t, n)))
+            })
+            .collect();
+        Dataset {
+            seed,
+            ids,
+            index,
+            catalogue,
+            attachment_base: None,
+        }
+    }
+
+    /// The same data set with DocumentReference attachment URLs absolute, `{base}/{binary id}`
+    /// (e.g. `http://127.0.0.1:PORT/notes`), instead of `Binary/{binary id}` relative to the
+    /// FHIR base. DiagnosticReport `presentedForm` URLs stay `Binary/{id}`.
+    pub fn with_attachment_base(mut self, base: impl Into<String>) -> Dataset {
+        self.attachment_base = Some(base.into().trim_end_matches('/').to_string());
+        self
     }
 
     /// Patient ids in generation order.
@@ -144,18 +122,24 @@ impl Dataset {
         self.index.get(patient_id).copied()
     }
 
+    fn gen_for<'a>(&'a self, idx: usize, pid: &'a str) -> Gen<'a> {
+        Gen {
+            seed: self.seed,
+            idx,
+            pid,
+            profile: Profile::of(self.seed, idx),
+            attachment_base: self.attachment_base.as_deref(),
+        }
+    }
+
     /// Every resource of `resource_type` belonging to `patient_id` (for Patient: the patient
-    /// itself), as JSON values. Unknown patients and types give an empty list.
+    /// itself), as JSON values. Unknown patients and types give an empty list, and so do the
+    /// catalogue types (they are not in the patient compartment; see [`Dataset::catalogue`]).
     pub fn resources(&self, resource_type: &str, patient_id: &str) -> Vec<Value> {
         let Some(idx) = self.patient_index(patient_id) else {
             return Vec::new();
         };
-        let g = Gen {
-            seed: self.seed,
-            idx,
-            pid: patient_id,
-            profile: Profile::of(self.seed, idx),
-        };
+        let g = self.gen_for(idx, patient_id);
         match resource_type {
             "Patient" => vec![g.patient()],
             "Condition" => g.many("Condition", g.profile.conditions, Gen::condition),
@@ -180,6 +164,57 @@ impl Dataset {
             _ => false,
         }
     }
+
+    /// Every shared resource of a catalogue type ([`CATALOGUE_TYPES`]: Medication,
+    /// Practitioner, PractitionerRole, Organization, Location), in a fixed order; empty for
+    /// other types.
+    pub fn catalogue(&self, resource_type: &str) -> Vec<Value> {
+        catalogue::all(self.seed, resource_type)
+    }
+
+    /// One shared resource by type and id (what `GET {base}/{Type}/{id}` answers).
+    pub fn catalogue_resource(&self, resource_type: &str, id: &str) -> Option<Value> {
+        let (t, n) = *self.catalogue.get(id)?;
+        (t == resource_type)
+            .then(|| catalogue::resource(self.seed, t, n))
+            .flatten()
+    }
+
+    /// The ids of the Binaries a patient's resources reference: one per DocumentReference
+    /// (both of a note's content entries point at the same one), then one per DiagnosticReport
+    /// with a `presentedForm`, in resource order. Empty for an unknown patient.
+    pub fn binary_ids(&self, patient_id: &str) -> Vec<String> {
+        let Some(idx) = self.patient_index(patient_id) else {
+            return Vec::new();
+        };
+        let profile = Profile::of(self.seed, idx);
+        let documents = (0..profile.documents)
+            .map(|n| documents::binary_id(self.seed, idx, Source::Document, n));
+        let reports = (0..profile.reports())
+            .filter(|n| report_has_form(*n))
+            .map(|n| documents::binary_id(self.seed, idx, Source::Report, n));
+        documents.chain(reports).collect()
+    }
+
+    /// The content behind `Binary/{id}` (what the sandbox serves for it, in every content
+    /// type), or `None` for an id no resource of this data set references.
+    pub fn binary(&self, id: &str) -> Option<BinaryDoc> {
+        let (idx, source, n) = documents::decode_binary_id(self.seed, id)?;
+        let pid = self.patient_id(idx)?;
+        let g = self.gen_for(idx, pid);
+        match source {
+            Source::Document if n < g.profile.documents => Some(g.document_binary(n, id)),
+            Source::Report if n < g.profile.reports() && report_has_form(n) => {
+                Some(g.report_binary(n, id))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether DiagnosticReport `n` has a `presentedForm` (every other one).
+fn report_has_form(n: u64) -> bool {
+    n.is_multiple_of(2)
 }
 
 /// How many resources of each type one patient has.
@@ -239,7 +274,6 @@ const LABS_PER_REPORT: u64 = 5;
 
 const LOINC: &str = "http://loinc.org";
 const SNOMED: &str = "http://snomed.info/sct";
-const RXNORM: &str = "http://www.nlm.nih.gov/research/umls/rxnorm";
 const CVX: &str = "http://hl7.org/fhir/sid/cvx";
 const UCUM: &str = "http://unitsofmeasure.org";
 const OBS_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
@@ -351,21 +385,6 @@ const CONDITIONS: &[(&str, &str)] = &[
     ("399211009", "History of myocardial infarction"),
 ];
 
-const MEDICATIONS: &[(&str, &str)] = &[
-    ("197361", "amlodipine 5 MG Oral Tablet"),
-    (
-        "860975",
-        "24 HR metformin hydrochloride 500 MG Extended Release Oral Tablet",
-    ),
-    ("314076", "lisinopril 10 MG Oral Tablet"),
-    ("617312", "atorvastatin 10 MG Oral Tablet"),
-    (
-        "745679",
-        "200 ACTUAT albuterol 0.09 MG/ACTUAT Metered Dose Inhaler",
-    ),
-    ("310965", "ibuprofen 200 MG Oral Tablet"),
-];
-
 const ALLERGIES: &[(&str, &str)] = &[
     ("91936005", "Allergy to penicillin"),
     ("300913006", "Shellfish allergy"),
@@ -417,6 +436,15 @@ const NOTES: &[(&str, &str)] = &[
     ("18842-5", "Discharge summary"),
     ("34117-2", "History and physical note"),
 ];
+
+/// Document types of scanned (PDF) documents.
+const SCANNED: &[(&str, &str)] = &[
+    ("59284-0", "Consent Document"),
+    ("11488-4", "Consult note"),
+    ("34133-9", "Summary of episode note"),
+];
+
+const FORMAT_CODE: &str = "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode";
 
 const GIVEN_F: &[&str] = &[
     "Camila", "Olivia", "Mei", "Aisha", "Sofia", "Hannah", "Grace",
@@ -486,6 +514,19 @@ struct Gen<'a> {
     idx: usize,
     pid: &'a str,
     profile: Profile,
+    /// See [`Dataset::with_attachment_base`].
+    attachment_base: Option<&'a str>,
+}
+
+/// What a DocumentReference is, drawn from its own stream so its Binary can be rendered
+/// without the rest of the resource.
+struct DocFacts {
+    scanned: bool,
+    code: &'static str,
+    display: &'static str,
+    when: String,
+    /// Practitioner ordinal of the author.
+    author: usize,
 }
 
 impl Gen<'_> {
@@ -508,17 +549,25 @@ impl Gen<'_> {
         build: fn(&Self, u64, &mut SplitMix64) -> Value,
     ) -> Vec<Value> {
         (0..count)
-            .map(|n| {
-                let mut r = self.rng(resource_type, n);
-                let mut v = build(self, n, &mut r);
-                if let Some(obj) = v.as_object_mut() {
-                    obj.insert("resourceType".into(), json!(resource_type));
-                    obj.insert("id".into(), json!(self.id(resource_type, n)));
-                    obj.insert("meta".into(), self.meta(resource_type, n));
-                }
-                v
-            })
+            .map(|n| self.one(resource_type, n, build))
             .collect()
+    }
+
+    /// Resource `n` of a type, exactly as [`Gen::many`] builds it.
+    fn one(
+        &self,
+        resource_type: &str,
+        n: u64,
+        build: fn(&Self, u64, &mut SplitMix64) -> Value,
+    ) -> Value {
+        let mut r = self.rng(resource_type, n);
+        let mut v = build(self, n, &mut r);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("resourceType".into(), json!(resource_type));
+            obj.insert("id".into(), json!(self.id(resource_type, n)));
+            obj.insert("meta".into(), self.meta(resource_type, n));
+        }
+        v
     }
 
     /// `meta.lastUpdated`: a deterministic instant in 2022-2025, so `_since` selects a subset.
@@ -626,15 +675,18 @@ impl Gen<'_> {
     }
 
     fn medication(&self, _n: u64, r: &mut SplitMix64) -> Value {
-        let (code, display) = *r.pick(MEDICATIONS);
+        let med = r.below(catalogue::MEDICATIONS.len() as u64) as usize;
         let active = r.below(3) != 0;
+        let prescribers = catalogue::practitioners_in(catalogue::DEPT_PRIMARY_CARE);
+        let requester = *r.pick(&prescribers);
         json!({
             "status": if active { "active" } else { "completed" },
             "intent": "order",
             "category": [concept("http://terminology.hl7.org/CodeSystem/medicationrequest-category", "community", "Community")],
-            "medicationCodeableConcept": concept(RXNORM, code, display),
+            "medicationReference": catalogue::reference(self.seed, "Medication", med),
             "subject": self.subject(),
             "authoredOn": date(r.below(4500)),
+            "requester": catalogue::reference(self.seed, "PractitionerRole", requester),
             "dosageInstruction": [{"text": format!("Take {} tablet(s) by mouth daily", r.range(1, 2))}],
         })
     }
@@ -679,12 +731,26 @@ impl Gen<'_> {
         let (class, class_display, code, display) = *r.pick(ENCOUNTER_KINDS);
         let day = r.below(4500);
         let start = r.range(7 * 60, 17 * 60);
+        let end = start + r.range(15, 120);
+        let department = if class == "EMER" {
+            catalogue::DEPT_EMERGENCY
+        } else {
+            catalogue::DEPT_PRIMARY_CARE
+        };
+        let practitioner = *r.pick(&catalogue::practitioners_in(department));
+        let location = *r.pick(&catalogue::locations_in(department));
         json!({
             "status": "finished",
             "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": class, "display": class_display},
             "type": [concept(SNOMED, code, display)],
             "subject": self.subject(),
-            "period": {"start": datetime(day, start), "end": datetime(day, start + r.range(15, 120))},
+            "participant": [{
+                "type": [concept("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "ATND", "attender")],
+                "individual": catalogue::reference(self.seed, "Practitioner", practitioner),
+            }],
+            "period": {"start": datetime(day, start), "end": datetime(day, end)},
+            "location": [{"location": catalogue::reference(self.seed, "Location", location)}],
+            "serviceProvider": catalogue::reference(self.seed, "Organization", department),
         })
     }
 
@@ -696,31 +762,205 @@ impl Gen<'_> {
             .map(|i| json!({"reference": format!("Observation/{}", self.id("Observation", i))}))
             .collect();
         let when = datetime(r.below(4500), r.below(24 * 60));
-        json!({
+        let mut report = json!({
             "status": "final",
             "category": [concept("http://terminology.hl7.org/CodeSystem/v2-0074", "LAB", "Laboratory")],
             "code": concept(LOINC, code, display),
             "subject": self.subject(),
             "effectiveDateTime": when,
             "issued": when,
+            "performer": [catalogue::reference(self.seed, "Organization", catalogue::DEPT_LABORATORY)],
             "result": results,
-        })
+        });
+        if report_has_form(n) {
+            report["presentedForm"] = json!([{
+                "contentType": self.report_form_type(n),
+                "url": format!("Binary/{}", documents::binary_id(self.seed, self.idx, Source::Report, n)),
+                "title": display,
+            }]);
+        }
+        report
     }
 
-    fn document(&self, n: u64, r: &mut SplitMix64) -> Value {
-        let (code, display) = *r.pick(NOTES);
-        let binary = fhir_id(self.seed, self.idx, 200, n);
+    /// The content type of a DiagnosticReport's `presentedForm`: PDF for two in three.
+    fn report_form_type(&self, n: u64) -> &'static str {
+        let mut r = rng_for(self.seed, self.idx, 0xF0A4, n);
+        if r.below(3) == 0 {
+            documents::HTML
+        } else {
+            documents::PDF
+        }
+    }
+
+    fn doc_facts(&self, n: u64) -> DocFacts {
+        let mut r = rng_for(self.seed, self.idx, 0xD0C5, n);
+        let scanned = r.below(5) == 0;
+        let (code, display) = *r.pick(if scanned { SCANNED } else { NOTES });
+        let when = datetime(r.below(4500), r.below(24 * 60));
+        let mut authors = catalogue::practitioners_in(catalogue::DEPT_PRIMARY_CARE);
+        authors.extend(catalogue::practitioners_in(catalogue::DEPT_EMERGENCY));
+        let author = *r.pick(&authors);
+        DocFacts {
+            scanned,
+            code,
+            display,
+            when,
+            author,
+        }
+    }
+
+    fn document(&self, n: u64, _r: &mut SplitMix64) -> Value {
+        let f = self.doc_facts(n);
+        let binary = documents::binary_id(self.seed, self.idx, Source::Document, n);
+        let url = match self.attachment_base {
+            Some(base) => format!("{base}/{binary}"),
+            None => format!("Binary/{binary}"),
+        };
+        let format = json!({"system": FORMAT_CODE, "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient", "display": "mimeType Sufficient"});
+        let types: &[&str] = if f.scanned {
+            &[documents::PDF]
+        } else {
+            &[documents::HTML, documents::RTF]
+        };
+        let content: Vec<Value> = types
+            .iter()
+            .map(|t| json!({"attachment": {"contentType": t, "url": url}, "format": format}))
+            .collect();
         json!({
             "status": "current",
             "docStatus": "final",
-            "type": concept(LOINC, code, display),
+            "type": concept(LOINC, f.code, f.display),
             "category": [concept("http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category", "clinical-note", "Clinical Note")],
             "subject": self.subject(),
-            "date": datetime(r.below(4500), r.below(24 * 60)),
-            "content": [{
-                "attachment": {"contentType": "text/html", "url": format!("Binary/{binary}")},
-                "format": {"system": "http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode", "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient", "display": "mimeType Sufficient"},
-            }],
+            "date": f.when,
+            "author": [catalogue::reference(self.seed, "Practitioner", f.author)],
+            "content": content,
         })
+    }
+
+    /// A patient's name, MRN and birth year, as a note header shows them.
+    fn patient_facts(patient: &Value) -> (String, String, u64) {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let birth_year: u64 = patient["birthDate"]
+            .as_str()
+            .and_then(|b| b.get(..4))
+            .and_then(|y| y.parse().ok())
+            .unwrap_or(1970);
+        (
+            text(&patient["name"][0]["text"]),
+            text(&patient["identifier"][0]["value"]),
+            birth_year,
+        )
+    }
+
+    /// Distinct `display`/`text` values of a patient's resources, in order.
+    fn distinct(values: impl Iterator<Item = Option<String>>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for v in values.flatten() {
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    /// Renders the attachment of DocumentReference `n`.
+    fn document_binary(&self, n: u64, id: &str) -> BinaryDoc {
+        let f = self.doc_facts(n);
+        let patient = self.patient();
+        let problems = Self::distinct(
+            self.many("Condition", self.profile.conditions, Gen::condition)
+                .iter()
+                .map(|c| c["code"]["text"].as_str().map(str::to_string)),
+        );
+        let medications = Self::distinct(
+            self.many("MedicationRequest", self.profile.meds, Gen::medication)
+                .iter()
+                .filter(|m| m["status"] == "active")
+                .map(|m| {
+                    m["medicationReference"]["display"]
+                        .as_str()
+                        .map(str::to_string)
+                }),
+        );
+        let (name, mrn, birth_year) = Self::patient_facts(&patient);
+        let year: u64 = f.when.get(..4).and_then(|y| y.parse().ok()).unwrap_or(2020);
+        let author = catalogue::practitioner_display(f.author);
+        let department =
+            catalogue::organization_display(catalogue::practitioner_department(f.author));
+        let facts = NoteFacts {
+            code: f.code,
+            title: f.display,
+            patient: &name,
+            sex: patient["gender"].as_str().unwrap_or("patient"),
+            age: year.saturating_sub(birth_year),
+            birth_date: patient["birthDate"].as_str().unwrap_or_default(),
+            mrn: &mrn,
+            when: &f.when,
+            author: &author,
+            department: &department,
+            problems: &problems,
+            medications: &medications,
+        };
+        let mut r = rng_for(self.seed, self.idx, 0xB0D7, n);
+        if f.scanned {
+            let pages = r.range(1, 6);
+            let note = documents::scanned_note(&facts, pages);
+            let filler = r.range(4_000, 34_000) as usize;
+            documents::pdf_doc(id, &note, filler, &mut r)
+        } else {
+            documents::note_doc(id, &documents::clinical_note(&facts, &mut r))
+        }
+    }
+
+    /// Renders the `presentedForm` of DiagnosticReport `n`.
+    fn report_binary(&self, n: u64, id: &str) -> BinaryDoc {
+        let report = self.one("DiagnosticReport", n, Gen::report);
+        let patient = self.patient();
+        let (name, mrn, _) = Self::patient_facts(&patient);
+        let title = report["code"]["text"]
+            .as_str()
+            .unwrap_or("Laboratory report");
+        let when = report["effectiveDateTime"].as_str().unwrap_or_default();
+        let first = n * LABS_PER_REPORT;
+        let last = (first + LABS_PER_REPORT).min(self.profile.labs);
+        let results: Vec<String> = (first..last)
+            .map(|i| {
+                let obs = self.one("Observation", i, Gen::observation);
+                let q = &LABS[(i as usize) % LABS.len()];
+                let value = obs["valueQuantity"]["value"].as_f64().unwrap_or_default();
+                format!("{}: {:.*} {}", q.1, q.5.max(0) as usize, value, q.2)
+            })
+            .collect();
+        let lab = catalogue::organization_display(catalogue::DEPT_LABORATORY);
+        let note = documents::Note {
+            title: title.to_string(),
+            header: [
+                ("Patient", name.as_str()),
+                (
+                    "Date of birth",
+                    patient["birthDate"].as_str().unwrap_or_default(),
+                ),
+                ("MRN", mrn.as_str()),
+                ("Collected", when),
+                ("Performing lab", lab.as_str()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            sections: vec![documents::Section {
+                heading: "Results".into(),
+                paragraphs: Vec::new(),
+                items: results,
+            }],
+            footer: format!("Final report, resulted {when} by {lab}"),
+        };
+        if self.report_form_type(n) == documents::PDF {
+            let mut r = rng_for(self.seed, self.idx, 0xB0D8, n);
+            let filler = r.range(4_000, 20_000) as usize;
+            documents::pdf_doc(id, &note, filler, &mut r)
+        } else {
+            documents::html_doc(id, &note)
+        }
     }
 }

@@ -1,11 +1,15 @@
-//! The sandbox's FHIR R4 side: bearer-token checks, latency and faults, `Patient/{id}` reads
-//! and per-patient searches with Epic-like paging.
+//! The sandbox's FHIR R4 side: bearer-token checks, latency and faults, reads of `Patient/{id}`
+//! and of the shared catalogue types, per-patient searches and `_id` searches, with Epic-like
+//! paging.
 //!
 //! Searches return `searchset` Bundles whose `next` links are opaque (`?sessionID=...&page=N`,
 //! backed by a server-side session that expires after 10 idle minutes). Every second page is
 //! deliberately half as long as the others and still has a `next` link, and some first pages
-//! carry an OperationOutcome entry (`search.mode = outcome`), as on Epic. The resources
-//! themselves come from `data.rs`; token issuing is in `token.rs`.
+//! carry an OperationOutcome entry (`search.mode = outcome`), as on Epic. The catalogue types
+//! (Medication, Practitioner, PractitionerRole, Organization, Location) are searchable by `_id`
+//! only (comma lists and repeated `_id` parameters; unknown ids are left out), never per
+//! patient. The resources themselves come from `data.rs`; token issuing is in `token.rs`,
+//! Binary reads in `binary.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{Fault, SEARCH_TYPES, Shared};
+use super::{CATALOGUE_TYPES, Fault, SEARCH_TYPES, Shared};
 
 /// Idle time after which a paging session is forgotten.
 const SESSION_TTL: Duration = Duration::from_secs(600);
@@ -25,10 +29,19 @@ pub(super) const FHIR_JSON: &str = "application/fhir+json";
 #[derive(Debug, Clone)]
 pub(super) struct Session {
     resource_type: String,
-    patient: String,
+    scope: Scope,
     filters: Filters,
     page_size: usize,
     last_used: Instant,
+}
+
+/// Which resources a search looks at.
+#[derive(Debug, Clone)]
+enum Scope {
+    /// One patient's resources of the type (for `Patient`: that patient).
+    Patient(String),
+    /// Catalogue resources by id (`_id`), in the order asked, each once.
+    Ids(Vec<String>),
 }
 
 /// Token filters: every inner list must match (AND across parameters), by any of its codes
@@ -232,7 +245,8 @@ fn fault_response(status: StatusCode, retry_after: Option<&str>) -> Response {
     resp
 }
 
-/// `GET {base}/{Type}/{id}`: only `Patient` reads are supported.
+/// `GET {base}/{Type}/{id}`: reads of `Patient` and of the catalogue types (`Binary` has its
+/// own route).
 pub(super) async fn read(
     State(s): State<Arc<Shared>>,
     Path((resource_type, id)): Path<(String, String)>,
@@ -240,6 +254,21 @@ pub(super) async fn read(
 ) -> Response {
     if let Err(resp) = gate(&s, &headers).await {
         return resp;
+    }
+    if CATALOGUE_TYPES.contains(&resource_type.as_str()) {
+        *s.lock()
+            .stats
+            .reads_by_type
+            .entry(resource_type.clone())
+            .or_default() += 1;
+        return match s.dataset.catalogue_resource(&resource_type, &id) {
+            Some(resource) => fhir(StatusCode::OK, &resource),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("{resource_type}/{id} was not found."),
+            ),
+        };
     }
     if resource_type == "Patient" {
         return match s.dataset.resources("Patient", &id).into_iter().next() {
@@ -329,17 +358,22 @@ pub(super) async fn search(
         return page_response(&s, &session, Some(sid), page, &self_url);
     }
 
-    let (patient, filters) = match new_search(&resource_type, &params) {
+    let (scope, filters) = match new_search(&resource_type, &params) {
         Ok(found) => found,
         Err(resp) => return resp,
     };
+    if let Scope::Ids(ids) = &scope {
+        let mut inner = s.lock();
+        inner.stats.id_searches += 1;
+        inner.stats.id_search_ids += ids.len() as u64;
+    }
     let page_size = match param("_count").map(str::parse::<usize>) {
         Some(Ok(n)) if n >= 1 => n.min(s.opts.page_size.max(1)),
         _ => s.opts.page_size.max(1),
     };
     let session = Session {
         resource_type,
-        patient,
+        scope,
         filters,
         page_size,
         last_used: Instant::now(),
@@ -347,12 +381,12 @@ pub(super) async fn search(
     page_response(&s, &session, None, 1, &self_url)
 }
 
-/// Validates a new search's parameters like Epic; returns the patient id and filters.
+/// Validates a new search's parameters like Epic; returns what to search and the filters.
 #[allow(clippy::result_large_err)]
 fn new_search(
     resource_type: &str,
     params: &[(String, String)],
-) -> Result<(String, Filters), Response> {
+) -> Result<(Scope, Filters), Response> {
     let values = |name: &str| -> Vec<&str> {
         params
             .iter()
@@ -360,9 +394,32 @@ fn new_search(
             .map(|(_, v)| v.as_str())
             .collect()
     };
+    if CATALOGUE_TYPES.contains(&resource_type) {
+        // Every `_id` parameter, comma lists split; each id once, in the order asked.
+        let mut ids: Vec<String> = Vec::new();
+        let mut asked = false;
+        for id in values("_id").into_iter().flat_map(|v| v.split(',')) {
+            asked = true;
+            let id = id.trim();
+            let id = id.rsplit('/').next().unwrap_or(id);
+            if !id.is_empty() && !ids.iter().any(|x| x == id) {
+                ids.push(id.to_string());
+            }
+        }
+        if !asked {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "required",
+                &format!(
+                    "A search parameter is required: {resource_type} can only be searched by _id."
+                ),
+            ));
+        }
+        return Ok((Scope::Ids(ids), Filters::default()));
+    }
     if resource_type == "Patient" {
         return match values("_id").first() {
-            Some(id) => Ok((id.to_string(), Filters::default())),
+            Some(id) => Ok((Scope::Patient(id.to_string()), Filters::default())),
             None => Err(error(
                 StatusCode::BAD_REQUEST,
                 "required",
@@ -396,7 +453,7 @@ fn new_search(
             "Must have either code or category. Observation searches must include category or code.",
         ));
     }
-    Ok((patient, filters))
+    Ok((Scope::Patient(patient), filters))
 }
 
 /// Page `n` (1-based) has `page_size` entries when odd and half that (at least 1) when even.
@@ -443,9 +500,14 @@ fn page_response(
 ) -> Response {
     let base = s.base_url();
     let rt = session.resource_type.as_str();
-    let matches: Vec<Value> = s
-        .dataset
-        .resources(rt, &session.patient)
+    let found = match &session.scope {
+        Scope::Patient(patient) => s.dataset.resources(rt, patient),
+        Scope::Ids(ids) => ids
+            .iter()
+            .filter_map(|id| s.dataset.catalogue_resource(rt, id))
+            .collect(),
+    };
+    let matches: Vec<Value> = found
         .into_iter()
         .filter(|r| session.filters.matches(r))
         .collect();
@@ -484,7 +546,11 @@ fn page_response(
             "search": {"mode": "match"},
         }));
     }
-    if page == 1 && s.dataset.search_has_outcome(rt, &session.patient) {
+    let outcome = match &session.scope {
+        Scope::Patient(patient) => s.dataset.search_has_outcome(rt, patient),
+        Scope::Ids(_) => false,
+    };
+    if page == 1 && outcome {
         entries.push(json!({
             "resource": operation_outcome(
                 "warning",
@@ -510,7 +576,8 @@ fn page_response(
 /// `GET {base}/metadata`: a minimal CapabilityStatement (no token needed, like Epic), with the
 /// token endpoint in the SMART `oauth-uris` extension for clients that discover that way.
 pub(super) async fn metadata(State(s): State<Arc<Shared>>) -> Response {
-    let resources: Vec<Value> = std::iter::once("Patient")
+    let by_id = json!([{"name": "_id", "type": "token"}]);
+    let mut resources: Vec<Value> = std::iter::once("Patient")
         .chain(SEARCH_TYPES.iter().copied())
         .map(|t| {
             let interaction = if t == "Patient" {
@@ -521,6 +588,14 @@ pub(super) async fn metadata(State(s): State<Arc<Shared>>) -> Response {
             json!({"type": t, "interaction": interaction})
         })
         .collect();
+    resources.extend(CATALOGUE_TYPES.iter().map(|t| {
+        json!({
+            "type": t,
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": by_id,
+        })
+    }));
+    resources.push(json!({"type": "Binary", "interaction": [{"code": "read"}]}));
     fhir(
         StatusCode::OK,
         &json!({

@@ -10,6 +10,11 @@
 //! - `GET {base}/Patient/{id}` and `GET {base}/{Type}?patient=...` searches over a deterministic
 //!   synthetic data set (`data.rs`), with opaque `next` links, deliberately short pages,
 //!   OperationOutcome entries and Epic's "Observation needs category or code" rule (`fhir.rs`);
+//! - reads (`GET {base}/{Type}/{id}`) and `_id` searches of the resources patients share
+//!   (Medication, Practitioner, PractitionerRole, Organization, Location; `catalogue.rs`);
+//! - `GET {base}/Binary/{id}`: the attachments of clinical notes and lab reports, raw when the
+//!   `Accept` header names one of their content types, else as a FHIR Binary resource
+//!   (`binary.rs`, content from `documents.rs`), optionally also on the storage origin;
 //! - FHIR Bulk Data export (`Group/{id}/$export`, `Patient/$export`, `$export`): kick-off,
 //!   status polling with `X-Progress`, a manifest, streamed (optionally gzip) NDJSON files,
 //!   DELETE, Epic's per-group throttle, and a second "storage" origin serving the same files
@@ -17,15 +22,20 @@
 //! - knobs for latency, random 429/503 answers and queued [`Fault`]s.
 //!
 //! It is not a general FHIR server: no writes, no `_include`, and only the search and export
-//! parameters an exporter uses. The CLI wrapper lives in `cli.rs`.
+//! parameters an exporter uses. The CLI wrapper lives in `cli.rs`; the PRNG and id helpers all
+//! the generated data derives from are in `rng.rs`.
 
+mod binary;
 mod bulk;
+mod catalogue;
 mod cli;
 mod data;
+mod documents;
 mod fhir;
+mod rng;
 mod token;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,8 +45,10 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use jsonwebtoken::jwk::JwkSet;
 
+pub use catalogue::CATALOGUE_TYPES;
 pub use cli::{SandboxArgs, serve};
 pub use data::{Dataset, SEARCH_TYPES};
+pub use documents::BinaryDoc;
 
 /// The FHIR base path, relative to the server origin (Epic's layout).
 pub const FHIR_PATH: &str = "/api/FHIR/R4";
@@ -85,6 +97,11 @@ pub struct SandboxOptions {
     /// Whether manifests point at the storage origin's pre-signed URLs (and say
     /// `requiresAccessToken: false`) instead of the token-protected FHIR origin. Default false.
     pub bulk_files_on_storage: bool,
+    /// Whether DocumentReference attachment URLs are absolute URLs on the storage origin,
+    /// `{storage_origin}/notes/{binary id}` (served raw, without a token), instead of
+    /// `Binary/{id}` relative to the FHIR base. DiagnosticReport `presentedForm` URLs stay
+    /// `Binary/{id}`. Default false.
+    pub attachments_on_storage: bool,
 }
 
 impl Default for SandboxOptions {
@@ -105,6 +122,7 @@ impl Default for SandboxOptions {
             bulk_throttle: Duration::from_secs(24 * 3600),
             bulk_expiry: Duration::from_secs(3600),
             bulk_files_on_storage: false,
+            attachments_on_storage: false,
         }
     }
 }
@@ -189,6 +207,22 @@ pub struct SandboxStats {
     pub storage_requests: u64,
     /// Storage-origin requests that carried an `Authorization` header (clients should not).
     pub storage_requests_with_authorization: u64,
+    /// `GET {base}/Binary/{id}` requests that got past the token check and the general faults
+    /// (unknown ids included).
+    pub binary_reads: u64,
+    /// Binary reads answered with the raw bytes (the `Accept` header named a content type of
+    /// the Binary) rather than a FHIR Binary resource.
+    pub binary_reads_raw: u64,
+    /// Attachment downloads from the storage origin (`/notes/{id}`, known ids only).
+    pub storage_attachment_downloads: u64,
+    /// Reads (`GET {base}/{Type}/{id}`) of the shared catalogue types that got past the token
+    /// check and the general faults, by type (unknown ids included).
+    pub reads_by_type: BTreeMap<String, u64>,
+    /// New `_id` searches of the catalogue types (`GET {base}/{Type}?_id=...`; further pages
+    /// not counted).
+    pub id_searches: u64,
+    /// Ids asked for by those searches (after splitting comma lists; duplicates counted).
+    pub id_search_ids: u64,
 }
 
 /// Why the sandbox could not start.
@@ -225,22 +259,32 @@ impl Sandbox {
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(SandboxError::HttpClient)?;
+        let storage_origin = format!("http://{storage_local}");
+        let mut dataset = Dataset::generate(opts.patients, opts.seed);
+        if opts.attachments_on_storage {
+            dataset = dataset
+                .with_attachment_base(format!("{storage_origin}/{}", binary::STORAGE_NOTES_PATH));
+        }
         let shared = Arc::new(Shared {
             origin: opts
                 .public_origin
                 .clone()
                 .unwrap_or_else(|| format!("http://{local}")),
-            storage_origin: format!("http://{storage_local}"),
-            dataset: Arc::new(Dataset::generate(opts.patients, opts.seed)),
+            storage_origin,
+            dataset: Arc::new(dataset),
             http,
             inner: Mutex::new(Inner {
-                rng: data::SplitMix64::new(opts.seed ^ 0x5EED_FA17),
+                rng: rng::SplitMix64::new(opts.seed ^ 0x5EED_FA17),
                 ..Inner::default()
             }),
             opts,
         });
         let app = router(shared.clone());
         let storage_app = Router::new()
+            .route(
+                &format!("/{}/{{id}}", binary::STORAGE_NOTES_PATH),
+                get(binary::storage_note),
+            )
             .fallback(bulk::storage_file)
             .with_state(shared.clone());
         let (stop, stopped) = tokio::sync::watch::channel(());
@@ -287,7 +331,8 @@ impl Sandbox {
     }
 
     /// The storage origin, e.g. `http://127.0.0.1:PORT2`: a second listener serving bulk files
-    /// through pre-signed URLs, without tokens.
+    /// through pre-signed URLs and (with [`SandboxOptions::attachments_on_storage`]) note
+    /// attachments at `/notes/{binary id}`, without tokens.
     pub fn storage_origin(&self) -> String {
         self.shared.storage_origin.clone()
     }
@@ -370,6 +415,7 @@ fn router(shared: Arc<Shared>) -> Router {
             &format!("{FHIR_PATH}/{}/{{job}}/{{n}}", bulk::FILE_PATH),
             get(bulk::file),
         )
+        .route(&format!("{FHIR_PATH}/Binary/{{id}}"), get(binary::read))
         .route(&format!("{FHIR_PATH}/{{resource_type}}"), get(fhir::search))
         .route(
             &format!("{FHIR_PATH}/{{resource_type}}/{{id}}"),
@@ -437,7 +483,7 @@ struct Inner {
     bulk_jobs: HashMap<String, bulk::Job>,
     /// (client id, group id or `*`) → the last accepted kick-off (Epic's throttle).
     bulk_last_kickoff: HashMap<(String, String), Instant>,
-    rng: data::SplitMix64,
+    rng: rng::SplitMix64,
     stats: SandboxStats,
 }
 

@@ -1152,6 +1152,7 @@ fn cli_registers_clients_from_files_and_urls() {
     assert!(TestCli::try_parse_from(["sandbox", "--rate-5xx", "2"]).is_err());
 }
 
+mod attachments;
 mod bulk;
 
 /// Behind a Service the sandbox is reached by another name than the address it listens on: with a
