@@ -566,7 +566,10 @@ impl RunWriter {
         let _ = fs::remove_dir(self.partial.join(DELETED_DIR));
         // Files set aside by `detach` while their resources were being rewritten.
         for entry in fs::read_dir(&self.partial).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().ends_with(".original.ndjson")
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".original.ndjson")
                 && let Err(e) = fs::remove_file(entry.path())
             {
                 tracing::warn!("cannot remove {}: {e}", entry.path().display());

@@ -67,6 +67,16 @@ impl Store {
     pub fn open(staging: &Path) -> io::Result<(Store, HashMap<Key, Stored>)> {
         let dir = staging.join(ATTACHMENTS_DIR);
         create_private_dir(&dir)?;
+        // Downloads a killed run left half-way.
+        for entry in fs::read_dir(&dir)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".download-")
+            {
+                fs::remove_file(entry.path())?;
+            }
+        }
         let journal_path = dir.join(JOURNAL);
         let mut found = HashMap::new();
         if let Ok(f) = File::open(&journal_path) {
@@ -187,8 +197,11 @@ mod tests {
         store
             .record(&key("https://h/Binary/b"), &stored(&b, 5))
             .unwrap();
+        // A download the run was killed in.
+        fs::write(store.temp_path(), b"half").unwrap();
         drop(store);
         let (store, found) = Store::open(dir.path()).unwrap();
+        fs::write(store.temp_path(), b"the same name again").unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[&key("https://h/Binary/a")].file, a);
         store.finish(&|name| name == a).unwrap();
