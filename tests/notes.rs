@@ -432,3 +432,52 @@ async fn documents_on_a_file_host_need_file_hosts_and_never_get_the_token() {
     );
     assert!(report.summary.attachments.as_ref().unwrap().files > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_over_max_bytes_are_recorded_and_the_rest_linked() {
+    let env = env(SandboxOptions {
+        patients: 3,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        &format!("{FAST_LIMITS}attachments:\n  enabled: true\n  maxBytes: 5000\n"),
+    );
+    let report = run_config(&config).await;
+    assert_eq!(report.summary.outcome, Outcome::Partial);
+    let ds = env.sandbox.dataset();
+    let referenced = referenced_documents(&expected(ds, &patients));
+    let size = |(id, ct): &(String, String)| ds.binary(id).unwrap().bytes(ct).unwrap().len();
+    let too_big: BTreeSet<_> = referenced.iter().filter(|d| size(d) > 5000).collect();
+    assert!(!too_big.is_empty() && too_big.len() < referenced.len());
+    let failures: Vec<Value> =
+        std::fs::read_to_string(report.dir.join("errors/failed-requests.ndjson"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(failures.len(), too_big.len(), "one failure per document");
+    for f in &failures {
+        assert_eq!(f["kind"], "attachment");
+        assert!(f["message"].as_str().unwrap().contains("maxBytes"), "{f}");
+    }
+    let a = report.summary.attachments.as_ref().unwrap();
+    assert_eq!(a.failed as usize, too_big.len());
+    assert_eq!(a.files as usize, referenced.len() - too_big.len());
+    // The resources are all there; the ones with a large document keep its URL.
+    let got = read_run(&report.dir);
+    let unlinked = got["DocumentReference"]
+        .values()
+        .chain(got["DiagnosticReport"].values())
+        .flat_map(attachments_of)
+        .filter(|a| a["url"].as_str().unwrap().contains("Binary/"))
+        .count();
+    assert!(unlinked >= too_big.len());
+    assert_eq!(
+        got["DocumentReference"].len(),
+        expected(ds, &patients)["DocumentReference"].len()
+    );
+}

@@ -98,6 +98,16 @@ pub fn write_new_private_file(path: &Path, content: &[u8]) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Creates (or empties) a file with mode 0600: scratch files of a run.
+pub fn create_private_file_truncating(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn create_private_file(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
@@ -180,16 +190,44 @@ pub struct Manifest<'a> {
     pub attachments: Option<&'a AttachmentsManifest>,
 }
 
-/// The `attachments` section of `manifest.json`: the documents downloaded into `attachments/`.
-#[derive(Clone, Debug, Default, Serialize)]
+/// The `attachments` section of `manifest.json`: the documents downloaded into `attachments/`. The list
+/// of files is read from `files` (one JSON [`AttachmentFile`] per line) while `manifest.json` is
+/// written, so a run with many documents does not hold the list in memory; `publish` removes it.
+#[derive(Clone, Debug, Default)]
 pub struct AttachmentsManifest {
     pub count: u64,
     pub bytes: u64,
-    pub files: Vec<AttachmentFile>,
+    pub files: PathBuf,
+}
+
+impl Serialize for AttachmentsManifest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq, SerializeStruct};
+        struct Lines<'a>(&'a Path);
+        impl Serialize for Lines<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use std::io::BufRead;
+                let f = File::open(self.0).map_err(S::Error::custom)?;
+                let mut seq = s.serialize_seq(None)?;
+                for line in io::BufReader::new(f).lines() {
+                    let line = line.map_err(S::Error::custom)?;
+                    let entry: Box<serde_json::value::RawValue> =
+                        serde_json::from_str(&line).map_err(S::Error::custom)?;
+                    seq.serialize_element(&entry)?;
+                }
+                seq.end()
+            }
+        }
+        let mut st = s.serialize_struct("AttachmentsManifest", 3)?;
+        st.serialize_field("count", &self.count)?;
+        st.serialize_field("bytes", &self.bytes)?;
+        st.serialize_field("files", &Lines(&self.files))?;
+        st.end()
+    }
 }
 
 /// One downloaded document.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AttachmentFile {
     /// Relative to the run folder: `attachments/<sha256>.<ext>`.
@@ -197,7 +235,7 @@ pub struct AttachmentFile {
     pub content_type: String,
     pub bytes: u64,
     pub sha256: String,
-    /// The attachment URLs (as the resources give them) whose content this is.
+    /// The attachment URLs (absolute) whose content this is.
     pub sources: Vec<String>,
 }
 
@@ -529,6 +567,9 @@ impl RunWriter {
             attachments,
         };
         self.write_json("manifest.json", &manifest)?;
+        if let Some(a) = attachments {
+            fs::remove_file(&a.files).map_err(io_err(&a.files))?;
+        }
         self.write_json("summary.json", summary)?;
         let final_dir = self.final_dir();
         fs::rename(&self.partial, &final_dir).map_err(io_err(&final_dir))?;
@@ -564,7 +605,8 @@ impl RunWriter {
             }
         }
         let _ = fs::remove_dir(self.partial.join(DELETED_DIR));
-        // Files set aside by `detach` while their resources were being rewritten.
+        // Files set aside by `detach` while their resources were being rewritten, and the list of
+        // attachments for the manifest.
         for entry in fs::read_dir(&self.partial).into_iter().flatten().flatten() {
             if entry
                 .file_name()
@@ -583,14 +625,26 @@ impl RunWriter {
         }
     }
 
+    /// Writes `<staging>/<name>` as pretty JSON, streamed (the manifest's attachment list can be long).
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), OutputError> {
         let path = self.partial.join(name);
-        let mut text = serde_json::to_vec_pretty(value).map_err(|e| OutputError::Serialize {
-            name: name.into(),
-            message: e.to_string(),
+        let file = create_private_file(&path).map_err(io_err(&path))?;
+        let mut out = BufWriter::new(file);
+        serde_json::to_writer_pretty(&mut out, value).map_err(|e| match e.io_error_kind() {
+            Some(kind) => OutputError::Io {
+                path: path.clone(),
+                source: io::Error::new(kind, e.to_string()),
+            },
+            None => OutputError::Serialize {
+                name: name.into(),
+                message: e.to_string(),
+            },
         })?;
-        text.push(b'\n');
-        write_new_private_file(&path, &text).map_err(io_err(&path))
+        out.write_all(b"\n").map_err(io_err(&path))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| io_err(&path)(e.into_error()))?;
+        file.sync_all().map_err(io_err(&path))
     }
 }
 

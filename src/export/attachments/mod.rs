@@ -10,9 +10,9 @@
 
 pub mod edit;
 pub mod fetch;
+pub mod index;
 pub mod store;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
@@ -24,12 +24,13 @@ use tokio::sync::mpsc;
 
 use self::edit::{AttachmentView, Step};
 use self::fetch::{FetchFailure, Request};
-use self::store::{Key, Store, Stored};
+use self::index::{Doc, Entry, Index};
+use self::store::{Key, Store};
 use super::writer::WriterMsg;
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::raw::RawObject;
 use crate::fhir::{FetchError, FhirClient};
-use crate::output::{ATTACHMENTS_DIR, AttachmentFile, AttachmentsManifest};
+use crate::output::{ATTACHMENTS_DIR, AttachmentsManifest};
 use crate::plan::AttachmentPlan;
 use crate::summary::AttachmentStats;
 
@@ -62,16 +63,6 @@ pub struct Attached {
     pub manifest: AttachmentsManifest,
 }
 
-/// What became of one (URL, content type).
-#[derive(Clone, Debug)]
-enum State {
-    Stored(Stored),
-    /// Not downloaded; recorded once.
-    Failed,
-    /// Left alone by `contentTypes`.
-    Skipped,
-}
-
 pub struct Phase<'a> {
     plan: &'a AttachmentPlan,
     client: &'a FhirClient,
@@ -80,13 +71,9 @@ pub struct Phase<'a> {
     token_origins: Vec<String>,
     concurrency: usize,
     store: Store,
-    states: HashMap<Key, State>,
-    /// Entries the store had from an interrupted run, not used yet.
-    resumed: usize,
-    /// Files linked from a resource, with the URLs they came from.
-    linked: BTreeMap<String, (Stored, BTreeSet<String>)>,
-    /// Files put into resources as `data`.
-    inlined: BTreeSet<String>,
+    index: Index,
+    /// Documents the store had from an interrupted run.
+    resumed: u64,
     stats: AttachmentStats,
     tx: &'a mpsc::Sender<WriterMsg>,
 }
@@ -113,15 +100,25 @@ impl<'a> Phase<'a> {
             path: staging.join(ATTACHMENTS_DIR),
             source,
         };
-        let (store, found) = Store::open(staging).map_err(io)?;
+        let mut index = Index::new(index::lines_path(staging)).map_err(|source| Stop::Io {
+            path: index::lines_path(staging),
+            source,
+        })?;
+        let mut resumed = 0;
+        let store = Store::open(staging, &mut |key, stored| {
+            if let Some(doc) = index.doc(&stored) {
+                index.set(&key, Entry::Stored { doc, linked: false });
+                resumed += 1;
+            }
+        })
+        .map_err(io)?;
         let base = url::Url::parse(&format!("{}/", fhir_base.trim_end_matches('/')))
             .map_err(|_| Stop::Fetch(FetchError::InvalidUrl))?;
         let mut token_origins = vec![client.origin()];
         token_origins.extend(plan.token_origins.iter().cloned());
-        if !found.is_empty() {
+        if resumed > 0 {
             tracing::info!(
-                "{} attachments were downloaded by the interrupted run; they are not downloaded again",
-                found.len()
+                "{resumed} attachments were downloaded by the interrupted run; they are not downloaded again"
             );
         }
         Ok(Phase {
@@ -131,13 +128,8 @@ impl<'a> Phase<'a> {
             token_origins,
             concurrency: concurrency.max(1),
             store,
-            resumed: found.len(),
-            states: found
-                .into_iter()
-                .map(|(k, s)| (k, State::Stored(s)))
-                .collect(),
-            linked: BTreeMap::new(),
-            inlined: BTreeSet::new(),
+            index,
+            resumed,
             stats: AttachmentStats::default(),
             tx,
         })
@@ -240,12 +232,12 @@ impl<'a> Phase<'a> {
         for line in lines {
             for a in &line.found {
                 let Some(key) = self.key_of(a) else { continue };
-                if self.states.contains_key(&key) || wanted.iter().any(|(k, _, _)| *k == key) {
+                if self.index.contains(&key) || wanted.iter().any(|(k, _, _)| *k == key) {
                     continue;
                 }
                 if !self.plan.wants(a.content_type.as_deref()) {
                     self.stats.skipped += 1;
-                    self.states.insert(key, State::Skipped);
+                    self.index.set(&key, Entry::Skipped);
                     continue;
                 }
                 wanted.push((key, line, a));
@@ -288,7 +280,10 @@ impl<'a> Phase<'a> {
                         path: PathBuf::from(ATTACHMENTS_DIR),
                         source,
                     })?;
-                    self.states.insert(key.clone(), State::Stored(stored));
+                    // The store wrote it: its digests are well-formed.
+                    if let Some(doc) = self.index.doc(&stored) {
+                        self.index.set(key, Entry::Stored { doc, linked: false });
+                    }
                 }
                 Err(FetchFailure::Fetch(e)) if e.is_fatal() => return Err(Stop::Fetch(e)),
                 Err(FetchFailure::Disk(source)) => {
@@ -338,7 +333,7 @@ impl<'a> Phase<'a> {
         message: String,
     ) -> Result<(), Stop> {
         self.stats.failed += 1;
-        self.states.insert(key.clone(), State::Failed);
+        self.index.set(key, Entry::Failed);
         self.record_failure(line, a, status, message).await
     }
 
@@ -373,37 +368,47 @@ impl<'a> Phase<'a> {
         // Decide per attachment first (checks, reads of small files), then edit in one pass.
         let mut edits: Vec<Option<Edit>> = Vec::with_capacity(line.found.len());
         for a in &line.found {
-            let stored = match self.key_of(a).and_then(|k| self.states.get(&k).cloned()) {
-                Some(State::Stored(s)) => s,
-                _ => {
-                    edits.push(None);
-                    continue;
-                }
+            let Some(key) = self.key_of(a) else {
+                edits.push(None);
+                continue;
             };
-            if let Some(why) = mismatch(a, &stored) {
+            let Some(Entry::Stored { doc, .. }) = self.index.get(&key) else {
+                edits.push(None);
+                continue;
+            };
+            if let Some(why) = mismatch(a, &doc) {
                 self.stats.failed += 1;
                 self.record_failure(line, a, None, why).await?;
                 edits.push(None);
                 continue;
             }
             let original = a.url.clone().unwrap_or_default();
-            if stored.size < self.plan.inline_smaller_than {
-                let bytes = self.store.read(&stored.file).map_err(|source| Stop::Io {
-                    path: PathBuf::from(format!("{ATTACHMENTS_DIR}/{}", stored.file)),
+            let file = self.index.file(&doc);
+            let hash = Index::sha1(&doc);
+            if doc.size < self.plan.inline_smaller_than {
+                let bytes = self.store.read(&file).map_err(|source| Stop::Io {
+                    path: PathBuf::from(format!("{ATTACHMENTS_DIR}/{file}")),
                     source,
                 })?;
-                self.inlined.insert(stored.file.clone());
+                self.index.inline(&doc);
                 edits.push(Some(Edit::Inline {
                     data: BASE64.encode(bytes),
-                    stored,
+                    size: doc.size,
+                    hash,
                 }));
             } else {
-                self.linked
-                    .entry(stored.file.clone())
-                    .or_insert_with(|| (stored.clone(), BTreeSet::new()))
-                    .1
-                    .insert(original.clone());
-                edits.push(Some(Edit::Link { original, stored }));
+                self.index
+                    .link(&key, &doc, &key.url)
+                    .map_err(|source| Stop::Io {
+                        path: index::lines_path(Path::new(".")),
+                        source,
+                    })?;
+                edits.push(Some(Edit::Link {
+                    original,
+                    file,
+                    size: doc.size,
+                    hash,
+                }));
             }
         }
         if edits.iter().all(Option::is_none) {
@@ -425,30 +430,26 @@ impl<'a> Phase<'a> {
 
     /// Counts, the manifest section, and the store cleaned: documents no resource links to (only
     /// inlined, or refused for a wrong declared size or hash) are removed.
-    pub fn finish(mut self) -> Result<Attached, Stop> {
-        let linked = std::mem::take(&mut self.linked);
-        let staging_attachments = PathBuf::from(ATTACHMENTS_DIR);
-        self.store
-            .finish(&|name| linked.contains_key(name))
+    pub fn finish(self) -> Result<Attached, Stop> {
+        let Phase {
+            store,
+            index,
+            resumed,
+            mut stats,
+            ..
+        } = self;
+        store
+            .finish(&|name| index.is_linked_file(name))
             .map_err(|source| Stop::Io {
-                path: staging_attachments,
+                path: PathBuf::from(ATTACHMENTS_DIR),
                 source,
             })?;
-        let mut stats = self.stats;
-        stats.files = linked.len() as u64;
-        stats.bytes = linked.values().map(|(s, _)| s.size).sum();
-        stats.reused = self.resumed as u64;
-        stats.inlined = self.inlined.len() as u64;
-        let files: Vec<AttachmentFile> = linked
-            .into_values()
-            .map(|(s, sources)| AttachmentFile {
-                url: format!("{ATTACHMENTS_DIR}/{}", s.file),
-                content_type: s.content_type,
-                bytes: s.size,
-                sha256: s.sha256,
-                sources: sources.into_iter().collect(),
-            })
-            .collect();
+        (stats.files, stats.bytes, stats.inlined) = index.counts();
+        stats.reused = resumed;
+        let files = index.manifest_lines().map_err(|source| Stop::Io {
+            path: PathBuf::from(ATTACHMENTS_DIR),
+            source,
+        })?;
         Ok(Attached {
             manifest: AttachmentsManifest {
                 count: stats.files,
@@ -462,15 +463,29 @@ impl<'a> Phase<'a> {
 
 /// What to do to one attachment.
 enum Edit {
-    Link { original: String, stored: Stored },
-    Inline { data: String, stored: Stored },
+    Link {
+        original: String,
+        file: String,
+        size: u64,
+        hash: String,
+    },
+    Inline {
+        data: String,
+        size: u64,
+        hash: String,
+    },
 }
 
 impl Edit {
     fn apply(&self, a: &mut RawObject) {
-        let stored = match self {
-            Edit::Link { original, stored } => {
-                a.set_value("url", &format!("{ATTACHMENTS_DIR}/{}", stored.file));
+        let (size, hash) = match self {
+            Edit::Link {
+                original,
+                file,
+                size,
+                hash,
+            } => {
+                a.set_value("url", &format!("{ATTACHMENTS_DIR}/{file}"));
                 let mut extensions: Vec<Box<serde_json::value::RawValue>> =
                     a.get_as("extension").unwrap_or_default();
                 extensions.push(crate::fhir::raw::to_raw(&json!({
@@ -478,31 +493,34 @@ impl Edit {
                     "valueUrl": original,
                 })));
                 a.set_value("extension", &extensions);
-                stored
+                (size, hash)
             }
-            Edit::Inline { data, stored } => {
+            Edit::Inline { data, size, hash } => {
                 a.set_value("data", data);
-                stored
+                (size, hash)
             }
         };
         if a.get("size").is_none() {
-            a.set_value("size", &stored.size);
+            a.set_value("size", size);
         }
         if a.get("hash").is_none() {
-            a.set_value("hash", &stored.sha1);
+            a.set_value("hash", hash);
         }
     }
 }
 
 /// Why a stored document does not match what the attachment declares, if it does not.
-fn mismatch(a: &AttachmentView, stored: &Stored) -> Option<String> {
-    if let Some(size) = a.size.filter(|s| *s != stored.size) {
+fn mismatch(a: &AttachmentView, doc: &Doc) -> Option<String> {
+    if let Some(size) = a.size.filter(|s| *s != doc.size) {
         return Some(format!(
             "the attachment declares {size} bytes but the server sent {}; the document was not kept",
-            stored.size
+            doc.size
         ));
     }
-    if a.hash.as_deref().is_some_and(|h| h.trim() != stored.sha1) {
+    if a.hash
+        .as_deref()
+        .is_some_and(|h| h.trim() != Index::sha1(doc))
+    {
         return Some(
             "the attachment's declared SHA-1 hash does not match the document the server sent; the document was not kept"
                 .into(),

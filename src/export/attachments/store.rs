@@ -3,7 +3,6 @@
 //! type to its file, so a run that resumes does not download what it has. Files are written to a
 //! temporary name, synced and renamed, so a file under its final name is always complete.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -62,9 +61,9 @@ fn is_store_name(name: &str) -> bool {
 }
 
 impl Store {
-    /// Opens (creating) `<staging>/attachments/` and reads what an interrupted run of the same export
-    /// stored: entries whose file is there with the recorded size.
-    pub fn open(staging: &Path) -> io::Result<(Store, HashMap<Key, Stored>)> {
+    /// Opens (creating) `<staging>/attachments/` and hands `found` what an interrupted run of the same
+    /// export stored: entries whose file is there with the recorded size.
+    pub fn open(staging: &Path, found: &mut dyn FnMut(Key, Stored)) -> io::Result<Store> {
         let dir = staging.join(ATTACHMENTS_DIR);
         create_private_dir(&dir)?;
         // Downloads a killed run left half-way.
@@ -78,7 +77,6 @@ impl Store {
             }
         }
         let journal_path = dir.join(JOURNAL);
-        let mut found = HashMap::new();
         if let Ok(f) = File::open(&journal_path) {
             for line in BufReader::new(f).lines() {
                 let Ok(Ok(entry)) = line.map(|l| serde_json::from_str::<JournalLine>(&l)) else {
@@ -88,7 +86,7 @@ impl Store {
                     && fs::metadata(dir.join(&entry.stored.file))
                         .is_ok_and(|m| m.is_file() && m.len() == entry.stored.size);
                 if complete {
-                    found.insert(entry.key, entry.stored);
+                    found(entry.key, entry.stored);
                 }
             }
         }
@@ -97,14 +95,11 @@ impl Store {
             .create(true)
             .mode(0o600)
             .open(&journal_path)?;
-        Ok((
-            Store {
-                dir,
-                journal,
-                next_temp: AtomicU64::new(0),
-            },
-            found,
-        ))
+        Ok(Store {
+            dir,
+            journal,
+            next_temp: AtomicU64::new(0),
+        })
     }
 
     /// A fresh temporary path in the store for one download.
@@ -163,6 +158,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn stored(file: &str, size: u64) -> Stored {
         Stored {
@@ -177,7 +173,11 @@ mod tests {
     #[test]
     fn a_reopened_store_knows_only_complete_files() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut store, found) = Store::open(dir.path()).unwrap();
+        let mut found = HashMap::new();
+        let mut store = Store::open(dir.path(), &mut |k, s| {
+            found.insert(k, s);
+        })
+        .unwrap();
         assert!(found.is_empty());
         let a = format!("{}.html", "a".repeat(64));
         let b = format!("{}.html", "b".repeat(64));
@@ -200,7 +200,11 @@ mod tests {
         // A download the run was killed in.
         fs::write(store.temp_path(), b"half").unwrap();
         drop(store);
-        let (store, found) = Store::open(dir.path()).unwrap();
+        let mut found = HashMap::new();
+        let store = Store::open(dir.path(), &mut |k, s| {
+            found.insert(k, s);
+        })
+        .unwrap();
         fs::write(store.temp_path(), b"the same name again").unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[&key("https://h/Binary/a")].file, a);
