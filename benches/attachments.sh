@@ -5,10 +5,12 @@
 # Prints the notes, documents and bytes downloaded, the time of the whole run and of the enrichment,
 # and the exporter's peak RSS and CPU time.
 #
-#   benches/attachments.sh [PATIENTS] [CONCURRENCY] [LATENCY_MS]      (defaults: 4000 8 0)
+#   benches/attachments.sh [PATIENTS] [CONCURRENCY] [LATENCY_MS]      (defaults: 10000 8 0)
+#   ENRICH=0 benches/attachments.sh ...     the same export without attachments and hydrate (the baseline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-patients=${1:-4000}
+patients=${1:-10000}
+enrich=${ENRICH:-1}
 concurrency=${2:-8}
 latency_ms=${3:-0}
 
@@ -41,10 +43,10 @@ output:
 limits:
   concurrency: $concurrency
   requestsPerSecond: 0
-attachments:
-  enabled: true
-hydrate: [Medication, Practitioner, PractitionerRole, Organization, Location]
 YAML
+if [ "$enrich" = 1 ]; then
+  printf 'attachments:\n  enabled: true\nhydrate: [Medication, Practitioner, PractitionerRole, Organization, Location]\n' >>"$work/config.yaml"
+fi
 
 /usr/bin/time -f '%M %e %U %S' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log" \
   || { cat "$work/run.log" >&2; exit 1; }
@@ -54,14 +56,15 @@ import json, sys
 run, rss_kb, wall, user_s, sys_s, patients, conc, lat = sys.argv[1:9]
 s = json.load(open(f"{run}/summary.json"))
 m = json.load(open(f"{run}/manifest.json"))
-a, h = s["attachments"], s["hydration"]
+a = s.get("attachments", {"files": 0, "bytes": 0, "failed": 0})
+h = s.get("hydration", {"fetched": {}, "rounds": 0})
 notes = next((r["records"] for r in s["resources"] if r["type"] == "DocumentReference"), 0)
 reports = next((r["records"] for r in s["resources"] if r["type"] == "DiagnosticReport"), 0)
 cpu = float(user_s) + float(sys_s)
 print(f"attachments: bulk export of {patients} patients, concurrency {conc}, latency {lat} ms")
 print(f"  outcome            {s['outcome']}")
 print(f"  notes              {notes} DocumentReferences, {reports} DiagnosticReports")
-print(f"  documents          {a['files']} files, {a['bytes']/2**20:.1f} MiB (manifest lists {m['attachments']['count']}); failed {a['failed']}")
+print(f"  documents          {a['files']} files, {a['bytes']/2**20:.1f} MiB (manifest lists {m.get('attachments', {}).get('count', 0)}); failed {a['failed']}")
 print(f"  hydrated           {h['fetched']} in {h['rounds']} rounds")
 print(f"  requests           {s['requests']}")
 print(f"  run time           {s['durationSeconds']:.1f} s (process wall {float(wall):.1f} s)")
