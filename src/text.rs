@@ -1,6 +1,7 @@
 //! Small text helpers every layer shares: cutting text to a size in bytes without splitting a
 //! character (for messages with a size limit: Kubernetes termination messages, status fields, e-mail
-//! lines, errors quoting a server), and lowercase hex (checksums, ETags).
+//! lines, errors quoting a server), lowercase hex (checksums, ETags), and escaping text for HTML
+//! (e-mail, the sandbox's notes).
 
 use std::borrow::Cow;
 
@@ -37,6 +38,22 @@ pub fn hex(bytes: &[u8]) -> String {
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
     }
     out
 }

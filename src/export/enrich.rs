@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use super::attachments::{self, Attached};
-use super::hydrate::{self, Hydrator};
+use super::hydrate::Hydrator;
 use super::writer::{self, WriterMsg};
-use super::{ExportError, RunContext};
+use super::{ExportError, RunContext, StepError};
 use crate::fhir::FetchError;
 use crate::output::{OutputError, RunWriter};
 use crate::summary::HydrationStats;
@@ -38,22 +38,12 @@ enum Stop {
     Write(OutputError),
 }
 
-impl From<hydrate::Stop> for Stop {
-    fn from(s: hydrate::Stop) -> Self {
+impl From<StepError> for Stop {
+    fn from(s: StepError) -> Self {
         match s {
-            hydrate::Stop::Fetch(e) => Stop::Fatal(e),
-            hydrate::Stop::WriterGone => Stop::Write(writer_gone()),
-            hydrate::Stop::Io { path, source } => Stop::Write(OutputError::Io { path, source }),
-        }
-    }
-}
-
-impl From<attachments::Stop> for Stop {
-    fn from(s: attachments::Stop) -> Self {
-        match s {
-            attachments::Stop::Fetch(e) => Stop::Fatal(e),
-            attachments::Stop::WriterGone => Stop::Write(writer_gone()),
-            attachments::Stop::Io { path, source } => Stop::Write(OutputError::Io { path, source }),
+            StepError::Fetch(e) => Stop::Fatal(e),
+            StepError::WriterGone => Stop::Write(writer_gone()),
+            StepError::Io { path, source } => Stop::Write(OutputError::Io { path, source }),
         }
     }
 }

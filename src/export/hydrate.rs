@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::StepError;
 use super::writer::WriterMsg;
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::reference::{self, Reference};
@@ -30,20 +31,6 @@ const MAX_QUERY_BYTES: usize = 1800;
 /// Pages of one `_id` search at most.
 const MAX_PAGES: usize = 100;
 
-/// Why hydration stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Stop {
-    #[error("{0}")]
-    Fetch(FetchError),
-    #[error("the output writer stopped")]
-    WriterGone,
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
 /// What the run's files hold: ids of the hydrated types, and references to them.
 #[derive(Default)]
 struct Scan {
@@ -52,10 +39,14 @@ struct Scan {
 }
 
 /// Reads the resource files (blocking): which resources of `types` they hold and reference.
-fn scan_files(files: &[(String, PathBuf)], types: &[String], base: &str) -> Result<Scan, Stop> {
+fn scan_files(
+    files: &[(String, PathBuf)],
+    types: &[String],
+    base: &str,
+) -> Result<Scan, StepError> {
     let mut scan = Scan::default();
     for (file_type, path) in files {
-        let io = |source| Stop::Io {
+        let io = |source| StepError::Io {
             path: path.clone(),
             source,
         };
@@ -133,11 +124,11 @@ impl<'a> Hydrator<'a> {
     }
 
     /// Hydrates what the resource `files` reference; returns the figures.
-    pub async fn run(mut self, files: Vec<(String, PathBuf)>) -> Result<HydrationStats, Stop> {
+    pub async fn run(mut self, files: Vec<(String, PathBuf)>) -> Result<HydrationStats, StepError> {
         let (types, base) = (self.types.to_vec(), self.base.to_owned());
         let scan = tokio::task::spawn_blocking(move || scan_files(&files, &types, &base))
             .await
-            .map_err(|e| Stop::Io {
+            .map_err(|e| StepError::Io {
                 path: PathBuf::from("."),
                 source: std::io::Error::other(e),
             })??;
@@ -175,14 +166,14 @@ impl<'a> Hydrator<'a> {
                         count,
                     })
                     .await
-                    .map_err(|_| Stop::WriterGone)?;
+                    .map_err(|_| StepError::WriterGone)?;
             }
         }
         Ok(self.stats)
     }
 
     /// Fetches `missing` (sorted by type): `_id` searches per type, reads for the rest.
-    async fn fetch_all(&mut self, missing: Vec<Reference>) -> Result<Vec<Fetched>, Stop> {
+    async fn fetch_all(&mut self, missing: Vec<Reference>) -> Result<Vec<Fetched>, StepError> {
         let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in missing {
             by_type.entry(r.resource_type).or_default().push(r.id);
@@ -203,7 +194,7 @@ impl<'a> Hydrator<'a> {
                             }
                         }
                     }
-                    Err(e) if e.is_fatal() => return Err(Stop::Fetch(e)),
+                    Err(e) if e.is_fatal() => return Err(StepError::Fetch(e)),
                     Err(e) => {
                         tracing::info!(
                             "the server did not answer a {t} search by _id ({}); reading each {t} instead",
@@ -234,7 +225,7 @@ impl<'a> Hydrator<'a> {
                     }
                     None => (None, format!("the read of {r} did not return {r}")),
                 },
-                Err(e) if e.is_fatal() => return Err(Stop::Fetch(e)),
+                Err(e) if e.is_fatal() => return Err(StepError::Fetch(e)),
                 Err(e) => (e.status(), e.to_string()),
             };
             self.stats.failed += 1;
@@ -247,7 +238,7 @@ impl<'a> Hydrator<'a> {
             self.tx
                 .send(WriterMsg::Failure(record))
                 .await
-                .map_err(|_| Stop::WriterGone)?;
+                .map_err(|_| StepError::WriterGone)?;
         }
         Ok(fetched)
     }

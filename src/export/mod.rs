@@ -42,6 +42,21 @@ pub enum ExportError {
     Unfinished(String),
 }
 
+/// Why hydration or the attachment downloads stopped before the end.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Authentication failed: nothing more can be fetched.
+    #[error("{0}")]
+    Fetch(crate::fhir::FetchError),
+    #[error("the output writer stopped")]
+    WriterGone,
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// An authenticated session with the FHIR server.
 pub struct Connection {
     pub http: reqwest::Client,

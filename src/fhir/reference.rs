@@ -51,13 +51,18 @@ pub fn local(reference: &str, base: &str) -> Option<Reference> {
 /// Calls `found` with the value of every `reference` member (a string) anywhere in `json`.
 pub fn scan(json: &[u8], found: &mut dyn FnMut(&str)) -> Result<(), serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
-    Walk { found }.deserialize(&mut de)?;
+    Walk {
+        found,
+        is_reference: false,
+    }
+    .deserialize(&mut de)?;
     de.end()
 }
 
-/// Walks any JSON value, reporting `reference` strings.
+/// Walks any JSON value; a string that is the value of a `reference` member is reported.
 struct Walk<'f> {
     found: &'f mut dyn FnMut(&str),
+    is_reference: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Walk<'_> {
@@ -67,56 +72,15 @@ impl<'de> DeserializeSeed<'de> for Walk<'_> {
     }
 }
 
-/// The value of a `reference` member: reported when it is a string, walked otherwise.
-struct ReferenceValue<'f> {
-    found: &'f mut dyn FnMut(&str),
-}
-
-impl<'de> DeserializeSeed<'de> for ReferenceValue<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ReferenceValue<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a reference")
-    }
-    fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        (self.found)(v);
-        Ok(())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        Walk { found: self.found }.visit_map(map)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        Walk { found: self.found }.visit_seq(seq)
-    }
-}
-
 impl<'de> Visitor<'de> for Walk<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("JSON")
     }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        if self.is_reference {
+            (self.found)(v);
+        }
         Ok(())
     }
     fn visit_bool<E>(self, _: bool) -> Result<(), E> {
@@ -136,15 +100,10 @@ impl<'de> Visitor<'de> for Walk<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "reference" {
-                map.next_value_seed(ReferenceValue {
-                    found: &mut *self.found,
-                })?;
-            } else {
-                map.next_value_seed(Walk {
-                    found: &mut *self.found,
-                })?;
-            }
+            map.next_value_seed(Walk {
+                found: &mut *self.found,
+                is_reference: key == "reference",
+            })?;
         }
         Ok(())
     }
@@ -152,6 +111,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
         while seq
             .next_element_seed(Walk {
                 found: &mut *self.found,
+                is_reference: false,
             })?
             .is_some()
         {}

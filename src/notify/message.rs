@@ -26,22 +26,6 @@ fn outcome_word(o: Outcome) -> &'static str {
     }
 }
 
-/// Escapes text for HTML element content and attribute values.
-pub fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 /// `s` on one line (control characters become spaces), at most `max` bytes.
 fn one_line(s: &str, max: usize) -> String {
     let line: String = s
@@ -178,7 +162,7 @@ pub fn render(s: &RunSummary) -> Rendered {
     let _ = writeln!(text, "\nDetails: summary.json in the output folder.");
 
     // HTML, the same content, everything escaped.
-    let e = escape_html;
+    let e = crate::text::escape_html;
     let mut html = String::new();
     let _ = write!(
         html,
@@ -327,7 +311,10 @@ mod tests {
             r.html
                 .contains("&lt;b&gt;&quot;bad&quot; &amp; &#39;worse&#39;&lt;/b&gt;")
         );
-        assert_eq!(escape_html("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&#39;");
+        assert_eq!(
+            crate::text::escape_html("a<b>&\"'"),
+            "a&lt;b&gt;&amp;&quot;&#39;"
+        );
     }
 
     #[test]

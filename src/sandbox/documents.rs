@@ -363,51 +363,40 @@ fn capitalise(s: &str) -> String {
 
 // ---------- rendering ----------
 
-fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 /// The note as an HTML document (the shape of Epic's HTML note rendering, simplified).
 pub(super) fn html(note: &Note) -> String {
     let mut out = String::with_capacity(4096);
-    let title = html_escape(&note.title);
+    let title = crate::text::escape_html(&note.title);
     out.push_str("<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n");
     out.push_str(&format!("<title>{title}</title>\n</head>\n<body>\n"));
     out.push_str(&format!("<h1>{title}</h1>\n<table class=\"header\">\n"));
     for (k, v) in &note.header {
         out.push_str(&format!(
             "<tr><th>{}</th><td>{}</td></tr>\n",
-            html_escape(k),
-            html_escape(v)
+            crate::text::escape_html(k),
+            crate::text::escape_html(v)
         ));
     }
     out.push_str("</table>\n");
     for s in &note.sections {
-        out.push_str(&format!("<h2>{}</h2>\n", html_escape(&s.heading)));
+        out.push_str(&format!(
+            "<h2>{}</h2>\n",
+            crate::text::escape_html(&s.heading)
+        ));
         for p in &s.paragraphs {
-            out.push_str(&format!("<p>{}</p>\n", html_escape(p)));
+            out.push_str(&format!("<p>{}</p>\n", crate::text::escape_html(p)));
         }
         if !s.items.is_empty() {
             out.push_str("<ul>\n");
             for i in &s.items {
-                out.push_str(&format!("<li>{}</li>\n", html_escape(i)));
+                out.push_str(&format!("<li>{}</li>\n", crate::text::escape_html(i)));
             }
             out.push_str("</ul>\n");
         }
     }
     out.push_str(&format!(
         "<p class=\"signature\">{}</p>\n</body>\n</html>\n",
-        html_escape(&note.footer)
+        crate::text::escape_html(&note.footer)
     ));
     out
 }

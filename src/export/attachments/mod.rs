@@ -26,6 +26,7 @@ use self::edit::{AttachmentView, Step};
 use self::fetch::{FetchFailure, Request};
 use self::index::{Doc, Entry, Index};
 use self::store::{Key, Store};
+use super::StepError;
 use super::writer::WriterMsg;
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::raw::RawObject;
@@ -40,21 +41,6 @@ pub const ORIGINAL_URL_EXTENSION: &str =
 
 /// Resources rewritten per chunk: the chunk's new documents download concurrently.
 const CHUNK_LINES: usize = 256;
-
-/// Why the phase stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum Stop {
-    /// Authentication failed: nothing more can be downloaded.
-    #[error("{0}")]
-    Fetch(FetchError),
-    #[error("the output writer stopped")]
-    WriterGone,
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
 
 /// What the phase did.
 #[derive(Debug, Default)]
@@ -95,12 +81,12 @@ impl<'a> Phase<'a> {
         concurrency: usize,
         staging: &Path,
         tx: &'a mpsc::Sender<WriterMsg>,
-    ) -> Result<Phase<'a>, Stop> {
-        let io = |source| Stop::Io {
+    ) -> Result<Phase<'a>, StepError> {
+        let io = |source| StepError::Io {
             path: staging.join(ATTACHMENTS_DIR),
             source,
         };
-        let mut index = Index::new(index::lines_path(staging)).map_err(|source| Stop::Io {
+        let mut index = Index::new(index::lines_path(staging)).map_err(|source| StepError::Io {
             path: index::lines_path(staging),
             source,
         })?;
@@ -113,7 +99,7 @@ impl<'a> Phase<'a> {
         })
         .map_err(io)?;
         let base = url::Url::parse(&format!("{}/", fhir_base.trim_end_matches('/')))
-            .map_err(|_| Stop::Fetch(FetchError::InvalidUrl))?;
+            .map_err(|_| StepError::Fetch(FetchError::InvalidUrl))?;
         let mut token_origins = vec![client.origin()];
         token_origins.extend(plan.token_origins.iter().cloned());
         if resumed > 0 {
@@ -137,7 +123,11 @@ impl<'a> Phase<'a> {
 
     /// Rewrites the resources of `original` (a file the writer set aside) into `resource_type`'s
     /// new file, downloading their attachments.
-    pub async fn process_file(&mut self, resource_type: &str, original: &Path) -> Result<(), Stop> {
+    pub async fn process_file(
+        &mut self,
+        resource_type: &str,
+        original: &Path,
+    ) -> Result<(), StepError> {
         let Some(path) = edit::path_of(resource_type) else {
             return Ok(());
         };
@@ -145,7 +135,7 @@ impl<'a> Phase<'a> {
         let file = original.to_owned();
         let reader = tokio::task::spawn_blocking(move || read_chunks(&file, &chunks_tx));
         while let Some(chunk) = chunks.recv().await {
-            let chunk = chunk.map_err(|source| Stop::Io {
+            let chunk = chunk.map_err(|source| StepError::Io {
                 path: original.to_owned(),
                 source,
             })?;
@@ -160,7 +150,7 @@ impl<'a> Phase<'a> {
         resource_type: &str,
         path: &[Step],
         chunk: Vec<Vec<u8>>,
-    ) -> Result<(), Stop> {
+    ) -> Result<(), StepError> {
         let lines: Vec<Line> = chunk
             .into_iter()
             .map(|bytes| {
@@ -200,7 +190,7 @@ impl<'a> Phase<'a> {
                     count,
                 })
                 .await
-                .map_err(|_| Stop::WriterGone)?;
+                .map_err(|_| StepError::WriterGone)?;
         }
         Ok(())
     }
@@ -227,7 +217,7 @@ impl<'a> Phase<'a> {
     }
 
     /// Downloads the chunk's attachments that have no state yet, at most `concurrency` at once.
-    async fn download_new(&mut self, lines: &[Line]) -> Result<(), Stop> {
+    async fn download_new(&mut self, lines: &[Line]) -> Result<(), StepError> {
         let mut wanted: Vec<(Key, &Line, &AttachmentView)> = Vec::new();
         for line in lines {
             for a in &line.found {
@@ -276,18 +266,20 @@ impl<'a> Phase<'a> {
         for ((key, line, a, _), outcome) in allowed.iter().zip(outcomes) {
             match outcome {
                 Ok(stored) => {
-                    self.store.record(key, &stored).map_err(|source| Stop::Io {
-                        path: PathBuf::from(ATTACHMENTS_DIR),
-                        source,
-                    })?;
+                    self.store
+                        .record(key, &stored)
+                        .map_err(|source| StepError::Io {
+                            path: PathBuf::from(ATTACHMENTS_DIR),
+                            source,
+                        })?;
                     // The store wrote it: its digests are well-formed.
                     if let Some(doc) = self.index.doc(&stored) {
                         self.index.set(key, Entry::Stored { doc, linked: false });
                     }
                 }
-                Err(FetchFailure::Fetch(e)) if e.is_fatal() => return Err(Stop::Fetch(e)),
+                Err(FetchFailure::Fetch(e)) if e.is_fatal() => return Err(StepError::Fetch(e)),
                 Err(FetchFailure::Disk(source)) => {
-                    return Err(Stop::Io {
+                    return Err(StepError::Io {
                         path: PathBuf::from(ATTACHMENTS_DIR),
                         source,
                     });
@@ -331,7 +323,7 @@ impl<'a> Phase<'a> {
         a: &AttachmentView,
         status: Option<u16>,
         message: String,
-    ) -> Result<(), Stop> {
+    ) -> Result<(), StepError> {
         self.stats.failed += 1;
         self.index.set(key, Entry::Failed);
         self.record_failure(line, a, status, message).await
@@ -343,7 +335,7 @@ impl<'a> Phase<'a> {
         a: &AttachmentView,
         status: Option<u16>,
         message: String,
-    ) -> Result<(), Stop> {
+    ) -> Result<(), StepError> {
         let record = json!({
             "kind": "attachment",
             "resourceType": line.resource_type,
@@ -356,7 +348,7 @@ impl<'a> Phase<'a> {
         self.tx
             .send(WriterMsg::Failure(record))
             .await
-            .map_err(|_| Stop::WriterGone)
+            .map_err(|_| StepError::WriterGone)
     }
 
     /// The resource with its stored attachments linked or inlined; `None` if nothing changed.
@@ -364,7 +356,7 @@ impl<'a> Phase<'a> {
         &mut self,
         line: &Line,
         path: &[Step],
-    ) -> Result<Option<Box<serde_json::value::RawValue>>, Stop> {
+    ) -> Result<Option<Box<serde_json::value::RawValue>>, StepError> {
         // Decide per attachment first (checks, reads of small files), then edit in one pass.
         let mut edits: Vec<Option<Edit>> = Vec::with_capacity(line.found.len());
         for a in &line.found {
@@ -386,7 +378,7 @@ impl<'a> Phase<'a> {
             let file = self.index.file(&doc);
             let hash = Index::sha1(&doc);
             if doc.size < self.plan.inline_smaller_than {
-                let bytes = self.store.read(&file).map_err(|source| Stop::Io {
+                let bytes = self.store.read(&file).map_err(|source| StepError::Io {
                     path: PathBuf::from(format!("{ATTACHMENTS_DIR}/{file}")),
                     source,
                 })?;
@@ -399,7 +391,7 @@ impl<'a> Phase<'a> {
             } else {
                 self.index
                     .link(&key, &doc, &key.url)
-                    .map_err(|source| Stop::Io {
+                    .map_err(|source| StepError::Io {
                         path: index::lines_path(Path::new(".")),
                         source,
                     })?;
@@ -430,7 +422,7 @@ impl<'a> Phase<'a> {
 
     /// Counts, the manifest section, and the store cleaned: documents no resource links to (only
     /// inlined, or refused for a wrong declared size or hash) are removed.
-    pub fn finish(self) -> Result<Attached, Stop> {
+    pub fn finish(self) -> Result<Attached, StepError> {
         let Phase {
             store,
             index,
@@ -440,13 +432,13 @@ impl<'a> Phase<'a> {
         } = self;
         store
             .finish(&|name| index.is_linked_file(name))
-            .map_err(|source| Stop::Io {
+            .map_err(|source| StepError::Io {
                 path: PathBuf::from(ATTACHMENTS_DIR),
                 source,
             })?;
         (stats.files, stats.bytes, stats.inlined) = index.counts();
         stats.reused = resumed;
-        let files = index.manifest_lines().map_err(|source| Stop::Io {
+        let files = index.manifest_lines().map_err(|source| StepError::Io {
             path: PathBuf::from(ATTACHMENTS_DIR),
             source,
         })?;
