@@ -131,6 +131,8 @@ impl<'a> Phase<'a> {
         let Some(path) = edit::path_of(resource_type) else {
             return Ok(());
         };
+        tracing::info!("downloading the attachments of the {resource_type} resources");
+        let failed_before = self.stats.failed;
         let (chunks_tx, mut chunks) = mpsc::channel::<std::io::Result<Vec<Vec<u8>>>>(2);
         let file = original.to_owned();
         let reader = tokio::task::spawn_blocking(move || read_chunks(&file, &chunks_tx));
@@ -142,6 +144,13 @@ impl<'a> Phase<'a> {
             self.process_chunk(resource_type, &path, chunk).await?;
         }
         let _ = reader.await;
+        let (files, bytes, _) = self.index.counts();
+        tracing::info!(
+            files,
+            bytes,
+            failed = self.stats.failed - failed_before,
+            "attachments of the {resource_type} resources done"
+        );
         Ok(())
     }
 
@@ -247,23 +256,24 @@ impl<'a> Phase<'a> {
         let client = self.client;
         let store = &self.store;
         let max_bytes = self.plan.max_bytes;
-        let mut results =
-            futures::stream::iter(allowed.iter().map(|(key, _, a, origins)| async move {
+        let mut results = futures::stream::iter(allowed.iter().enumerate().map(
+            |(i, (key, _, a, origins))| async move {
                 let req = Request {
                     url: &key.url,
                     token_origins: origins,
                     content_type: a.content_type.as_deref(),
                     max_bytes,
                 };
-                fetch::download(client, store, &req).await
-            }))
-            .buffered(self.concurrency);
-        let mut outcomes = Vec::with_capacity(allowed.len());
-        while let Some(r) = results.next().await {
-            outcomes.push(r);
+                (i, fetch::download(client, store, &req).await)
+            },
+        ))
+        .buffer_unordered(self.concurrency);
+        let mut outcomes: Vec<Option<_>> = (0..allowed.len()).map(|_| None).collect();
+        while let Some((i, r)) = results.next().await {
+            outcomes[i] = Some(r);
         }
         drop(results);
-        for ((key, line, a, _), outcome) in allowed.iter().zip(outcomes) {
+        for ((key, line, a, _), outcome) in allowed.iter().zip(outcomes.into_iter().flatten()) {
             match outcome {
                 Ok(stored) => {
                     self.store
