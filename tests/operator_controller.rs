@@ -687,12 +687,7 @@ async fn each_finished_run_sends_one_email_even_when_the_pod_never_reported() {
     fake.put(JOBS, job);
     // The server writes `<n>.eml` last, once the message is whole.
     eventually("the second e-mail", || async {
-        server
-            .maildir
-            .path()
-            .join("2.eml")
-            .exists()
-            .then_some(())
+        server.maildir.path().join("2.eml").exists().then_some(())
     })
     .await;
     let second: Value = serde_json::from_str(&std::fs::read_to_string(mail(2)).unwrap()).unwrap();
