@@ -23,7 +23,7 @@ LAYERS = [
     ("cli", ["cli", "main"]),
     ("app", ["run", "scheduler", "demo", "check", "keygen"]),
     ("domain", ["config", "plan", "export", "notify", "operator", "schedule", "summary", "sandbox"]),
-    ("infrastructure", ["auth", "fhir", "output", "http", "trust", "text", "progress", "logging", "task"]),
+    ("infrastructure", ["auth", "fhir", "output", "storage", "http", "trust", "text", "progress", "logging", "task"]),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LAYER_NAME = {module: name for name, modules in LAYERS for module in modules}

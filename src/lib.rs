@@ -27,6 +27,7 @@ pub mod run;
 pub mod sandbox;
 pub mod schedule;
 pub mod scheduler;
+pub mod storage;
 pub mod summary;
 pub mod task;
 pub mod text;
