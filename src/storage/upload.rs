@@ -133,3 +133,93 @@ impl ObjectFile {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStoreExt;
+    use object_store::memory::InMemory;
+    use std::io::Read as _;
+
+    fn lines(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.extend_from_slice(
+                format!("{{\"resourceType\":\"Observation\",\"id\":\"o{i}\",\"valueQuantity\":{{\"value\":{i}.50}}}}\n").as_bytes(),
+            );
+        }
+        out
+    }
+
+    async fn read(store: &Arc<dyn ObjectStore>, path: &ObjectPath) -> Option<Vec<u8>> {
+        let got = store.get(path).await.ok()?;
+        Some(got.bytes().await.unwrap().to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_large_object_goes_up_in_parts_and_comes_back_whole() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let path = ObjectPath::from("exports/nightly/run/Observation.ndjson");
+        let data = lines(200_000); // about 14 MiB: three parts of 5 MiB
+        let mut f = ObjectFile::create(store.clone(), path.clone(), MIN_PART_SIZE, 2, false);
+        for chunk in data.chunks(256 * 1024) {
+            f.append(chunk, 0).await.unwrap();
+        }
+        assert!(
+            read(&store, &path).await.is_none(),
+            "not visible before it is finished"
+        );
+        let done = f.finish().await.unwrap();
+        assert!(data.len() > 2 * MIN_PART_SIZE);
+        assert_eq!(read(&store, &path).await.unwrap(), data);
+        assert_eq!(done.bytes, data.len() as u64);
+        assert_eq!(done.stored_bytes, data.len() as u64);
+        let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &data);
+        assert_eq!(done.sha256, crate::text::hex(sha.as_ref()));
+    }
+
+    #[tokio::test]
+    async fn gzip_stores_less_and_hashes_what_was_appended() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let path = ObjectPath::from("run/Observation.ndjson.gz");
+        let data = lines(50_000);
+        let mut f = ObjectFile::create(store.clone(), path.clone(), MIN_PART_SIZE, 2, true);
+        for chunk in data.chunks(100_000) {
+            f.append(chunk, 1).await.unwrap();
+        }
+        let done = f.finish().await.unwrap();
+        let stored = read(&store, &path).await.unwrap();
+        assert_eq!(done.stored_bytes, stored.len() as u64);
+        assert!(
+            stored.len() < data.len() / 4,
+            "{} of {}",
+            stored.len(),
+            data.len()
+        );
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(stored.as_slice())
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert_eq!(plain, data);
+        let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &data);
+        assert_eq!(done.sha256, crate::text::hex(sha.as_ref()));
+        assert_eq!(done.count, data.chunks(100_000).count() as u64);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_or_dropped_upload_leaves_nothing() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let data = lines(120_000);
+        for abort in [true, false] {
+            let path = ObjectPath::from(format!("run/{abort}.ndjson"));
+            let mut f = ObjectFile::create(store.clone(), path.clone(), MIN_PART_SIZE, 2, false);
+            f.append(&data, 0).await.unwrap();
+            if abort {
+                f.abort().await;
+            } else {
+                drop(f);
+            }
+            assert!(read(&store, &path).await.is_none());
+        }
+    }
+}
