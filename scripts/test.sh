@@ -28,6 +28,10 @@ echo "== SMTP test server venv (aiosmtpd, for tests/notify.rs)"
 EPIC_EXPORT_TEST_PYTHON=$(scripts/venv.sh target/smtp-venv scripts/smtp-test-requirements.txt)
 export EPIC_EXPORT_TEST_PYTHON
 
+echo "== object-store emulators (moto, Azurite; for tests/stores.rs)"
+store_env=$(scripts/stores.sh)
+eval "$store_env"
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast

@@ -1,0 +1,206 @@
+//! The object-store test servers (tests/support/stores.rs) are real and object_store's clients work
+//! against them: S3 (moto), Azure Blob (Azurite), GCS (object_store's GCS client against moto's XML API).
+//! Each test starts its own server. Needs `eval "$(scripts/stores.sh)"` (scripts/test.sh does it).
+
+#[path = "support/stores.rs"]
+mod stores;
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use stores::{AzureServer, GcsServer, S3Server};
+
+const PART: usize = 5 * 1024 * 1024;
+
+/// Deterministic bytes that are not a repeating pattern (xorshift).
+fn data(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Put, multipart put (3 parts of 5 MiB, the last shorter), get, list by prefix, conditional create
+/// (when `create_is_enforced`), delete.
+async fn exercise(store: Arc<dyn ObjectStore>, create_is_enforced: bool) {
+    let small = Path::from("run-1/Patient.ndjson");
+    store
+        .put(
+            &small,
+            PutPayload::from_static(b"{\"resourceType\":\"Patient\"}\n"),
+        )
+        .await
+        .unwrap();
+    let got = store.get(&small).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&got[..], b"{\"resourceType\":\"Patient\"}\n");
+
+    let big = Path::from("run-1/Observation.ndjson");
+    let want = data(2 * PART + PART / 5);
+    let mut upload =
+        WriteMultipart::new_with_chunk_size(store.put_multipart(&big).await.unwrap(), PART);
+    for chunk in want.chunks(1024 * 1024 + 7) {
+        upload.write(chunk);
+    }
+    upload.finish().await.unwrap();
+    let meta = store.head(&big).await.unwrap();
+    assert_eq!(meta.size, want.len() as u64);
+    let got = store.get(&big).await.unwrap().bytes().await.unwrap();
+    assert!(
+        got[..] == want[..],
+        "the multipart object reads back byte-equal"
+    );
+
+    store
+        .put(
+            &Path::from("run-2/Patient.ndjson"),
+            PutPayload::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+    let mut listed: Vec<String> = store
+        .list(Some(&Path::from("run-1")))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["run-1/Observation.ndjson", "run-1/Patient.ndjson"],
+        "list by prefix"
+    );
+
+    let marker = Path::from("run-1/_SUCCESS");
+    store
+        .put_opts(
+            &marker,
+            PutPayload::from_static(b"1"),
+            PutMode::Create.into(),
+        )
+        .await
+        .unwrap();
+    if create_is_enforced {
+        let again = store
+            .put_opts(
+                &marker,
+                PutPayload::from_static(b"2"),
+                PutMode::Create.into(),
+            )
+            .await;
+        assert!(
+            matches!(again, Err(object_store::Error::AlreadyExists { .. })),
+            "a second create-only put is refused: {again:?}"
+        );
+        let got = store.get(&marker).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&got[..], b"1");
+    }
+
+    store.delete(&small).await.unwrap();
+    let gone = store.get(&small).await;
+    assert!(
+        matches!(gone, Err(object_store::Error::NotFound { .. })),
+        "deleted: {gone:?}"
+    );
+    let left: Vec<_> = store
+        .list(Some(&Path::from("run-1")))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 2, "Observation.ndjson and _SUCCESS remain");
+}
+
+/// A put and a list through a store built only from the handle's environment variables.
+async fn round_trip_via_env(store: Arc<dyn ObjectStore>) {
+    let path = Path::from("from-env/hello.txt");
+    store
+        .put(&path, PutPayload::from_static(b"hello"))
+        .await
+        .unwrap();
+    let got = store.get(&path).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&got[..], b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_put_multipart_get_list_delete() {
+    let s3 = S3Server::start().await;
+    exercise(s3.store(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_env_credentials_work_and_a_wrong_secret_is_refused() {
+    let s3 = S3Server::start().await;
+    let env = s3.env();
+    let store = stores::s3_builder_from(&env)
+        .with_bucket_name(&s3.bucket)
+        .build()
+        .unwrap();
+    round_trip_via_env(Arc::new(store)).await;
+
+    let wrong = s3
+        .builder()
+        .with_secret_access_key("not-the-secret")
+        .build()
+        .unwrap();
+    let err = wrong
+        .put(&Path::from("x"), PutPayload::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("SignatureDoesNotMatch"),
+        "wrong secret: {err}"
+    );
+    let unknown = s3
+        .builder()
+        .with_access_key_id("AKIAUNKNOWNUNKNOWN00")
+        .build()
+        .unwrap();
+    assert!(
+        unknown
+            .head(&Path::from("from-env/hello.txt"))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_put_multipart_get_list_delete() {
+    let azure = AzureServer::start().await;
+    exercise(azure.store(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_env_credentials_work_and_a_wrong_key_is_refused() {
+    let azure = AzureServer::start().await;
+    let store = stores::azure_builder_from(&azure.env()).build().unwrap();
+    round_trip_via_env(Arc::new(store)).await;
+
+    use base64::Engine;
+    let other_key = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let wrong = azure.builder().with_access_key(other_key).build().unwrap();
+    let err = wrong
+        .put(&Path::from("x"), PutPayload::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(format!("{err}").contains("403"), "wrong key: {err}");
+}
+
+/// moto ignores GCS's `x-goog-if-generation-match`, so create-only puts are not checked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_put_multipart_get_list_delete() {
+    let gcs = GcsServer::start().await;
+    exercise(gcs.store(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_env_credentials_work() {
+    let gcs = GcsServer::start().await;
+    let store = stores::gcs_builder_from(&gcs.env()).build().unwrap();
+    round_trip_via_env(Arc::new(store)).await;
+}
