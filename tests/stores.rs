@@ -204,3 +204,111 @@ async fn gcs_env_credentials_work() {
     let store = stores::gcs_builder_from(&gcs.env()).build().unwrap();
     round_trip_via_env(Arc::new(store)).await;
 }
+
+/// epic-export's own storage layer against the server: the URL parsed as `output.url`, the client
+/// built from the environment variables only, an NDJSON object streamed gzip-compressed in parts, read
+/// back whole with the SHA-256 of what was appended; a wrong secret fails naming the object, never the
+/// secret.
+/// `secret`: the variable with the secret, its right value and a wrong one.
+async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&str, &str, &str)>) {
+    use epic_export::storage::{ObjectFile, OutputTarget, parse_output_url};
+    let OutputTarget::Object(location) = parse_output_url(url, None, None).unwrap() else {
+        panic!("{url} is an object URL");
+    };
+    let store = location.connect_with(env.clone()).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..150_000 {
+        lines.extend_from_slice(
+            format!(
+                "{{\"resourceType\":\"Observation\",\"id\":\"o{i}\",\"value\":{}}}\n",
+                i % 97
+            )
+            .as_bytes(),
+        );
+    }
+    let path = location
+        .prefix
+        .child("run-1")
+        .child("Observation.ndjson.gz");
+    let mut f = ObjectFile::create(store.clone(), path.clone(), PART, 2, true);
+    for chunk in lines.chunks(256 * 1024) {
+        f.append(chunk, 1).await.unwrap();
+    }
+    let done = f.finish().await.unwrap();
+    let stored = store.get(&path).await.unwrap().bytes().await.unwrap();
+    assert_eq!(stored.len() as u64, done.stored_bytes);
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&stored[..]), &mut plain).unwrap();
+    assert_eq!(plain, lines);
+    let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &lines);
+    assert_eq!(done.sha256, epic_export::text::hex(sha.as_ref()));
+
+    // Uncompressed and larger than two parts: a real multipart upload.
+    let big = data(2 * PART + 1234);
+    let path = location.prefix.child("run-1").child("Big.ndjson");
+    let mut f = ObjectFile::create(store.clone(), path.clone(), PART, 2, false);
+    for chunk in big.chunks(1 << 20) {
+        f.append(chunk, 0).await.unwrap();
+    }
+    f.finish().await.unwrap();
+    let got = store.get(&path).await.unwrap().bytes().await.unwrap();
+    assert!(got[..] == big[..], "byte-equal after a multipart upload");
+
+    if let Some((name, right, wrong_value)) = secret {
+        let wrong: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| {
+                if k == name {
+                    (k, wrong_value.to_owned())
+                } else {
+                    (k, v)
+                }
+            })
+            .collect();
+        let store = location.connect_with(wrong).unwrap();
+        let path = location.prefix.child("run-2").child("Patient.ndjson");
+        let mut f = ObjectFile::create(store, path.clone(), PART, 2, false);
+        let result = match f.append(b"{}\n", 1).await {
+            Ok(()) => f.finish().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let message = result.unwrap_err().to_string();
+        assert!(message.contains("run-2/Patient.ndjson"), "{message}");
+        assert!(
+            !message.contains(wrong_value) && !message.contains(right),
+            "{message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_through_the_storage_layer() {
+    let s3 = S3Server::start().await;
+    let secret = s3.secret_access_key.clone();
+    storage_layer(
+        &s3.url("exports/nightly"),
+        s3.env(),
+        Some(("AWS_SECRET_ACCESS_KEY", &secret, "wrong-secret-0000")),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_through_the_storage_layer() {
+    let az = AzureServer::start().await;
+    let key = az.key.clone();
+    // Azure keys are base64: a wrong one that decodes.
+    let wrong = "d3Jvbmcta2V5LWZvci1henVyaXRlLXRlc3RzLXdyb25nLWtleS1mb3ItYXp1cml0ZQ==";
+    storage_layer(
+        &az.url("exports/nightly"),
+        az.env(),
+        Some(("AZURE_STORAGE_ACCOUNT_KEY", &key, wrong)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcs_through_the_storage_layer() {
+    let gs = GcsServer::start().await;
+    storage_layer(&gs.url("exports/nightly"), gs.env(), None).await;
+}

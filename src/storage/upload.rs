@@ -113,8 +113,8 @@ impl ObjectFile {
             let rest = gz.finish().map_err(|e| self.error(e.to_string()))?;
             self.put(rest).await?;
         }
+        // A failed completion leaves nothing visible (the writer cannot be aborted once shut down).
         if let Err(e) = self.out.shutdown().await {
-            let _ = self.out.abort().await;
             return Err(self.error(e.to_string()));
         }
         Ok(Uploaded {
