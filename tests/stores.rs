@@ -228,8 +228,9 @@ async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&s
     }
     let path = location
         .prefix
-        .child("run-1")
-        .child("Observation.ndjson.gz");
+        .clone()
+        .join("run-1")
+        .join("Observation.ndjson.gz");
     let mut f = ObjectFile::create(store.clone(), path.clone(), PART, 2, true);
     for chunk in lines.chunks(256 * 1024) {
         f.append(chunk, 1).await.unwrap();
@@ -245,7 +246,7 @@ async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&s
 
     // Uncompressed and larger than two parts: a real multipart upload.
     let big = data(2 * PART + 1234);
-    let path = location.prefix.child("run-1").child("Big.ndjson");
+    let path = location.prefix.clone().join("run-1").join("Big.ndjson");
     let mut f = ObjectFile::create(store.clone(), path.clone(), PART, 2, false);
     for chunk in big.chunks(1 << 20) {
         f.append(chunk, 0).await.unwrap();
@@ -266,7 +267,7 @@ async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&s
             })
             .collect();
         let store = location.connect_with(wrong).unwrap();
-        let path = location.prefix.child("run-2").child("Patient.ndjson");
+        let path = location.prefix.clone().join("run-2").join("Patient.ndjson");
         let mut f = ObjectFile::create(store, path.clone(), PART, 2, false);
         let result = match f.append(b"{}\n", 1).await {
             Ok(()) => f.finish().await.map(|_| ()),
