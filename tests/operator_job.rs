@@ -146,6 +146,46 @@ fn a_bulk_export_becomes_a_bulk_config() {
 }
 
 #[test]
+fn attachments_and_hydrate_reach_the_pods_config() {
+    // A bulk source: the pod's config then needs no mounted files to become a plan here.
+    let bulk = SEARCH_SPEC.replace(
+        "    search:\n      rosterRef: {configMapName: roster, key: roster.csv}\n      resourcesRef: {configMapName: roster, key: resources.csv}\n",
+        "    bulk:\n      group: e3iab\n",
+    );
+    let spec = format!(
+        "{bulk}  attachments:\n    enabled: true\n    contentTypes: [text/html, application/pdf]\n    maxBytes: 5000000\n  hydrate: [Medication, Location]\n"
+    );
+    let config = run_config(&export(&spec)).unwrap();
+    assert_eq!(config["attachments"]["enabled"], true);
+    assert_eq!(config["attachments"]["maxBytes"], 5_000_000);
+    assert_eq!(
+        config["hydrate"],
+        serde_json::json!(["Medication", "Location"])
+    );
+    let plan = epic_export::config::plan_from_text(
+        &config.to_string(),
+        std::path::Path::new("env"),
+        std::path::Path::new("/"),
+    )
+    .unwrap();
+    let a = plan.attachments.as_ref().unwrap();
+    assert_eq!(a.content_types, ["text/html", "application/pdf"]);
+    assert_eq!(plan.hydrate, ["Medication", "Location"]);
+    // A bulk export of every type asks for system/*.read, which covers Binary and the hydrated types.
+    assert_eq!(plan.scope, "system/*.read");
+    // A mistake in the resource names the field the pod's config reports.
+    let bad = spec.replace("application/pdf", "pdf");
+    let err = epic_export::config::plan_from_text(
+        &run_config(&export(&bad)).unwrap().to_string(),
+        std::path::Path::new("env"),
+        std::path::Path::new("/"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("attachments.contentTypes[1]"), "{err}");
+}
+
+#[test]
 fn the_termination_message_fits_in_4_kib() {
     let report = RunReportMessage {
         outcome: "partial".into(),
