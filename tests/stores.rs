@@ -313,3 +313,65 @@ async fn gcs_through_the_storage_layer() {
     let gs = GcsServer::start().await;
     storage_layer(&gs.url("exports/nightly"), gs.env(), None).await;
 }
+
+/// An export's runs in the bucket: `latest.json` only after the manifest, a killed run (objects
+/// without a manifest) never named by it and removed by retention with the runs beyond `keepRuns`.
+async fn runs_layer(store: Arc<dyn ObjectStore>) {
+    use epic_export::storage::runs::ExportRuns;
+    let runs = ExportRuns::new(store.clone(), &Path::from("epic/exports"), "nightly");
+    assert_eq!(runs.latest().await.unwrap(), None);
+    let put = |p: String| {
+        let store = store.clone();
+        async move {
+            store
+                .put(&Path::from(p), PutPayload::from_static(b"{}\n"))
+                .await
+                .unwrap();
+        }
+    };
+    for id in ["20261101T020000Z", "20261102T020000Z", "20261102T020000Z-2"] {
+        put(format!("epic/exports/nightly/{id}/Patient.ndjson")).await;
+        put(format!(
+            "epic/exports/nightly/{id}/errors/failed-requests.ndjson"
+        ))
+        .await;
+        runs.publish(id, &[("summary.json", b"{}".to_vec())], b"{}".to_vec())
+            .await
+            .unwrap();
+    }
+    put("epic/exports/nightly/20261103T020000Z/Patient.ndjson".into()).await;
+    let latest = runs.latest().await.unwrap().unwrap();
+    assert_eq!(latest.run_id, "20261102T020000Z-2");
+    assert!(store.head(&Path::from(latest.manifest)).await.is_ok());
+    let removed = runs.remove_old_runs(1, None).await.unwrap();
+    assert_eq!(
+        removed,
+        ["20261101T020000Z", "20261102T020000Z", "20261103T020000Z"]
+    );
+    let left: Vec<Path> = store
+        .list(Some(&Path::from("epic/exports/nightly")))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .unwrap();
+    let mut left: Vec<String> = left.iter().map(|p| p.to_string()).collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "epic/exports/nightly/20261102T020000Z-2/Patient.ndjson",
+            "epic/exports/nightly/20261102T020000Z-2/errors/failed-requests.ndjson",
+            "epic/exports/nightly/20261102T020000Z-2/manifest.json",
+            "epic/exports/nightly/20261102T020000Z-2/summary.json",
+            "epic/exports/nightly/latest.json",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_in_s3_azure_and_gcs() {
+    let (s3, az, gs) = tokio::join!(S3Server::start(), AzureServer::start(), GcsServer::start());
+    runs_layer(s3.store()).await;
+    runs_layer(az.store()).await;
+    runs_layer(gs.store()).await;
+}

@@ -5,10 +5,12 @@
 //! variables, web identity / IRSA, workload identity, instance metadata, managed identity).
 //!
 //! This module is the infrastructure only: parsing and checking the URL (`location`), connecting with
-//! credentials from the environment, and streaming one object as a multipart upload while counting
-//! and hashing it (`upload`). Nothing here knows about runs, manifests or FHIR.
+//! credentials from the environment, streaming one object as a multipart upload while counting and
+//! hashing it (`upload`), and an export's runs in a bucket — publishing with `latest.json` after the
+//! manifest, and retention (`runs`). Nothing here knows about FHIR.
 
 pub mod location;
+pub mod runs;
 pub mod upload;
 
 pub use location::{Cloud, LocationError, ObjectLocation, OutputTarget, parse_output_url};
