@@ -175,3 +175,61 @@ async fn a_full_disk_fails_a_bulk_run_and_the_next_run_downloads_the_same_export
     let ds = env.sandbox.dataset();
     assert_same_data(&read_run(&latest), &expected_all(ds, &ds.patient_ids()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_downloading_attachments_fails_the_run_and_frees_the_space() {
+    let env = env(SandboxOptions {
+        patients: 6,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    let resources = "resource_type,search_params\nDocumentReference,\n";
+    let config = env.write_config(
+        &patients,
+        resources,
+        &format!("{FAST_LIMITS}attachments:\n  enabled: true\n"),
+    );
+    // The notes' NDJSON fits in 24 KiB; the scanned PDFs (6-32 KB each) do not all.
+    let out = run_limited(&config, Some(24)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "failed, not killed:\n{stderr}");
+    assert!(
+        stderr.contains("File too large (os error 27)")
+            && stderr.contains("attachments/.download-"),
+        "the message names the document being written and the OS error:\n{stderr}"
+    );
+    assert!(
+        !env.export_dir().join("latest").exists(),
+        "nothing is published"
+    );
+    let failed = failed_run(&env.export_dir());
+    assert!(
+        !failed.join("attachments").exists(),
+        "the documents are removed"
+    );
+    let left: Vec<_> = std::fs::read_dir(&failed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".ndjson"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "no resource file (nor its set-aside original) is kept: {left:?}"
+    );
+
+    // With room again, the next run downloads every document.
+    let out = run_limited(&config, None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest = env.export_dir().join("latest");
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(latest.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["attachments"]["failed"], 0);
+    assert!(summary["attachments"]["files"].as_u64().unwrap() > 0);
+}

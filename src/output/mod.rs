@@ -47,6 +47,9 @@ pub const ERRORS_DIR: &str = "errors";
 pub const DELETED_DIR: &str = "deleted";
 /// Downloaded documents, named by their SHA-256.
 pub const ATTACHMENTS_DIR: &str = "attachments";
+/// In a staging folder: the manifest's list of attachments while it is written (see
+/// [`AttachmentsManifest`]).
+pub const ATTACHMENTS_LIST: &str = ".attachments.manifest.ndjson";
 
 /// Whether a file holds exported resources (not errors, not deletions).
 pub fn is_data_file(f: &FileEntry) -> bool {
@@ -608,10 +611,8 @@ impl RunWriter {
         // Files set aside by `detach` while their resources were being rewritten, and the list of
         // attachments for the manifest.
         for entry in fs::read_dir(&self.partial).into_iter().flatten().flatten() {
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".original.ndjson")
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if (name.ends_with(".original.ndjson") || name == ATTACHMENTS_LIST)
                 && let Err(e) = fs::remove_file(entry.path())
             {
                 tracing::warn!("cannot remove {}: {e}", entry.path().display());

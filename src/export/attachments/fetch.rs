@@ -21,8 +21,11 @@ pub enum FetchFailure {
     TooLarge { max: u64, size: Option<u64> },
     #[error("the server answered with a FHIR resource that is not a Binary with data")]
     NotBinary,
-    #[error("writing the document failed: {0}")]
-    Disk(std::io::Error),
+    #[error("writing the document failed: {}: {source}", path.display())]
+    Disk {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl FetchFailure {
@@ -31,6 +34,13 @@ impl FetchFailure {
             FetchFailure::Fetch(e) => e.status(),
             _ => None,
         }
+    }
+}
+
+fn disk(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FetchFailure + '_ {
+    move |source| FetchFailure::Disk {
+        path: path.to_owned(),
+        source,
     }
 }
 
@@ -187,7 +197,7 @@ async fn download_once(
         .mode(0o600)
         .open(temp)
         .await
-        .map_err(FetchFailure::Disk)?;
+        .map_err(disk(temp))?;
     let mut digests = Digests::new();
     if served.as_deref().is_some_and(is_json) && !wanted_json {
         // A FHIR Binary: its base64 `data` is the document. Base64 is 4/3 of the content.
@@ -208,7 +218,7 @@ async fn download_once(
             });
         }
         digests.update(&bytes);
-        file.write_all(&bytes).await.map_err(FetchFailure::Disk)?;
+        file.write_all(&bytes).await.map_err(disk(temp))?;
         let content_type = req
             .content_type
             .map(bare)
@@ -228,7 +238,7 @@ async fn download_once(
             });
         }
         digests.update(&chunk);
-        file.write_all(&chunk).await.map_err(FetchFailure::Disk)?;
+        file.write_all(&chunk).await.map_err(disk(temp))?;
     }
     let content_type = req
         .content_type
@@ -245,11 +255,11 @@ async fn finish(
     store: &Store,
     temp: &std::path::Path,
 ) -> Result<Stored, FetchFailure> {
-    file.flush().await.map_err(FetchFailure::Disk)?;
-    file.sync_all().await.map_err(FetchFailure::Disk)?;
+    file.flush().await.map_err(disk(temp))?;
+    file.sync_all().await.map_err(disk(temp))?;
     drop(file);
     let stored = digests.finish(content_type);
-    store.commit(temp, &stored).map_err(FetchFailure::Disk)?;
+    store.commit(temp, &stored).map_err(disk(temp))?;
     Ok(stored)
 }
 

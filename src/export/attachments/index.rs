@@ -229,7 +229,7 @@ fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
 
 /// The path of the manifest lines in a staging folder.
 pub fn lines_path(staging: &Path) -> PathBuf {
-    staging.join(".attachments.manifest.ndjson")
+    staging.join(crate::output::ATTACHMENTS_LIST)
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub struct Phase<'a> {
     concurrency: usize,
     store: Store,
     index: Index,
+    /// The manifest's list of files being written (see `index`).
+    lines_path: PathBuf,
     /// Documents the store had from an interrupted run.
     resumed: u64,
     stats: AttachmentStats,
@@ -115,6 +117,7 @@ impl<'a> Phase<'a> {
             concurrency: concurrency.max(1),
             store,
             index,
+            lines_path: index::lines_path(staging),
             resumed,
             stats: AttachmentStats::default(),
             tx,
@@ -279,7 +282,7 @@ impl<'a> Phase<'a> {
                     self.store
                         .record(key, &stored)
                         .map_err(|source| StepError::Io {
-                            path: PathBuf::from(ATTACHMENTS_DIR),
+                            path: self.store.dir().to_owned(),
                             source,
                         })?;
                     // The store wrote it: its digests are well-formed.
@@ -288,11 +291,8 @@ impl<'a> Phase<'a> {
                     }
                 }
                 Err(FetchFailure::Fetch(e)) if e.is_fatal() => return Err(StepError::Fetch(e)),
-                Err(FetchFailure::Disk(source)) => {
-                    return Err(StepError::Io {
-                        path: PathBuf::from(ATTACHMENTS_DIR),
-                        source,
-                    });
+                Err(FetchFailure::Disk { path, source }) => {
+                    return Err(StepError::Io { path, source });
                 }
                 Err(e) => {
                     let status = e.status();
@@ -389,7 +389,7 @@ impl<'a> Phase<'a> {
             let hash = Index::sha1(&doc);
             if doc.size < self.plan.inline_smaller_than {
                 let bytes = self.store.read(&file).map_err(|source| StepError::Io {
-                    path: PathBuf::from(format!("{ATTACHMENTS_DIR}/{file}")),
+                    path: self.store.dir().join(&file),
                     source,
                 })?;
                 self.index.inline(&doc);
@@ -399,10 +399,11 @@ impl<'a> Phase<'a> {
                     hash,
                 }));
             } else {
+                let lines = self.lines_path.clone();
                 self.index
                     .link(&key, &doc, &key.url)
                     .map_err(|source| StepError::Io {
-                        path: index::lines_path(Path::new(".")),
+                        path: lines,
                         source,
                     })?;
                 edits.push(Some(Edit::Link {
@@ -438,18 +439,17 @@ impl<'a> Phase<'a> {
             index,
             resumed,
             mut stats,
+            lines_path,
             ..
         } = self;
+        let dir = store.dir().to_owned();
         store
             .finish(&|name| index.is_linked_file(name))
-            .map_err(|source| StepError::Io {
-                path: PathBuf::from(ATTACHMENTS_DIR),
-                source,
-            })?;
+            .map_err(|source| StepError::Io { path: dir, source })?;
         (stats.files, stats.bytes, stats.inlined) = index.counts();
         stats.reused = resumed;
         let files = index.manifest_lines().map_err(|source| StepError::Io {
-            path: PathBuf::from(ATTACHMENTS_DIR),
+            path: lines_path,
             source,
         })?;
         Ok(Attached {

@@ -102,6 +102,11 @@ impl Store {
         })
     }
 
+    /// The store's folder (`<staging>/attachments`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A fresh temporary path in the store for one download.
     pub fn temp_path(&self) -> PathBuf {
         let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
