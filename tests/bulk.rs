@@ -6,28 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use epic_export::export::{RunOptions, run};
 use epic_export::sandbox::{Fault, SANDBOX_GROUP_ID, SandboxOptions};
 use epic_export::summary::Outcome;
 use serde_json::Value;
 use support::*;
-
-fn group_block() -> String {
-    format!("    group: {SANDBOX_GROUP_ID}\n")
-}
-
-fn quick(opts: SandboxOptions) -> SandboxOptions {
-    SandboxOptions {
-        bulk_delay: Duration::from_millis(300),
-        bulk_throttle: Duration::ZERO,
-        ..opts
-    }
-}
-
-async fn run_config(config: &std::path::Path) -> epic_export::export::RunReport {
-    let plan = epic_export::config::load_plan(config).unwrap();
-    run(&plan, &RunOptions::default()).await.unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_export_lands_exactly_the_groups_data() {

@@ -12,8 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aws_lc_rs::digest;
-use epic_export::export::{RunOptions, run};
-use epic_export::sandbox::{Dataset, SANDBOX_GROUP_ID, SandboxOptions};
+use epic_export::sandbox::{Dataset, SandboxOptions};
 use epic_export::summary::Outcome;
 use serde_json::Value;
 use support::*;
@@ -21,23 +20,6 @@ use support::*;
 const ORIGINAL_URL: &str = epic_export::export::attachments::ORIGINAL_URL_EXTENSION;
 const HYDRATE: &str =
     "hydrate: [Medication, Practitioner, PractitionerRole, Organization, Location]\n";
-
-fn quick(opts: SandboxOptions) -> SandboxOptions {
-    SandboxOptions {
-        bulk_delay: Duration::from_millis(300),
-        bulk_throttle: Duration::ZERO,
-        ..opts
-    }
-}
-
-async fn run_config(config: &Path) -> epic_export::export::RunReport {
-    let plan = epic_export::config::load_plan(config).unwrap();
-    run(&plan, &RunOptions::default()).await.unwrap()
-}
-
-fn group_block() -> String {
-    format!("    group: {SANDBOX_GROUP_ID}\n")
-}
 
 fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

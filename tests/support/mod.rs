@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use epic_export::auth::{Algorithm, SigningKey, keys};
 use epic_export::sandbox::{
-    ClientKeys, ClientRegistration, Dataset, SEARCH_TYPES, Sandbox, SandboxOptions,
+    ClientKeys, ClientRegistration, Dataset, SANDBOX_GROUP_ID, SEARCH_TYPES, Sandbox,
+    SandboxOptions,
 };
 use serde_json::Value;
 
@@ -201,4 +202,26 @@ pub fn expected_all(
 pub fn http_client(timeout: std::time::Duration) -> reqwest::Client {
     use epic_export::http::{Redirects, Timeout, client};
     client(Timeout::Total(timeout), Redirects::SameOrigin)
+}
+
+/// `source.bulk` for the sandbox's Group (the YAML under `source.bulk`, indented 4).
+pub fn group_block() -> String {
+    format!("    group: {SANDBOX_GROUP_ID}\n")
+}
+
+/// Bulk exports that are ready in 300 ms, without the kick-off throttle.
+pub fn quick(opts: SandboxOptions) -> SandboxOptions {
+    SandboxOptions {
+        bulk_delay: std::time::Duration::from_millis(300),
+        bulk_throttle: std::time::Duration::ZERO,
+        ..opts
+    }
+}
+
+/// Loads the config and runs the export in this process.
+pub async fn run_config(config: &Path) -> epic_export::export::RunReport {
+    let plan = epic_export::config::load_plan(config).unwrap();
+    epic_export::export::run(&plan, &epic_export::export::RunOptions::default())
+        .await
+        .unwrap()
 }
