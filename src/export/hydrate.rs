@@ -129,7 +129,7 @@ impl<'a> Hydrator<'a> {
         let scan = tokio::task::spawn_blocking(move || scan_files(&files, &types, &base))
             .await
             .map_err(|e| StepError::Io {
-                path: PathBuf::from("."),
+                path: PathBuf::from("(reading the run's files for references)"),
                 source: std::io::Error::other(e),
             })??;
         let mut have = scan.have;
