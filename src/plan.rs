@@ -24,8 +24,14 @@ pub struct ExportPlan {
     /// `fhir.allowInsecureHttp`: plain http to hosts that are not loopback is allowed (test servers).
     pub allow_insecure_http: bool,
     pub source: Source,
+    /// Where runs are written; with `object_output`, the working folder (the lock, bulk progress,
+    /// scratch for files being rewritten and parts being uploaded).
     pub output_dir: PathBuf,
     pub keep_runs: usize,
+    /// `output.url` naming an object store: runs are published there.
+    pub object_output: Option<ObjectOutput>,
+    /// `output.compression`.
+    pub compression: Compression,
     pub limits: Limits,
     /// `notify.email`: where to report each run's outcome.
     pub email: Option<crate::notify::EmailPlan>,
@@ -33,6 +39,27 @@ pub struct ExportPlan {
     pub attachments: Option<AttachmentPlan>,
     /// `hydrate`: referenced resource types fetched once each after the export.
     pub hydrate: Vec<String>,
+}
+
+/// An object store that runs are streamed to.
+#[derive(Clone, Debug)]
+pub struct ObjectOutput {
+    pub location: crate::storage::ObjectLocation,
+    /// Bytes per uploaded part.
+    pub part_size: usize,
+    /// Parts in flight at once, across the run's files.
+    pub upload_concurrency: usize,
+}
+
+/// How resource files are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// `<Type>.ndjson`.
+    #[default]
+    None,
+    /// `<Type>.ndjson.gz`.
+    Gzip,
 }
 
 impl ExportPlan {

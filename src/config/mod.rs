@@ -21,7 +21,7 @@ use crate::http::retry::RetryPolicy;
 use lettre::message::Mailbox;
 
 use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, TlsMode};
-use crate::plan::{BulkLevel, BulkPlan, ExportPlan, Search, SearchPlan, Source};
+use crate::plan::{BulkLevel, BulkPlan, ExportPlan, ObjectOutput, Search, SearchPlan, Source};
 use crate::trust::is_loopback_host;
 
 #[derive(Debug, thiserror::Error)]
@@ -193,10 +193,28 @@ pub struct ResourceConfig {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputConfig {
+    /// Where runs are written; with `url`, the working folder (locks, bulk progress, scratch).
     #[serde(default = "default_directory")]
     pub directory: PathBuf,
     #[serde(default = "default_keep_runs")]
     pub keep_runs: usize,
+    /// `s3://bucket/prefix`, `az://container/prefix`, `gs://bucket/prefix` or `file:///path`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// An S3-compatible store's endpoint (or an emulator's).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `gzip`: files are written as `<Type>.ndjson.gz`; `none` (default).
+    #[serde(default)]
+    pub compression: crate::plan::Compression,
+    /// Bytes per uploaded part (at least 5 MiB).
+    #[serde(default = "default_part_size")]
+    pub part_size: usize,
+    /// Parts uploaded at once, across the run's files.
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
 }
 
 impl Default for OutputConfig {
@@ -204,8 +222,21 @@ impl Default for OutputConfig {
         OutputConfig {
             directory: default_directory(),
             keep_runs: default_keep_runs(),
+            url: None,
+            endpoint: None,
+            region: None,
+            compression: crate::plan::Compression::None,
+            part_size: default_part_size(),
+            upload_concurrency: default_upload_concurrency(),
         }
     }
+}
+
+fn default_part_size() -> usize {
+    crate::storage::upload::DEFAULT_PART_SIZE
+}
+fn default_upload_concurrency() -> usize {
+    4
 }
 
 fn default_directory() -> PathBuf {
@@ -304,6 +335,53 @@ pub fn plan_from_text(text: &str, origin: &Path, dir: &Path) -> Result<ExportPla
         message: e.to_string(),
     })?;
     plan_from_config(config, origin, dir)
+}
+
+/// `output`: the local folder, or the object store that runs are published to (with the folder as
+/// the working folder), checked before anything is written.
+fn output_destination(
+    o: &OutputConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    invalid: &Invalid<'_>,
+) -> Result<(PathBuf, Option<ObjectOutput>), ConfigError> {
+    use crate::storage::{OutputTarget, upload::MIN_PART_SIZE};
+    const MAX_PART_SIZE: usize = 256 * 1024 * 1024;
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&o.part_size) {
+        return Err(invalid(
+            "output.partSize",
+            format!(
+                "must be {MIN_PART_SIZE} (5 MiB, the smallest part S3 accepts) to {MAX_PART_SIZE} (256 MiB) bytes"
+            ),
+        ));
+    }
+    if o.upload_concurrency == 0 || o.upload_concurrency > 64 {
+        return Err(invalid(
+            "output.uploadConcurrency",
+            "must be 1 to 64".into(),
+        ));
+    }
+    let Some(url) = &o.url else {
+        if o.endpoint.is_some() || o.region.is_some() {
+            return Err(invalid(
+                "output.endpoint",
+                "endpoint and region need output.url (s3://bucket/prefix)".into(),
+            ));
+        }
+        return Ok((resolve(&o.directory), None));
+    };
+    let target = crate::storage::parse_output_url(url, o.endpoint.as_deref(), o.region.as_deref())
+        .map_err(|e| invalid("output.url", e.to_string()))?;
+    Ok(match target {
+        OutputTarget::Local(dir) => (resolve(&dir), None),
+        OutputTarget::Object(location) => (
+            resolve(&o.directory),
+            Some(ObjectOutput {
+                location,
+                part_size: o.part_size,
+                upload_concurrency: o.upload_concurrency,
+            }),
+        ),
+    })
 }
 
 /// Validates a parsed config. `dir` anchors relative paths; `path` is named in errors.
@@ -414,6 +492,7 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
             "must be at least 1 (the run just written)".into(),
         ));
     }
+    let (output_dir, object_output) = output_destination(&c.output, &resolve, &invalid)?;
     let email = match c.notify.and_then(|n| n.email) {
         Some(e) => Some(email_plan(e, &invalid, &resolve)?),
         None => None,
@@ -443,8 +522,10 @@ pub fn plan_from_config(c: Config, path: &Path, dir: &Path) -> Result<ExportPlan
         scope,
         source,
         allow_insecure_http: insecure,
-        output_dir: resolve(&c.output.directory),
+        output_dir,
         keep_runs: c.output.keep_runs,
+        object_output,
+        compression: c.output.compression,
         limits: Limits {
             concurrency: l.concurrency,
             requests_per_second: (l.requests_per_second > 0.0).then_some(l.requests_per_second),
