@@ -94,15 +94,21 @@ impl Uploader {
     ) -> Result<ObjectFile, UploadError> {
         let n = self.next_spool.fetch_add(1, Ordering::Relaxed);
         let spool_path = self.scratch.join(format!(".spool-{n}"));
-        let spool = crate::output::create_private_file_truncating(&spool_path).map_err(|e| {
-            UploadError {
+        use std::os::unix::fs::OpenOptionsExt;
+        let spool = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&spool_path)
+            .map_err(|e| UploadError {
                 path: path.to_string(),
                 message: format!(
                     "cannot create the scratch file {}: {e}",
                     spool_path.display()
                 ),
-            }
-        })?;
+            })?;
         Ok(ObjectFile {
             uploader: self.clone(),
             path,
