@@ -80,9 +80,16 @@ pub async fn run_once(plan: &ExportPlan, options: &RunOptions) -> Result<RunOutc
                 report.summary.notification = Some(NotificationStatus {
                     email: Some(record),
                 });
-                let path = report.dir.join("summary.json");
-                if let Err(e) = crate::output::write_json_atomic(&path, &report.summary) {
-                    tracing::warn!("cannot record the notification in {}: {e}", path.display());
+                let recorded = match &report.object {
+                    Some(o) => o.rewrite_summary(&report.summary).await,
+                    None => {
+                        let path = report.dir.join("summary.json");
+                        crate::output::write_json_atomic(&path, &report.summary)
+                            .map_err(|e| format!("{}: {e}", path.display()))
+                    }
+                };
+                if let Err(e) = recorded {
+                    tracing::warn!("cannot record the notification in the run's summary: {e}");
                 }
             }
             Ok(RunOutcome::Finished(Box::new(report)))

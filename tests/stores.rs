@@ -211,7 +211,18 @@ async fn gcs_env_credentials_work() {
 /// secret.
 /// `secret`: the variable with the secret, its right value and a wrong one.
 async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&str, &str, &str)>) {
-    use epic_export::storage::{ObjectFile, OutputTarget, parse_output_url};
+    use epic_export::storage::upload::Uploader;
+    use epic_export::storage::{OutputTarget, parse_output_url};
+    let scratch = tempfile::tempdir().unwrap();
+    let uploader = |store| {
+        Uploader::new(
+            store,
+            tokio::runtime::Handle::current(),
+            PART,
+            2,
+            scratch.path().to_owned(),
+        )
+    };
     let OutputTarget::Object(location) = parse_output_url(url, None, None).unwrap() else {
         panic!("{url} is an object URL");
     };
@@ -231,11 +242,16 @@ async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&s
         .clone()
         .join("run-1")
         .join("Observation.ndjson.gz");
-    let mut f = ObjectFile::create(store.clone(), path.clone(), PART, 2, true);
-    for chunk in lines.chunks(256 * 1024) {
-        f.append(chunk, 1).await.unwrap();
-    }
-    let done = f.finish().await.unwrap();
+    let (u, to, sent) = (uploader(store.clone()), path.clone(), lines.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        let mut f = u.create(to, true).unwrap();
+        for chunk in sent.chunks(256 * 1024) {
+            f.append(chunk, 1).unwrap();
+        }
+        f.finish().unwrap()
+    })
+    .await
+    .unwrap();
     let stored = store.get(&path).await.unwrap().bytes().await.unwrap();
     assert_eq!(stored.len() as u64, done.stored_bytes);
     let mut plain = Vec::new();
@@ -247,11 +263,16 @@ async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&s
     // Uncompressed and larger than two parts: a real multipart upload.
     let big = data(2 * PART + 1234);
     let path = location.prefix.clone().join("run-1").join("Big.ndjson");
-    let mut f = ObjectFile::create(store.clone(), path.clone(), PART, 2, false);
-    for chunk in big.chunks(1 << 20) {
-        f.append(chunk, 0).await.unwrap();
-    }
-    f.finish().await.unwrap();
+    let (u, to, sent) = (uploader(store.clone()), path.clone(), big.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut f = u.create(to, false).unwrap();
+        for chunk in sent.chunks(1 << 20) {
+            f.append(chunk, 0).unwrap();
+        }
+        f.finish().unwrap()
+    })
+    .await
+    .unwrap();
     let got = store.get(&path).await.unwrap().bytes().await.unwrap();
     assert!(got[..] == big[..], "byte-equal after a multipart upload");
 
@@ -268,11 +289,14 @@ async fn storage_layer(url: &str, env: Vec<(String, String)>, secret: Option<(&s
             .collect();
         let store = location.connect_with(wrong).unwrap();
         let path = location.prefix.clone().join("run-2").join("Patient.ndjson");
-        let mut f = ObjectFile::create(store, path.clone(), PART, 2, false);
-        let result = match f.append(b"{}\n", 1).await {
-            Ok(()) => f.finish().await.map(|_| ()),
-            Err(e) => Err(e),
-        };
+        let (u, to) = (uploader(store), path.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let mut f = u.create(to, false)?;
+            f.append(b"{}\n", 1)?;
+            f.finish().map(|_| ())
+        })
+        .await
+        .unwrap();
         let message = result.unwrap_err().to_string();
         assert!(message.contains("run-2/Patient.ndjson"), "{message}");
         assert!(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::attachments::{self, Attached};
-use super::hydrate::Hydrator;
+use super::hydrate::{Hydrator, Scan};
 use super::writer::{self, WriterMsg};
 use super::{ExportError, RunContext, StepError};
 use crate::fhir::FetchError;
@@ -82,12 +82,12 @@ pub async fn enrich(ctx: &RunContext<'_>, mut writer: RunWriter) -> Result<Enric
         Ok(o) => o,
         Err(e) => return Ok(untouched(writer, Some(e))),
     };
-    let mut files = writer.data_files();
-    files.extend(originals.iter().cloned());
+    // Hydration needs what retrieval wrote, not what enrichment adds.
+    drop(writer.take_observer());
     let staging = writer.staging_dir().to_owned();
     let (tx, writer_task) = writer::spawn(writer);
     let mut enrichment = Enrichment::default();
-    let result = steps(ctx, &tx, files, &originals, &staging, &mut enrichment).await;
+    let result = steps(ctx, &tx, &originals, &staging, &mut enrichment).await;
     drop(tx);
     let (writer, written) = writer_task.await.map_err(|source| ExportError::Task {
         task: "writer",
@@ -133,16 +133,19 @@ pub async fn enrich(ctx: &RunContext<'_>, mut writer: RunWriter) -> Result<Enric
 async fn steps(
     ctx: &RunContext<'_>,
     tx: &mpsc::Sender<WriterMsg>,
-    files: Vec<(String, PathBuf)>,
     originals: &[(String, PathBuf)],
     staging: &std::path::Path,
     out: &mut Enrichment,
 ) -> Result<(), Stop> {
     let plan = ctx.plan;
     let concurrency = plan.limits.concurrency;
-    if !plan.hydrate.is_empty() {
+    if let Some(references) = &ctx.references {
+        let scan = references
+            .lock()
+            .map(|mut s| std::mem::replace(&mut *s, Scan::new(&plan.hydrate, &plan.fhir_base)))
+            .unwrap_or_else(|_| Scan::new(&plan.hydrate, &plan.fhir_base));
         let hydrator = Hydrator::new(&ctx.client, &plan.fhir_base, &plan.hydrate, concurrency, tx);
-        out.hydration = Some(hydrator.run(files).await?);
+        out.hydration = Some(hydrator.run(scan).await?);
     }
     if let Some(a) = &plan.attachments {
         let mut phase =

@@ -2,15 +2,13 @@
 //! `Medication` a `MedicationRequest` names, the `Practitioner`, `Organization` and `Location` of
 //! an encounter), fetched once each and written like any other type.
 //!
-//! Round one reads the run's resource files and collects references of the `hydrate` types to this
+//! Round one takes what the writer saw of the run's resources (`Scan`): the references of the `hydrate` types to this
 //! server that no file holds; they are fetched with batched `_id` searches, and by reads where the
 //! server refuses those (or leaves an id out). Each further round does the same for what the last
 //! round brought in (a `PractitionerRole`'s `Organization`), up to `MAX_ROUNDS`. Contained
 //! references and references to other servers are left as they are.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::io::BufRead;
-use std::path::PathBuf;
 
 use futures::StreamExt;
 use serde_json::json;
@@ -31,48 +29,42 @@ const MAX_QUERY_BYTES: usize = 1800;
 /// Pages of one `_id` search at most.
 const MAX_PAGES: usize = 100;
 
-/// What the run's files hold: ids of the hydrated types, and references to them.
-#[derive(Default)]
-struct Scan {
+/// What the run's resources hold: ids of the hydrated types, and references to them. Filled as
+/// retrieval writes them (the writer's observer), so nothing is read back.
+pub struct Scan {
+    types: Vec<String>,
+    base: String,
     have: HashSet<Reference>,
     wanted: BTreeSet<Reference>,
 }
 
-/// Reads the resource files (blocking): which resources of `types` they hold and reference.
-fn scan_files(
-    files: &[(String, PathBuf)],
-    types: &[String],
-    base: &str,
-) -> Result<Scan, StepError> {
-    let mut scan = Scan::default();
-    for (file_type, path) in files {
-        let io = |source| StepError::Io {
-            path: path.clone(),
-            source,
-        };
-        let f = std::fs::File::open(path).map_err(io)?;
-        let holds_wanted_type = types.contains(file_type);
-        let mut reader = std::io::BufReader::with_capacity(256 * 1024, f);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
-                break;
-            }
+impl Scan {
+    pub fn new(types: &[String], base: &str) -> Scan {
+        Scan {
+            types: types.to_vec(),
+            base: base.to_owned(),
+            have: HashSet::new(),
+            wanted: BTreeSet::new(),
+        }
+    }
+
+    /// Notes what `lines` (complete NDJSON lines of `file_type`) hold and reference.
+    pub fn add(&mut self, file_type: &str, lines: &[u8]) {
+        let holds_wanted_type = self.types.iter().any(|t| t == file_type);
+        for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             if holds_wanted_type
-                && let Ok(raw) = serde_json::from_slice::<&serde_json::value::RawValue>(&line)
+                && let Ok(raw) = serde_json::from_slice::<&serde_json::value::RawValue>(line)
                 && let Ok(head) = bundle::head(raw)
                 && let Some(id) = head.id
             {
-                scan.have.insert(Reference {
+                self.have.insert(Reference {
                     resource_type: head.resource_type.into_owned(),
                     id: id.into_owned(),
                 });
             }
-            collect(&line, types, base, &mut scan.wanted);
+            collect(line, &self.types, &self.base, &mut self.wanted);
         }
     }
-    Ok(scan)
 }
 
 /// Adds the references of `types` in `json` to `into`.
@@ -123,15 +115,8 @@ impl<'a> Hydrator<'a> {
         }
     }
 
-    /// Hydrates what the resource `files` reference; returns the figures.
-    pub async fn run(mut self, files: Vec<(String, PathBuf)>) -> Result<HydrationStats, StepError> {
-        let (types, base) = (self.types.to_vec(), self.base.to_owned());
-        let scan = tokio::task::spawn_blocking(move || scan_files(&files, &types, &base))
-            .await
-            .map_err(|e| StepError::Io {
-                path: PathBuf::from("(reading the run's files for references)"),
-                source: std::io::Error::other(e),
-            })??;
+    /// Hydrates what the exported resources (seen by `scan`) reference; returns the figures.
+    pub async fn run(mut self, scan: Scan) -> Result<HydrationStats, StepError> {
         let mut have = scan.have;
         let mut wanted = scan.wanted;
         for round in 1..=MAX_ROUNDS {

@@ -40,6 +40,9 @@ pub enum ExportError {
     /// The run stopped early but left its state so that the next run carries on (a bulk export).
     #[error("{0}")]
     Unfinished(String),
+    /// The object store of `output.url` cannot be used (no client, credentials refused).
+    #[error("output.url {url}: {message}")]
+    Storage { url: String, message: String },
 }
 
 /// Why hydration or the attachment downloads stopped before the end.
@@ -119,7 +122,40 @@ pub struct RunOptions {
 #[derive(Debug)]
 pub struct RunReport {
     pub summary: RunSummary,
+    /// The run's folder; for a run published to an object store, the export's working folder.
     pub dir: PathBuf,
+    /// The run in the object store of `output.url`.
+    pub object: Option<output::ObjectRunLink>,
+}
+
+/// Connects to the object store of `output.url` and reads `latest.json`, so that missing or
+/// refused credentials are reported before anything is fetched or written.
+async fn open_destination(
+    plan: &ExportPlan,
+) -> Result<Option<output::ObjectDestination>, ExportError> {
+    let Some(o) = &plan.object_output else {
+        return Ok(None);
+    };
+    let url = o.location.url();
+    let store = o.location.connect().map_err(|e| ExportError::Storage {
+        url: url.clone(),
+        message: e.message.clone(),
+    })?;
+    let runs = crate::storage::runs::ExportRuns::new(store.clone(), &o.location.prefix, &plan.name);
+    runs.latest().await.map_err(|e| ExportError::Storage {
+        url: url.clone(),
+        message: format!(
+            "{e} (check the {} credentials the export runs with, and that they may read and write this prefix)",
+            o.location.cloud.credentials_hint()
+        ),
+    })?;
+    Ok(Some(output::ObjectDestination {
+        store,
+        prefix: o.location.prefix.clone(),
+        url,
+        part_size: o.part_size,
+        concurrency: o.upload_concurrency,
+    }))
 }
 
 /// Runs one export. `Err` means nothing was written (bad key, authentication, output folder); a run that
@@ -135,7 +171,16 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }
+    let destination = std::sync::Mutex::new(open_destination(plan).await?);
+    let references = (!plan.hydrate.is_empty()).then(|| {
+        Arc::new(std::sync::Mutex::new(hydrate::Scan::new(
+            &plan.hydrate,
+            &plan.fhir_base,
+        )))
+    });
     let ctx = RunContext {
+        destination,
+        references,
         plan,
         client: std::sync::Arc::new(client),
         opts: opts.clone(),
@@ -160,6 +205,10 @@ pub struct RunContext<'a> {
     pub start_ts: jiff::Timestamp,
     /// The run id to use unless an unfinished run is resumed.
     pub run_id: String,
+    /// The object store the run goes to (taken by `open_writer`).
+    destination: std::sync::Mutex<Option<output::ObjectDestination>>,
+    /// What hydration needs to know of the exported resources, filled as they are written.
+    pub references: Option<Arc<std::sync::Mutex<hydrate::Scan>>>,
 }
 
 /// What a mode hands over once retrieval is over.
@@ -182,9 +231,35 @@ pub struct Retrieved {
 }
 
 impl RunContext<'_> {
+    /// Opens the run's writer (resuming an unfinished run as `resume` says) and sets it up as the
+    /// plan asks: compression, the object store, and the files kept aside for rewriting.
+    pub fn open_writer(&self, resume: Option<output::Resume<'_>>) -> Result<RunWriter, ExportError> {
+        let plan = self.plan;
+        let mut writer = RunWriter::open(&plan.output_dir, &plan.name, &self.run_id, resume)?;
+        let observer = self.references.clone().map(|scan| {
+            Box::new(move |t: &str, lines: &[u8]| {
+                if let Ok(mut scan) = scan.lock() {
+                    scan.add(t, lines);
+                }
+            }) as output::Observer
+        });
+        let destination = self.destination.lock().ok().and_then(|mut d| d.take());
+        writer.configure(output::WriterOptions {
+            gzip: plan.compression == crate::plan::Compression::Gzip,
+            staged: plan
+                .attachments
+                .as_ref()
+                .map(|a| a.resources.clone())
+                .unwrap_or_default(),
+            destination,
+            observer,
+        })?;
+        Ok(writer)
+    }
+
     /// Closes the files, builds the summary, and publishes the run (success or partial) or sets it aside
     /// as failed.
-    pub fn conclude(&self, r: Retrieved) -> Result<RunReport, ExportError> {
+    pub async fn conclude(&self, r: Retrieved) -> Result<RunReport, ExportError> {
         let Retrieved {
             mut writer,
             mut fatal,
@@ -197,13 +272,17 @@ impl RunContext<'_> {
             bulk,
             enrichment,
         } = r;
-        let files = match write_error {
-            Some(_) => Vec::new(),
-            None => writer.close_files().unwrap_or_else(|e| {
-                write_error = Some(e);
-                Vec::new()
-            }),
-        };
+        let (writer, files, write_error) = blocking(move || {
+            let files = match write_error {
+                Some(_) => Vec::new(),
+                None => writer.close_files().unwrap_or_else(|e| {
+                    write_error = Some(e);
+                    Vec::new()
+                }),
+            };
+            (writer, files, write_error)
+        })
+        .await?;
         if let Some(e) = &write_error {
             fatal.insert(
                 0,
@@ -247,13 +326,10 @@ impl RunContext<'_> {
             attachments: enrichment.attachments.as_ref().map(|a| a.stats.clone()),
             hydration: enrichment.hydration.clone(),
             errors: fatal.iter().chain(&partial).cloned().collect(),
-            output_dir: if outcome == Outcome::Failed {
-                writer.failed_dir()
-            } else {
-                writer.final_dir()
-            }
-            .display()
-            .to_string(),
+            output_dir: match (outcome, writer.object_link()) {
+                (Outcome::Failed, None) => writer.failed_dir().display().to_string(),
+                _ => writer.final_place(),
+            },
             ..RunSummary::new(
                 &plan.name,
                 writer.run_id(),
@@ -263,9 +339,11 @@ impl RunContext<'_> {
             )
         };
         let run_id = summary.run_id.clone();
+        let object = writer.object_link();
         let dir = if outcome == Outcome::Failed {
             let discard = write_error.is_some();
-            let dir = writer.abandon(&summary, discard)?;
+            let copy = summary.clone();
+            let dir = blocking(move || writer.abandon(&copy, discard)).await??;
             tracing::error!(
                 export = %plan.name,
                 run_id = %run_id,
@@ -277,10 +355,29 @@ impl RunContext<'_> {
             dir
         } else {
             let export_dir = writer.export_dir().to_owned();
-            let attachments = enrichment.attachments.as_ref().map(|a| &a.manifest);
-            let dir = writer.publish(&transaction_time, &request, &files, attachments, &summary)?;
-            for old in output::remove_old_runs(&export_dir, plan.keep_runs) {
-                tracing::info!("removed old run {old} (keepRuns = {})", plan.keep_runs);
+            let attachments = enrichment.attachments.map(|a| a.manifest);
+            let copy = summary.clone();
+            let dir = blocking(move || {
+                writer.publish(
+                    &transaction_time,
+                    &request,
+                    &files,
+                    attachments.as_ref(),
+                    &copy,
+                )
+            })
+            .await??;
+            let removed = match &object {
+                Some(o) => o.remove_old_runs(plan.keep_runs, &run_id).await,
+                None => Ok(output::remove_old_runs(&export_dir, plan.keep_runs)),
+            };
+            match removed {
+                Ok(removed) => {
+                    for old in removed {
+                        tracing::info!("removed old run {old} (keepRuns = {})", plan.keep_runs);
+                    }
+                }
+                Err(e) => tracing::warn!("retention (keepRuns = {}): {e}", plan.keep_runs),
             }
             dir
         };
@@ -292,6 +389,20 @@ impl RunContext<'_> {
             seconds = format!("{:.1}", summary.duration_seconds),
             "export finished"
         );
-        Ok(RunReport { summary, dir })
+        Ok(RunReport {
+            summary,
+            dir,
+            object,
+        })
     }
+}
+
+/// Runs `f` (the writer's blocking work: closing files, uploads) on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ExportError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| ExportError::Task {
+            task: "writer",
+            source,
+        })
 }

@@ -14,7 +14,7 @@ use super::writer::{self, WriterMsg};
 use super::{ExportError, Retrieved, RunContext, RunReport};
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::{FetchError, FhirClient};
-use crate::output::{self, RunWriter};
+use crate::output;
 use crate::plan::{Search, SearchPlan};
 use crate::progress::Progress;
 use crate::summary::SearchStats;
@@ -44,7 +44,7 @@ pub enum Fatal {
 /// Runs a search-mode export: every patient, every search, into a new run folder.
 pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport, ExportError> {
     let plan = ctx.plan;
-    let writer = RunWriter::create(&plan.output_dir, &plan.name, &ctx.run_id)?;
+    let writer = ctx.open_writer(None)?;
     let (tx, writer_task) = writer::spawn(writer);
     let progress = Progress::new(
         search.patients.len() as u64,
@@ -112,7 +112,7 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
         }),
         bulk: None,
         enrichment,
-    })
+    }).await
 }
 
 /// Exports every patient; the client keeps at most `limits.concurrency` requests in flight.

@@ -8,13 +8,20 @@
 
 mod retention;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use flate2::write::GzEncoder;
+use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::path::Path as ObjectPath;
 use serde::Serialize;
+
+use crate::storage::runs::ExportRuns;
+use crate::storage::upload::{ObjectFile, UploadError, Uploader};
 
 pub use retention::{remove_old_runs, sweep_leftovers};
 
@@ -57,6 +64,8 @@ pub fn is_data_file(f: &FileEntry) -> bool {
 }
 pub const OUTCOMES_FILE: &str = "OperationOutcome.ndjson";
 pub const FAILURES_FILE: &str = "failed-requests.ndjson";
+/// In a staging folder: the parts being uploaded, one per open object (see `storage::upload`).
+const SPOOL_DIR: &str = ".spool";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -73,6 +82,11 @@ pub enum OutputError {
         "output folder {path}: another run of this export is in progress (it holds {lock}); wait for it or stop it"
     )]
     Busy { path: PathBuf, lock: PathBuf },
+    /// An object could not be uploaded (after the store client's retries), or `latest.json` not written.
+    #[error("{0}")]
+    Upload(#[from] UploadError),
+    #[error("{0}")]
+    Store(#[from] crate::storage::runs::RunsError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OutputError + '_ {
@@ -119,46 +133,89 @@ fn create_private_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Where one file's bytes go.
+enum Sink {
+    Plain(BufWriter<File>),
+    Gzip(GzEncoder<BufWriter<File>>),
+    /// Counted and hashed by the upload itself.
+    Object(ObjectFile),
+}
+
 /// One streamed NDJSON file with its running count, size and SHA-256.
 struct NdjsonFile {
     relative: String,
-    /// The full path, named in errors.
+    /// The full path (local, or the object's), named in errors.
     path: PathBuf,
-    out: BufWriter<File>,
+    sink: Sink,
     count: u64,
     bytes: u64,
     sha: aws_lc_rs::digest::Context,
 }
 
 impl NdjsonFile {
-    fn create(dir: &Path, relative: String) -> Result<Self, OutputError> {
+    /// A local file in `dir`, gzip-compressed or not.
+    fn create(dir: &Path, relative: String, gzip: bool) -> Result<Self, OutputError> {
         let path = dir.join(&relative);
         let file = create_private_file(&path).map_err(io_err(&path))?;
-        Ok(NdjsonFile {
+        let out = BufWriter::with_capacity(256 * 1024, file);
+        let sink = if gzip {
+            Sink::Gzip(GzEncoder::new(out, flate2::Compression::default()))
+        } else {
+            Sink::Plain(out)
+        };
+        Ok(Self::new(relative, path, sink))
+    }
+
+    fn new(relative: String, path: PathBuf, sink: Sink) -> Self {
+        NdjsonFile {
             relative,
             path,
-            out: BufWriter::with_capacity(256 * 1024, file),
+            sink,
             count: 0,
             bytes: 0,
             sha: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
-        })
+        }
     }
 
     /// `lines` holds `count` complete lines, each ending in `\n`.
     fn append(&mut self, lines: &[u8], count: u64) -> Result<(), OutputError> {
-        self.out.write_all(lines).map_err(io_err(&self.path))?;
+        match &mut self.sink {
+            Sink::Plain(out) => out.write_all(lines).map_err(io_err(&self.path))?,
+            Sink::Gzip(out) => out.write_all(lines).map_err(io_err(&self.path))?,
+            Sink::Object(object) => return Ok(object.append(lines, count)?),
+        }
         self.sha.update(lines);
         self.bytes += lines.len() as u64;
         self.count += count;
         Ok(())
     }
 
+    /// Hands what is buffered to the operating system (local files).
+    fn flush(&mut self) -> Result<(), OutputError> {
+        match &mut self.sink {
+            Sink::Plain(out) => out.flush().map_err(io_err(&self.path)),
+            Sink::Gzip(out) => out.flush().map_err(io_err(&self.path)),
+            Sink::Object(_) => Ok(()),
+        }
+    }
+
+    /// Syncs a local file, completes an upload.
     fn close(self) -> Result<FileEntry, OutputError> {
         let path = self.path;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| io_err(&path)(e.into_error()))?;
+        let out = match self.sink {
+            Sink::Object(object) => {
+                let done = object.finish()?;
+                return Ok(FileEntry {
+                    relative: self.relative,
+                    count: done.count,
+                    bytes: done.bytes,
+                    sha256: done.sha256,
+                });
+            }
+            Sink::Plain(out) => out,
+            Sink::Gzip(gz) => gz.finish().map_err(io_err(&path))?,
+        };
+        let file = out.into_inner().map_err(|e| io_err(&path)(e.into_error()))?;
         file.sync_all().map_err(io_err(&path))?;
         Ok(FileEntry {
             relative: self.relative,
@@ -259,7 +316,93 @@ pub struct RunWriter {
     files: BTreeMap<String, (String, NdjsonFile)>,
     outcomes: Option<NdjsonFile>,
     failures: Option<NdjsonFile>,
+    /// `output.compression: gzip`: resource and deleted-resource files are `.ndjson.gz`.
+    gzip: bool,
+    /// Resource types written plain to the staging folder whatever the destination, because they
+    /// are read back and rewritten (attachments) before they are published; see `detach`.
+    staged: BTreeSet<String>,
+    object: Option<ObjectRun>,
+    observer: Option<Observer>,
     _lock: File,
+}
+
+/// Sees every batch of resources before it is written: `(resource type, lines)`.
+pub type Observer = Box<dyn FnMut(&str, &[u8]) + Send>;
+
+/// An object store that runs are streamed to, instead of a folder renamed into place.
+pub struct ObjectDestination {
+    pub store: Arc<dyn ObjectStore>,
+    /// The prefix in the bucket (`<prefix>` of `<prefix>/<export>/<run-id>/`).
+    pub prefix: ObjectPath,
+    /// The location as a URL (`s3://bucket/prefix`), for the summary and messages.
+    pub url: String,
+    pub part_size: usize,
+    /// Parts in flight at once across the run's files.
+    pub concurrency: usize,
+}
+
+/// How a run is written, beyond its folder.
+#[derive(Default)]
+pub struct WriterOptions {
+    pub gzip: bool,
+    /// See `RunWriter::staged`.
+    pub staged: Vec<String>,
+    pub destination: Option<ObjectDestination>,
+    pub observer: Option<Observer>,
+}
+
+/// A run on its way to an object store.
+struct ObjectRun {
+    uploader: Arc<Uploader>,
+    runs: Arc<ExportRuns>,
+    /// `<prefix>/<export>/<run-id>`.
+    run: ObjectPath,
+    /// The run as a URL, ending in `/`.
+    url: String,
+}
+
+/// Where a run published to an object store is, and how to write its summary again (with the
+/// e-mail's outcome).
+#[derive(Clone)]
+pub struct ObjectRunLink {
+    /// The run as a URL (`s3://bucket/prefix/<export>/<run-id>/`).
+    pub url: String,
+    store: Arc<dyn ObjectStore>,
+    summary: ObjectPath,
+    runs: Arc<ExportRuns>,
+}
+
+impl std::fmt::Debug for ObjectRunLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl ObjectRunLink {
+    /// Replaces the run's `summary.json`.
+    pub async fn rewrite_summary<S: Serialize>(&self, summary: &S) -> Result<(), String> {
+        let mut text = serde_json::to_vec_pretty(summary).map_err(|e| e.to_string())?;
+        text.push(b'\n');
+        self.store
+            .put(&self.summary, text.into())
+            .await
+            .map(drop)
+            .map_err(|e| format!("{}: {}", self.summary, crate::storage::describe(&e)))
+    }
+
+    /// Retention in the store: keeps the newest `keep` complete runs and `current`; removes the rest
+    /// (older runs, and runs that failed or were killed). Returns the run ids removed.
+    pub async fn remove_old_runs(&self, keep: usize, current: &str) -> Result<Vec<String>, String> {
+        self.runs
+            .remove_old_runs(keep, Some(current))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `relative` (`errors/failed-requests.ndjson`) under `run`, one path segment per folder.
+fn object_path(run: &ObjectPath, relative: &str) -> ObjectPath {
+    relative.split('/').fold(run.clone(), |p, part| p.join(part))
 }
 
 /// Which unfinished run `RunWriter::open` may resume: one whose staging folder holds the file `marker`
@@ -360,8 +503,69 @@ impl RunWriter {
             files: BTreeMap::new(),
             outcomes: None,
             failures: None,
+            gzip: false,
+            staged: BTreeSet::new(),
+            object: None,
+            observer: None,
             _lock: lock,
         })
+    }
+
+    /// Sets how the run is written, before anything is. With a destination the uploads run on the
+    /// current runtime, and parts are spooled to `<staging>/.spool/`.
+    pub fn configure(&mut self, options: WriterOptions) -> Result<(), OutputError> {
+        self.gzip = options.gzip;
+        self.staged = options.staged.into_iter().collect();
+        self.observer = options.observer;
+        if let Some(d) = options.destination {
+            let scratch = self.partial.join(SPOOL_DIR);
+            create_private_dir(&scratch).map_err(io_err(&scratch))?;
+            let uploader = Uploader::new(
+                d.store.clone(),
+                tokio::runtime::Handle::current(),
+                d.part_size,
+                d.concurrency,
+                scratch,
+            );
+            let runs = ExportRuns::new(d.store, &d.prefix, self.export_name());
+            self.object = Some(ObjectRun {
+                uploader,
+                run: runs.run_path(&self.run_id),
+                url: format!("{}/{}/{}/", d.url, self.export_name(), self.run_id),
+                runs: Arc::new(runs),
+            });
+        }
+        Ok(())
+    }
+
+    fn export_name(&self) -> &str {
+        self.export_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    }
+
+    /// Stops showing batches to the observer set by `configure`.
+    pub fn take_observer(&mut self) -> Option<Observer> {
+        self.observer.take()
+    }
+
+    /// The run in its object store, when it goes to one.
+    pub fn object_link(&self) -> Option<ObjectRunLink> {
+        self.object.as_ref().map(|o| ObjectRunLink {
+            url: o.url.clone(),
+            store: o.uploader.store().clone(),
+            summary: o.run.clone().join("summary.json"),
+            runs: o.runs.clone(),
+        })
+    }
+
+    /// Where the run will be once published: its folder, or its URL in the object store.
+    pub fn final_place(&self) -> String {
+        match &self.object {
+            Some(o) => o.url.clone(),
+            None => self.final_dir().display().to_string(),
+        }
     }
 
     /// The export's folder (`<output>/<export>`), where state between runs is kept.
@@ -390,12 +594,10 @@ impl RunWriter {
         lines: &[u8],
         count: u64,
     ) -> Result<(), OutputError> {
-        self.append_typed(
-            format!("{resource_type}.ndjson"),
-            resource_type,
-            lines,
-            count,
-        )
+        if let Some(observe) = &mut self.observer {
+            observe(resource_type, lines);
+        }
+        self.append_typed("", resource_type, lines, count)
     }
 
     /// Appends `count` lines of the server's deleted-resource entries of `resource_type` (bulk mode)
@@ -406,17 +608,12 @@ impl RunWriter {
         lines: &[u8],
         count: u64,
     ) -> Result<(), OutputError> {
-        self.append_typed(
-            format!("{DELETED_DIR}/{resource_type}.ndjson"),
-            resource_type,
-            lines,
-            count,
-        )
+        self.append_typed("deleted/", resource_type, lines, count)
     }
 
     fn append_typed(
         &mut self,
-        relative: String,
+        folder: &str,
         resource_type: &str,
         lines: &[u8],
         count: u64,
@@ -426,17 +623,48 @@ impl RunWriter {
                 resource_type,
             )));
         }
+        let staged = folder.is_empty() && self.staged.contains(resource_type);
+        let gz = if self.gzip && !staged { ".gz" } else { "" };
+        let relative = format!("{folder}{resource_type}.ndjson{gz}");
         let file = match self.files.entry(relative) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
-                if let Some(dir) = self.partial.join(e.key()).parent() {
-                    create_private_dir(dir).map_err(io_err(dir))?;
-                }
-                let f = NdjsonFile::create(&self.partial, e.key().clone())?;
+                let f = Self::new_file(
+                    &self.partial,
+                    self.object.as_ref().filter(|_| !staged),
+                    e.key().clone(),
+                    !gz.is_empty(),
+                )?;
                 e.insert((resource_type.to_owned(), f))
             }
         };
         file.1.append(lines, count)
+    }
+
+    /// A new file of the run: an object, or a local file in the staging folder.
+    fn new_file(
+        partial: &Path,
+        object: Option<&ObjectRun>,
+        relative: String,
+        gzip: bool,
+    ) -> Result<NdjsonFile, OutputError> {
+        match object {
+            Some(o) => {
+                let path = object_path(&o.run, &relative);
+                let f = o.uploader.create(path.clone(), gzip)?;
+                Ok(NdjsonFile::new(
+                    relative,
+                    PathBuf::from(path.as_ref()),
+                    Sink::Object(f),
+                ))
+            }
+            None => {
+                if let Some(dir) = partial.join(&relative).parent() {
+                    create_private_dir(dir).map_err(io_err(dir))?;
+                }
+                NdjsonFile::create(partial, relative, gzip)
+            }
+        }
     }
 
     /// Flushes every open file to the operating system (not to the disk), so that they can be read
@@ -449,26 +677,25 @@ impl RunWriter {
             .chain(self.outcomes.as_mut())
             .chain(self.failures.as_mut());
         for f in open {
-            f.out.flush().map_err(io_err(&f.path))?;
+            f.flush()?;
         }
         Ok(())
     }
 
-    /// The resource files written so far: `(type, path)`, deleted-resource files left out.
-    pub fn data_files(&self) -> Vec<(String, PathBuf)> {
-        self.files
-            .iter()
-            .filter(|(relative, _)| !relative.starts_with(DELETED_DIR))
-            .map(|(_, (t, f))| (t.clone(), f.path.clone()))
-            .collect()
-    }
-
-    /// Takes `<Type>.ndjson` out of the run to be rewritten: closes it and renames it to
-    /// `.<Type>.original.ndjson` in the staging folder, whose path is returned (`None` if the run has
-    /// no such file). Appending to the type afterwards starts a new `<Type>.ndjson`; the caller
-    /// removes the original when done.
+    /// Takes `<Type>.ndjson` (a staged type, see `WriterOptions::staged`) out of the run to be
+    /// rewritten: closes it and renames it to `.<Type>.original.ndjson` in the staging folder, whose
+    /// path is returned (`None` if the run has no such file). Appending to the type afterwards starts
+    /// a new file at the run's destination; the caller removes the original when done.
     pub fn detach(&mut self, resource_type: &str) -> Result<Option<PathBuf>, OutputError> {
-        let Some((_, file)) = self.files.remove(&format!("{resource_type}.ndjson")) else {
+        let was_staged = self.staged.remove(resource_type);
+        let relative = format!("{resource_type}.ndjson");
+        if !was_staged && (self.gzip || self.object.is_some()) {
+            return Err(OutputError::Serialize {
+                name: relative,
+                message: "it was not kept in the staging folder to be rewritten".into(),
+            });
+        }
+        let Some((_, file)) = self.files.remove(&relative) else {
             return Ok(None);
         };
         let from = file.path.clone();
@@ -482,13 +709,10 @@ impl RunWriter {
 
     /// Appends OperationOutcome lines the server reported (search outcome entries).
     pub fn append_outcomes(&mut self, lines: &[u8], count: u64) -> Result<(), OutputError> {
-        Self::append_to(
-            &mut self.outcomes,
-            &self.partial,
-            OUTCOMES_FILE,
-            lines,
-            count,
-        )
+        let mut slot = self.outcomes.take();
+        let result = self.append_to(&mut slot, OUTCOMES_FILE, lines, count);
+        self.outcomes = slot;
+        result
     }
 
     /// Appends one failed request record (JSON, one line).
@@ -499,18 +723,27 @@ impl RunWriter {
             message: e.to_string(),
         })?;
         line.push(b'\n');
-        Self::append_to(&mut self.failures, &self.partial, FAILURES_FILE, &line, 1)
+        let mut slot = self.failures.take();
+        let result = self.append_to(&mut slot, FAILURES_FILE, &line, 1);
+        self.failures = slot;
+        result
     }
 
     fn append_to(
+        &self,
         slot: &mut Option<NdjsonFile>,
-        partial: &Path,
         name: &str,
         lines: &[u8],
         count: u64,
     ) -> Result<(), OutputError> {
         if slot.is_none() {
-            *slot = Some(NdjsonFile::create(partial, format!("{ERRORS_DIR}/{name}"))?);
+            let relative = format!("{ERRORS_DIR}/{name}");
+            *slot = Some(Self::new_file(
+                &self.partial,
+                self.object.as_ref(),
+                relative,
+                false,
+            )?);
         }
         match slot.as_mut() {
             Some(f) => f.append(lines, count),
@@ -541,7 +774,10 @@ impl RunWriter {
     }
 
     /// Writes `manifest.json` (for the closed `files`) and `summary.json`, renames the folder into
-    /// place and points `latest` at it. Returns the published folder.
+    /// place and points `latest` at it. Returns the published folder. With an object store: uploads
+    /// the attachments, `summary.json`, then `manifest.json`, then points `<export>/latest.json` at
+    /// the run, and removes the staging folder; returns the export's working folder. Blocks: call it
+    /// from a blocking thread.
     pub fn publish<S: Serialize>(
         self,
         transaction_time: &str,
@@ -569,6 +805,9 @@ impl RunWriter {
             deleted: files.iter().filter(under(DELETED_DIR)).map(entry).collect(),
             attachments,
         };
+        if let Some(o) = &self.object {
+            return self.publish_objects(o, &manifest, attachments, summary);
+        }
         self.write_json("manifest.json", &manifest)?;
         if let Some(a) = attachments {
             fs::remove_file(&a.files).map_err(io_err(&a.files))?;
@@ -581,10 +820,50 @@ impl RunWriter {
         Ok(final_dir)
     }
 
+    /// The object-store half of `publish`.
+    fn publish_objects<S: Serialize>(
+        &self,
+        o: &ObjectRun,
+        manifest: &Manifest<'_>,
+        attachments: Option<&AttachmentsManifest>,
+        summary: &S,
+    ) -> Result<PathBuf, OutputError> {
+        let documents = self.partial.join(ATTACHMENTS_DIR);
+        for entry in fs::read_dir(&documents).into_iter().flatten() {
+            let entry = entry.map_err(io_err(&documents))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            o.uploader
+                .put_file(&path, object_path(&o.run, &format!("{ATTACHMENTS_DIR}/{name}")))?;
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        self.write_json("summary.json", summary)?;
+        o.uploader
+            .put_file(&self.partial.join("summary.json"), o.run.clone().join("summary.json"))?;
+        self.write_json("manifest.json", manifest)?;
+        if let Some(a) = attachments {
+            fs::remove_file(&a.files).map_err(io_err(&a.files))?;
+        }
+        o.uploader.put_file(
+            &self.partial.join("manifest.json"),
+            o.run.clone().join(crate::storage::runs::MANIFEST),
+        )?;
+        o.uploader
+            .handle()
+            .block_on(o.runs.point_latest(&self.run_id))?;
+        fs::remove_dir_all(&self.partial).map_err(io_err(&self.partial))?;
+        Ok(self.export_dir.clone())
+    }
+
     /// Ends a run that failed: writes `summary.json` and renames the folder to `failed_dir()` so
     /// nothing mistakes it for a complete run. Returns that folder. With `discard_data` (the run
     /// failed because the disk could not take its files) the resource files and attachments are
     /// removed first, so that the space is free for the summary and the next run; `errors/` is kept.
+    /// With an object store the summary is uploaded too (the run's objects have no manifest, so
+    /// nothing reads them as a run; retention removes them). Blocks: call it from a blocking thread.
     pub fn abandon<S: Serialize>(
         mut self,
         summary: &S,
@@ -594,14 +873,27 @@ impl RunWriter {
             self.discard_data();
         }
         self.write_json("summary.json", summary)?;
+        if let Some(o) = &self.object {
+            let _ = fs::remove_dir_all(self.partial.join(SPOOL_DIR));
+            let uploaded = o
+                .uploader
+                .put_file(&self.partial.join("summary.json"), o.run.clone().join("summary.json"));
+            if let Err(e) = uploaded {
+                tracing::warn!("the failed run's summary stays in the working folder: {e}");
+            }
+        }
         let failed = self.failed_dir();
         fs::rename(&self.partial, &failed).map_err(io_err(&failed))?;
         Ok(failed)
     }
 
-    /// Closes (without syncing) and removes every resource and deleted-resource file.
+    /// Closes (without syncing) and removes every resource and deleted-resource file; uploads are
+    /// given up.
     fn discard_data(&mut self) {
-        for (relative, _) in std::mem::take(&mut self.files) {
+        for (relative, (_, file)) in std::mem::take(&mut self.files) {
+            if matches!(file.sink, Sink::Object(_)) {
+                continue;
+            }
             let path = self.partial.join(&relative);
             if let Err(e) = fs::remove_file(&path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());

@@ -27,6 +27,15 @@ impl Cloud {
         }
     }
 
+    /// What credentials are called, for messages.
+    pub fn credentials_hint(self) -> &'static str {
+        match self {
+            Cloud::S3 => "AWS_* (or the pod's IAM role)",
+            Cloud::Azure => "AZURE_* (or the managed identity)",
+            Cloud::Gcs => "GOOGLE_* (or the workload identity)",
+        }
+    }
+
     /// The environment variables this cloud's client reads (the prefix), for messages.
     fn env_prefix(self) -> &'static str {
         match self {

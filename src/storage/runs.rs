@@ -105,11 +105,15 @@ impl ExportRuns {
         for (name, bytes) in before_manifest {
             self.put(&run.clone().join(*name), bytes.clone()).await?;
         }
-        let manifest_path = run.join(MANIFEST);
-        self.put(&manifest_path, manifest).await?;
+        self.put(&run.join(MANIFEST), manifest).await?;
+        self.point_latest(run_id).await
+    }
+
+    /// Points `latest.json` at the run `run_id`, whose manifest is written.
+    pub async fn point_latest(&self, run_id: &str) -> Result<Latest, RunsError> {
         let latest = Latest {
             run_id: run_id.to_owned(),
-            manifest: manifest_path.to_string(),
+            manifest: self.run_path(run_id).join(MANIFEST).to_string(),
             published_at: jiff::Timestamp::now().to_string(),
         };
         let mut text = serde_json::to_vec_pretty(&latest).map_err(|e| RunsError {

@@ -86,6 +86,11 @@ impl Uploader {
         &self.store
     }
 
+    /// The runtime the uploads run on.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// Starts the object `path`; nothing is visible until [`ObjectFile::finish`].
     pub fn create(
         self: &Arc<Self>,

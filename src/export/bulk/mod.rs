@@ -86,7 +86,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         // Documents already downloaded are not downloaded again.
         keep: &[crate::output::ATTACHMENTS_DIR],
     };
-    let writer = RunWriter::open(&plan.output_dir, &plan.name, &ctx.run_id, Some(resume))?;
+    let writer = ctx.open_writer(Some(resume))?;
     let mut stats = BulkStats {
         since: since.clone(),
         ..BulkStats::default()
@@ -98,7 +98,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         Ok(m) => m,
         Err(Stop::Failed(message)) => {
             progress.finish();
-            return ctx.conclude(failed(writer, vec![message], kickoff, stats));
+            return ctx.conclude(failed(writer, vec![message], kickoff, stats)).await;
         }
         Err(Stop::KeepWaiting(message)) => {
             // The export is still being prepared: keep the staging folder so the next run resumes it.
@@ -125,7 +125,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         return ctx.conclude(Retrieved {
             write_error: Some(e),
             ..failed(writer, Vec::new(), kickoff, stats)
-        });
+        }).await;
     }
     if let Some(why) = &got.fatal {
         // Authentication failed mid-download: the export itself is fine, so keep the staging folder
@@ -143,7 +143,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         return ctx.conclude(Retrieved {
             write_error: Some(e),
             ..failed(writer, Vec::new(), kickoff, stats)
-        });
+        }).await;
     }
     if let Some(why) = done.fatal {
         drop(writer);
@@ -169,7 +169,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         search: None,
         bulk: Some(stats),
         enrichment: done.enrichment,
-    })?;
+    }).await?;
     if complete {
         if let (true, Some(p)) = (b.delete_after_download, &pending) {
             match ctx
