@@ -233,7 +233,10 @@ pub struct Retrieved {
 impl RunContext<'_> {
     /// Opens the run's writer (resuming an unfinished run as `resume` says) and sets it up as the
     /// plan asks: compression, the object store, and the files kept aside for rewriting.
-    pub fn open_writer(&self, resume: Option<output::Resume<'_>>) -> Result<RunWriter, ExportError> {
+    pub fn open_writer(
+        &self,
+        resume: Option<output::Resume<'_>>,
+    ) -> Result<RunWriter, ExportError> {
         let plan = self.plan;
         let mut writer = RunWriter::open(&plan.output_dir, &plan.name, &self.run_id, resume)?;
         let observer = self.references.clone().map(|scan| {
@@ -398,7 +401,9 @@ impl RunContext<'_> {
 }
 
 /// Runs `f` (the writer's blocking work: closing files, uploads) on a blocking thread.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ExportError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ExportError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|source| ExportError::Task {

@@ -112,7 +112,8 @@ pub async fn run(ctx: &RunContext<'_>, search: &SearchPlan) -> Result<RunReport,
         }),
         bulk: None,
         enrichment,
-    }).await
+    })
+    .await
 }
 
 /// Exports every patient; the client keeps at most `limits.concurrency` requests in flight.

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flate2::write::GzEncoder;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
 use crate::storage::runs::ExportRuns;
@@ -215,7 +215,9 @@ impl NdjsonFile {
             Sink::Plain(out) => out,
             Sink::Gzip(gz) => gz.finish().map_err(io_err(&path))?,
         };
-        let file = out.into_inner().map_err(|e| io_err(&path)(e.into_error()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| io_err(&path)(e.into_error()))?;
         file.sync_all().map_err(io_err(&path))?;
         Ok(FileEntry {
             relative: self.relative,
@@ -402,7 +404,9 @@ impl ObjectRunLink {
 
 /// `relative` (`errors/failed-requests.ndjson`) under `run`, one path segment per folder.
 fn object_path(run: &ObjectPath, relative: &str) -> ObjectPath {
-    relative.split('/').fold(run.clone(), |p, part| p.join(part))
+    relative
+        .split('/')
+        .fold(run.clone(), |p, part| p.join(part))
 }
 
 /// Which unfinished run `RunWriter::open` may resume: one whose staging folder holds the file `marker`
@@ -836,13 +840,17 @@ impl RunWriter {
                 continue;
             }
             let path = entry.path();
-            o.uploader
-                .put_file(&path, object_path(&o.run, &format!("{ATTACHMENTS_DIR}/{name}")))?;
+            o.uploader.put_file(
+                &path,
+                object_path(&o.run, &format!("{ATTACHMENTS_DIR}/{name}")),
+            )?;
             fs::remove_file(&path).map_err(io_err(&path))?;
         }
         self.write_json("summary.json", summary)?;
-        o.uploader
-            .put_file(&self.partial.join("summary.json"), o.run.clone().join("summary.json"))?;
+        o.uploader.put_file(
+            &self.partial.join("summary.json"),
+            o.run.clone().join("summary.json"),
+        )?;
         self.write_json("manifest.json", manifest)?;
         if let Some(a) = attachments {
             fs::remove_file(&a.files).map_err(io_err(&a.files))?;
@@ -875,9 +883,10 @@ impl RunWriter {
         self.write_json("summary.json", summary)?;
         if let Some(o) = &self.object {
             let _ = fs::remove_dir_all(self.partial.join(SPOOL_DIR));
-            let uploaded = o
-                .uploader
-                .put_file(&self.partial.join("summary.json"), o.run.clone().join("summary.json"));
+            let uploaded = o.uploader.put_file(
+                &self.partial.join("summary.json"),
+                o.run.clone().join("summary.json"),
+            );
             if let Err(e) = uploaded {
                 tracing::warn!("the failed run's summary stays in the working folder: {e}");
             }

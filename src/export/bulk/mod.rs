@@ -98,7 +98,9 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         Ok(m) => m,
         Err(Stop::Failed(message)) => {
             progress.finish();
-            return ctx.conclude(failed(writer, vec![message], kickoff, stats)).await;
+            return ctx
+                .conclude(failed(writer, vec![message], kickoff, stats))
+                .await;
         }
         Err(Stop::KeepWaiting(message)) => {
             // The export is still being prepared: keep the staging folder so the next run resumes it.
@@ -122,10 +124,12 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
         // The disk failed: the run fails (and is reported) and its files are removed. The status URL
         // stays with the failed run, so the next run downloads the same export again instead of
         // kicking off anew (Epic allows one kick-off per Group per day).
-        return ctx.conclude(Retrieved {
-            write_error: Some(e),
-            ..failed(writer, Vec::new(), kickoff, stats)
-        }).await;
+        return ctx
+            .conclude(Retrieved {
+                write_error: Some(e),
+                ..failed(writer, Vec::new(), kickoff, stats)
+            })
+            .await;
     }
     if let Some(why) = &got.fatal {
         // Authentication failed mid-download: the export itself is fine, so keep the staging folder
@@ -140,10 +144,12 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     let done = super::enrich::enrich(ctx, writer).await?;
     let writer = done.writer;
     if let Some(e) = done.write_error {
-        return ctx.conclude(Retrieved {
-            write_error: Some(e),
-            ..failed(writer, Vec::new(), kickoff, stats)
-        }).await;
+        return ctx
+            .conclude(Retrieved {
+                write_error: Some(e),
+                ..failed(writer, Vec::new(), kickoff, stats)
+            })
+            .await;
     }
     if let Some(why) = done.fatal {
         drop(writer);
@@ -156,20 +162,22 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     let _ = std::fs::remove_file(writer.staging_dir().join(PENDING_FILE));
     let complete = got.partial.is_empty();
     let export_dir = writer.export_dir().to_owned();
-    let report = ctx.conclude(Retrieved {
-        writer,
-        fatal: Vec::new(),
-        write_error: None,
-        partial: got.partial,
-        transaction_time: transaction_time
-            .clone()
-            .unwrap_or_else(|| ctx.start_ts.to_string()),
-        request: manifest.request.clone().unwrap_or(kickoff),
-        server_outcomes: got.server_outcomes,
-        search: None,
-        bulk: Some(stats),
-        enrichment: done.enrichment,
-    }).await?;
+    let report = ctx
+        .conclude(Retrieved {
+            writer,
+            fatal: Vec::new(),
+            write_error: None,
+            partial: got.partial,
+            transaction_time: transaction_time
+                .clone()
+                .unwrap_or_else(|| ctx.start_ts.to_string()),
+            request: manifest.request.clone().unwrap_or(kickoff),
+            server_outcomes: got.server_outcomes,
+            search: None,
+            bulk: Some(stats),
+            enrichment: done.enrichment,
+        })
+        .await?;
     if complete {
         if let (true, Some(p)) = (b.delete_after_download, &pending) {
             match ctx
