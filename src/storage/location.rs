@@ -242,6 +242,43 @@ fn check_bucket(cloud: Cloud, name: &str) -> Result<(), (&'static str, &'static 
     }
 }
 
+/// The cloud's variables with `*_ALLOW_HTTP` dropped unless every endpoint they name is a loopback
+/// test server: a variable must not turn uploads of PHI into plain http to a real host (the config's
+/// `endpoint` obeys the same rule).
+fn plain_http_only_to_loopback(vars: Vec<(String, String)>) -> Vec<(String, String)> {
+    const ENDPOINTS: [&str; 5] = [
+        "AWS_ENDPOINT",
+        "AWS_ENDPOINT_URL",
+        "AZURE_STORAGE_ENDPOINT",
+        "AZURE_ENDPOINT",
+        "GOOGLE_BASE_URL",
+    ];
+    let named: Vec<&str> = vars
+        .iter()
+        .filter(|(k, _)| ENDPOINTS.contains(&k.as_str()))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let loopback_only = !named.is_empty()
+        && named.iter().all(|v| {
+            url::Url::parse(v)
+                .ok()
+                .and_then(|u| u.host_str().map(crate::trust::is_loopback_host))
+                .unwrap_or(false)
+        });
+    if loopback_only {
+        return vars;
+    }
+    vars.into_iter()
+        .filter(|(k, v)| {
+            let drop = k.ends_with("_ALLOW_HTTP");
+            if drop && v.eq_ignore_ascii_case("true") {
+                tracing::warn!("ignoring {k}: plain http is only for a loopback test server");
+            }
+            !drop
+        })
+        .collect()
+}
+
 /// Why no client could be made for a location.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -276,10 +313,11 @@ impl ObjectLocation {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Arc<dyn ObjectStore>, ConnectError> {
         let prefix = self.cloud.env_prefix();
-        let vars: Vec<(String, String)> = vars
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .collect();
+        let vars = plain_http_only_to_loopback(
+            vars.into_iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .collect(),
+        );
         let fail = |e: object_store::Error| ConnectError {
             url: self.url(),
             cloud: match self.cloud {
@@ -397,6 +435,29 @@ mod tests {
         assert!(err("s3://bucket/p", Some("http://minio.example.org")).contains("loopback"));
         assert!(err("s3://bucket/p", Some("https://h/path")).contains("endpoint"));
         assert!(err("./out", Some("https://h")).contains("not for a local folder"));
+    }
+
+    #[test]
+    fn allow_http_from_the_environment_only_for_loopback_endpoints() {
+        let vars = |endpoint: &str| {
+            vec![
+                ("AWS_ENDPOINT_URL".to_owned(), endpoint.to_owned()),
+                ("AWS_ALLOW_HTTP".to_owned(), "true".to_owned()),
+                ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
+            ]
+        };
+        let kept = plain_http_only_to_loopback(vars("http://127.0.0.1:9000"));
+        assert_eq!(kept.len(), 3);
+        for endpoint in ["http://minio.example.org", "not a url"] {
+            let kept = plain_http_only_to_loopback(vars(endpoint));
+            assert!(
+                kept.iter().all(|(k, _)| k != "AWS_ALLOW_HTTP"),
+                "{endpoint}"
+            );
+            assert_eq!(kept.len(), 2);
+        }
+        let no_endpoint = vec![("GOOGLE_ALLOW_HTTP".to_owned(), "true".to_owned())];
+        assert!(plain_http_only_to_loopback(no_endpoint).is_empty());
     }
 
     #[test]
