@@ -204,7 +204,7 @@ class CrdValidator:
                     found.append(f"{path or '(root)'}: CEL rule {rule['rule']!r} does not compile: {e}")
                     continue
                 self.programs[rule["rule"]] = program
-            result = program.evaluate({"self": celpy.json_to_cel(cel_escaped(value))})
+            result = program.evaluate({"self": celpy.json_to_cel(cel_escaped(value, node))})
             if not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
                 found.append(f"{path or '(root)'}: {rule.get('message', rule['rule'])} (CEL: {rule['rule']})")
         if isinstance(value, dict):
@@ -223,13 +223,20 @@ CEL_RESERVED = {
 }
 
 
-def cel_escaped(value: Any) -> Any:
+def cel_escaped(value: Any, node: Any = None) -> Any:
     """`value` with its object keys escaped as the API server does for CEL field selection: `__` ->
-    `__underscores__`, `.` -> `__dot__`, `-` -> `__dash__`, `/` -> `__slash__`, a keyword -> `__kw__`."""
+    `__underscores__`, `.` -> `__dot__`, `-` -> `__dash__`, `/` -> `__slash__`, a keyword -> `__kw__`.
+    Only property names are escaped: the keys of a map (a schema with `additionalProperties`, such as
+    `job.podLabels`) reach CEL as they are."""
+    node = node if isinstance(node, dict) else {}
     if isinstance(value, list):
-        return [cel_escaped(v) for v in value]
+        return [cel_escaped(v, node.get("items")) for v in value]
     if not isinstance(value, dict):
         return value
+    props = node.get("properties") or {}
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and not props:
+        return {k: cel_escaped(v, extra) for k, v in value.items()}
 
     def escape(key: str) -> str:
         if key in CEL_RESERVED:
@@ -237,7 +244,7 @@ def cel_escaped(value: Any) -> Any:
         key = key.replace("__", "__underscores__")
         return key.replace(".", "__dot__").replace("-", "__dash__").replace("/", "__slash__")
 
-    return {escape(k): cel_escaped(v) for k, v in value.items()}
+    return {escape(k): cel_escaped(v, props.get(k)) for k, v in value.items()}
 
 
 def validate_object(doc: dict, where: str, crd: CrdValidator) -> None:
@@ -932,6 +939,24 @@ def check_negative_exports(crd: CrdValidator, export: dict) -> None:
     broken(lambda d: d["spec"]["auth"].update(keySecretRef={"name": "", "key": "private.pem"}), "name the Secret")
     broken(lambda d: d["spec"]["auth"].update(rotation={"every": "90 days"}), "auth.rotation.every")
 
+    def output(o: dict) -> Callable[[dict], None]:
+        return lambda d: d["spec"].update(output=o)
+
+    # spec.output: a volume or an object store, never both or neither; each option with its own kind.
+    exactly_one = "set exactly one of output.volumeClaimName"
+    broken(output({"volumeClaimName": "exports", "url": "s3://phi-exports/epic"}), exactly_one)
+    broken(output({"keepRuns": 3}), exactly_one)
+    broken(output({"url": "file:///data/exports"}), "output.url is s3://bucket/prefix")
+    broken(output({"url": "s3://phi-exports/epic", "subPath": "nightly"}), "output.subPath is a folder in the volume")
+    broken(output({"volumeClaimName": "exports", "credentialsSecretRef": {"name": "s3"}}), "go with output.url")
+    broken(output({"volumeClaimName": "exports", "endpoint": "https://minio.example.org"}), "go with output.url")
+    broken(output({"url": "s3://phi-exports/epic", "compression": "zip"}), "output.compression is none or gzip")
+    broken(output({"url": "s3://phi-exports/epic", "partSize": 1024}), "less than the minimum")
+    broken(output({"url": "s3://phi-exports/epic", "uploadConcurrency": 65}), "greater than the maximum")
+    broken(output({"url": "s3://phi-exports/epic", "scratchSizeLimit": "lots"}), "output.scratchSizeLimit")
+    broken(output({"volumeClaimName": ""}), "name the PersistentVolumeClaim")
+    broken(lambda d: d["spec"].update(job={"podLabels": {"fhirexport.dev/export": "x"}}), "job.podLabels cannot set")
+
     def bulk(extra: dict) -> Callable[[dict], None]:
         def change(d: dict) -> None:
             d["spec"]["source"] = {"bulk": {"level": "system", **extra}}
@@ -950,6 +975,20 @@ def check_negative_exports(crd: CrdValidator, export: dict) -> None:
         lambda d: d["spec"].update(limits={"requestsPerSecond": 0}),
         bulk({"maxWaitHours": 72, "fileHosts": ["https://storage.example.org"]}),
         lambda d: d["spec"]["output"].update(subPath="a/..b"),
+        output({"volumeClaimName": "exports", "compression": "gzip"}),
+        output(
+            {
+                "url": "az://exports/epic",
+                "compression": "none",
+                "partSize": 8388608,
+                "uploadConcurrency": 4,
+                "credentialsSecretRef": {"name": "azure"},
+                "scratchSizeLimit": "4Gi",
+                "keepRuns": 10,
+            }
+        ),
+        output({"url": "gs://phi-exports"}),
+        lambda d: d["spec"].update(job={"podLabels": {"azure.workload.identity/use": "true"}}),
     ):
         doc = copy.deepcopy(export)
         good(doc)

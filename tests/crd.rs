@@ -80,6 +80,8 @@ fn the_schema_explains_and_validates() {
         "has(self.group) != has(self.level)",
         "self.metadata.name.size() <= 52",
         "!self.contains('TZ=')",
+        "has(self.volumeClaimName) != has(self.url)",
+        "has(self.volumeClaimName) || !has(self.subPath)",
     ] {
         assert!(text.contains(rule), "CEL rule {rule:?} missing");
     }

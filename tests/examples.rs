@@ -44,6 +44,7 @@ fn example_exports_are_complete_and_valid() {
         "epicexport-search.yaml",
         "epicexport-bulk.yaml",
         "epicexport-email.yaml",
+        "epicexport-s3.yaml",
         "sandbox/export.yaml",
     ] {
         for doc in docs(file).into_iter().filter(|d| d["kind"] == "EpicExport") {
@@ -72,7 +73,7 @@ fn example_exports_are_complete_and_valid() {
             validate(&export, &all_present, &images).unwrap_or_else(|e| panic!("{file}: {e}"));
         }
     }
-    assert_eq!(seen, 4);
+    assert_eq!(seen, 5);
 }
 
 #[test]

@@ -1027,7 +1027,9 @@ async fn only_the_jobs_own_pods_report_its_run() {
 /// Specs that would not do what they say are Stalled, with a message naming the field and the fix,
 /// and start no run: an image the operator does not allow, plain http to a FHIR server, SMTP
 /// credentials without TLS to a remote host, the `true` key a YAML 1.1 parser makes of `on:`, a
-/// sub-path leaving its folder, a rate that would wait forever. An allowed image runs.
+/// sub-path leaving its folder, a rate that would wait forever, an output URL naming a folder in the
+/// pod, both a volume and a URL, a credentials Secret that does not exist. An allowed image runs, and
+/// so does an export to an object store.
 #[tokio::test]
 async fn specs_that_would_not_do_what_they_say_are_stalled_naming_the_field() {
     let fake = FakeApi::new();
@@ -1087,6 +1089,24 @@ async fn specs_that_would_not_do_what_they_say_are_stalled_naming_the_field() {
             "spec.limits.requestsPerSecond",
             "InvalidSpec",
         ),
+        (
+            "pod-folder",
+            json!({"output": {"url": "file:///data/exports"}}),
+            "spec.output.url",
+            "InvalidSpec",
+        ),
+        (
+            "two-outputs",
+            json!({"output": {"volumeClaimName": "exports", "url": "s3://phi-exports/epic"}}),
+            "spec.output",
+            "InvalidSpec",
+        ),
+        (
+            "no-credentials",
+            json!({"output": {"url": "s3://phi-exports/epic", "credentialsSecretRef": {"name": "s3-missing"}}}),
+            "spec.output.credentialsSecretRef",
+            "SecretNotFound",
+        ),
     ];
     for (name, spec, _, _) in &cases {
         export(&fake, name, spec.clone(), json!({}));
@@ -1095,6 +1115,17 @@ async fn specs_that_would_not_do_what_they_say_are_stalled_naming_the_field() {
         &fake,
         "allowed-image",
         json!({"job": {"image": "registry.example/tools/epic-export:2.0"}}),
+        json!({}),
+    );
+    fake.put(
+        "api/v1/secrets",
+        json!({"metadata": {"name": "s3-credentials", "namespace": NS}, "data": {
+            "AWS_ACCESS_KEY_ID": base64("AKIAEXAMPLE"), "AWS_SECRET_ACCESS_KEY": base64("example")}}),
+    );
+    export(
+        &fake,
+        "to-s3",
+        json!({"output": {"url": "s3://phi-exports/epic", "credentialsSecretRef": {"name": "s3-credentials"}}}),
         json!({}),
     );
     let mut options = Operator::options(None, None);
@@ -1120,9 +1151,24 @@ async fn specs_that_would_not_do_what_they_say_are_stalled_naming_the_field() {
         job["spec"]["template"]["spec"]["containers"][0]["image"],
         "registry.example/tools/epic-export:2.0"
     );
+    // An object store export runs, with its credentials Secret as the pod's environment.
+    let (job, _) = scheduled_run(&fake, "to-s3").await;
+    let job = fake.get(JOBS, NS, &job).unwrap();
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["envFrom"][0]["secretRef"]["name"],
+        "s3-credentials"
+    );
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "data" && v["emptyDir"]["sizeLimit"] == "2Gi")
+    );
     assert_eq!(
         fake.list(JOBS, Some(NS)).len(),
-        1,
+        2,
         "no run for a stalled export"
     );
     op.stop().await;

@@ -255,3 +255,199 @@ async fn the_job_command_runs_the_export_and_reports_in_the_termination_message(
     assert_eq!(report.outcome, "failed");
     assert!(report.errors[0].contains(JOB_CONFIG_ENV));
 }
+
+/// `SEARCH_SPEC` with a bulk source (no mounted files: the pod's config becomes a plan here) and
+/// `output` replaced by `output_lines`.
+fn bulk_spec_with_output(output_lines: &str) -> String {
+    SEARCH_SPEC
+        .replace(
+            "    search:\n      rosterRef: {configMapName: roster, key: roster.csv}\n      resourcesRef: {configMapName: roster, key: resources.csv}\n",
+            "    bulk:\n      group: e3iab\n",
+        )
+        .replace(
+            "  output:\n    volumeClaimName: exports\n    subPath: nightly\n",
+            output_lines,
+        )
+}
+
+fn pod_of(job: &k8s_openapi::api::batch::v1::Job) -> serde_json::Value {
+    serde_json::to_value(job).unwrap()["spec"]["template"]["spec"].clone()
+}
+
+fn config_of(pod: &serde_json::Value) -> serde_json::Value {
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    let config = env.iter().find(|e| e["name"] == JOB_CONFIG_ENV).unwrap();
+    serde_json::from_str(config["value"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn an_object_store_output_gets_a_scratch_volume_its_credentials_and_the_url_in_the_config() {
+    let spec = bulk_spec_with_output(
+        "  output:
+    url: s3://phi-exports/epic
+    endpoint: https://minio.example.org
+    region: us-east-1
+    compression: gzip
+    partSize: 16777216
+    uploadConcurrency: 8
+    keepRuns: 10
+    credentialsSecretRef: {name: s3-credentials}
+",
+    )
+    .replace(
+        "  job:\n    activeDeadlineSeconds: 7200\n",
+        "  job:\n    serviceAccountName: epic-export-s3\n    podLabels: {azure.workload.identity/use: \"true\"}\n",
+    );
+    let e = export(&spec);
+    let job = build_job(&e, &inputs(), "img").unwrap();
+    let pod = pod_of(&job);
+
+    // No volume claim: an emptyDir with a size limit where the volume would be.
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().all(|v| v["persistentVolumeClaim"].is_null()),
+        "{volumes:?}"
+    );
+    let data = volumes.iter().find(|v| v["name"] == "data").unwrap();
+    assert_eq!(data["emptyDir"]["sizeLimit"], "2Gi");
+    let c = &pod["containers"][0];
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "data")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/data");
+    assert!(mount["subPath"].is_null());
+
+    // The credentials: the Secret's keys as environment variables; the run's config stays the one
+    // variable set directly (which envFrom cannot override).
+    assert_eq!(
+        c["envFrom"],
+        serde_json::json!([{"secretRef": {"name": "s3-credentials", "optional": false}}])
+    );
+    assert_eq!(c["env"].as_array().unwrap().len(), 1);
+    // The pods' identity, still without a Kubernetes API token.
+    assert_eq!(pod["serviceAccountName"], "epic-export-s3");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    // The extra label on the pods (not on the Job), beside the operator's own.
+    let job_value = serde_json::to_value(&job).unwrap();
+    let pod_labels = &job_value["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(pod_labels["azure.workload.identity/use"], "true");
+    assert_eq!(pod_labels["fhirexport.dev/export"], "nightly");
+    assert!(job_value["metadata"]["labels"]["azure.workload.identity/use"].is_null());
+
+    // The pod's config: the working folder on the emptyDir, the URL and its options.
+    let config = config_of(&pod);
+    assert_eq!(
+        config["output"],
+        serde_json::json!({
+            "directory": "/data",
+            "url": "s3://phi-exports/epic",
+            "endpoint": "https://minio.example.org",
+            "region": "us-east-1",
+            "compression": "gzip",
+            "partSize": 16777216,
+            "uploadConcurrency": 8,
+            "keepRuns": 10,
+        })
+    );
+    assert_eq!(config, run_config(&e).unwrap());
+    // ... which the pod's standalone config validation turns into an object store plan.
+    let plan = epic_export::config::plan_from_text(
+        &config.to_string(),
+        std::path::Path::new("env"),
+        std::path::Path::new("/"),
+    )
+    .unwrap();
+    assert_eq!(plan.output_dir, std::path::Path::new("/data"));
+    assert_eq!(plan.compression, epic_export::plan::Compression::Gzip);
+    let object = plan.object_output.expect("an object store plan");
+    assert_eq!(object.location.bucket, "phi-exports");
+    assert_eq!(object.location.prefix.as_ref(), "epic");
+    assert_eq!(
+        object.location.endpoint.as_deref(),
+        Some("https://minio.example.org")
+    );
+    assert_eq!(object.location.region.as_deref(), Some("us-east-1"));
+    assert_eq!((object.part_size, object.upload_concurrency), (16777216, 8));
+
+    // Without credentialsSecretRef the pod gets no envFrom (its identity is used); the scratch
+    // volume's limit can be raised.
+    let mut own_identity = e.clone();
+    own_identity.spec.output.credentials_secret_ref = None;
+    own_identity.spec.output.scratch_size_limit = Some("10Gi".into());
+    let pod = pod_of(&build_job(&own_identity, &inputs(), "img").unwrap());
+    assert!(pod["containers"][0]["envFrom"].is_null());
+    let data = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .unwrap()
+        .clone();
+    assert_eq!(data["emptyDir"]["sizeLimit"], "10Gi");
+}
+
+#[test]
+fn a_volume_output_keeps_its_claim_and_takes_compression_only() {
+    let e = export(&bulk_spec_with_output(
+        "  output:\n    volumeClaimName: exports\n    subPath: nightly\n    compression: gzip\n",
+    ));
+    let pod = pod_of(&build_job(&e, &inputs(), "img").unwrap());
+    let data = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .unwrap()
+        .clone();
+    assert_eq!(data["persistentVolumeClaim"]["claimName"], "exports");
+    assert!(data["emptyDir"].is_null());
+    assert!(pod["containers"][0]["envFrom"].is_null());
+    assert_eq!(
+        config_of(&pod)["output"],
+        serde_json::json!({"directory": "/data", "compression": "gzip"})
+    );
+}
+
+#[test]
+fn a_job_is_not_built_for_an_output_that_is_both_or_neither() {
+    let both = export(&bulk_spec_with_output(
+        "  output:\n    volumeClaimName: exports\n    url: s3://phi-exports/epic\n",
+    ));
+    let neither = export(&bulk_spec_with_output("  output:\n    keepRuns: 3\n"));
+    for (e, what) in [(both, "not both"), (neither, "set volumeClaimName")] {
+        let err = build_job(&e, &inputs(), "img").unwrap_err();
+        match &err {
+            epic_export::operator::job::BuildError::Invalid { field, message, .. } => {
+                assert_eq!(*field, "spec.output");
+                assert!(message.contains(what), "{err}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+}
+
+#[test]
+fn a_run_url_survives_the_termination_message_limit() {
+    // The exporter reports an object run's URL as its output folder; a long prefix and an error
+    // list far over 4 KiB must not cost the URL.
+    let url = format!(
+        "s3://phi-exports/{}/nightly/20261128T020000Z/",
+        "department/of/research/".repeat(8)
+    );
+    let report = RunReportMessage {
+        outcome: "partial".into(),
+        run_id: "20261128T020000Z".into(),
+        output_dir: url.clone(),
+        errors: (0..200)
+            .map(|i| format!("search {i} failed: {}", "x".repeat(500)))
+            .collect(),
+        ..RunReportMessage::default()
+    };
+    let text = report.to_message().unwrap();
+    assert!(text.len() <= TERMINATION_MESSAGE_MAX, "{}", text.len());
+    let back: RunReportMessage = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.output_dir, url);
+}

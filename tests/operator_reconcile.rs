@@ -723,3 +723,226 @@ fn a_spec_error_stalls_once() {
     assert!(spec_error_note(&Default::default(), &error).is_some());
     assert!(spec_error_note(&s, &error).is_none());
 }
+
+/// The export with `spec.output` replaced by `yaml` (flow or block YAML of an OutputSpec).
+fn with_output(yaml: &str) -> EpicExport {
+    let mut e = export("");
+    e.spec.output = serde_saphyr::from_str(yaml).unwrap_or_else(|err| panic!("{yaml}: {err}"));
+    e
+}
+
+/// `spec.output` is a volume or an object store, never both or neither, and an object store URL is
+/// parsed the way the pod will parse it: every mistake is an error naming the field (for objects the
+/// CRD's rules did not check), and good settings pass.
+#[test]
+fn output_is_a_volume_or_an_object_store_and_its_mistakes_name_the_field() {
+    let cases: &[(&str, Option<(&str, &str)>)] = &[
+        (
+            "{volumeClaimName: exports, url: \"s3://phi-exports/epic\"}",
+            Some(("spec.output", "not both")),
+        ),
+        ("{keepRuns: 3}", Some(("spec.output", "volumeClaimName"))),
+        (
+            "{url: \"file:///data/exports\"}",
+            Some(("spec.output.url", "use volumeClaimName")),
+        ),
+        (
+            "{url: /data/exports}",
+            Some(("spec.output.url", "use volumeClaimName")),
+        ),
+        (
+            "{url: \"file:///data/exports\", region: us-east-1}",
+            Some(("spec.output.url", "use volumeClaimName")),
+        ),
+        (
+            "{url: \"ftp://phi-exports/epic\"}",
+            Some((
+                "spec.output.url",
+                "write s3://bucket/prefix, az://container/prefix or gs://bucket/prefix",
+            )),
+        ),
+        (
+            "{url: \"s3://phi exports/epic\"}",
+            Some(("spec.output.url", "not an object store URL")),
+        ),
+        (
+            "{url: \"s3://Bad_Bucket/epic\"}",
+            Some(("spec.output.url", "Bad_Bucket")),
+        ),
+        (
+            "{url: \"s3://phi-exports/a/../b\"}",
+            Some(("spec.output.url", "prefix")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic?versionId=1\"}",
+            Some(("spec.output.url", "query")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", endpoint: \"http://minio.example.org\"}",
+            Some(("spec.output.endpoint", "https")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", endpoint: \"https://minio.example.org/path\"}",
+            Some(("spec.output.endpoint", "without a path")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", subPath: nightly}",
+            Some(("spec.output.subPath", "prefix")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", compression: zip}",
+            Some(("spec.output.compression", "gzip")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", partSize: 1024}",
+            Some(("spec.output.partSize", "5 MiB")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", uploadConcurrency: 0}",
+            Some(("spec.output.uploadConcurrency", "1 to 64")),
+        ),
+        (
+            "{url: \"s3://phi-exports/epic\", scratchSizeLimit: lots}",
+            Some(("spec.output.scratchSizeLimit", "2Gi")),
+        ),
+        (
+            "{volumeClaimName: exports, endpoint: \"https://minio.example.org\"}",
+            Some(("spec.output.endpoint", "spec.output.url")),
+        ),
+        (
+            "{volumeClaimName: exports, credentialsSecretRef: {name: s3-credentials}}",
+            Some(("spec.output.credentialsSecretRef", "spec.output.url")),
+        ),
+        (
+            "{volumeClaimName: \"\"}",
+            Some(("spec.output.volumeClaimName", "PersistentVolumeClaim")),
+        ),
+        // What must pass.
+        ("{volumeClaimName: exports, compression: gzip}", None),
+        (
+            "{url: \"s3://phi-exports/epic\", endpoint: \"https://minio.example.org\", region: us-east-1, compression: gzip, partSize: 16777216, uploadConcurrency: 8, credentialsSecretRef: {name: s3-credentials}, scratchSizeLimit: 4Gi, keepRuns: 60}",
+            None,
+        ),
+        ("{url: \"az://exports/epic\"}", None),
+        ("{url: \"gs://phi-exports\"}", None),
+        (
+            "{url: \"s3://phi-exports/epic\", endpoint: \"http://127.0.0.1:9000\"}",
+            None,
+        ),
+    ];
+    for (output, expected) in cases {
+        let result = validate(&with_output(output), &present());
+        match (result, expected) {
+            (Ok(_), None) => {}
+            (Err(e), Some((field, words))) => {
+                assert_eq!(e.field, *field, "{output}: {e}");
+                assert!(e.message.contains(words), "{output}: {e}");
+                assert_eq!(e.reason, "InvalidSpec", "{output}: {e}");
+                assert!(!e.is_in_reference(), "{output}: waits for a change");
+            }
+            (Ok(_), Some((field, _))) => panic!("{output}: accepted, expected an error at {field}"),
+            (Err(e), None) => panic!("{output}: refused: {e}"),
+        }
+    }
+    // Credentials written into the URL are refused, and not repeated in the status.
+    let e = validate(
+        &with_output("{url: \"s3://AKIAEXAMPLE:s3cr3t@phi-exports/epic\"}"),
+        &present(),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "spec.output.url");
+    assert!(!e.to_string().contains("s3cr3t"), "{e}");
+}
+
+#[test]
+fn the_credentials_secret_must_exist_and_hold_the_clients_variables() {
+    let e = with_output(
+        "{url: \"s3://phi-exports/epic\", credentialsSecretRef: {name: s3-credentials}}",
+    );
+    let with = |check: RefCheck| {
+        let mut observed = present();
+        observed.references.push(Reference {
+            field: "spec.output.credentialsSecretRef",
+            kind: RefKind::Secret,
+            name: "s3-credentials".into(),
+            key: String::new(),
+            check,
+        });
+        observed
+    };
+    valid_with(&e, &with(RefCheck::Present));
+    let missing = validate(&e, &with(RefCheck::Missing)).unwrap_err();
+    assert_eq!(
+        (missing.reason, missing.field.as_str()),
+        ("SecretNotFound", "spec.output.credentialsSecretRef")
+    );
+    assert!(missing.is_in_reference(), "creating the Secret heals it");
+    let wrong = validate(
+        &e,
+        &with(RefCheck::NoVariables {
+            prefix: "AWS_",
+            keys: vec!["access_key".into(), "secret_key".into()],
+        }),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (wrong.reason, wrong.field.as_str()),
+        ("KeyNotFound", "spec.output.credentialsSecretRef")
+    );
+    assert!(wrong.is_in_reference());
+    for words in ["AWS_*", "access_key, secret_key", "AWS_ACCESS_KEY_ID"] {
+        assert!(wrong.message.contains(words), "{wrong}");
+    }
+}
+
+fn valid_with(e: &EpicExport, observed: &Observed) {
+    validate(e, observed).unwrap_or_else(|err| panic!("refused: {err}"));
+}
+
+#[test]
+fn extra_pod_labels_are_labels_and_not_the_operators_own() {
+    for (labels, ok) in [
+        ("{azure.workload.identity/use: \"true\"}", true),
+        ("{team: research, cost-center: \"\"}", true),
+        ("{fhirexport.dev/export: other}", false),
+        ("{app.kubernetes.io/name: other}", false),
+        ("{\"bad key\": x}", false),
+        ("{\"Example.org/x\": x}", false),
+        ("{team: \"not a value\"}", false),
+        (&format!("{{team: {}}}", "a".repeat(63)), true),
+        (&format!("{{team: {}}}", "a".repeat(64)), false),
+    ] {
+        let e = export(&format!("  job:\n    podLabels: {labels}\n"));
+        match validate(&e, &present()) {
+            Ok(_) => assert!(ok, "{labels} accepted"),
+            Err(err) => {
+                assert!(!ok, "{labels}: {err}");
+                assert_eq!(err.field, "spec.job.podLabels", "{labels}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn status_shows_an_object_runs_url() {
+    let e = with_output("{url: \"s3://phi-exports/epic\"}");
+    let runs = [run(
+        "nightly-29400000",
+        RunState::Succeeded,
+        "2026-11-27T02:00:00Z",
+    )];
+    let mut rep = report("nightly-29400000", "success");
+    let url = "s3://phi-exports/epic/nightly/20261127T020000Z/";
+    rep.message.as_mut().unwrap().output_dir = url.into();
+    let s = next_status(&StatusInput {
+        export: &e,
+        runs: &runs,
+        spec_error: None,
+        plan: None,
+        next: None,
+        report: Some(&rep),
+        public_keys: None,
+        now: ts("2026-11-27T03:00:00Z"),
+    });
+    assert_eq!(s.last_run.unwrap().output_path.as_deref(), Some(url));
+}

@@ -345,3 +345,93 @@ async fn a_key_change_replaces_the_secret_with_its_resource_version_and_403_expl
     );
     server.await.unwrap();
 }
+
+/// With `spec.output.url` and `credentialsSecretRef`, the credentials Secret is read by name too: it
+/// must exist (else the run's pod would wait forever for it) and hold a variable the URL's client
+/// reads; only its key names are kept.
+#[tokio::test]
+async fn dereference_checks_the_object_store_credentials_secret_by_name() {
+    use epic_export::operator::controller::model::RefCheck;
+    let mut e = export();
+    e.spec.output = serde_json::from_value(json!({
+        "url": "s3://phi-exports/epic",
+        "credentialsSecretRef": {"name": "s3-credentials"},
+    }))
+    .unwrap();
+    let secret = |data: Value| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"}, "data": data});
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "secrets \"s3-credentials\" not found"});
+    // "c2VjcmV0" is base64 of "secret".
+    let cases = [
+        (
+            Some(secret(
+                json!({"AWS_ACCESS_KEY_ID": "c2VjcmV0", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}),
+            )),
+            RefCheck::Present,
+        ),
+        (
+            Some(secret(
+                json!({"access_key": "c2VjcmV0", "AZURE_STORAGE_ACCOUNT_KEY": "c2VjcmV0"}),
+            )),
+            RefCheck::NoVariables {
+                prefix: "AWS_",
+                keys: vec!["AZURE_STORAGE_ACCOUNT_KEY".into(), "access_key".into()],
+            },
+        ),
+        (None, RefCheck::Missing),
+    ];
+    for (stored, expected) in cases {
+        let (client, mut handle) = client();
+        let not_found = not_found.clone();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..4 {
+                let (req, send) = handle.next_request().await.unwrap();
+                let uri = req.uri().to_string();
+                seen.push(format!("{} {uri}", req.method()));
+                let (code, body) = if uri.contains("/secrets/s3-credentials") {
+                    match &stored {
+                        Some(s) => (200, s.clone()),
+                        None => (404, not_found.clone()),
+                    }
+                } else if uri.contains("/secrets/epic-key") {
+                    (404, not_found.clone())
+                } else if uri.contains("/configmaps/roster") {
+                    (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "roster"}, "data": {"roster.csv": "x"}}),
+                    )
+                } else {
+                    (
+                        200,
+                        json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": "5"}, "items": []}),
+                    )
+                };
+                send.send_response(respond(code, body));
+            }
+            seen
+        });
+        let observed = dereference(&client, &e).await.unwrap();
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                "GET /api/v1/namespaces/phi/secrets/epic-key",
+                "GET /api/v1/namespaces/phi/secrets/s3-credentials",
+                "GET /api/v1/namespaces/phi/configmaps/roster",
+                "GET /apis/batch/v1/namespaces/phi/jobs?&labelSelector=fhirexport.dev%2Fexport%3Dnightly",
+            ]
+        );
+        let credentials = observed
+            .references
+            .iter()
+            .find(|r| r.field == "spec.output.credentialsSecretRef")
+            .unwrap();
+        assert_eq!(credentials.name, "s3-credentials");
+        assert_eq!(credentials.check, expected);
+        assert!(
+            !format!("{observed:?}").contains("c2VjcmV0")
+                && !format!("{observed:?}").contains("\"secret\""),
+            "no credential values kept"
+        );
+    }
+}

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::schedule::ConcurrencyPolicy;
 
 /// An export of patient data from Epic (or any SMART Backend Services FHIR server) to NDJSON files on a
-/// PersistentVolume, run on a schedule as Kubernetes Jobs.
+/// PersistentVolume or in an object store (S3, Azure Blob Storage, Google Cloud Storage), run on a
+/// schedule as Kubernetes Jobs.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "fhirexport.dev",
@@ -39,7 +40,8 @@ pub struct EpicExportSpec {
     pub auth: AuthSpec,
     /// What to export: exactly one of `search` (per-patient searches) or `bulk` (a Bulk Data export).
     pub source: SourceSpec,
-    /// Where the NDJSON files go.
+    /// Where the NDJSON files go: exactly one of `volumeClaimName` (a PersistentVolumeClaim) and `url`
+    /// (an object store).
     pub output: OutputSpec,
     /// How hard to push the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,17 +253,74 @@ pub struct BulkSpec {
     pub token_hosts: Vec<String>,
 }
 
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// Where the runs go: a PersistentVolumeClaim (`volumeClaimName`) or an object store (`url`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.volumeClaimName) != has(self.url)").message("set exactly one of output.volumeClaimName (a PersistentVolumeClaim) and output.url (an object store: s3://, az:// or gs://)"),
+    validation = Rule::new("has(self.volumeClaimName) || !has(self.subPath)").message("output.subPath is a folder in the volume of output.volumeClaimName: leave it out with output.url (put the folder in the URL's prefix)"),
+    validation = Rule::new("has(self.url) || !(has(self.endpoint) || has(self.region) || has(self.partSize) || has(self.uploadConcurrency) || has(self.credentialsSecretRef) || has(self.scratchSizeLimit))").message("output.endpoint, region, partSize, uploadConcurrency, credentialsSecretRef and scratchSizeLimit go with output.url, not with a volume")
+)]
 pub struct OutputSpec {
-    /// The PersistentVolumeClaim (same namespace) the runs write to.
-    pub volume_claim_name: String,
-    /// A folder inside the volume: a relative path without `..` (e.g. `nightly`).
+    /// The PersistentVolumeClaim (same namespace) the runs write to, mounted at `/data`. Exactly one of
+    /// `volumeClaimName` and `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("output.volumeClaimName: name the PersistentVolumeClaim"))]
+    pub volume_claim_name: Option<String>,
+    /// A folder inside the volume: a relative path without `..` (e.g. `nightly`). Only with
+    /// `volumeClaimName`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("output.subPath must be a relative path inside the volume, without '..' (e.g. nightly)"))]
     pub sub_path: Option<String>,
-    /// Complete runs to keep on the volume (default 30).
+    /// The object store the runs are published to: `s3://bucket/prefix` (Amazon S3 or an
+    /// S3-compatible store), `az://container/prefix` (Azure Blob Storage) or `gs://bucket/prefix`
+    /// (Google Cloud Storage); each run lands under `<prefix>/<export name>/<run id>/`. The pod then
+    /// gets an emptyDir at `/data` as its working folder. Credentials come from
+    /// `credentialsSecretRef` or the pods' identity (`spec.job.serviceAccountName`), never from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('s3://') || self.startsWith('az://') || self.startsWith('gs://')").message("output.url is s3://bucket/prefix, az://container/prefix or gs://bucket/prefix (for a volume, use output.volumeClaimName)"))]
+    pub url: Option<String>,
+    /// An S3-compatible store's endpoint, e.g. `https://minio.example.org` (https; no path). Only
+    /// with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("output.endpoint is an https URL such as https://minio.example.org"))]
+    pub endpoint: Option<String>,
+    /// The bucket's region, e.g. `us-east-1` (S3). Only with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub region: Option<String>,
+    /// `gzip` (files are written as `<Type>.ndjson.gz`) or `none` (default). With a volume too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self == 'none' || self == 'gzip'").message("output.compression is none or gzip"))]
+    pub compression: Option<String>,
+    /// Bytes per uploaded part, 5 MiB (5242880) to 256 MiB (268435456); default 8 MiB. Only with
+    /// `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5242880, max = 268435456))]
+    pub part_size: Option<u64>,
+    /// Parts uploaded at once, across the run's files, 1 to 64 (default 4). Only with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub upload_concurrency: Option<u32>,
+    /// A Secret (same namespace) whose keys become the export pods' environment variables: the
+    /// object store client's credentials, e.g. `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`,
+    /// `AZURE_STORAGE_ACCOUNT_NAME` and `AZURE_STORAGE_ACCOUNT_KEY`, or `GOOGLE_SERVICE_ACCOUNT_KEY`
+    /// (the JSON key itself). Without it the pods' identity is used (IRSA, Azure or GKE workload
+    /// identity through `spec.job.serviceAccountName`). Only with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretName>,
+    /// The size limit of the emptyDir at `/data` that a run with `url` works in (locks, bulk progress,
+    /// upload parts waiting to be sent), e.g. `4Gi`; default `2Gi`. Only with `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$')").message("output.scratchSizeLimit is a quantity such as 2Gi or 500Mi"))]
+    pub scratch_size_limit: Option<String>,
+    /// Complete runs to keep on the volume or under the URL's prefix (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub keep_runs: Option<u32>,
@@ -400,9 +459,19 @@ pub struct JobSettings {
     pub tolerations: Option<Vec<Toleration>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
-    /// ServiceAccount of the pods (they get no API token: the export needs none).
+    /// ServiceAccount of the pods. They get no Kubernetes API token (the export needs none); with
+    /// `spec.output.url` and no `credentialsSecretRef`, the ServiceAccount's cloud identity reaches the
+    /// object store: IRSA (the `eks.amazonaws.com/role-arn` annotation), GKE workload identity, or
+    /// Azure workload identity (with the pod label `azure.workload.identity/use: "true"` in
+    /// `podLabels`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Extra labels on the pods, e.g. `azure.workload.identity/use: "true"` for Azure workload
+    /// identity. The operator's own labels (`app.kubernetes.io/name`, `app.kubernetes.io/managed-by`,
+    /// `fhirexport.dev/export`) cannot be set here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("['app.kubernetes.io/name', 'app.kubernetes.io/managed-by', 'fhirexport.dev/export'].all(k, !(k in self))").message("job.podLabels cannot set the operator's own labels (app.kubernetes.io/name, app.kubernetes.io/managed-by, fhirexport.dev/export)"))]
+    pub pod_labels: BTreeMap<String, String>,
     /// Seconds a run may take before Kubernetes stops it (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -564,7 +633,8 @@ pub struct LastRun {
     /// What went wrong (shortened; the run's summary.json has everything).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
-    /// The run's folder in the pod (`/data` is the volume's `subPath`).
+    /// Where the run is: its folder in the pod (`/data` is the volume's `subPath`), or with
+    /// `spec.output.url` the run's object URL, e.g. `s3://bucket/prefix/<export>/<run id>/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_path: Option<String>,
     /// What became of the e-mail about this run (`sent to N recipients` or `failed: ...`).

@@ -4,24 +4,27 @@
 //! The pod runs `epic-export job`. Its whole configuration is the standalone config as
 //! JSON in the `EPIC_EXPORT_JOB` environment variable, so `kubectl describe` shows it; it holds no
 //! secret, only paths: the key Secret is mounted read-only (mode 0400), the roster and resource
-//! ConfigMaps as files, the PersistentVolumeClaim for output. The pod runs as non-root with a read-only
-//! root file system, no privilege escalation, every capability dropped and the RuntimeDefault seccomp
-//! profile.
+//! ConfigMaps as files, the PersistentVolumeClaim for output (or, when the runs go to an object store,
+//! an emptyDir as the working folder, with the store's credentials as environment variables from the
+//! `credentialsSecretRef` Secret, or the pods' own cloud identity). The pod runs as non-root with a
+//! read-only root file system, no privilege escalation, every capability dropped and the
+//! RuntimeDefault seccomp profile.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, KeyToPath,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretEnvSource, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::crd::{ConfigMapKeyRef, EpicExport};
+use super::crd::{ConfigMapKeyRef, EpicExport, OutputSpec};
 use crate::summary::RunSummary;
 use crate::text::shorten;
 
@@ -33,9 +36,20 @@ pub const EXPORT_LABEL: &str = "fhirexport.dev/export";
 pub const SCHEDULED_ANNOTATION: &str = "fhirexport.dev/scheduled-at";
 /// The Kubernetes limit for a termination message.
 pub const TERMINATION_MESSAGE_MAX: usize = 4096;
+/// The size limit of the emptyDir a run with `spec.output.url` works in, unless
+/// `spec.output.scratchSizeLimit` says otherwise.
+pub const DEFAULT_SCRATCH_SIZE_LIMIT: &str = "2Gi";
+/// The labels the operator puts on every export pod (`spec.job.podLabels` cannot set them).
+pub const OWN_POD_LABELS: [&str; 3] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/managed-by",
+    EXPORT_LABEL,
+];
 
 const KEY_DIR: &str = "/var/run/secrets/epic-export/key";
 const CONFIG_DIR: &str = "/etc/epic-export";
+/// Where the pod's output volume is mounted: the PersistentVolumeClaim, or with `spec.output.url` the
+/// emptyDir the run works in (locks, bulk progress, upload parts).
 const DATA_DIR: &str = "/data";
 const UID: i64 = 65532;
 
@@ -122,18 +136,41 @@ pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Jo
             ..VolumeMount::default()
         });
     }
-    volumes.push(Volume {
-        name: "data".into(),
-        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-            claim_name: spec.output.volume_claim_name.clone(),
-            read_only: Some(false),
-        }),
-        ..Volume::default()
-    });
+    let (data, sub_path) = match output_kind(&name, &spec.output)? {
+        OutputKind::Volume { claim } => (
+            Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.to_owned(),
+                    read_only: Some(false),
+                }),
+                ..Volume::default()
+            },
+            spec.output.sub_path.clone(),
+        ),
+        // The run's working folder; what it publishes goes to the object store.
+        OutputKind::Object { .. } => (
+            Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity(
+                        spec.output
+                            .scratch_size_limit
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_SCRATCH_SIZE_LIMIT.to_owned()),
+                    )),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            None,
+        ),
+    };
+    volumes.push(data);
     mounts.push(VolumeMount {
         name: "data".into(),
         mount_path: DATA_DIR.into(),
-        sub_path: spec.output.sub_path.clone(),
+        sub_path,
         ..VolumeMount::default()
     });
     volumes.push(Volume {
@@ -158,6 +195,25 @@ pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Jo
         ),
         (EXPORT_LABEL.to_string(), name.clone()),
     ]);
+    // The pods carry the extra labels too, but never instead of the operator's own.
+    let mut pod_labels = settings.pod_labels.clone();
+    pod_labels.extend(labels.clone());
+    // The object store's credentials, as the environment variables its client reads. `env` wins over
+    // `envFrom`, so the Secret cannot replace the run's config.
+    let env_from = spec
+        .output
+        .credentials_secret_ref
+        .as_ref()
+        .filter(|_| spec.output.url.is_some())
+        .map(|secret| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: secret.name.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvFromSource::default()
+            }]
+        });
     let container = Container {
         name: "export".into(),
         image: Some(settings.image.clone().unwrap_or_else(|| image.to_owned())),
@@ -167,6 +223,7 @@ pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Jo
             value: Some(config.to_string()),
             ..EnvVar::default()
         }]),
+        env_from,
         resources: settings.resources.clone(),
         volume_mounts: Some(mounts),
         termination_message_policy: Some("File".into()),
@@ -221,7 +278,7 @@ pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Jo
             active_deadline_seconds: settings.active_deadline_seconds,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels),
+                    labels: Some(pod_labels),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -229,6 +286,33 @@ pub fn build_job(export: &EpicExport, run: &RunInputs, image: &str) -> Result<Jo
             ..JobSpec::default()
         }),
         status: None,
+    })
+}
+
+/// Where `spec.output` sends the runs.
+enum OutputKind<'a> {
+    /// A PersistentVolumeClaim mounted at [`DATA_DIR`].
+    Volume { claim: &'a str },
+    /// An object store; the pod works in an emptyDir at [`DATA_DIR`].
+    Object { url: &'a str },
+}
+
+/// Exactly one of `volumeClaimName` and `url` (the CRD's rule, again for objects admitted without it).
+fn output_kind<'a>(name: &str, output: &'a OutputSpec) -> Result<OutputKind<'a>, BuildError> {
+    let message = match (&output.volume_claim_name, &output.url) {
+        (Some(claim), None) => return Ok(OutputKind::Volume { claim }),
+        (None, Some(url)) => return Ok(OutputKind::Object { url }),
+        (Some(_), Some(_)) => {
+            "set only one of volumeClaimName (a PersistentVolumeClaim) and url (an object store), not both"
+        }
+        (None, None) => {
+            "set volumeClaimName (a PersistentVolumeClaim) or url (an object store: s3://, az:// or gs://)"
+        }
+    };
+    Err(BuildError::Invalid {
+        name: name.to_owned(),
+        field: "spec.output",
+        message: message.into(),
     })
 }
 
@@ -304,16 +388,35 @@ pub fn run_config(export: &EpicExport) -> Result<Value, BuildError> {
             auth[k] = json!(v);
         }
     }
+    let mut output = json!({ "directory": DATA_DIR });
+    let o = &spec.output;
+    if let OutputKind::Object { url } = output_kind(&name, o)? {
+        output["url"] = json!(url);
+        for (k, v) in [("endpoint", &o.endpoint), ("region", &o.region)] {
+            if let Some(v) = v {
+                output[k] = json!(v);
+            }
+        }
+        if let Some(n) = o.part_size {
+            output["partSize"] = json!(n);
+        }
+        if let Some(n) = o.upload_concurrency {
+            output["uploadConcurrency"] = json!(n);
+        }
+    }
+    if let Some(c) = &o.compression {
+        output["compression"] = json!(c);
+    }
+    if let Some(keep) = o.keep_runs {
+        output["keepRuns"] = json!(keep);
+    }
     let mut config = json!({
         "name": name,
         "fhir": config_value(&name, "spec.fhir", &spec.fhir)?,
         "auth": auth,
         "source": source,
-        "output": { "directory": DATA_DIR },
+        "output": output,
     });
-    if let Some(keep) = spec.output.keep_runs {
-        config["output"]["keepRuns"] = json!(keep);
-    }
     if let Some(l) = &spec.limits {
         config["limits"] = config_value(&name, "spec.limits", l)?;
     }

@@ -1,11 +1,13 @@
 //! Reconcile step 1, `dereference`: read what an EpicExport refers to (its key Secret, its roster and
-//! resource ConfigMaps, the Jobs of its runs, and the report of a run that finished since the last
-//! pass). Only this step and `apply` talk to the API server.
+//! resource ConfigMaps, the Secret with the object store's credentials, the Jobs of its runs, and the
+//! report of a run that finished since the last pass). Only this step and `apply` talk to the API
+//! server.
 //!
 //! Secret and ConfigMap are read by name only (`get`, never list or watch). Their contents are only
 //! checked for the referenced key and dropped at once: of the key Secret only the public keys and key
-//! ids derived from it are kept (for `status.publicKeys` and key rotation); rosters (patient ids) never
-//! leave this function. A name that cannot be an object name is not sent to the API server at all.
+//! ids derived from it are kept (for `status.publicKeys` and key rotation); of the credentials Secret
+//! only its key names are looked at; rosters (patient ids) never leave this function. A name that
+//! cannot be an object name is not sent to the API server at all.
 
 use std::collections::BTreeSet;
 
@@ -16,11 +18,12 @@ use kube::{Client, ResourceExt};
 
 use super::model::{
     FinishedReport, Observed, ObservedKeys, RefCheck, RefKind, Reference, Run, name_problem,
-    newest_finished, signing_of,
+    newest_finished, object_name_problem, signing_of,
 };
 use crate::operator::crd::EpicExport;
 use crate::operator::job::{EXPORT_LABEL, RunReportMessage, owned_by};
 use crate::operator::key_secret::{self, KeySetError};
+use crate::storage::{Cloud, OutputTarget, parse_output_url};
 
 /// Reads the references, runs and (for the newest finished run not yet in `status.lastRun`) its
 /// report.
@@ -57,6 +60,10 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
         key: key_ref.key.clone(),
         check,
     });
+
+    if let Some(reference) = credentials_reference(&secrets, export).await? {
+        references.push(reference);
+    }
 
     if let Some(search) = &export.spec.source.search {
         let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -115,6 +122,61 @@ pub async fn dereference(client: &Client, export: &EpicExport) -> Result<Observe
         runs,
         report,
     })
+}
+
+/// With `spec.output.url`, the Secret of `credentialsSecretRef`: it exists, and holds at least one of
+/// the variables the URL's client reads (`AWS_*` for s3://, `AZURE_*` for az://, `GOOGLE_*` for gs://;
+/// key names only, the values are not looked at). A missing Secret would leave the run's pod waiting
+/// forever (CreateContainerConfigError) instead of failing.
+async fn credentials_reference(
+    secrets: &Api<Secret>,
+    export: &EpicExport,
+) -> Result<Option<Reference>, kube::Error> {
+    let output = &export.spec.output;
+    let (Some(url), Some(secret)) = (&output.url, &output.credentials_secret_ref) else {
+        return Ok(None);
+    };
+    let check = match object_name_problem(&secret.name) {
+        Some(reason) => RefCheck::BadName { reason },
+        None => match secrets.get_opt(&secret.name).await? {
+            None => RefCheck::Missing,
+            Some(s) => {
+                let keys = key_names(s.data.as_ref(), s.string_data.as_ref());
+                let prefix =
+                    parse_output_url(url, None, None)
+                        .ok()
+                        .and_then(|target| match target {
+                            OutputTarget::Object(location) => Some(env_prefix(location.cloud)),
+                            OutputTarget::Local(_) => None,
+                        });
+                match prefix {
+                    Some(prefix) if !keys.iter().any(|k| k.starts_with(prefix)) => {
+                        RefCheck::NoVariables {
+                            prefix,
+                            keys: keys.into_iter().collect(),
+                        }
+                    }
+                    _ => RefCheck::Present,
+                }
+            }
+        },
+    };
+    Ok(Some(Reference {
+        field: "spec.output.credentialsSecretRef",
+        kind: RefKind::Secret,
+        name: secret.name.clone(),
+        key: String::new(),
+        check,
+    }))
+}
+
+/// The start of the environment variables the object store client of `cloud` reads.
+fn env_prefix(cloud: Cloud) -> &'static str {
+    match cloud {
+        Cloud::S3 => "AWS_",
+        Cloud::Azure => "AZURE_",
+        Cloud::Gcs => "GOOGLE_",
+    }
 }
 
 /// The key names of a Secret's or ConfigMap's two data maps (the values are not looked at).

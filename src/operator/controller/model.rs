@@ -29,6 +29,12 @@ pub enum RefCheck {
     BadName {
         reason: String,
     },
+    /// A Secret whose keys become environment variables holds none of the variables the client reads
+    /// (those starting with `prefix`); `keys` are the keys it has (names only).
+    NoVariables {
+        prefix: &'static str,
+        keys: Vec<String>,
+    },
 }
 
 /// A Secret or ConfigMap key the spec refers to, and what was found.
@@ -185,17 +191,8 @@ pub fn signing_of(export: &EpicExport) -> Signing {
 
 /// Why `name` cannot name a Secret or ConfigMap (a DNS subdomain) or `key` one of its keys, if so.
 pub fn name_problem(name: &str, key: &str) -> Option<String> {
-    let dns_subdomain = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if !dns_subdomain {
-        return Some(format!(
-            "{name:?} is not an object name: use lower-case letters, digits, '-' and '.'"
-        ));
+    if let Some(problem) = object_name_problem(name) {
+        return Some(problem);
     }
     let key_ok = !key.is_empty()
         && key.len() <= 253
@@ -208,6 +205,20 @@ pub fn name_problem(name: &str, key: &str) -> Option<String> {
         ));
     }
     None
+}
+
+/// Why `name` cannot name a Secret or ConfigMap (a DNS subdomain), if so.
+pub fn object_name_problem(name: &str) -> Option<String> {
+    let dns_subdomain = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    (!dns_subdomain).then(|| {
+        format!("{name:?} is not an object name: use lower-case letters, digits, '-' and '.'")
+    })
 }
 
 /// The newest finished run (by finish time, then start).

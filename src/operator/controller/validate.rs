@@ -1,7 +1,8 @@
 //! Reconcile step 2, `validate` (pure): is the EpicExport runnable? Checks what the CRD schema cannot
 //! (and again what it can, for objects admitted without its rules, e.g. under an older CRD): the cron
 //! expression and time zone, the Job settings (an allowed image, retry and deadline values the Job API
-//! accepts), the output folder, the rate limit, the e-mail settings, the run config the Job would get
+//! accepts, the pods' extra labels), the output (a volume folder, or an object store URL parsed as the
+//! pod will), the rate limit, the e-mail settings, the run config the Job would get
 //! (through the same validation as a standalone config file, so its rules, such as https, apply), key
 //! rotation, and the referenced Secret/ConfigMap keys. A failure is a [`SpecError`] naming the field
 //! and the fix; the controller then marks the export `Stalled` and waits for a change (or, for a
@@ -16,10 +17,11 @@ use serde_json::{Value, json};
 use super::model::{Observed, RefCheck, RefKind, SpecError, Validated, name_problem};
 use crate::config::ConfigError;
 use crate::notify::{CaCert, EmailPlan, OnSet, PasswordSource, SecretValue, TlsMode};
-use crate::operator::crd::{EmailSpec, EpicExport};
+use crate::operator::crd::{EmailSpec, EpicExport, OutputSpec};
 use crate::operator::images::ImagePolicy;
-use crate::operator::job::{BuildError, run_config};
+use crate::operator::job::{BuildError, OWN_POD_LABELS, run_config};
 use crate::schedule::Schedule;
+use crate::storage::{LocationError, OutputTarget, parse_output_url};
 
 fn invalid(field: &str, message: String) -> SpecError {
     SpecError {
@@ -107,6 +109,24 @@ fn check_references(observed: &Observed) -> Result<(), SpecError> {
                 ),
             ),
             RefCheck::BadName { reason } => ("InvalidSpec", format!("{}: {reason}", r.kind)),
+            RefCheck::NoVariables { prefix, keys } => (
+                "KeyNotFound",
+                format!(
+                    "{} {:?} holds no {prefix}* variable, the only ones the object store client reads (it has: {}): put the credentials there as {prefix}... keys, e.g. {}",
+                    r.kind,
+                    r.name,
+                    if keys.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        keys.join(", ")
+                    },
+                    match *prefix {
+                        "AWS_" => "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                        "AZURE_" => "AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+                        _ => "GOOGLE_SERVICE_ACCOUNT_KEY (the JSON key)",
+                    }
+                ),
+            ),
         };
         return Err(SpecError {
             reason,
@@ -150,12 +170,121 @@ fn check_job(export: &EpicExport, images: &ImagePolicy) -> Result<(), SpecError>
             format!("{s}: give at least 1 second, or leave it out (no deadline)"),
         ));
     }
+    for (key, value) in &job.pod_labels {
+        if OWN_POD_LABELS.contains(&key.as_str()) {
+            return Err(invalid(
+                "spec.job.podLabels",
+                format!("{key:?} is one of the operator's own labels: remove it"),
+            ));
+        }
+        if let Some(problem) = label_problem(key, value) {
+            return Err(invalid("spec.job.podLabels", problem));
+        }
+    }
     Ok(())
 }
 
-/// `spec.output.subPath`: a folder inside the volume.
+/// Why `key: value` cannot be a Kubernetes label, if so: the key an optional DNS subdomain prefix and
+/// `/` and a name of at most 63 characters, the value empty or such a name.
+fn label_problem(key: &str, value: &str) -> Option<String> {
+    fn name_ok(s: &str) -> bool {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    }
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    if !prefix_ok || !name_ok(name) {
+        return Some(format!(
+            "{key:?} is not a label key: an optional DNS prefix and '/', then up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ));
+    }
+    if !value.is_empty() && !name_ok(value) {
+        return Some(format!(
+            "the value {value:?} of {key:?} is not a label value: up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ));
+    }
+    None
+}
+
+/// `spec.output`: exactly one of a volume (`volumeClaimName`, with `subPath` a folder inside it) and an
+/// object store (`url`, checked as the pod will parse it, with its options); nothing of one with the
+/// other.
 fn check_output(export: &EpicExport) -> Result<(), SpecError> {
-    let Some(sub) = &export.spec.output.sub_path else {
+    let o = &export.spec.output;
+    match (&o.volume_claim_name, &o.url) {
+        (Some(_), Some(_)) => Err(invalid(
+            "spec.output",
+            "set only one of volumeClaimName (a PersistentVolumeClaim) and url (an object store), not both".into(),
+        )),
+        (None, None) => Err(invalid(
+            "spec.output",
+            "set volumeClaimName (a PersistentVolumeClaim) or url (an object store: s3://bucket/prefix, az://container/prefix or gs://bucket/prefix)".into(),
+        )),
+        (Some(claim), None) => check_volume_output(o, claim),
+        (None, Some(url)) => check_object_output(o, url),
+    }?;
+    if let Some(c) = &o.compression
+        && c != "none"
+        && c != "gzip"
+    {
+        return Err(invalid(
+            "spec.output.compression",
+            format!("{c:?}: use gzip (files written as <Type>.ndjson.gz) or none"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_volume_output(o: &OutputSpec, claim: &str) -> Result<(), SpecError> {
+    if claim.is_empty() {
+        return Err(invalid(
+            "spec.output.volumeClaimName",
+            "name the PersistentVolumeClaim the runs write to".into(),
+        ));
+    }
+    for (field, set) in [
+        ("spec.output.endpoint", o.endpoint.is_some()),
+        ("spec.output.region", o.region.is_some()),
+        ("spec.output.partSize", o.part_size.is_some()),
+        (
+            "spec.output.uploadConcurrency",
+            o.upload_concurrency.is_some(),
+        ),
+        (
+            "spec.output.credentialsSecretRef",
+            o.credentials_secret_ref.is_some(),
+        ),
+        (
+            "spec.output.scratchSizeLimit",
+            o.scratch_size_limit.is_some(),
+        ),
+    ] {
+        if set {
+            return Err(invalid(
+                field,
+                "goes with spec.output.url (an object store), not with a volume: remove it".into(),
+            ));
+        }
+    }
+    let Some(sub) = &o.sub_path else {
         return Ok(());
     };
     if sub.starts_with('/') {
@@ -173,6 +302,61 @@ fn check_output(export: &EpicExport) -> Result<(), SpecError> {
         ));
     }
     Ok(())
+}
+
+fn check_object_output(o: &OutputSpec, url: &str) -> Result<(), SpecError> {
+    if o.sub_path.is_some() {
+        return Err(invalid(
+            "spec.output.subPath",
+            "is a folder inside the volume of volumeClaimName: with url, put the folder in the URL's prefix (s3://bucket/prefix/folder)".into(),
+        ));
+    }
+    let local = || {
+        invalid(
+            "spec.output.url",
+            format!(
+                "{url:?} is a folder, and a folder in the export pod is gone when the run ends: use volumeClaimName (a PersistentVolumeClaim) to write to a volume, or an s3://, az:// or gs:// URL"
+            ),
+        )
+    };
+    match parse_output_url(url, o.endpoint.as_deref(), o.region.as_deref()) {
+        Ok(OutputTarget::Object(_)) => {}
+        Ok(OutputTarget::Local(_)) | Err(LocationError::LocalOptions) => return Err(local()),
+        // The pod's own messages offer file:// too, which the operator does not.
+        Err(LocationError::Scheme(u) | LocationError::NotUrl(u)) => {
+            return Err(invalid(
+                "spec.output.url",
+                format!(
+                    "{u:?} is not an object store URL: write s3://bucket/prefix, az://container/prefix or gs://bucket/prefix (for a volume, use volumeClaimName)"
+                ),
+            ));
+        }
+        Err(e @ (LocationError::Endpoint(_) | LocationError::InsecureEndpoint(_))) => {
+            return Err(invalid("spec.output.endpoint", e.to_string()));
+        }
+        Err(e) => return Err(invalid("spec.output.url", e.to_string())),
+    }
+    if let Some(limit) = &o.scratch_size_limit
+        && !is_quantity(limit)
+    {
+        return Err(invalid(
+            "spec.output.scratchSizeLimit",
+            format!("{limit:?} is not a size: write a whole number and a unit, e.g. 2Gi or 500Mi"),
+        ));
+    }
+    // partSize and uploadConcurrency are checked with the run's config (check_run_config).
+    Ok(())
+}
+
+/// A whole number with an optional binary or decimal suffix (`2Gi`, `500M`, `1073741824`).
+fn is_quantity(text: &str) -> bool {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0
+        && digits <= 18
+        && matches!(
+            &text[digits..],
+            "" | "Ki" | "Mi" | "Gi" | "Ti" | "k" | "M" | "G" | "T"
+        )
 }
 
 /// `spec.limits.requestsPerSecond`: 0 (no limit) or 0.01 to 1000. A tiny positive rate would make
