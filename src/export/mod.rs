@@ -171,7 +171,11 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }
-    let destination = std::sync::Mutex::new(open_destination(plan).await?);
+    let destination = open_destination(plan).await?;
+    let state_store = destination
+        .as_ref()
+        .map(|d| crate::storage::runs::ExportRuns::new(d.store.clone(), &d.prefix, &plan.name));
+    let destination = std::sync::Mutex::new(destination);
     let references = (!plan.hydrate.is_empty()).then(|| {
         Arc::new(std::sync::Mutex::new(hydrate::Scan::new(
             &plan.hydrate,
@@ -180,6 +184,7 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     });
     let ctx = RunContext {
         destination,
+        state_store,
         references,
         plan,
         client: std::sync::Arc::new(client),
@@ -207,6 +212,9 @@ pub struct RunContext<'a> {
     pub run_id: String,
     /// The object store the run goes to (taken by `open_writer`).
     destination: std::sync::Mutex<Option<output::ObjectDestination>>,
+    /// Where the export's state (bulk status URL, last success) is kept beside the working folder
+    /// when runs go to an object store.
+    pub state_store: Option<crate::storage::runs::ExportRuns>,
     /// What hydration needs to know of the exported resources, filled as they are written.
     pub references: Option<Arc<std::sync::Mutex<hydrate::Scan>>>,
 }

@@ -61,7 +61,7 @@ fn failed(what: &'static str, path: &ObjectPath) -> impl FnOnce(object_store::Er
 }
 
 /// Whether `name` looks like a run id (`20261128T020000Z`, `-2`...): other objects are never touched.
-fn is_run_id(name: &str) -> bool {
+pub fn is_run_id(name: &str) -> bool {
     let (stamp, suffix) = name.split_once('-').unwrap_or((name, "1"));
     stamp.len() == 16
         && stamp.as_bytes()[8] == b'T'
@@ -124,6 +124,36 @@ impl ExportRuns {
         text.push(b'\n');
         self.put(&self.base.clone().join(LATEST), text).await?;
         Ok(latest)
+    }
+
+    /// `<prefix>/<export>/.state/<name>`: what a run remembers for the next when its working folder
+    /// does not outlive it (a pod's emptyDir). Never listed as a run.
+    fn state_path(&self, name: &str) -> ObjectPath {
+        self.base.clone().join(".state").join(name)
+    }
+
+    /// The state object `name`, `None` when there is none.
+    pub async fn read_state(&self, name: &str) -> Result<Option<Vec<u8>>, RunsError> {
+        let path = self.state_path(name);
+        match self.store.get(&path).await {
+            Ok(r) => Ok(Some(
+                r.bytes().await.map_err(failed("reading", &path))?.to_vec(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(failed("reading", &path)(e)),
+        }
+    }
+
+    pub async fn write_state(&self, name: &str, bytes: Vec<u8>) -> Result<(), RunsError> {
+        self.put(&self.state_path(name), bytes).await
+    }
+
+    pub async fn remove_state(&self, name: &str) -> Result<(), RunsError> {
+        let path = self.state_path(name);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(failed("deleting", &path)(e)),
+        }
     }
 
     /// What `latest.json` says, `None` before the first published run.

@@ -68,6 +68,8 @@ pub fn kickoff_url(base: &str, b: &BulkPlan, since: Option<&str>) -> String {
 pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, ExportError> {
     let plan = ctx.plan;
     let export_dir = plan.output_dir.join(&plan.name);
+    let mirror = state::Mirror(ctx.state_store.as_ref());
+    mirror.restore(&export_dir).await;
     let since = match &b.since {
         Since::None => None,
         Since::At(t) => Some(t.clone()),
@@ -160,6 +162,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
     got.partial.extend(done.partial);
     // The status URL has served its purpose once the files are here.
     let _ = std::fs::remove_file(writer.staging_dir().join(PENDING_FILE));
+    mirror.forget_pending().await;
     let complete = got.partial.is_empty();
     let export_dir = writer.export_dir().to_owned();
     let report = ctx
@@ -205,6 +208,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
             if let Err(e) = state::save_last_success(&export_dir, &last) {
                 tracing::warn!("cannot remember the transactionTime for `since: auto`: {e}");
             }
+            mirror.save_last_success(&last).await;
         }
     }
     Ok(report)
@@ -270,6 +274,9 @@ async fn obtain_manifest(
                         marker.display()
                     ))
                 })?;
+                state::Mirror(ctx.state_store.as_ref())
+                    .save_pending(writer.run_id(), &p)
+                    .await;
                 p
             }
         };
@@ -353,6 +360,9 @@ async fn kick_off(
                 }
                 tracing::info!(status_url = %status_url, "bulk export kicked off");
                 let _ = std::fs::remove_file(state::cooldown_path(export_dir));
+                state::Mirror(ctx.state_store.as_ref())
+                    .forget_cooldown()
+                    .await;
                 return Ok(Pending {
                     status_url: status_url.to_string(),
                     kickoff_url: kickoff.to_owned(),
@@ -405,6 +415,9 @@ async fn kick_off(
         if let Err(e) = state::save_cooldown(export_dir, &c) {
             tracing::warn!("cannot save the cool-down: {e}");
         }
+        state::Mirror(ctx.state_store.as_ref())
+            .save_cooldown(&c)
+            .await;
         return Err(Stop::Failed(format!(
             "the server refused the kick-off (HTTP {status}): {words:?}. Epic allows one export per Group per 24 hours; the next kick-off is allowed after {}",
             c.until
