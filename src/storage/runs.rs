@@ -126,6 +126,21 @@ impl ExportRuns {
         Ok(latest)
     }
 
+    /// Whether the folder `dir` holds the object `name`. Asked by listing, not by reading it: a policy
+    /// that allows listing only under the export's prefix (`s3:prefix` condition) makes S3 answer 403,
+    /// not 404, to a read of a missing object.
+    async fn has_object(&self, dir: &ObjectPath, name: &str) -> Result<bool, RunsError> {
+        let listed = self
+            .store
+            .list_with_delimiter(Some(dir))
+            .await
+            .map_err(failed("listing", dir))?;
+        Ok(listed
+            .objects
+            .iter()
+            .any(|o| o.location.filename() == Some(name)))
+    }
+
     /// `<prefix>/<export>/.state/<name>`: what a run remembers for the next when its working folder
     /// does not outlive it (a pod's emptyDir). Never listed as a run.
     fn state_path(&self, name: &str) -> ObjectPath {
@@ -135,6 +150,9 @@ impl ExportRuns {
     /// The state object `name`, `None` when there is none.
     pub async fn read_state(&self, name: &str) -> Result<Option<Vec<u8>>, RunsError> {
         let path = self.state_path(name);
+        if !self.has_object(&self.base.clone().join(".state"), name).await? {
+            return Ok(None);
+        }
         match self.store.get(&path).await {
             Ok(r) => Ok(Some(
                 r.bytes().await.map_err(failed("reading", &path))?.to_vec(),
@@ -159,6 +177,9 @@ impl ExportRuns {
     /// What `latest.json` says, `None` before the first published run.
     pub async fn latest(&self) -> Result<Option<Latest>, RunsError> {
         let path = self.base.clone().join(LATEST);
+        if !self.has_object(&self.base, LATEST).await? {
+            return Ok(None);
+        }
         match self.store.get(&path).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(failed("reading", &path))?;
@@ -187,12 +208,7 @@ impl ExportRuns {
             let Some(id) = prefix.filename().filter(|n| is_run_id(n)) else {
                 continue;
             };
-            let manifest = prefix.clone().join(MANIFEST);
-            let complete = match self.store.head(&manifest).await {
-                Ok(_) => true,
-                Err(object_store::Error::NotFound { .. }) => false,
-                Err(e) => return Err(failed("reading", &manifest)(e)),
-            };
+            let complete = self.has_object(&prefix, MANIFEST).await?;
             runs.push(RunObjects {
                 run_id: id.to_owned(),
                 complete,
