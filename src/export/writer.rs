@@ -28,8 +28,10 @@ pub enum WriterMsg {
     Failure(serde_json::Value),
 }
 
-/// Batches in flight between the network tasks and the disk.
-pub const CHANNEL_CAPACITY: usize = 64;
+/// Batches in flight between the network tasks and the disk (about 4 MiB of bulk batches): enough to
+/// smooth the writer's pauses (a part waiting for an upload slot), small enough that a writer slower
+/// than the network holds little.
+pub const CHANNEL_CAPACITY: usize = 16;
 
 /// The writer thread: it gives the writer back, with the first write error if any.
 pub type WriterTask = JoinHandle<(RunWriter, Result<(), OutputError>)>;

@@ -150,7 +150,10 @@ impl ExportRuns {
     /// The state object `name`, `None` when there is none.
     pub async fn read_state(&self, name: &str) -> Result<Option<Vec<u8>>, RunsError> {
         let path = self.state_path(name);
-        if !self.has_object(&self.base.clone().join(".state"), name).await? {
+        if !self
+            .has_object(&self.base.clone().join(".state"), name)
+            .await?
+        {
             return Ok(None);
         }
         match self.store.get(&path).await {
