@@ -26,6 +26,8 @@ pub enum WriterMsg {
     },
     /// One failed search (goes to `errors/failed-requests.ndjson`).
     Failure(serde_json::Value),
+    /// A downloaded document in the staging folder's `attachments/` that the run links to.
+    Attachment(std::path::PathBuf),
 }
 
 /// Batches in flight between the network tasks and the disk (about 4 MiB of bulk batches): enough to
@@ -62,6 +64,7 @@ fn run(
                 count,
             } => writer.append_deleted(&resource_type, &lines, count),
             WriterMsg::Failure(record) => writer.append_failure(&record),
+            WriterMsg::Attachment(path) => writer.publish_attachment(&path),
         };
         if let Err(e) = result {
             return (writer, Err(e));

@@ -671,6 +671,23 @@ impl RunWriter {
         }
     }
 
+    /// A downloaded document in `<staging>/attachments/` that the run links to. Locally it is where
+    /// it belongs; with an object store it is uploaded to `<run>/attachments/` and removed.
+    pub fn publish_attachment(&mut self, path: &Path) -> Result<(), OutputError> {
+        let (Some(o), Some(name)) = (&self.object, path.file_name().and_then(|n| n.to_str()))
+        else {
+            return Ok(());
+        };
+        if !path.starts_with(self.partial.join(ATTACHMENTS_DIR)) {
+            return Err(OutputError::InvalidType(path.display().to_string()));
+        }
+        o.uploader.put_file(
+            path,
+            object_path(&o.run, &format!("{ATTACHMENTS_DIR}/{name}")),
+        )?;
+        fs::remove_file(path).map_err(io_err(path))
+    }
+
     /// Flushes every open file to the operating system (not to the disk), so that they can be read
     /// while the run goes on.
     pub fn flush(&mut self) -> Result<(), OutputError> {

@@ -138,11 +138,12 @@ impl Index {
     }
 
     /// Notes that a resource links `key`'s document as a file (`source` is the URL it came from).
-    pub fn link(&mut self, key: &Key, doc: &Doc, source: &str) -> io::Result<()> {
+    /// True when this is the first link to the file: it now belongs to the run.
+    pub fn link(&mut self, key: &Key, doc: &Doc, source: &str) -> io::Result<bool> {
         let id = key_id(key);
         if let Some(Entry::Stored { linked, .. }) = self.entries.get_mut(&id) {
             if *linked {
-                return Ok(());
+                return Ok(false);
             }
             *linked = true;
         }
@@ -151,7 +152,7 @@ impl Index {
                 .entry(doc.sha256)
                 .or_default()
                 .push(source.to_owned());
-            return Ok(());
+            return Ok(false);
         }
         self.linked_bytes += doc.size;
         let entry = AttachmentFile {
@@ -163,7 +164,7 @@ impl Index {
         };
         let mut line = serde_json::to_vec(&entry).map_err(io::Error::other)?;
         line.push(b'\n');
-        self.lines.write_all(&line)
+        self.lines.write_all(&line).map(|()| true)
     }
 
     pub fn inline(&mut self, doc: &Doc) {

@@ -62,6 +62,8 @@ pub struct Phase<'a> {
     lines_path: PathBuf,
     /// Documents the store had from an interrupted run.
     resumed: u64,
+    /// Files first linked by the chunk being rewritten.
+    linked_now: Vec<PathBuf>,
     stats: AttachmentStats,
     tx: &'a mpsc::Sender<WriterMsg>,
 }
@@ -119,6 +121,7 @@ impl<'a> Phase<'a> {
             index,
             lines_path: index::lines_path(staging),
             resumed,
+            linked_now: Vec::new(),
             stats: AttachmentStats::default(),
             tx,
         })
@@ -201,6 +204,14 @@ impl<'a> Phase<'a> {
                     lines: out,
                     count,
                 })
+                .await
+                .map_err(|_| StepError::WriterGone)?;
+        }
+        // The files those resources link to are the run's now: the writer publishes them (to an
+        // object store, where they do not wait for the end of the run).
+        for path in std::mem::take(&mut self.linked_now) {
+            self.tx
+                .send(WriterMsg::Attachment(path))
                 .await
                 .map_err(|_| StepError::WriterGone)?;
         }
@@ -400,12 +411,16 @@ impl<'a> Phase<'a> {
                 }));
             } else {
                 let lines = self.lines_path.clone();
-                self.index
-                    .link(&key, &doc, &key.url)
-                    .map_err(|source| StepError::Io {
-                        path: lines,
-                        source,
-                    })?;
+                let first =
+                    self.index
+                        .link(&key, &doc, &key.url)
+                        .map_err(|source| StepError::Io {
+                            path: lines,
+                            source,
+                        })?;
+                if first {
+                    self.linked_now.push(self.store.dir().join(&file));
+                }
                 edits.push(Some(Edit::Link {
                     original,
                     file,
