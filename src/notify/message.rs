@@ -85,7 +85,15 @@ pub fn render(s: &RunSummary) -> Rendered {
         ),
         ("Records", s.records_total.to_string()),
         ("Bytes", s.bytes_total.to_string()),
-        ("Output folder", s.output_dir.clone()),
+        (
+            // A run published to an object store is named by its URL.
+            if s.output_dir.contains("://") {
+                "Output"
+            } else {
+                "Output folder"
+            },
+            s.output_dir.clone(),
+        ),
     ];
     if let Some(a) = &s.attachments {
         facts.push((
@@ -345,7 +353,7 @@ mod tests {
                     "Requests",
                     "Records",
                     "Bytes",
-                    "Output folder",
+                    "Output",
                     "Attachments",
                     "Hydrated",
                 ]

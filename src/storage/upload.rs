@@ -500,4 +500,145 @@ mod tests {
         })
         .await;
     }
+
+    /// A store whose multipart uploads refuse every part after the first `parts_ok` (as a store does
+    /// once its retries are spent), everything else as in memory.
+    #[derive(Debug)]
+    struct RefusingParts {
+        inner: InMemory,
+        parts_ok: usize,
+    }
+
+    impl std::fmt::Display for RefusingParts {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("RefusingParts")
+        }
+    }
+
+    #[derive(Debug)]
+    struct Refusing {
+        inner: Box<dyn MultipartUpload>,
+        left: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl MultipartUpload for Refusing {
+        fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+            if self.left == 0 {
+                return Box::pin(async {
+                    Err(object_store::Error::Generic {
+                        store: "test",
+                        source: "503 Slow Down (after 10 retries)".into(),
+                    })
+                });
+            }
+            self.left -= 1;
+            self.inner.put_part(data)
+        }
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete().await
+        }
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.inner.abort().await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for RefusingParts {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            let inner = self.inner.put_multipart_opts(location, opts).await?;
+            Ok(Box::new(Refusing {
+                inner,
+                left: self.parts_ok,
+            }))
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_part_the_store_refuses_fails_the_object_and_nothing_is_visible() {
+        let scratch = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(RefusingParts {
+            inner: InMemory::new(),
+            parts_ok: 1,
+        });
+        let u = Uploader::new(
+            store,
+            Handle::current(),
+            MIN_PART_SIZE,
+            2,
+            scratch.path().to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let path = ObjectPath::from("run/Observation.ndjson");
+            let data = lines(200_000); // three parts: the second is refused
+            let mut f = u.create(path.clone(), false).unwrap();
+            let mut failed = None;
+            for chunk in data.chunks(256 * 1024) {
+                if let Err(e) = f.append(chunk, 0) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            let e = match failed {
+                Some(e) => {
+                    drop(f);
+                    e
+                }
+                None => f.finish().unwrap_err(),
+            };
+            assert!(e.to_string().contains("run/Observation.ndjson"), "{e}");
+            assert!(e.to_string().contains("Slow Down"), "{e}");
+            assert!(read(&u, &path).is_none(), "nothing is visible");
+        })
+        .await
+        .unwrap();
+        let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+        assert!(left.is_empty(), "scratch files left: {left:?}");
+    }
 }
