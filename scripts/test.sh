@@ -28,7 +28,7 @@ echo "== SMTP test server venv (aiosmtpd, for tests/notify.rs)"
 EPIC_EXPORT_TEST_PYTHON=$(scripts/venv.sh target/smtp-venv scripts/smtp-test-requirements.txt)
 export EPIC_EXPORT_TEST_PYTHON
 
-echo "== object-store emulators (moto, Azurite; for tests/stores.rs)"
+echo "== object-store test servers (moto, Azurite; for tests/stores.rs and tests/object_output.rs)"
 store_env=$(scripts/stores.sh)
 eval "$store_env"
 
