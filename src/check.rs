@@ -1,6 +1,6 @@
 //! `epic-export check`: validate the config, load the key, check the JWK Set URL (when
-//! `auth.jwksUrl` is set, see `auth::jwks_check`), get a token, and explain what happened, without
-//! printing the token.
+//! `auth.jwksUrl` is set, see `auth::jwks_check`), reach the object store of `output.url`, get a
+//! token, and explain what happened, without printing the token.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
@@ -64,6 +64,21 @@ pub async fn check(plan: &ExportPlan) -> CheckReport {
         .await;
         out.push_str(&outcome.render());
         failed = !outcome.is_ok();
+    }
+    if let Some(o) = &plan.object_output {
+        match crate::export::open_destination(plan).await {
+            Ok(_) => {
+                let _ = writeln!(
+                    out,
+                    "output: ok ({}: the store answers and accepts the credentials)",
+                    o.location.url()
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "output: FAILED\n{e}");
+                failed = true;
+            }
+        }
     }
     match conn.tokens.request().await {
         Ok((_token, grant)) => {

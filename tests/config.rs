@@ -72,6 +72,33 @@ fn a_good_config_becomes_a_plan() {
 }
 
 #[test]
+fn output_url_becomes_the_destination() {
+    let f = Files::new();
+    let plan = load_plan(&f.write(
+        "config.yaml",
+        &format!(
+            "{GOOD}output:\n  directory: work\n  url: s3://phi-exports/epic/prod\n  region: eu-west-1\n  compression: gzip\n  partSize: 16777216\n  uploadConcurrency: 8\n"
+        ),
+    ))
+    .unwrap();
+    let o = plan.object_output.expect("an object store");
+    assert_eq!(o.location.url(), "s3://phi-exports/epic/prod");
+    assert_eq!(o.location.region.as_deref(), Some("eu-west-1"));
+    assert_eq!((o.part_size, o.upload_concurrency), (16 << 20, 8));
+    assert_eq!(plan.output_dir, f.path().join("work"), "the working folder");
+    assert_eq!(plan.compression, epic_export::plan::Compression::Gzip);
+
+    // A file: URL is a local folder.
+    let plan = load_plan(&f.write(
+        "config.yaml",
+        &format!("{GOOD}output:\n  url: file:///srv/exports\n"),
+    ))
+    .unwrap();
+    assert!(plan.object_output.is_none());
+    assert_eq!(plan.output_dir, Path::new("/srv/exports"));
+}
+
+#[test]
 fn attachments_and_hydrate_become_the_plan_and_the_scope() {
     let f = Files::new();
     let yaml = format!(
@@ -212,6 +239,40 @@ fn config_errors_name_the_field_and_the_fix() {
         (
             format!("{GOOD}output:\n  keepRuns: 0\n"),
             &["output.keepRuns"],
+        ),
+        (
+            format!("{GOOD}output:\n  url: ftp://host/exports\n"),
+            &["output.url", "s3, az, gs or file"],
+        ),
+        (
+            format!("{GOOD}output:\n  url: s3://Bad_Bucket/exports\n"),
+            &["output.url", "S3 bucket"],
+        ),
+        (
+            format!("{GOOD}output:\n  url: s3://AKIA:secret@bucket/exports\n"),
+            &["output.url", "credentials come from the environment"],
+        ),
+        (
+            format!(
+                "{GOOD}output:\n  url: s3://bucket/exports\n  endpoint: http://minio.example.org\n"
+            ),
+            &["output.url", "loopback"],
+        ),
+        (
+            format!("{GOOD}output:\n  endpoint: https://minio.example.org\n"),
+            &["output.endpoint", "output.url"],
+        ),
+        (
+            format!("{GOOD}output:\n  url: s3://bucket/exports\n  partSize: 1048576\n"),
+            &["output.partSize", "5 MiB"],
+        ),
+        (
+            format!("{GOOD}output:\n  url: s3://bucket/exports\n  uploadConcurrency: 0\n"),
+            &["output.uploadConcurrency", "1 to 64"],
+        ),
+        (
+            format!("{GOOD}output:\n  compression: zstd\n"),
+            &["compression", "gzip"],
         ),
         (
             GOOD.replace("    resourcesFile: resources.csv\n", ""),

@@ -505,6 +505,29 @@ async fn refused(t: Target, secret_var: &str) {
         "nothing was asked of the FHIR server"
     );
     assert!(run_ids(&t).await.is_empty());
+
+    // `check` says the same, and that the right credentials work.
+    let check = |vars: Vec<(String, String)>| {
+        let config = config.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_epic-export"))
+                .args(["check", "--config"])
+                .arg(&config)
+                .envs(vars)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = check(vars).await;
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("output: FAILED"), "{all}");
+    assert!(!all.contains(wrong) && !all.contains(&right), "{all}");
+    let out = check(t.env.clone()).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains(&format!("output: ok ({}", t.url)), "{all}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,7 +130,7 @@ pub struct RunReport {
 
 /// Connects to the object store of `output.url` and reads `latest.json`, so that missing or
 /// refused credentials are reported before anything is fetched or written.
-async fn open_destination(
+pub async fn open_destination(
     plan: &ExportPlan,
 ) -> Result<Option<output::ObjectDestination>, ExportError> {
     let Some(o) = &plan.object_output else {
