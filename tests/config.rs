@@ -256,7 +256,7 @@ fn config_errors_name_the_field_and_the_fix() {
             format!(
                 "{GOOD}output:\n  url: s3://bucket/exports\n  endpoint: http://minio.example.org\n"
             ),
-            &["output.url", "loopback"],
+            &["output.endpoint", "loopback"],
         ),
         (
             format!("{GOOD}output:\n  endpoint: https://minio.example.org\n"),

@@ -370,7 +370,14 @@ fn output_destination(
         return Ok((resolve(&o.directory), None));
     };
     let target = crate::storage::parse_output_url(url, o.endpoint.as_deref(), o.region.as_deref())
-        .map_err(|e| invalid("output.url", e.to_string()))?;
+        .map_err(|e| {
+            let field = match e {
+                crate::storage::LocationError::Endpoint(_)
+                | crate::storage::LocationError::InsecureEndpoint(_) => "output.endpoint",
+                _ => "output.url",
+            };
+            invalid(field, e.to_string())
+        })?;
     Ok(match target {
         OutputTarget::Local(dir) => (resolve(&dir), None),
         OutputTarget::Object(location) => (
