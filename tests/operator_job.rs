@@ -274,6 +274,16 @@ fn pod_of(job: &k8s_openapi::api::batch::v1::Job) -> serde_json::Value {
     serde_json::to_value(job).unwrap()["spec"]["template"]["spec"].clone()
 }
 
+/// The pod's `data` volume (the output claim, or the scratch emptyDir).
+fn data_volume(pod: &serde_json::Value) -> serde_json::Value {
+    let volumes = pod["volumes"].as_array().unwrap();
+    volumes
+        .iter()
+        .find(|v| v["name"] == "data")
+        .unwrap()
+        .clone()
+}
+
 fn config_of(pod: &serde_json::Value) -> serde_json::Value {
     let env = pod["containers"][0]["env"].as_array().unwrap();
     let config = env.iter().find(|e| e["name"] == JOB_CONFIG_ENV).unwrap();
@@ -379,13 +389,7 @@ fn an_object_store_output_gets_a_scratch_volume_its_credentials_and_the_url_in_t
     own_identity.spec.output.scratch_size_limit = Some("10Gi".into());
     let pod = pod_of(&build_job(&own_identity, &inputs(), "img").unwrap());
     assert!(pod["containers"][0]["envFrom"].is_null());
-    let data = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "data")
-        .unwrap()
-        .clone();
+    let data = data_volume(&pod);
     assert_eq!(data["emptyDir"]["sizeLimit"], "10Gi");
 }
 
@@ -395,13 +399,7 @@ fn a_volume_output_keeps_its_claim_and_takes_compression_only() {
         "  output:\n    volumeClaimName: exports\n    subPath: nightly\n    compression: gzip\n",
     ));
     let pod = pod_of(&build_job(&e, &inputs(), "img").unwrap());
-    let data = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "data")
-        .unwrap()
-        .clone();
+    let data = data_volume(&pod);
     assert_eq!(data["persistentVolumeClaim"]["claimName"], "exports");
     assert!(data["emptyDir"].is_null());
     assert!(pod["containers"][0]["envFrom"].is_null());
