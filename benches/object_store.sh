@@ -53,14 +53,14 @@ group=$(sed -n 's/^Bulk Data group: //p' "$work/sandbox.out")
 # A moto S3 server with signature checks on: like S3Server::start in tests/support/stores.rs, the first
 # 4 requests (CreateUser, PutUserPolicy, CreateAccessKey, CreateBucket) are served without auth, then
 # every request must be signed with that IAM user's key. Sets moto_pid and writes $work/s3.env.
-start_moto() {
-  local moto_port
+start_moto() {  # label (names the log, $work/moto-<label>.log)
+  local moto_port moto_log="$work/moto-$1.log"
   moto_port=$(free_port)
-  INITIAL_NO_AUTH_ACTION_COUNT=4 "$python" -m moto.server -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+  INITIAL_NO_AUTH_ACTION_COUNT=4 "$python" -m moto.server -H 127.0.0.1 -p "$moto_port" >"$moto_log" 2>&1 &
   moto_pid=$!
   for _ in $(seq 300); do
     (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null && break
-    kill -0 "$moto_pid" 2>/dev/null || { cat "$work/moto.log" >&2; echo "moto exited" >&2; exit 1; }
+    kill -0 "$moto_pid" 2>/dev/null || { cat "$moto_log" >&2; echo "moto exited" >&2; exit 1; }
     sleep 0.1
   done
   "$python" - "http://127.0.0.1:$moto_port" >"$work/s3.env" <<'PY'
@@ -174,7 +174,7 @@ echo 0 >"$work/local.stored"
 
 # 2. and 3. S3 (moto), then S3 with gzip: a fresh moto for each, stopped once the bucket is checked.
 for label in s3 s3gz; do
-  start_moto
+  start_moto "$label"
   if [ "$label" = s3 ]; then compression=none; gz=0; else compression=gzip; gz=1; fi
   run_export "$label" "  url: s3://bench/exports
   compression: $compression"
