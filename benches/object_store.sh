@@ -7,8 +7,8 @@
 #      here, signature checks on, as tests/support/stores.rs does), default partSize (8 MiB) and
 #      uploadConcurrency 4;
 #   3. the same with `output.compression: gzip`.
-# For each: process wall time, MiB/s of NDJSON (before compression) over that wall time less the ~1 s
-# spent polling the status of an export that is already ready (the sandbox's Retry-After), the exporter's
+# For each: process wall time, MiB/s of NDJSON (before compression) over that wall time less the time
+# spent waiting for the server to prepare the export (the summary's bulk.secondsWaiting), the exporter's
 # peak RSS and CPU time (user + system), and the CPU the sandbox and moto spent meanwhile. After each S3
 # run the bucket is checked: `latest.json` names a manifest whose entries (type, count, bytes) equal the
 # local run's (not sha256: lines from several bulk files are joined in arrival order), every file is an object (of exactly `bytes` bytes when not compressed), and no
