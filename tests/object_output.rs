@@ -615,3 +615,46 @@ async fn a_large_export_to_s3_stays_within_the_memory_bound() {
     assert!(total > 90 * 1024 * 1024, "a large export: {total} bytes");
     assert!(rss <= 64.0 + 5.0 * 2.0, "peak RSS {rss:.1} MiB");
 }
+
+/// `compression: gzip` applies to a local folder too: the same resources as an uncompressed run,
+/// rewritten attachment types included, with the manifest describing the NDJSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_run_can_be_gzip_compressed() {
+    let env = env(SandboxOptions::default()).await;
+    let patients: Vec<String> = env.sandbox.dataset().patient_ids()[..4].to_vec();
+    let settings = format!(
+        "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n  maxAttempts: 5\nattachments:\n  enabled: true\n{HYDRATE}"
+    );
+    let config = env.write_config(&patients, ALL_SEARCHES, &settings);
+    let plain = files_of(&run_config(&config).await.dir);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "output:\n  directory: out\n",
+            "output:\n  directory: out\n  compression: gzip\n",
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a new run id
+    let compressed = files_of(&run_config(&config).await.dir);
+    let manifest = json(&compressed["manifest.json"]);
+    let outputs = manifest["output"].as_array().unwrap();
+    assert!(outputs.iter().any(|e| e["type"] == "DocumentReference"));
+    for entry in outputs {
+        let name = entry["url"].as_str().unwrap();
+        let original = name.strip_suffix(".gz").expect("compressed");
+        let content = gunzip(&compressed[name]);
+        assert!(content == plain[original], "{name}: the same NDJSON");
+        let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &content);
+        assert_eq!(
+            entry["sha256"],
+            epic_export::text::hex(sha.as_ref()),
+            "{name}"
+        );
+        assert!(
+            !compressed.contains_key(original),
+            "{original} is not left uncompressed"
+        );
+    }
+}
