@@ -353,6 +353,22 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
         ),
         "{metrics}"
     );
+    // The per-export gauges the dashboard and the alerts read.
+    for line in [
+        "epic_export_last_run_records{namespace=\"phi\",export=\"nightly\"} 42",
+        "epic_export_last_run_records_by_type{namespace=\"phi\",export=\"nightly\",resource_type=\"Patient\"} 42",
+        "epic_export_last_run_outcome{namespace=\"phi\",export=\"nightly\",outcome=\"success\"} 1",
+        "epic_export_last_run_outcome{namespace=\"phi\",export=\"nightly\",outcome=\"failed\"} 0",
+        "epic_export_runs_active{namespace=\"phi\",export=\"nightly\"} 0",
+        "epic_export_stalled{namespace=\"phi\",export=\"nightly\"} 0",
+        "epic_export_leader 1",
+        "epic_export_last_run_bytes{namespace=\"phi\",export=\"nightly\"}",
+        "epic_export_last_run_duration_seconds{namespace=\"phi\",export=\"nightly\"}",
+        // Hourly: an hour between runs and an hour for the run.
+        "epic_export_max_success_age_seconds{namespace=\"phi\",export=\"nightly\"} 7200.0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     assert_eq!(
         reqwest::get(format!("http://{port}/healthz"))
             .await

@@ -143,14 +143,17 @@ pub async fn run_controller(
         .shared()
     };
     let lost = stop_controller.clone();
-    controller::run(
+    metrics.leader.set(1);
+    let ran = controller::run(
         client.clone(),
         options.settings,
-        metrics,
+        metrics.clone(),
         ready,
         stop_controller,
     )
-    .await?;
+    .await;
+    metrics.leader.set(0);
+    ran?;
     drop(lost);
     if let Some(holder) = holder {
         holder.abort();

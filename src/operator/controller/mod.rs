@@ -54,7 +54,9 @@ use super::crd::EpicExport;
 use super::exports;
 use super::images::ImagePolicy;
 use super::job::{BuildError, EXPORT_LABEL, RunInputs, build_job};
-use super::metrics::{ErrorLabels, ExportLabels, Metrics, OutcomeLabels};
+use super::metrics::{
+    ErrorLabels, ExportLabels, ExportState, LastRunState, Metrics, OutcomeLabels,
+};
 use crate::http::retry::Backoff;
 
 /// The `reportingController` of Events and the Lease holder prefix.
@@ -189,6 +191,8 @@ pub async fn reconcile(
 ) -> Result<Action, ReconcileError> {
     ctx.metrics.reconciles.inc();
     if export.meta().deletion_timestamp.is_some() {
+        ctx.metrics
+            .forget_export(&export.namespace().unwrap_or_default(), &export.name_any());
         // Its Jobs go with it (owner references).
         return Ok(Action::await_change());
     }
@@ -254,6 +258,10 @@ pub async fn reconcile(
         new.key_rotation = Some(rotated.status.clone());
     }
     apply::write_status(&ctx.client, &export, &new).await?;
+    let max_age = (!export.spec.suspend)
+        .then(|| max_success_age(&export, &valid.schedule, now))
+        .flatten();
+    ctx.show(&export, &new, max_age);
     for note in rotated.iter().flat_map(|r| &r.notes) {
         ctx.publish(&export, note, "RotateKey").await;
     }
@@ -441,6 +449,7 @@ async fn stalled(
         now,
     });
     apply::write_status(&ctx.client, export, &new).await?;
+    ctx.show(export, &new, None);
     if let Some(note) = status::spec_error_note(&old, &error) {
         ctx.publish(export, &note, "Validate").await;
     }
@@ -527,6 +536,92 @@ impl Context {
                 })
                 .set(end.as_second() as f64);
         }
+    }
+}
+
+/// The annotation that overrides how long an export may go without a successful run before
+/// `epic_export_max_success_age_seconds` (and so the EpicExportNotSuccessful alert) says it is late:
+/// a whole number and a unit (`m`, `h`, `d`, `w`), at least 1h.
+pub const MAX_SUCCESS_AGE_ANNOTATION: &str = "fhirexport.dev/max-success-age";
+
+/// How long the export may go without a successful run: the annotation
+/// [`MAX_SUCCESS_AGE_ANNOTATION`], or else the longest gap between the schedule's next 16 runs plus
+/// half of it (at least 1 h) for the run itself. `None` when the schedule has no next run.
+pub fn max_success_age(
+    export: &EpicExport,
+    schedule: &crate::schedule::Schedule,
+    now: Timestamp,
+) -> Option<f64> {
+    if let Some(text) = export.annotations().get(MAX_SUCCESS_AGE_ANNOTATION) {
+        match validate::parse_every(text) {
+            Ok(d) => return Some(d.as_secs_f64()),
+            Err(e) => tracing::warn!(
+                export = %status::describe(export),
+                "annotation {MAX_SUCCESS_AGE_ANNOTATION}: {e}; using the schedule"
+            ),
+        }
+    }
+    let mut at = schedule.next_after(now)?;
+    let mut gap = 0.0_f64;
+    for _ in 0..16 {
+        let Some(next) = schedule.next_after(at) else {
+            break;
+        };
+        gap = gap.max(next.duration_since(at).as_secs_f64());
+        at = next;
+    }
+    if gap <= 0.0 {
+        return None;
+    }
+    Some(gap + (gap / 2.0).max(3600.0))
+}
+
+/// The per-export gauges from the status just written.
+fn export_state(
+    status: &crate::operator::crd::EpicExportStatus,
+    max_success_age: Option<f64>,
+) -> ExportState {
+    let parse = |t: &Option<String>| t.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+    ExportState {
+        last_run: status.last_run.as_ref().map(|last| LastRunState {
+            outcome: model::ReportedOutcome::parse(&last.outcome)
+                .as_str()
+                .to_owned(),
+            duration: match (parse(&last.started_at), parse(&last.finished_at)) {
+                (Some(start), Some(end)) => Some(end.duration_since(start).as_secs_f64().max(0.0)),
+                _ => None,
+            },
+            records: last.records,
+            bytes: last.bytes,
+            records_by_type: last
+                .records_by_type
+                .iter()
+                .map(|(t, n)| (t.clone(), *n))
+                .collect(),
+        }),
+        last_success: parse(&status.last_successful_time).map(|t| t.as_second() as f64),
+        active_runs: i64::try_from(status.active.len()).unwrap_or(i64::MAX),
+        stalled: status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Stalled" && c.status == "True"),
+        rotation_phase: status.key_rotation.as_ref().map(|k| k.phase.clone()),
+        max_success_age,
+    }
+}
+
+impl Context {
+    fn show(
+        &self,
+        export: &EpicExport,
+        status: &crate::operator::crd::EpicExportStatus,
+        max_success_age: Option<f64>,
+    ) {
+        self.metrics.set_export(
+            &export.namespace().unwrap_or_default(),
+            &export.name_any(),
+            &export_state(status, max_success_age),
+        );
     }
 }
 
