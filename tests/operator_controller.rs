@@ -311,6 +311,28 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
     assert_eq!(condition(&s, "Ready")["status"], "True");
     assert!(s["nextScheduleTime"].as_str().is_some());
 
+    // While it runs: the run in progress and when it started (for EpicExportRunTooLong).
+    let scrape = || async {
+        reqwest::get(format!("http://{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let running = eventually("the run in progress in the metrics", || async {
+        let m = scrape().await;
+        m.contains("epic_export_runs_active{namespace=\"phi\",export=\"nightly\"} 1")
+            .then_some(m)
+    })
+    .await;
+    assert!(
+        running.contains(
+            "epic_export_active_run_started_timestamp_seconds{namespace=\"phi\",export=\"nightly\"}"
+        ),
+        "{running}"
+    );
+
     fake.start_job(NS, &name);
     fake.finish_job(NS, &name, true, &report("success", 42));
     let s = eventually("lastRun in status", || async {
@@ -352,6 +374,10 @@ async fn a_due_run_becomes_a_job_and_its_report_lands_in_status_events_and_metri
             "epic_export_last_success_timestamp_seconds{namespace=\"phi\",export=\"nightly\"}"
         ),
         "{metrics}"
+    );
+    assert!(
+        !metrics.contains("epic_export_active_run_started_timestamp_seconds{"),
+        "no run in progress: {metrics}"
     );
     // The per-export gauges the dashboard and the alerts read.
     for line in [

@@ -74,6 +74,8 @@ pub struct ExportState {
     /// Unix time of `lastSuccessfulTime`.
     pub last_success: Option<f64>,
     pub active_runs: i64,
+    /// Unix time the oldest run in progress started (or was created, before its pod started).
+    pub active_since: Option<f64>,
     pub stalled: bool,
     /// `status.keyRotation.phase`, when the export rotates its key.
     pub rotation_phase: Option<String>,
@@ -112,6 +114,7 @@ pub struct Metrics {
     pub last_run_records_by_type: Family<ExportTypeLabels, Gauge>,
     pub last_run_outcome: Family<ExportOutcomeLabels, Gauge>,
     pub runs_active: Family<ExportLabels, Gauge>,
+    pub active_run_started: Family<ExportLabels, F64Gauge>,
     pub stalled: Family<ExportLabels, Gauge>,
     pub key_rotation_phase: Family<ExportPhaseLabels, Gauge>,
     pub max_success_age: Family<ExportLabels, F64Gauge>,
@@ -145,6 +148,7 @@ impl Metrics {
             last_run_records_by_type: Family::default(),
             last_run_outcome: Family::default(),
             runs_active: Family::default(),
+            active_run_started: Family::default(),
             stalled: Family::default(),
             key_rotation_phase: Family::default(),
             max_success_age: Family::default(),
@@ -208,6 +212,11 @@ impl Metrics {
             "runs_active",
             "Runs (Jobs) in progress, per export",
             m.runs_active.clone(),
+        );
+        registry.register(
+            "active_run_started_timestamp_seconds",
+            "Unix time the oldest run in progress started, per export (absent when none runs)",
+            m.active_run_started.clone(),
         );
         registry.register(
             "stalled",
@@ -313,6 +322,14 @@ impl Metrics {
             }
         }
         self.runs_active.get_or_create(&key).set(state.active_runs);
+        match state.active_since {
+            Some(t) => {
+                self.active_run_started.get_or_create(&key).set(t);
+            }
+            None => {
+                self.active_run_started.remove(&key);
+            }
+        }
         self.stalled
             .get_or_create(&key)
             .set(i64::from(state.stalled));
@@ -390,6 +407,7 @@ mod tests {
             }),
             last_success: Some(1_800_000_000.0),
             active_runs: 1,
+            active_since: Some(1_800_000_100.0),
             stalled: false,
             rotation_phase: Some("Blocked".into()),
             max_success_age: Some(129_600.0),
@@ -410,6 +428,7 @@ mod tests {
             "epic_export_last_run_outcome{namespace=\"phi\",export=\"nightly\",outcome=\"success\"} 0",
             "epic_export_runs_active{namespace=\"phi\",export=\"nightly\"} 1",
             "epic_export_stalled{namespace=\"phi\",export=\"nightly\"} 0",
+            "epic_export_active_run_started_timestamp_seconds{namespace=\"phi\",export=\"nightly\"} 1800000100.0",
             "epic_export_key_rotation_phase{namespace=\"phi\",export=\"nightly\",phase=\"Blocked\"} 1",
             "epic_export_key_rotation_phase{namespace=\"phi\",export=\"nightly\",phase=\"Idle\"} 0",
             "epic_export_max_success_age_seconds{namespace=\"phi\",export=\"nightly\"} 129600.0",

@@ -261,7 +261,7 @@ pub async fn reconcile(
     let max_age = (!export.spec.suspend)
         .then(|| max_success_age(&export, &valid.schedule, now))
         .flatten();
-    ctx.show(&export, &new, max_age);
+    ctx.show(&export, &new, &runs, max_age);
     for note in rotated.iter().flat_map(|r| &r.notes) {
         ctx.publish(&export, note, "RotateKey").await;
     }
@@ -449,7 +449,7 @@ async fn stalled(
         now,
     });
     apply::write_status(&ctx.client, export, &new).await?;
-    ctx.show(export, &new, None);
+    ctx.show(export, &new, &observed.runs, None);
     if let Some(note) = status::spec_error_note(&old, &error) {
         ctx.publish(export, &note, "Validate").await;
     }
@@ -579,6 +579,7 @@ pub fn max_success_age(
 /// The per-export gauges from the status just written.
 fn export_state(
     status: &crate::operator::crd::EpicExportStatus,
+    runs: &[model::Run],
     max_success_age: Option<f64>,
 ) -> ExportState {
     let parse = |t: &Option<String>| t.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
@@ -601,6 +602,12 @@ fn export_state(
         }),
         last_success: parse(&status.last_successful_time).map(|t| t.as_second() as f64),
         active_runs: i64::try_from(status.active.len()).unwrap_or(i64::MAX),
+        active_since: runs
+            .iter()
+            .filter(|r| r.state == model::RunState::Active)
+            .filter_map(|r| r.started.or(r.created))
+            .min()
+            .map(|t| t.as_second() as f64),
         stalled: status
             .conditions
             .iter()
@@ -615,12 +622,13 @@ impl Context {
         &self,
         export: &EpicExport,
         status: &crate::operator::crd::EpicExportStatus,
+        runs: &[model::Run],
         max_success_age: Option<f64>,
     ) {
         self.metrics.set_export(
             &export.namespace().unwrap_or_default(),
             &export.name_any(),
-            &export_state(status, max_success_age),
+            &export_state(status, runs, max_success_age),
         );
     }
 }
