@@ -5,7 +5,8 @@
   and each ci/*-values.yaml; rendered with each of them, every object validated strictly (unknown fields
   are errors) against the Kubernetes schemas of the oldest supported and the newest known version
   (kubernetes-validate); what each value set must produce (RBAC scope, leader election, strategy, PDB,
-  ServiceMonitor, NetworkPolicies, security settings, probes, env, the JWK Set server's own Deployment,
+  ServiceMonitor, the Grafana dashboard ConfigMap and the PrometheusRule (labels, the chart files they
+  hold, each alert's annotations), NetworkPolicies, security settings, probes, env, the JWK Set server's own Deployment,
   ServiceAccount, RBAC, Service and Ingress, the aggregated roles, NOTES.txt); its RBAC rules are exactly
   those of examples/operator.yaml (plus, with keyRotation.enabled, the key rotation rule commented out
   there), the operator never lists or watches Secrets and the JWK Set server may only read EpicExports;
@@ -23,6 +24,7 @@ Exits 1 listing every problem, 0 when all pass.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -47,6 +49,7 @@ UID = 65532
 # Custom resources without a published schema here: checked for shape only.
 FOREIGN_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("argoproj.io/v1alpha1", "Application"),
     ("source.toolkit.fluxcd.io/v1", "GitRepository"),
     ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"),
@@ -670,6 +673,13 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: dict[s
             f"{where}: the ServiceMonitor scrapes a port the Service lacks",
         )
 
+    for m in monitors:
+        check(
+            all(e.get("honorLabels") is True for e in m["spec"]["endpoints"]),
+            f"{where}: the ServiceMonitor renames the metrics' namespace label (honorLabels is not true)",
+        )
+    check_monitoring(where, values, docs)
+
     # NetworkPolicies: the operator's pods (in: metrics; out: DNS, the API server, SMTP) and the JWK Set
     # server's (in: the JWKS port; out: DNS and the API server).
     policies = find(docs, "NetworkPolicy")
@@ -710,6 +720,69 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: dict[s
 _app_version: str | None = None
 
 
+def check_monitoring(where: str, values: dict, docs: list[dict]) -> None:
+    """The Grafana dashboard ConfigMap and the PrometheusRule: there exactly when enabled, labelled for
+    the Grafana sidecar and the rule selector, holding the chart's files (tests/dashboards.rs checks
+    their queries against the operator's metrics)."""
+    dashboards = values.get("dashboards", {})
+    maps = find(docs, "ConfigMap", lambda d: "grafana_dashboard" in d["metadata"].get("labels", {}))
+    want = dashboards.get("enabled", False)
+    check(len(maps) == (1 if want else 0), f"{where}: {len(maps)} dashboard ConfigMap(s), enabled={want}")
+    source = json.loads((CHART / "dashboards" / "epic-export.json").read_text())
+    for m in maps:
+        labels = m["metadata"]["labels"]
+        check(labels.get("grafana_dashboard") == "1", f"{where}: the dashboard ConfigMap's grafana_dashboard label is not \"1\"")
+        for k, v in dashboards.get("labels", {}).items():
+            check(labels.get(k) == v, f"{where}: the dashboard ConfigMap lacks the label {k}")
+        for k, v in dashboards.get("annotations", {}).items():
+            check(m["metadata"].get("annotations", {}).get(k) == v, f"{where}: the dashboard ConfigMap lacks the annotation {k}")
+        check(
+            m["metadata"]["namespace"] == (dashboards.get("namespace") or RELEASE_NAMESPACE),
+            f"{where}: the dashboard ConfigMap is in the wrong namespace",
+        )
+        data = m.get("data", {})
+        check(list(data) == ["epic-export.json"], f"{where}: the dashboard ConfigMap holds {list(data)}")
+        try:
+            rendered = json.loads(data.get("epic-export.json", ""))
+            check(rendered == source, f"{where}: the dashboard ConfigMap differs from dashboards/epic-export.json")
+            check(bool(rendered.get("panels")), f"{where}: the dashboard has no panels")
+        except json.JSONDecodeError as e:
+            check(False, f"{where}: the dashboard ConfigMap's JSON is invalid: {e}")
+
+    rule_values = values.get("prometheusRule", {})
+    rules = find(docs, "PrometheusRule")
+    want = rule_values.get("enabled", False)
+    check(len(rules) == (1 if want else 0), f"{where}: {len(rules)} PrometheusRule(s), enabled={want}")
+    source = yaml.safe_load((CHART / "rules" / "epic-export.rules.yaml").read_text())
+    base = rule_values.get("runbookBaseUrl", "")
+    for r in rules:
+        check(r["metadata"]["namespace"] == RELEASE_NAMESPACE, f"{where}: the PrometheusRule is not in the release namespace")
+        for k, v in rule_values.get("labels", {}).items():
+            check(r["metadata"]["labels"].get(k) == v, f"{where}: the PrometheusRule lacks the label {k}")
+        groups = r["spec"].get("groups", [])
+        check(
+            [g["name"] for g in groups] == [g["name"] for g in source["groups"]],
+            f"{where}: the PrometheusRule's groups differ from rules/epic-export.rules.yaml",
+        )
+        alerts = [rule for g in groups for rule in g.get("rules", [])]
+        check(len(alerts) == sum(len(g["rules"]) for g in source["groups"]), f"{where}: the PrometheusRule lost rules")
+        for rule in alerts:
+            name = rule.get("alert", "?")
+            check(isinstance(rule.get("expr"), str) and bool(rule["expr"].strip()), f"{where}: {name} has no expr")
+            annotations = rule.get("annotations", {})
+            check(
+                all(annotations.get(k) for k in ("summary", "description", "runbook_url")),
+                f"{where}: {name} lacks a summary, description or runbook_url",
+            )
+            check(
+                annotations.get("runbook_url") == f"{base}monitoring.html#{name.lower()}",
+                f"{where}: {name}'s runbook_url is {annotations.get('runbook_url')}",
+            )
+            check("kubectl " in annotations.get("description", ""), f"{where}: {name}'s description has no kubectl command")
+            check("{{ $labels" in annotations.get("summary", "") or "Operator" in name or "NoLeader" in name,
+                  f"{where}: {name}'s summary names no export")
+
+
 def chart_app_version() -> str:
     global _app_version
     if _app_version is None:
@@ -741,6 +814,18 @@ EXTRA_VALUE_SETS: list[tuple[str, dict]] = [
             "watchNamespace": "phi",
             "keyRotation": {"enabled": True},
             "jwks": {"service": {"type": "LoadBalancer"}, "ingress": {"enabled": True, "host": "keys.example.org"}},
+        },
+    ),
+    (
+        "chart with the Grafana dashboard and the alert rules",
+        {
+            "metrics": {"serviceMonitor": {"enabled": True}},
+            "dashboards": {"enabled": True, "labels": {"team": "integration"}, "annotations": {"grafana_folder": "FHIR"}},
+            "prometheusRule": {
+                "enabled": True,
+                "labels": {"release": "prometheus"},
+                "runbookBaseUrl": "https://docs.example.org/epic-export/",
+            },
         },
     ),
 ]
