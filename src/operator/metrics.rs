@@ -360,6 +360,21 @@ impl Metrics {
         }
     }
 
+    /// Removes the gauges of every export not in `keep` (namespace, name).
+    pub fn retain_exports(&self, keep: &BTreeSet<(String, String)>) {
+        let gone: Vec<ExportLabels> = self
+            .types
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|k| !keep.contains(&(k.namespace.clone(), k.export.clone())))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.forget_export(&k.namespace, &k.export);
+        }
+    }
+
     /// Removes a deleted export's gauges.
     pub fn forget_export(&self, namespace: &str, export: &str) {
         self.set_export(namespace, export, &ExportState::default());
@@ -445,6 +460,11 @@ mod tests {
         }
         m.set_export("phi", "nightly", &next);
         assert!(!m.encode().contains("Observation"));
+
+        m.set_export("phi", "weekly", &state());
+        m.retain_exports(&BTreeSet::from([("phi".to_owned(), "nightly".to_owned())]));
+        assert!(!m.encode().contains("weekly"), "{}", m.encode());
+        assert!(m.encode().contains("nightly"));
 
         m.forget_export("phi", "nightly");
         assert!(!m.encode().contains("nightly"), "{}", m.encode());

@@ -661,6 +661,19 @@ fn uid(export: &EpicExport) -> String {
     export.uid().unwrap_or_else(|| status::describe(export))
 }
 
+/// Every minute, removes the per-export gauges of exports no longer in the cache.
+async fn prune_metrics(store: kube::runtime::reflector::Store<EpicExport>, metrics: Arc<Metrics>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let keep: BTreeSet<(String, String)> = store
+            .state()
+            .iter()
+            .map(|e| (e.namespace().unwrap_or_default(), e.name_any()))
+            .collect();
+        metrics.retain_exports(&keep);
+    }
+}
+
 /// Why the controller cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -695,6 +708,11 @@ pub async fn run(
         kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
     );
     tokio::spawn(exports::mark_ready(controller.store(), ready, ""));
+    // A deleted export is not reconciled (no finalizer): its gauges go when it is gone from the cache.
+    let _prune = crate::task::AbortOnDrop(tokio::spawn(prune_metrics(
+        controller.store(),
+        ctx.metrics.clone(),
+    )));
     controller
         .owns(jobs, watcher::Config::default().labels(EXPORT_LABEL))
         .graceful_shutdown_on(shutdown)
