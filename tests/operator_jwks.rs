@@ -416,6 +416,28 @@ async fn the_jwks_server_command_serves_the_status_keys() {
     assert_eq!(header(&r, "cache-control"), "public, max-age=600");
     let doc: Value = r.json().await.unwrap();
     assert_eq!(doc["keys"], json!([key.public_jwk()]));
+    // Its health port serves its metrics: the requests by result (EpicExportJwksErrors).
+    let r = http
+        .get(format!("http://{addr}/jwks/phi/unknown.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let metrics = http
+        .get(format!("http://{health}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "epic_export_jwks_requests_total{result=\"ok\"} 1",
+        "epic_export_jwks_requests_total{result=\"not_found\"} 1",
+        "epic_export_jwks_requests_total{result=\"unavailable\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     for r in fake.requests() {
         assert!(
             r.path.ends_with("/epicexports"),

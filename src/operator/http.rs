@@ -31,6 +31,28 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
     )
 }
 
+/// `/metrics` with the text of `encode`, `/healthz` and `/readyz` (the JWK Set server's).
+pub fn health_and_metrics(
+    ready: Arc<AtomicBool>,
+    encode: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> Router {
+    health(ready).route(
+        "/metrics",
+        get(move || {
+            let text = encode();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    )
+}
+
 /// `/healthz` (always ok) and `/readyz` (ok once `ready` is set).
 pub fn health(ready: Arc<AtomicBool>) -> Router {
     Router::new()

@@ -26,6 +26,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use super::crd::{EpicExport, PublicJwk, PublicKeys};
 
@@ -55,15 +58,73 @@ struct Document {
     max_age: Duration,
 }
 
+/// The endpoint's Prometheus metrics (served on its health port's `/metrics`):
+/// `epic_export_jwks_requests_total{result}`, for the JWK Set requests (`/jwks/<ns>/...json`) by
+/// result: `ok`, `not_modified`, `not_found` (no keys published for that export or Secret: a client,
+/// e.g. Epic, asks for keys that are not there) and `unavailable` (the cache is not filled yet).
+pub struct JwksMetrics {
+    registry: prometheus_client::registry::Registry,
+    requests: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+impl Default for JwksMetrics {
+    fn default() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("epic_export_jwks");
+        let requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "JWK Set requests by result (ok, not_modified, not_found, unavailable)",
+            requests.clone(),
+        );
+        // Every result is in the exposition from the start (0), so rates see the first request.
+        for result in ["ok", "not_modified", "not_found", "unavailable"] {
+            let _ = requests.get_or_create(&ResultLabels { result });
+        }
+        JwksMetrics { registry, requests }
+    }
+}
+
+impl JwksMetrics {
+    /// The Prometheus/OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    fn count(&self, result: &'static str) {
+        self.requests.get_or_create(&ResultLabels { result }).inc();
+    }
+}
+
 /// The endpoint's state: the EpicExport cache.
 pub struct Publisher {
     exports: Store<EpicExport>,
     settings: JwksSettings,
+    metrics: Arc<JwksMetrics>,
 }
 
 impl Publisher {
     pub fn new(exports: Store<EpicExport>, settings: JwksSettings) -> Publisher {
-        Publisher { exports, settings }
+        Publisher::with_metrics(exports, settings, Arc::default())
+    }
+
+    pub fn with_metrics(
+        exports: Store<EpicExport>,
+        settings: JwksSettings,
+        metrics: Arc<JwksMetrics>,
+    ) -> Publisher {
+        Publisher {
+            exports,
+            settings,
+            metrics,
+        }
     }
 
     /// The document for `/jwks/<ns>/<export>.json`.
@@ -179,6 +240,7 @@ fn answer(
         return not_found();
     };
     if !publisher.exports_ready() {
+        publisher.metrics.count("unavailable");
         return unavailable();
     }
     let document = match form {
@@ -186,12 +248,15 @@ fn answer(
         Form::Secret => publisher.for_secret(ns, name),
     };
     match document {
-        Some(d) => respond(d, headers),
-        None => not_found(),
+        Some(d) => respond(d, headers, &publisher.metrics),
+        None => {
+            publisher.metrics.count("not_found");
+            not_found()
+        }
     }
 }
 
-fn respond(document: Document, headers: &HeaderMap) -> Response {
+fn respond(document: Document, headers: &HeaderMap, metrics: &JwksMetrics) -> Response {
     let cache_control = format!("public, max-age={}", document.max_age.as_secs());
     let etag = HeaderValue::from_str(&document.etag).expect("hex ETag is a header value");
     let cache_headers = [
@@ -208,8 +273,10 @@ fn respond(document: Document, headers: &HeaderMap) -> Response {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim() == document.etag || t.trim() == "*");
     if matches {
+        metrics.count("not_modified");
         return (StatusCode::NOT_MODIFIED, cache_headers).into_response();
     }
+    metrics.count("ok");
     (
         StatusCode::OK,
         cache_headers,
@@ -252,6 +319,18 @@ pub async fn serve(
     settings: JwksSettings,
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
+    serve_with_metrics(client, namespace, listener, settings, ready, Arc::default()).await
+}
+
+/// [`serve`], counting the requests in `metrics`.
+pub async fn serve_with_metrics(
+    client: Client,
+    namespace: Option<String>,
+    listener: tokio::net::TcpListener,
+    settings: JwksSettings,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<JwksMetrics>,
+) -> std::io::Result<()> {
     use futures::StreamExt;
     let (reader, watch) = super::exports::reflector(client, namespace.as_deref());
     let watch = watch.for_each(|event| async move {
@@ -265,6 +344,6 @@ pub async fn serve(
         ready,
         "JWKS: ",
     )));
-    let publisher = Arc::new(Publisher::new(reader, settings));
+    let publisher = Arc::new(Publisher::with_metrics(reader, settings, metrics));
     axum::serve(listener, router(publisher)).await
 }

@@ -74,11 +74,13 @@ pub async fn run_jwks_server(
     use std::sync::atomic::AtomicBool;
 
     let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(jwks::JwksMetrics::default());
     let _health = match options.health_addr {
         Some(addr) => {
-            let (listener, local) = listen(addr, "health").await?;
-            tracing::info!("health on http://{local}");
-            let app = http::health(ready.clone());
+            let (listener, local) = listen(addr, "health and /metrics").await?;
+            tracing::info!("health and metrics on http://{local}");
+            let m = metrics.clone();
+            let app = http::health_and_metrics(ready.clone(), move || m.encode());
             Some(crate::task::AbortOnDrop(tokio::spawn(async move {
                 axum::serve(listener, app).await
             })))
@@ -88,7 +90,7 @@ pub async fn run_jwks_server(
     let (listener, local) = listen(options.addr, "the JWK Set endpoint").await?;
     tracing::info!("JWK Set endpoint on http://{local}/jwks/");
     tokio::select! {
-        served = jwks::serve(client, options.namespace, listener, options.settings, ready) => {
+        served = jwks::serve_with_metrics(client, options.namespace, listener, options.settings, ready, metrics) => {
             served.map_err(Error::JwksStopped)?;
         }
         _ = shutdown => {}
