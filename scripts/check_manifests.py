@@ -50,6 +50,7 @@ UID = 65532
 FOREIGN_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
     ("argoproj.io/v1alpha1", "Application"),
     ("source.toolkit.fluxcd.io/v1", "GitRepository"),
     ("kustomize.toolkit.fluxcd.io/v1", "Kustomization"),
@@ -673,6 +674,25 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: dict[s
             f"{where}: the ServiceMonitor scrapes a port the Service lacks",
         )
 
+    pod_monitors = find(docs, "PodMonitor")
+    want_pm = want and jwks["enabled"]
+    check(len(pod_monitors) == (1 if want_pm else 0), f"{where}: {len(pod_monitors)} PodMonitor(s), expected {int(want_pm)}")
+    for pm in pod_monitors:
+        check(
+            bool(jwks_pod_labels) and all(labels_match(pm["spec"]["selector"]["matchLabels"], t) for t in jwks_pod_labels),
+            f"{where}: the PodMonitor does not select the JWK Set server's pods",
+        )
+        check(not labels_match(pm["spec"]["selector"]["matchLabels"], pod_labels), f"{where}: the PodMonitor selects the operator's pods")
+        jwks_ports = {
+            p["name"]
+            for d in find(docs, "Deployment", lambda d: d["metadata"]["name"].endswith("-jwks"))
+            for c in d["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
+        check(
+            [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["health"] and "health" in jwks_ports,
+            f"{where}: the PodMonitor does not scrape the JWK Set server's health port",
+        )
     for m in monitors:
         check(
             all(e.get("honorLabels") is True for e in m["spec"]["endpoints"]),
@@ -704,11 +724,17 @@ def check_chart_objects(where: str, values: dict, docs: list[dict], rbac: dict[s
         check(not any(labels_match(selector, o) for o in others), f"{where}: {name_of(p)} selects the other Deployment's pods")
         check(sorted(p["spec"]["policyTypes"]) == ["Egress", "Ingress"], f"{where}: {name_of(p)} must restrict both ways")
         ingress_ports = [port for rule in p["spec"]["ingress"] for port in rule.get("ports", [])]
-        want_ports = [{"port": "jwks" if for_jwks else "metrics", "protocol": "TCP"}]
+        want_ports = (
+            [{"port": "jwks", "protocol": "TCP"}, {"port": "health", "protocol": "TCP"}]
+            if for_jwks
+            else [{"port": "metrics", "protocol": "TCP"}]
+        )
         check(ingress_ports == want_ports, f"{where}: {name_of(p)} lets in {ingress_ports}, expected {want_ports}")
         if for_jwks:
             for rule in p["spec"]["ingress"]:
-                check(rule.get("from", []) == np_values.get("jwksFrom", []), f"{where}: the jwks NetworkPolicy's sources are not networkPolicy.jwksFrom")
+                port = rule["ports"][0]["port"]
+                sources = np_values.get("jwksFrom" if port == "jwks" else "metricsFrom", [])
+                check(rule.get("from", []) == sources, f"{where}: the jwks NetworkPolicy's sources for {port} are not those of its value")
         egress_ports = {(port["port"], port["protocol"]) for rule in p["spec"]["egress"] for port in rule["ports"]}
         want_egress = cluster_egress if for_jwks else cluster_egress | smtp_ports
         check(

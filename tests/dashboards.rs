@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use epic_export::operator::jwks::JwksMetrics;
 use epic_export::operator::metrics::{
     ErrorLabels, ExportState, LastRunState, Metrics, OutcomeLabels,
 };
@@ -31,7 +32,8 @@ fn rules() -> serde_json::Value {
 }
 
 /// A `/metrics` scrape of the operator's HTTP endpoint, with one export's gauges set, a finished run
-/// and a reconcile error (a family without series is not in the exposition).
+/// and a reconcile error (a family without series is not in the exposition), and one of the JWK Set
+/// server's.
 async fn scrape() -> String {
     let metrics = Arc::new(Metrics::new());
     metrics
@@ -66,6 +68,18 @@ async fn scrape() -> String {
         },
     );
     let app = epic_export::operator::http::router(metrics, Arc::new(AtomicBool::new(true)));
+    let operator = body(app).await;
+    // The JWK Set server's, on its health port.
+    let jwks = Arc::new(JwksMetrics::default());
+    let app = epic_export::operator::http::health_and_metrics(
+        Arc::new(AtomicBool::new(true)),
+        move || jwks.encode(),
+    );
+    format!("{operator}{}", body(app).await)
+}
+
+/// The body of `GET /metrics`.
+async fn body(app: axum::Router) -> String {
     let response = app
         .oneshot(
             http::Request::get("/metrics")
@@ -214,6 +228,7 @@ fn the_dashboard_is_a_grafana_dashboard_with_the_variables() {
         "Reconcile errors",
         "in progress",
         "Key rotation",
+        "JWK Set",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(want)),
@@ -301,6 +316,7 @@ async fn every_alert_parses_reads_served_metrics_and_has_its_runbook() {
         "EpicExportKeyRotationBlocked",
         "EpicExportOperatorDown",
         "EpicExportNoLeader",
+        "EpicExportJwksErrors",
     ] {
         assert!(alerts.iter().any(|a| a == want), "{want} in {alerts:?}");
     }
