@@ -160,7 +160,7 @@ pub struct JwksServerArgs {
     /// Address of the JWK Set endpoint (`/jwks/...` only; no authentication, public keys only).
     #[arg(long, env = "JWKS_ADDR", default_value = "0.0.0.0:8081")]
     pub addr: std::net::SocketAddr,
-    /// Address of /healthz and /readyz.
+    /// Address of /healthz, /readyz and /metrics (the JWK Set requests by result).
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8080")]
     pub health_addr: std::net::SocketAddr,
     /// Serve only the EpicExports of this namespace (default: all namespaces).

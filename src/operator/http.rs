@@ -1,6 +1,6 @@
 //! The operator's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the process serves) and
 //! `/readyz` (the EpicExport cache is filled, or this replica is a standby waiting for the lease). The
-//! JWK Set server serves only the health pair ([`health`]).
+//! JWK Set server serves the health pair and its own `/metrics` ([`health_and_metrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
