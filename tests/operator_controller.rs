@@ -833,7 +833,11 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
         }),
         json!({}),
     );
-    let mut options = Operator::options(None, None);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut options = Operator::options(None, Some(metrics_port));
     options.settings.rotation = RotationTiming {
         cache_lifetime: Duration::from_secs(1),
         margin: Duration::from_secs(1),
@@ -868,6 +872,22 @@ async fn a_key_rotation_completes_while_runs_keep_authenticating_against_the_jwk
     })
     .await;
     assert_eq!(idle["keyRotation"]["signingKid"], first.kid());
+    // The rotation phase in the metrics (the dashboard's panel, EpicExportKeyRotationBlocked).
+    eventually("the rotation phase in the metrics", || async {
+        let m = reqwest::get(format!("http://{metrics_port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (m.contains(
+            "epic_export_key_rotation_phase{namespace=\"phi\",export=\"nightly\",phase=\"Idle\"} 1",
+        ) && m.contains(
+            "epic_export_key_rotation_phase{namespace=\"phi\",export=\"nightly\",phase=\"Blocked\"} 0",
+        ))
+        .then_some(())
+    })
+    .await;
     assert!(
         idle["keyRotation"]["nextRotationTime"].is_string(),
         "{idle}"
