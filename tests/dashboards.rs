@@ -65,6 +65,7 @@ async fn scrape() -> String {
             stalled: false,
             rotation_phase: Some("Idle".into()),
             max_success_age: Some(7200.0),
+            created: Some(1_700_000_000.0),
         },
     );
     let app = epic_export::operator::http::router(metrics, Arc::new(AtomicBool::new(true)));

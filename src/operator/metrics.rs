@@ -81,6 +81,8 @@ pub struct ExportState {
     pub rotation_phase: Option<String>,
     /// `None`: no limit (suspended, or no schedule).
     pub max_success_age: Option<f64>,
+    /// Unix time the EpicExport was created (for an export that never succeeded).
+    pub created: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -118,6 +120,7 @@ pub struct Metrics {
     pub stalled: Family<ExportLabels, Gauge>,
     pub key_rotation_phase: Family<ExportPhaseLabels, Gauge>,
     pub max_success_age: Family<ExportLabels, F64Gauge>,
+    pub created: Family<ExportLabels, F64Gauge>,
     /// 1 while this instance runs the controller (holds the lease, or runs without election).
     pub leader: Gauge,
     /// The resource types last shown per export, to remove those gone.
@@ -152,6 +155,7 @@ impl Metrics {
             stalled: Family::default(),
             key_rotation_phase: Family::default(),
             max_success_age: Family::default(),
+            created: Family::default(),
             leader: Gauge::default(),
             types: Mutex::default(),
             registry: Registry::default(),
@@ -232,6 +236,11 @@ impl Metrics {
             "max_success_age_seconds",
             "The longest the export may go without a successful run (from its schedule, or the annotation fhirexport.dev/max-success-age)",
             m.max_success_age.clone(),
+        );
+        registry.register(
+            "created_timestamp_seconds",
+            "Unix time the EpicExport was created, per export",
+            m.created.clone(),
         );
         registry.register(
             "leader",
@@ -350,6 +359,14 @@ impl Metrics {
                 }
             }
         }
+        match state.created {
+            Some(t) => {
+                self.created.get_or_create(&key).set(t);
+            }
+            None => {
+                self.created.remove(&key);
+            }
+        }
         match state.max_success_age {
             Some(age) => {
                 self.max_success_age.get_or_create(&key).set(age);
@@ -426,6 +443,7 @@ mod tests {
             stalled: false,
             rotation_phase: Some("Blocked".into()),
             max_success_age: Some(129_600.0),
+            created: Some(1_700_000_000.0),
         }
     }
 
@@ -447,6 +465,7 @@ mod tests {
             "epic_export_key_rotation_phase{namespace=\"phi\",export=\"nightly\",phase=\"Blocked\"} 1",
             "epic_export_key_rotation_phase{namespace=\"phi\",export=\"nightly\",phase=\"Idle\"} 0",
             "epic_export_max_success_age_seconds{namespace=\"phi\",export=\"nightly\"} 129600.0",
+            "epic_export_created_timestamp_seconds{namespace=\"phi\",export=\"nightly\"} 1700000000.0",
             "epic_export_last_success_timestamp_seconds{namespace=\"phi\",export=\"nightly\"} 1800000000.0",
         ] {
             assert!(text.contains(line), "{line} in {text}");

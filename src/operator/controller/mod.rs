@@ -614,6 +614,7 @@ fn export_state(
             .any(|c| c.type_ == "Stalled" && c.status == "True"),
         rotation_phase: status.key_rotation.as_ref().map(|k| k.phase.clone()),
         max_success_age,
+        created: None,
     }
 }
 
@@ -628,7 +629,14 @@ impl Context {
         self.metrics.set_export(
             &export.namespace().unwrap_or_default(),
             &export.name_any(),
-            &export_state(status, runs, max_success_age),
+            &ExportState {
+                created: export
+                    .meta()
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.as_second() as f64),
+                ..export_state(status, runs, max_success_age)
+            },
         );
     }
 }
