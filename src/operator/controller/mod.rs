@@ -561,6 +561,11 @@ pub fn max_success_age(
             ),
         }
     }
+    schedule_allowance(schedule, now)
+}
+
+/// The longest gap between the schedule's next 16 runs after `now`, plus half of it (at least 1 h).
+fn schedule_allowance(schedule: &crate::schedule::Schedule, now: Timestamp) -> Option<f64> {
     let mut at = schedule.next_after(now)?;
     let mut gap = 0.0_f64;
     for _ in 0..16 {
@@ -756,6 +761,19 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(after(Timestamp::MAX, Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn the_allowed_age_follows_the_longest_gap_of_the_schedule() {
+        let now: Timestamp = "2026-03-04T12:00:00Z".parse().unwrap();
+        let allowance = |cron: &str| {
+            schedule_allowance(&crate::schedule::Schedule::parse(cron, None).unwrap(), now)
+        };
+        assert_eq!(allowance("0 * * * *"), Some(7200.0));
+        assert_eq!(allowance("0 2 * * *"), Some(36.0 * 3600.0));
+        assert_eq!(allowance("0 2 * * 0"), Some(1.5 * 7.0 * 86400.0));
+        // Weekdays: the weekend is the longest gap (Friday to Monday).
+        assert_eq!(allowance("0 2 * * 1-5"), Some(1.5 * 3.0 * 86400.0));
     }
 
     #[test]
