@@ -104,6 +104,11 @@ pub struct RunSummary {
     pub hydration: Option<HydrationStats>,
     /// Messages about what went wrong, without patient identifiers.
     pub errors: Vec<String>,
+    /// The first requests that failed (at most 20), as `log.ndjson` has them: path template,
+    /// status, and the server's correlation ids (`X-Request-Id`, `X-Epic-*`...) to cite to the
+    /// server's support.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub failed_requests: Vec<crate::fhir::runlog::LogEvent>,
     /// Where the files are (the published run folder, or the `.failed` folder).
     pub output_dir: String,
     /// What became of the notifications about this run (added after the run, summary.json rewritten).
@@ -224,6 +229,7 @@ impl RunSummary {
             attachments: None,
             hydration: None,
             errors: Vec::new(),
+            failed_requests: Vec::new(),
             output_dir: String::new(),
             notification: None,
         }

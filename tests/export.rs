@@ -436,3 +436,71 @@ async fn an_auth_failure_is_fatal_and_writes_nothing() {
         !env.export_dir().exists() || std::fs::read_dir(env.export_dir()).unwrap().count() == 0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_log_has_every_request_and_no_patient_id_and_failed_ones_reach_the_summary() {
+    let env = env(SandboxOptions {
+        patients: 3,
+        page_size: 4,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    // One search is refused: the run is partial, and the summary names the request with the
+    // server's X-Request-Id.
+    env.sandbox.inject(Fault::Status {
+        status: 403,
+        retry_after: None,
+    });
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n",
+    );
+    let plan = epic_export::config::load_plan(&config).unwrap();
+    let report = run(&plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(report.summary.outcome, Outcome::Partial);
+
+    let lines = check_run_log(&report.dir, &patients);
+    assert_eq!(
+        lines.len() as u64,
+        report.summary.requests,
+        "one line per request (no retries here)"
+    );
+    assert!(lines.iter().all(|l| l["event"] == "page"));
+    assert!(
+        lines.iter().all(|l| l["correlation"]["x-request-id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("sandbox-"))),
+        "the sandbox's X-Request-Id is in every line"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["path"].as_str().unwrap().contains("?patient={id}")),
+        "{lines:#?}"
+    );
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["status"] == 403).collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(
+        refused[0]["error"],
+        "HTTP 403 (OperationOutcome: processing)"
+    );
+
+    // The summary carries the failed request and its correlation id; the manifest does not list the log.
+    let s = summary(&report.dir);
+    let failed = s["failedRequests"].as_array().expect("failedRequests");
+    assert_eq!(failed.len(), 1, "{s:#}");
+    assert_eq!(failed[0]["status"], 403);
+    assert_eq!(
+        failed[0]["correlation"]["x-request-id"],
+        refused[0]["correlation"]["x-request-id"]
+    );
+    let manifest = std::fs::read_to_string(report.dir.join("manifest.json")).unwrap();
+    assert!(!manifest.contains("log.ndjson"));
+    let mode = std::fs::metadata(report.dir.join("log.ndjson"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

@@ -247,6 +247,10 @@ impl RunContext<'_> {
     ) -> Result<RunWriter, ExportError> {
         let plan = self.plan;
         let mut writer = RunWriter::open(&plan.output_dir, &plan.name, &self.run_id, resume)?;
+        // The run log is a help, never a reason to stop: a folder that takes no log is reported.
+        if let Err(e) = self.client.log.start(writer.staging_dir()) {
+            tracing::warn!("the run log cannot be written: {e}");
+        }
         let observer = self.references.clone().map(|scan| {
             Box::new(move |t: &str, lines: &[u8]| {
                 if let Ok(mut scan) = scan.lock() {
@@ -283,7 +287,9 @@ impl RunContext<'_> {
             bulk,
             enrichment,
         } = r;
+        let client = self.client.clone();
         let (writer, files, write_error) = blocking(move || {
+            client.log.finish();
             let files = match write_error {
                 Some(_) => Vec::new(),
                 None => writer.close_files().unwrap_or_else(|e| {
@@ -337,6 +343,7 @@ impl RunContext<'_> {
             attachments: enrichment.attachments.as_ref().map(|a| a.stats.clone()),
             hydration: enrichment.hydration.clone(),
             errors: fatal.iter().chain(&partial).cloned().collect(),
+            failed_requests: self.client.failed_requests(),
             output_dir: match (outcome, writer.object_link()) {
                 (Outcome::Failed, None) => writer.failed_dir().display().to_string(),
                 _ => writer.final_place(),
