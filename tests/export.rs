@@ -462,12 +462,20 @@ async fn the_run_log_has_every_request_and_no_patient_id_and_failed_ones_reach_t
     assert_eq!(report.summary.outcome, Outcome::Partial);
 
     let lines = check_run_log(&report.dir, &patients);
+    let token: Vec<&Value> = lines.iter().filter(|l| l["event"] == "token").collect();
+    assert_eq!(token.len(), 1, "the run's one token request: {lines:#?}");
+    assert_eq!(token[0]["status"], 200);
+    assert_eq!(token[0]["method"], "POST");
     assert_eq!(
-        lines.len() as u64,
-        report.summary.requests,
+        lines[0], *token[0],
+        "written first, once the run had a folder"
+    );
+    let pages = lines.iter().filter(|l| l["event"] == "page").count();
+    assert_eq!(
+        pages as u64, report.summary.requests,
         "one line per request (no retries here)"
     );
-    assert!(lines.iter().all(|l| l["event"] == "page"));
+    assert_eq!(pages + 1, lines.len());
     assert!(
         lines.iter().all(|l| l["correlation"]["x-request-id"]
             .as_str()

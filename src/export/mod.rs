@@ -164,10 +164,16 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let started = Instant::now();
     let start_ts = jiff::Timestamp::now();
     let conn = connect(plan).await?;
+    // Token requests go to the run log too (the first one is written once the run has a folder).
+    let log = Arc::new(crate::fhir::runlog::RunLog::default());
+    let token_log = log.clone();
+    conn.tokens
+        .observe(Box::new(move |info| token_log.record_token(info)));
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
     let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
         .map_err(ExportError::BaseUrl)?;
+    client.log = log;
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }

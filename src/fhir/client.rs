@@ -148,10 +148,8 @@ pub struct FhirClient {
     limiter: Option<RateLimiter>,
     in_flight: Semaphore,
     pub counters: Counters,
-    /// The run's `log.ndjson` (see `runlog`), once the run has a folder.
-    pub log: RunLog,
-    /// The first `runlog::MAX_FAILED_REQUESTS` requests that failed, for the summary.
-    failed: std::sync::Mutex<Vec<LogEvent>>,
+    /// The run's `log.ndjson` (see `runlog`), shared with the token source's observer.
+    pub log: Arc<RunLog>,
 }
 
 /// What the last answer of a request said, for the run log.
@@ -204,8 +202,7 @@ impl FhirClient {
             limiter: limits.requests_per_second.map(RateLimiter::new),
             in_flight: Semaphore::new(limits.concurrency.max(1)),
             counters: Counters::default(),
-            log: RunLog::default(),
-            failed: std::sync::Mutex::new(Vec::new()),
+            log: Arc::new(RunLog::default()),
         })
     }
 
@@ -245,7 +242,7 @@ impl FhirClient {
 
     /// The requests that failed (the first `runlog::MAX_FAILED_REQUESTS`), as the run log has them.
     pub fn failed_requests(&self) -> Vec<LogEvent> {
-        self.failed.lock().map(|f| f.clone()).unwrap_or_default()
+        self.log.failed()
     }
 
     /// Records one finished request in the run log (and among the failed ones if it failed).
@@ -281,12 +278,6 @@ impl FhirClient {
             error: error.map(log_error),
         };
         self.log.record(&event);
-        if error.is_some()
-            && let Ok(mut f) = self.failed.lock()
-            && f.len() < runlog::MAX_FAILED_REQUESTS
-        {
-            f.push(event);
-        }
     }
 
     /// GETs `url` (which must be on a trusted origin) as FHIR JSON and returns the body (at most

@@ -29,9 +29,14 @@ const MAX_HEADER_VALUE: usize = 128;
 /// Most correlation headers kept of one response.
 const MAX_HEADERS: usize = 8;
 
+/// Lines kept while the run has no folder yet (the first token request), written when it has one.
+const MAX_PENDING: usize = 64;
+
 /// What a request was for (`event` in the log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
+    /// A token request (SMART backend services).
+    Token,
     /// A search page (search mode).
     Page,
     /// A read or search for a referenced resource (`hydrate`).
@@ -51,6 +56,7 @@ pub enum EventKind {
 impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            EventKind::Token => "token",
             EventKind::Page => "page",
             EventKind::Hydrate => "hydrate",
             EventKind::Kickoff => "kickoff",
@@ -101,10 +107,19 @@ pub struct LogEvent {
     pub error: Option<String>,
 }
 
-/// The open log file of a run, if any; records are dropped while none is open.
+/// The log file of a run. Lines recorded before it is opened are kept (a few) and written when it
+/// is; lines after it is finished are dropped. It also keeps the first failed requests for the summary.
 #[derive(Default)]
 pub struct RunLog {
-    inner: Mutex<Option<Open>>,
+    inner: Mutex<State>,
+    failed: Mutex<Vec<LogEvent>>,
+}
+
+#[derive(Default)]
+struct State {
+    open: Option<Open>,
+    pending: Vec<Vec<u8>>,
+    finished: bool,
 }
 
 struct Open {
@@ -121,37 +136,78 @@ impl RunLog {
             .create(true)
             .mode(0o600)
             .open(&path)?;
+        let mut out = BufWriter::new(file);
         if let Ok(mut g) = self.inner.lock() {
-            *g = Some(Open {
-                path,
-                out: BufWriter::new(file),
-            });
+            for line in std::mem::take(&mut g.pending) {
+                out.write_all(&line)?;
+            }
+            g.open = Some(Open { path, out });
         }
         Ok(())
     }
 
-    /// Writes one line. A write error stops the log (with a warning); it never stops the run.
+    /// Writes one line (and keeps it if the request failed). A write error stops the log (with a
+    /// warning); it never stops the run.
     pub fn record(&self, event: &LogEvent) {
+        if event.error.is_some()
+            && let Ok(mut f) = self.failed.lock()
+            && f.len() < MAX_FAILED_REQUESTS
+        {
+            f.push(event.clone());
+        }
         let Ok(mut g) = self.inner.lock() else {
             return;
         };
-        let Some(open) = g.as_mut() else {
+        let Ok(mut line) = serde_json::to_vec(event) else {
             return;
         };
-        let mut line = match serde_json::to_vec(event) {
-            Ok(l) => l,
-            Err(_) => return,
-        };
         line.push(b'\n');
-        if let Err(e) = open.out.write_all(&line) {
-            tracing::warn!("{}: {e}; the run log stops here", open.path.display());
-            *g = None;
+        let state = &mut *g;
+        match state.open.as_mut() {
+            Some(open) => {
+                if let Err(e) = open.out.write_all(&line) {
+                    tracing::warn!("{}: {e}; the run log stops here", open.path.display());
+                    state.open = None;
+                    state.finished = true;
+                }
+            }
+            None if !state.finished && state.pending.len() < MAX_PENDING => {
+                state.pending.push(line)
+            }
+            None => {}
         }
+    }
+
+    /// Records a token request.
+    pub fn record_token(&self, info: crate::auth::TokenRequestInfo) {
+        self.record(&LogEvent {
+            time: jiff::Timestamp::now().to_string(),
+            event: EventKind::Token.as_str().into(),
+            method: "POST".into(),
+            path: info.path,
+            status: info.status,
+            bytes: None,
+            ms: info.elapsed.as_millis() as u64,
+            attempts: info.attempts,
+            progress: None,
+            correlation: info.correlation,
+            error: info.error,
+        });
+    }
+
+    /// The first `MAX_FAILED_REQUESTS` requests that failed.
+    pub fn failed(&self) -> Vec<LogEvent> {
+        self.failed.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
     /// Flushes, syncs and closes the log; returns its path (`None` if none was open).
     pub fn finish(&self) -> Option<PathBuf> {
-        let open = self.inner.lock().ok()?.take()?;
+        let open = {
+            let mut g = self.inner.lock().ok()?;
+            g.finished = true;
+            g.pending.clear();
+            g.open.take()?
+        };
         let path = open.path.clone();
         match open.out.into_inner() {
             Ok(f) => {
@@ -353,6 +409,35 @@ mod tests {
             ),
             "/api/FHIR/R4/{id}?x={…}"
         );
+    }
+
+    #[test]
+    fn lines_before_the_folder_wait_and_lines_after_the_end_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RunLog::default();
+        let event = |n: u64, error: bool| LogEvent {
+            event: "page".into(),
+            ms: n,
+            attempts: 1,
+            error: error.then(|| "HTTP 503".into()),
+            ..LogEvent::default()
+        };
+        log.record(&event(1, false));
+        log.start(dir.path()).unwrap();
+        for n in 2..30 {
+            log.record(&event(n, true));
+        }
+        assert_eq!(log.finish(), Some(dir.path().join(LOG_FILE)));
+        log.record(&event(99, false));
+        let text = std::fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+        let ms: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<LogEvent>(l).unwrap().ms)
+            .collect();
+        assert_eq!(ms, (1..30).collect::<Vec<_>>());
+        let failed = log.failed();
+        assert_eq!(failed.len(), MAX_FAILED_REQUESTS);
+        assert_eq!(failed[0].ms, 2);
     }
 
     #[test]

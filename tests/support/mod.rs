@@ -248,7 +248,8 @@ pub fn check_run_log(run: &Path, forbidden: &[String]) -> Vec<Value> {
         "attempts",
         "correlation",
     ];
-    const EVENTS: [&str; 7] = [
+    const EVENTS: [&str; 8] = [
+        "token",
         "page",
         "hydrate",
         "kickoff",
