@@ -504,6 +504,14 @@ async fn the_run_log_has_every_request_and_no_patient_id_and_failed_ones_reach_t
         failed[0]["correlation"]["x-request-id"],
         refused[0]["correlation"]["x-request-id"]
     );
+    // So does the search's record in errors/.
+    let failures =
+        std::fs::read_to_string(report.dir.join("errors/failed-requests.ndjson")).unwrap();
+    let record: Value = serde_json::from_str(failures.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        record["correlation"]["x-request-id"],
+        refused[0]["correlation"]["x-request-id"]
+    );
     let manifest = std::fs::read_to_string(report.dir.join("manifest.json")).unwrap();
     assert!(!manifest.contains("log.ndjson"));
     let mode = std::fs::metadata(report.dir.join("log.ndjson"))

@@ -39,6 +39,8 @@ pub enum FetchError {
         status: u16,
         diagnostics: Option<String>,
         outcome: Option<Box<serde_json::value::RawValue>>,
+        /// The server's correlation headers (`runlog::correlation`), to cite to its support.
+        correlation: std::collections::BTreeMap<String, String>,
     },
     #[error(
         "the server sent a link to another origin ({origin}); it was not followed and the access token was not sent there"
@@ -663,6 +665,7 @@ impl Failure {
 /// Builds the error for a final non-success status, keeping the server's OperationOutcome.
 /// Only a prefix of the body is read (`body::ERROR_PREFIX_BYTES`), for at most 30 seconds.
 async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
+    let correlation = runlog::correlation(resp.headers());
     let body = tokio::time::timeout(
         Duration::from_secs(30),
         body::read_prefix(resp, body::ERROR_PREFIX_BYTES),
@@ -675,6 +678,7 @@ async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
         status,
         diagnostics,
         outcome,
+        correlation,
     }
 }
 

@@ -500,6 +500,7 @@ async fn poll(
                 status,
                 diagnostics,
                 outcome,
+                ..
             }) => {
                 let transient = outcome.as_deref().is_none_or(|o| {
                     outcome_codes(o)
