@@ -92,7 +92,8 @@ pub struct LogEvent {
     pub status: Option<u16>,
     /// Body bytes read; for downloads, the `Content-Length` the server announced (`null` if none).
     pub bytes: Option<u64>,
-    /// Milliseconds from the first attempt to the end (waits between retries included).
+    /// Milliseconds from the first attempt to the end (waits between retries included); for
+    /// downloads, to the answer's headers.
     pub ms: u64,
     /// Attempts made (1 = no retry).
     pub attempts: u32,
@@ -136,7 +137,7 @@ impl RunLog {
             .create(true)
             .mode(0o600)
             .open(&path)?;
-        let mut out = BufWriter::new(file);
+        let mut out = BufWriter::with_capacity(64 * 1024, file);
         if let Ok(mut g) = self.inner.lock() {
             for line in std::mem::take(&mut g.pending) {
                 out.write_all(&line)?;
@@ -312,8 +313,11 @@ pub fn correlation(headers: &reqwest::header::HeaderMap) -> BTreeMap<String, Str
         if !(n == "x-request-id" || n == "x-correlation-id" || n.starts_with("x-epic-")) {
             continue;
         }
-        if out.len() >= MAX_HEADERS || n.len() > 64 {
+        if out.len() >= MAX_HEADERS {
             break;
+        }
+        if n.len() > 64 {
+            continue;
         }
         let v: String = value
             .as_bytes()
