@@ -342,6 +342,35 @@ impl RunSummary {
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");
         }
+        for f in self.failed_requests.iter().take(5) {
+            let ids: Vec<String> = f
+                .correlation
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "failed request: {} {} → {} ({})",
+                f.method,
+                f.path,
+                f.error
+                    .clone()
+                    .or(f.status.map(|st| format!("HTTP {st}")))
+                    .unwrap_or_else(|| "failed".into()),
+                if ids.is_empty() {
+                    "no correlation id".to_owned()
+                } else {
+                    ids.join(", ")
+                }
+            );
+        }
+        if self.failed_requests.len() > 5 {
+            let _ = writeln!(
+                s,
+                "… {} more failed requests in summary.json, all in log.ndjson",
+                self.failed_requests.len() - 5
+            );
+        }
         let _ = writeln!(s, "run folder: {}", self.output_dir);
         if let Some(email) = self.notification.as_ref().and_then(|n| n.email.as_ref()) {
             let _ = writeln!(s, "e-mail notification: {email}");

@@ -301,6 +301,14 @@ async fn a_4xx_fails_only_that_search_and_the_run_is_partial() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("PARTIAL"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("failed request: GET /api/FHIR/R4/")
+                && l.contains("{id}")
+                && l.contains("x-request-id: sandbox-")),
+        "the terminal names the failed request and its X-Request-Id: {stdout}"
+    );
     let latest = env.export_dir().join("latest");
     let s = summary(&latest);
     assert_eq!(s["outcome"], "partial");
