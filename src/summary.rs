@@ -104,6 +104,11 @@ pub struct RunSummary {
     pub hydration: Option<HydrationStats>,
     /// Messages about what went wrong, without patient identifiers.
     pub errors: Vec<String>,
+    /// The first requests that failed (at most 20), as `log.ndjson` has them: path template,
+    /// status, and the server's correlation ids (`X-Request-Id`, `X-Epic-*`...) to cite to the
+    /// server's support.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub failed_requests: Vec<crate::fhir::runlog::LogEvent>,
     /// Where the files are (the published run folder, or the `.failed` folder).
     pub output_dir: String,
     /// What became of the notifications about this run (added after the run, summary.json rewritten).
@@ -224,6 +229,7 @@ impl RunSummary {
             attachments: None,
             hydration: None,
             errors: Vec::new(),
+            failed_requests: Vec::new(),
             output_dir: String::new(),
             notification: None,
         }
@@ -335,6 +341,35 @@ impl RunSummary {
         }
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");
+        }
+        for f in self.failed_requests.iter().take(5) {
+            let ids: Vec<String> = f
+                .correlation
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "failed request: {} {} → {} ({})",
+                f.method,
+                f.path,
+                f.error
+                    .clone()
+                    .or(f.status.map(|st| format!("HTTP {st}")))
+                    .unwrap_or_else(|| "failed".into()),
+                if ids.is_empty() {
+                    "no correlation id".to_owned()
+                } else {
+                    ids.join(", ")
+                }
+            );
+        }
+        if self.failed_requests.len() > 5 {
+            let _ = writeln!(
+                s,
+                "… {} more failed requests in summary.json, all in log.ndjson",
+                self.failed_requests.len() - 5
+            );
         }
         let _ = writeln!(s, "run folder: {}", self.output_dir);
         if let Some(email) = self.notification.as_ref().and_then(|n| n.email.as_ref()) {

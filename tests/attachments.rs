@@ -9,6 +9,7 @@
 
 #[path = "support/notes_server.rs"]
 mod notes_server;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -614,6 +615,20 @@ async fn downloaded_attachments_are_rewritten_and_byte_equal() {
     // Every file is named by the SHA-256 of what it holds.
     let files = attachment_files(&run);
     assert_eq!(files.len(), 9, "{:?}", files.keys());
+    // The run log has the downloads, without the patients' ids.
+    let lines = support::check_run_log(&run, &PATIENTS.map(String::from));
+    let downloads: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "attachment")
+        .collect();
+    assert!(downloads.len() >= files.len(), "{lines:#?}");
+    assert!(
+        downloads.iter().all(|d| {
+            let p = d["path"].as_str().unwrap();
+            p == "/{attachment}" || p.ends_with("/Binary/{id}")
+        }),
+        "{downloads:#?}"
+    );
     for (name, bytes) in &files {
         let (sha, _) = name.split_once('.').unwrap();
         assert_eq!(sha, sha256_hex(bytes), "{name}");
@@ -1114,6 +1129,8 @@ async fn hydration_follows_references_for_three_rounds() {
     let run = case.run().await;
     let s = summary(&run);
     assert_eq!(s["outcome"], "success", "{s}");
+    let lines = support::check_run_log(&run, &PATIENTS.map(String::from));
+    assert!(lines.iter().any(|l| l["event"] == "hydrate"), "{lines:#?}");
     // Round 1: m1, r1. Round 2: d1, o1, l1 (from r1). Round 3: o0 (o1's parent). Its parent, oroot,
     // would take a fourth round.
     let want: [(&str, &[&str]); 5] = [

@@ -535,3 +535,57 @@ async fn giving_up_the_wait_leaves_the_export_for_the_next_run() {
     assert!(report.summary.bulk.as_ref().unwrap().resumed);
     assert_eq!(env.sandbox.stats().bulk_kickoffs, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_log_has_the_kick_off_the_polls_and_every_file() {
+    let env = env(quick(SandboxOptions {
+        patients: 4,
+        bulk_file_size: 40,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    let config = env.write_bulk_config(&group_block(), FAST_LIMITS);
+    let report = run_config(&config).await;
+    assert_eq!(
+        report.summary.outcome,
+        Outcome::Success,
+        "{:?}",
+        report.summary.errors
+    );
+    let lines = check_run_log(&report.dir, &env.sandbox.dataset().patient_ids());
+    let of = |e: &str| -> Vec<&Value> { lines.iter().filter(|l| l["event"] == e).collect() };
+    let kickoff = of("kickoff");
+    assert_eq!(kickoff.len(), 1);
+    assert_eq!(kickoff[0]["status"], 202);
+    assert!(
+        kickoff[0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/api/FHIR/R4/Group/{id}/$export"),
+        "{kickoff:?}"
+    );
+    let polls = of("status");
+    assert!(!polls.is_empty());
+    assert!(
+        polls
+            .iter()
+            .any(|p| p["status"] == 202 && p["progress"].is_string()),
+        "X-Progress of the polls: {polls:?}"
+    );
+    assert_eq!(polls.last().unwrap()["status"], 200);
+    let downloads = of("download");
+    let bulk = report.summary.bulk.as_ref().unwrap();
+    assert_eq!(downloads.len() as u64, bulk.files_total, "{downloads:?}");
+    assert!(
+        downloads
+            .iter()
+            .all(|d| d["status"] == 200 && d["path"].as_str().unwrap().ends_with("{file}"))
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["correlation"]["x-request-id"].is_string()),
+        "every answer's X-Request-Id"
+    );
+    assert!(report.summary.failed_requests.is_empty());
+}

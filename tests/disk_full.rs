@@ -84,7 +84,10 @@ fn assert_failed_cleanly(export: &Path, stderr: &str) {
     let data: Vec<_> = std::fs::read_dir(&failed)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".ndjson"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".ndjson") && name != "log.ndjson"
+        })
         .collect();
     assert!(
         data.is_empty(),
@@ -212,7 +215,7 @@ async fn a_full_disk_while_downloading_attachments_fails_the_run_and_frees_the_s
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".ndjson"))
+        .filter(|n| n.ends_with(".ndjson") && n != "log.ndjson")
         .collect();
     assert!(
         left.is_empty(),

@@ -301,6 +301,14 @@ async fn a_4xx_fails_only_that_search_and_the_run_is_partial() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("PARTIAL"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("failed request: GET /api/FHIR/R4/")
+                && l.contains("{id}")
+                && l.contains("x-request-id: sandbox-")),
+        "the terminal names the failed request and its X-Request-Id: {stdout}"
+    );
     let latest = env.export_dir().join("latest");
     let s = summary(&latest);
     assert_eq!(s["outcome"], "partial");
@@ -435,4 +443,88 @@ async fn an_auth_failure_is_fatal_and_writes_nothing() {
     assert!(
         !env.export_dir().exists() || std::fs::read_dir(env.export_dir()).unwrap().count() == 0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_log_has_every_request_and_no_patient_id_and_failed_ones_reach_the_summary() {
+    let env = env(SandboxOptions {
+        patients: 3,
+        page_size: 4,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    // One search is refused: the run is partial, and the summary names the request with the
+    // server's X-Request-Id.
+    env.sandbox.inject(Fault::Status {
+        status: 403,
+        retry_after: None,
+    });
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        "limits:\n  concurrency: 1\n  requestsPerSecond: 0\n",
+    );
+    let plan = epic_export::config::load_plan(&config).unwrap();
+    let report = run(&plan, &RunOptions::default()).await.unwrap();
+    assert_eq!(report.summary.outcome, Outcome::Partial);
+
+    let lines = check_run_log(&report.dir, &patients);
+    let token: Vec<&Value> = lines.iter().filter(|l| l["event"] == "token").collect();
+    assert_eq!(token.len(), 1, "the run's one token request: {lines:#?}");
+    assert_eq!(token[0]["status"], 200);
+    assert_eq!(token[0]["method"], "POST");
+    assert_eq!(
+        lines[0], *token[0],
+        "written first, once the run had a folder"
+    );
+    let pages = lines.iter().filter(|l| l["event"] == "page").count();
+    assert_eq!(
+        pages as u64, report.summary.requests,
+        "one line per request (no retries here)"
+    );
+    assert_eq!(pages + 1, lines.len());
+    assert!(
+        lines.iter().all(|l| l["correlation"]["x-request-id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("sandbox-"))),
+        "the sandbox's X-Request-Id is in every line"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["path"].as_str().unwrap().contains("?patient={id}")),
+        "{lines:#?}"
+    );
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["status"] == 403).collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(
+        refused[0]["error"],
+        "HTTP 403 (OperationOutcome: processing)"
+    );
+
+    // The summary carries the failed request and its correlation id; the manifest does not list the log.
+    let s = summary(&report.dir);
+    let failed = s["failedRequests"].as_array().expect("failedRequests");
+    assert_eq!(failed.len(), 1, "{s:#}");
+    assert_eq!(failed[0]["status"], 403);
+    assert_eq!(
+        failed[0]["correlation"]["x-request-id"],
+        refused[0]["correlation"]["x-request-id"]
+    );
+    // So does the search's record in errors/.
+    let failures =
+        std::fs::read_to_string(report.dir.join("errors/failed-requests.ndjson")).unwrap();
+    let record: Value = serde_json::from_str(failures.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        record["correlation"]["x-request-id"],
+        refused[0]["correlation"]["x-request-id"]
+    );
+    let manifest = std::fs::read_to_string(report.dir.join("manifest.json")).unwrap();
+    assert!(!manifest.contains("log.ndjson"));
+    let mode = std::fs::metadata(report.dir.join("log.ndjson"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }

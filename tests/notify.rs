@@ -455,3 +455,112 @@ async fn bridge_certificate_in_ca_file_is_pinned() {
     assert!(record.contains("TLS handshake"), "{record}");
     assert!(!other.maildir.path().join("1.eml").exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partial_runs_message_names_the_correlation_ids_of_its_failed_requests() {
+    let server = smtp_server("starttls").await;
+    let env = env(SandboxOptions {
+        patients: 2,
+        ..SandboxOptions::default()
+    })
+    .await;
+    let patients = env.sandbox.dataset().patient_ids();
+    env.sandbox.inject(epic_export::sandbox::Fault::Status {
+        status: 403,
+        retry_after: None,
+    });
+    let notify = format!(
+        "notify:\n  email:\n    host: 127.0.0.1\n    port: {}\n    tls: starttls\n    caFile: {}\n    username: {USER}\n    passwordEnv: TEST_SMTP_PASSWORD\n    from: {USER}\n    to: [team@example.org]\n    on: [partial, failure]\n",
+        server.port,
+        fixtures().join("ca.pem").display()
+    );
+    let config = env.write_config(
+        &patients,
+        ALL_SEARCHES,
+        &format!("limits:\n  concurrency: 1\n  requestsPerSecond: 0\n{notify}"),
+    );
+    let out = run(&config, &[("TEST_SMTP_PASSWORD", PASSWORD)]).await;
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", stderr(&out));
+    let summary = summary_json(&env);
+    let failed = summary["failedRequests"]
+        .as_array()
+        .expect("failedRequests");
+    assert_eq!(failed.len(), 1, "{summary:#}");
+    let id = failed[0]["correlation"]["x-request-id"].as_str().unwrap();
+    assert!(id.starts_with("sandbox-"), "{id}");
+
+    let json_path = server.maildir.path().join("1.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !json_path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no message arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let parsed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    for part in parsed["parts"].as_array().unwrap() {
+        let content = part["content"].as_str().unwrap();
+        assert!(
+            content.contains(&format!("x-request-id: {id}")),
+            "{} names the failed request's X-Request-Id:\n{content}",
+            part["type"]
+        );
+        assert!(content.contains("HTTP 403"), "{content}");
+        for p in &patients {
+            assert!(!content.contains(p.as_str()), "patient id in the message");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_runs_message_names_the_correlation_id_of_the_refused_kick_off() {
+    let server = smtp_server("starttls").await;
+    let env = env(support::quick(SandboxOptions {
+        patients: 2,
+        ..SandboxOptions::default()
+    }))
+    .await;
+    env.sandbox.inject(epic_export::sandbox::Fault::Status {
+        status: 403,
+        retry_after: None,
+    });
+    let notify = format!(
+        "notify:\n  email:\n    host: 127.0.0.1\n    port: {}\n    tls: starttls\n    caFile: {}\n    username: {USER}\n    passwordEnv: TEST_SMTP_PASSWORD\n    from: {USER}\n    to: [team@example.org]\n",
+        server.port,
+        fixtures().join("ca.pem").display()
+    );
+    let config = env.write_bulk_config(&support::group_block(), &format!("{FAST_LIMITS}{notify}"));
+    let out = run(&config, &[("TEST_SMTP_PASSWORD", PASSWORD)]).await;
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
+
+    let json_path = server.maildir.path().join("1.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !json_path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no message arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let parsed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(
+        parsed["subject"].as_str().unwrap().contains("failed"),
+        "{parsed:#}"
+    );
+    let text = parsed["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "text/plain")
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("$export"))
+        .unwrap_or_else(|| panic!("the kick-off is named:\n{text}"));
+    assert!(
+        line.starts_with("- GET /api/FHIR/R4/Group/{id}/$export")
+            && line.contains("HTTP 403")
+            && line.contains("x-request-id: sandbox-"),
+        "{line}"
+    );
+}

@@ -206,8 +206,13 @@ async fn same_as_local(t: Target) {
         remote.keys().any(|k| k.starts_with("attachments/")),
         "documents were uploaded"
     );
+    // The run log is uploaded too (its times differ from the local run's).
+    assert!(
+        remote.contains_key("log.ndjson"),
+        "the run log was uploaded"
+    );
     for (name, bytes) in &local {
-        if name == "manifest.json" || name == "summary.json" {
+        if name == "manifest.json" || name == "summary.json" || name == "log.ndjson" {
             continue;
         }
         assert!(

@@ -9,4 +9,6 @@ pub mod scope;
 pub mod token;
 
 pub use keys::{Algorithm, KeyError, SigningKey};
-pub use token::{AccessToken, AuthError, Grant, TokenSource, TokenSourceConfig};
+pub use token::{
+    AccessToken, AuthError, Grant, TokenObserver, TokenRequestInfo, TokenSource, TokenSourceConfig,
+};

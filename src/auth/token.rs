@@ -152,7 +152,27 @@ pub struct TokenSource {
     cfg: TokenSourceConfig,
     retry: RetryPolicy,
     cached: Mutex<Option<Cached>>,
+    observer: std::sync::OnceLock<TokenObserver>,
 }
+
+/// What one token request (retries included) came to, for the run log: never the token or the
+/// assertion.
+#[derive(Clone, Debug, Default)]
+pub struct TokenRequestInfo {
+    /// The token endpoint's URL path.
+    pub path: String,
+    /// The last HTTP status; `None` when no answer came.
+    pub status: Option<u16>,
+    pub elapsed: Duration,
+    pub attempts: u32,
+    /// The correlation headers of the last answer (see `fhir::runlog::correlation`).
+    pub correlation: std::collections::BTreeMap<String, String>,
+    /// `HTTP <status>`, or the kind of failure, if the request failed.
+    pub error: Option<String>,
+}
+
+/// Called after every token request.
+pub type TokenObserver = Box<dyn Fn(TokenRequestInfo) + Send + Sync>;
 
 impl fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -178,7 +198,13 @@ impl TokenSource {
                 ..RetryPolicy::default()
             },
             cached: Mutex::new(None),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Calls `f` after every token request from now on (the run log); only the first observer set counts.
+    pub fn observe(&self, f: TokenObserver) {
+        let _ = self.observer.set(f);
     }
 
     pub fn token_url(&self) -> &str {
@@ -225,10 +251,36 @@ impl TokenSource {
 
     /// One token request (with retries on 429/5xx/transport errors, each with a new assertion).
     pub async fn request(&self) -> Result<(AccessToken, Grant), AuthError> {
+        let started = Instant::now();
+        let mut info = TokenRequestInfo {
+            path: url::Url::parse(&self.cfg.token_url)
+                .map(|u| u.path().to_owned())
+                .unwrap_or_else(|_| "{url}".into()),
+            ..TokenRequestInfo::default()
+        };
+        let result = self.request_attempts(&mut info).await;
+        if let Some(observe) = self.observer.get() {
+            info.elapsed = started.elapsed();
+            if let Err(e) = &result {
+                info.error = Some(match (e, info.status) {
+                    (AuthError::Transport { .. }, _) | (_, None) => "token request failed".into(),
+                    (_, Some(s)) => format!("HTTP {s}"),
+                });
+            }
+            observe(info);
+        }
+        result
+    }
+
+    async fn request_attempts(
+        &self,
+        info: &mut TokenRequestInfo,
+    ) -> Result<(AccessToken, Grant), AuthError> {
         let url = &self.cfg.token_url;
         let mut attempt = 0;
         loop {
             attempt += 1;
+            info.attempts = attempt;
             let jti = assertion::new_jti();
             let now = unix_now();
             let claims = assertion::claims(&self.cfg.client_id, url, &jti, now);
@@ -250,6 +302,8 @@ impl TokenSource {
                 .form(&form)
                 .send()
                 .await;
+            info.status = None;
+            info.correlation.clear();
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) if attempt < self.retry.max_attempts => {
@@ -269,6 +323,8 @@ impl TokenSource {
                 }
             };
             let status = resp.status().as_u16();
+            info.status = Some(status);
+            info.correlation = crate::fhir::runlog::correlation(resp.headers());
             let server_date = resp
                 .headers()
                 .get(reqwest::header::DATE)

@@ -18,6 +18,7 @@ use super::StepError;
 use super::writer::WriterMsg;
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::reference::{self, Reference};
+use crate::fhir::runlog::EventKind;
 use crate::fhir::{FetchError, FhirClient};
 use crate::summary::HydrationStats;
 
@@ -197,7 +198,7 @@ impl<'a> Hydrator<'a> {
         let client = self.client;
         let mut reads = futures::stream::iter(to_read.into_iter().map(|r| async move {
             let url = client.url(&format!("{}/{}", r.resource_type, r.id));
-            let result = client.get(&url).await;
+            let result = client.get_as(EventKind::Hydrate, &url).await;
             (r, result)
         }))
         .buffer_unordered(self.concurrency);
@@ -234,7 +235,7 @@ impl<'a> Hydrator<'a> {
         let wanted: HashSet<&str> = ids.iter().copied().collect();
         let mut found = Vec::new();
         for _ in 0..MAX_PAGES {
-            let body = self.client.get(&url).await?;
+            let body = self.client.get_as(EventKind::Hydrate, &url).await?;
             let page = bundle::parse_page(&body)
                 .map_err(|e| FetchError::Transport(format!("the _id search answer: {e}")))?;
             for raw in &page.resources {

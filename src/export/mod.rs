@@ -164,10 +164,16 @@ pub async fn run(plan: &ExportPlan, opts: &RunOptions) -> Result<RunReport, Expo
     let started = Instant::now();
     let start_ts = jiff::Timestamp::now();
     let conn = connect(plan).await?;
+    // Token requests go to the run log too (the first one is written once the run has a folder).
+    let log = Arc::new(crate::fhir::runlog::RunLog::default());
+    let token_log = log.clone();
+    conn.tokens
+        .observe(Box::new(move |info| token_log.record_token(info)));
     // Authenticate before creating anything, so a credentials problem leaves no folder behind.
     conn.tokens.token().await?;
     let mut client = FhirClient::new(&plan.fhir_base, conn.tokens.clone(), plan.limits.clone())
         .map_err(ExportError::BaseUrl)?;
+    client.log = log;
     if let Source::Bulk(b) = &plan.source {
         client = client.trusting(&b.token_origins);
     }
@@ -247,6 +253,10 @@ impl RunContext<'_> {
     ) -> Result<RunWriter, ExportError> {
         let plan = self.plan;
         let mut writer = RunWriter::open(&plan.output_dir, &plan.name, &self.run_id, resume)?;
+        // The run log is a help, never a reason to stop: a folder that takes no log is reported.
+        if let Err(e) = self.client.log.start(writer.staging_dir()) {
+            tracing::warn!("the run log cannot be written: {e}");
+        }
         let observer = self.references.clone().map(|scan| {
             Box::new(move |t: &str, lines: &[u8]| {
                 if let Ok(mut scan) = scan.lock() {
@@ -283,7 +293,9 @@ impl RunContext<'_> {
             bulk,
             enrichment,
         } = r;
+        let client = self.client.clone();
         let (writer, files, write_error) = blocking(move || {
+            client.log.finish();
             let files = match write_error {
                 Some(_) => Vec::new(),
                 None => writer.close_files().unwrap_or_else(|e| {
@@ -337,6 +349,7 @@ impl RunContext<'_> {
             attachments: enrichment.attachments.as_ref().map(|a| a.stats.clone()),
             hydration: enrichment.hydration.clone(),
             errors: fatal.iter().chain(&partial).cloned().collect(),
+            failed_requests: self.client.failed_requests(),
             output_dir: match (outcome, writer.object_link()) {
                 (Outcome::Failed, None) => writer.failed_dir().display().to_string(),
                 _ => writer.final_place(),

@@ -166,14 +166,19 @@ async fn export_patient(
                 records += written;
                 failed = true;
                 counters.searches_failed.fetch_add(1, Ordering::Relaxed);
-                let status = match &error {
-                    FetchError::Status { status, .. } => Some(*status),
-                    _ => None,
+                let (status, correlation) = match &error {
+                    FetchError::Status {
+                        status,
+                        correlation,
+                        ..
+                    } => (Some(*status), correlation.clone()),
+                    _ => (None, Default::default()),
                 };
                 let record = serde_json::json!({
                     "patient": patient,
                     "search": search.label(),
                     "status": status,
+                    "correlation": correlation,
                     "message": error.to_string(),
                     "recordsWrittenBeforeFailure": written,
                     "outcome": outcome,

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -23,6 +23,7 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::Semaphore;
 
 use super::ratelimit::RateLimiter;
+use super::runlog::{self, EventKind, LogEvent, RunLog};
 use crate::auth::{AccessToken, AuthError, TokenSource};
 use crate::http::body::{self, BodyError};
 use crate::http::retry::{self, RetryPolicy};
@@ -38,6 +39,8 @@ pub enum FetchError {
         status: u16,
         diagnostics: Option<String>,
         outcome: Option<Box<serde_json::value::RawValue>>,
+        /// The server's correlation headers (`runlog::correlation`), to cite to its support.
+        correlation: std::collections::BTreeMap<String, String>,
     },
     #[error(
         "the server sent a link to another origin ({origin}); it was not followed and the access token was not sent there"
@@ -147,6 +150,35 @@ pub struct FhirClient {
     limiter: Option<RateLimiter>,
     in_flight: Semaphore,
     pub counters: Counters,
+    /// The run's `log.ndjson` (see `runlog`), shared with the token source's observer.
+    pub log: Arc<RunLog>,
+}
+
+/// What the last answer of a request said, for the run log.
+#[derive(Default)]
+struct Last {
+    status: Option<u16>,
+    correlation: std::collections::BTreeMap<String, String>,
+    progress: Option<String>,
+}
+
+impl Last {
+    fn saw(&mut self, status: StatusCode, headers: &HeaderMap) {
+        self.status = Some(status.as_u16());
+        self.correlation = runlog::correlation(headers);
+        self.progress = runlog::progress(headers);
+    }
+}
+
+/// A failure as the run log says it: the status and OperationOutcome codes, or the kind of error;
+/// never the server's free text.
+fn log_error(e: &FetchError) -> String {
+    match e {
+        FetchError::Status { .. } => e.brief(),
+        FetchError::Transport(m) => m.chars().take(300).collect(),
+        FetchError::Auth(_) => "authentication failed".into(),
+        other => other.to_string(),
+    }
 }
 
 impl FhirClient {
@@ -172,6 +204,7 @@ impl FhirClient {
             limiter: limits.requests_per_second.map(RateLimiter::new),
             in_flight: Semaphore::new(limits.concurrency.max(1)),
             counters: Counters::default(),
+            log: Arc::new(RunLog::default()),
         })
     }
 
@@ -209,12 +242,58 @@ impl FhirClient {
         &self.retry
     }
 
+    /// The requests that failed (the first `runlog::MAX_FAILED_REQUESTS`), as the run log has them.
+    pub fn failed_requests(&self) -> Vec<LogEvent> {
+        self.log.failed()
+    }
+
+    /// Records one finished request in the run log (and among the failed ones if it failed).
+    #[allow(clippy::too_many_arguments)]
+    fn note(
+        &self,
+        kind: EventKind,
+        method: &Method,
+        url: &str,
+        started: Instant,
+        attempts: u32,
+        last: Last,
+        bytes: Option<u64>,
+        error: Option<&FetchError>,
+    ) {
+        if attempts == 0 {
+            return;
+        }
+        let path = url::Url::parse(url)
+            .map(|u| runlog::path_template(&u, &self.base, kind))
+            .unwrap_or_else(|_| "{url}".into());
+        let event = LogEvent {
+            time: jiff::Timestamp::now().to_string(),
+            event: kind.as_str().into(),
+            method: method.as_str().into(),
+            path,
+            status: last.status,
+            bytes,
+            ms: started.elapsed().as_millis() as u64,
+            attempts,
+            progress: last.progress,
+            correlation: last.correlation,
+            error: error.map(log_error),
+        };
+        self.log.record(&event);
+    }
+
     /// GETs `url` (which must be on a trusted origin) as FHIR JSON and returns the body (at most
     /// `body::MAX_PAGE_BYTES`).
     pub async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
+        self.get_as(EventKind::Page, url).await
+    }
+
+    /// `get`, logged as `kind`.
+    pub async fn get_as(&self, kind: EventKind, url: &str) -> Result<Bytes, FetchError> {
         let accept = [(reqwest::header::ACCEPT, "application/fhir+json")];
         Ok(self
             .fetch(
+                kind,
                 Method::GET,
                 url,
                 &accept,
@@ -227,25 +306,57 @@ impl FhirClient {
 
     /// Sends an authorised request to `url` (on a trusted origin) and reads the 2xx response, which
     /// may be at most `max_body` bytes.
+    /// The request is logged in the run log as `kind`.
     pub async fn fetch(
         &self,
+        kind: EventKind,
         method: Method,
         url: &str,
         headers: &[(HeaderName, &str)],
         mode: RetryMode,
         max_body: usize,
     ) -> Result<Reply, FetchError> {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut last = Last::default();
+        let result = self
+            .fetch_attempts(
+                &method,
+                url,
+                headers,
+                mode,
+                max_body,
+                &mut attempts,
+                &mut last,
+            )
+            .await;
+        let bytes = result.as_ref().ok().map(|r| r.body.len() as u64);
+        let error = result.as_ref().err();
+        self.note(kind, &method, url, started, attempts, last, bytes, error);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_attempts(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &[(HeaderName, &str)],
+        mode: RetryMode,
+        max_body: usize,
+        attempt: &mut u32,
+        last: &mut Last,
+    ) -> Result<Reply, FetchError> {
         let parsed = self.trusted_url(url)?;
-        let mut attempt = 0u32;
         let mut renewed = false;
         loop {
-            attempt += 1;
+            *attempt += 1;
             if let Some(l) = &self.limiter {
                 l.wait().await;
             }
             let token = self.tokens.token().await?;
             let outcome = self
-                .attempt(&method, &parsed, headers, &token, mode, max_body)
+                .attempt(method, &parsed, headers, &token, mode, max_body, last)
                 .await;
             let (failure, server_wait) = match outcome {
                 Attempt::Done(reply) => return Ok(reply),
@@ -253,7 +364,7 @@ impl FhirClient {
                 Attempt::Unauthorized if renewed => return Err(FetchError::Unauthorized),
                 Attempt::Unauthorized => {
                     renewed = true;
-                    attempt -= 1;
+                    *attempt -= 1;
                     self.renew(&token).await;
                     continue;
                 }
@@ -262,29 +373,67 @@ impl FhirClient {
                     retry_after,
                 } => (failure, retry_after),
             };
-            if attempt >= self.retry.max_attempts {
-                return Err(failure.into_final(attempt));
+            if *attempt >= self.retry.max_attempts {
+                return Err(failure.into_final(*attempt));
             }
-            self.pause(attempt, server_wait, &failure.describe()).await;
+            self.pause(*attempt, server_wait, &failure.describe()).await;
         }
     }
 
     /// Opens a download for streaming: follows redirects by hand (the token is sent only while the URL
     /// is on an origin in `token_origins`), renews the token after a 401, and retries 408/429/5xx and
     /// transport errors. `accept` is the `Accept` header; `range_from` asks for the bytes from that
-    /// offset on (`Range: bytes=N-`).
+    /// offset on (`Range: bytes=N-`). The request is logged in the run log as `kind`, with the
+    /// announced `Content-Length` as its size.
     pub async fn open_download(
         &self,
+        kind: EventKind,
         url: &str,
         token_origins: &[String],
         accept: &str,
         range_from: Option<u64>,
     ) -> Result<reqwest::Response, FetchError> {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut last = Last::default();
+        let result = self
+            .download_attempts(
+                url,
+                token_origins,
+                accept,
+                range_from,
+                &mut attempts,
+                &mut last,
+            )
+            .await;
+        let bytes = result.as_ref().ok().and_then(|r| r.content_length());
+        let error = result.as_ref().err();
+        self.note(
+            kind,
+            &Method::GET,
+            url,
+            started,
+            attempts,
+            last,
+            bytes,
+            error,
+        );
+        result
+    }
+
+    async fn download_attempts(
+        &self,
+        url: &str,
+        token_origins: &[String],
+        accept: &str,
+        range_from: Option<u64>,
+        attempt: &mut u32,
+        last: &mut Last,
+    ) -> Result<reqwest::Response, FetchError> {
         let start = url::Url::parse(url).map_err(|_| FetchError::InvalidUrl)?;
-        let mut attempt = 0u32;
         let mut renewed = false;
         loop {
-            attempt += 1;
+            *attempt += 1;
             // No token is fetched for a file that will never get one.
             let token = match token_origins.is_empty() {
                 true => None,
@@ -308,6 +457,7 @@ impl FhirClient {
                 let resp = match req.send().await {
                     Ok(r) => r,
                     Err(e) => {
+                        *last = Last::default();
                         break (
                             Failure::Transport(crate::http::describe_transport(&e)),
                             None,
@@ -315,6 +465,7 @@ impl FhirClient {
                     }
                 };
                 let status = resp.status();
+                last.saw(status, resp.headers());
                 if status.is_redirection() && redirects < MAX_REDIRECTS {
                     let Some(next) = resp
                         .headers()
@@ -343,7 +494,7 @@ impl FhirClient {
                     &token,
                 ) {
                     renewed = true;
-                    attempt -= 1;
+                    *attempt -= 1;
                     self.renew(t).await;
                     break (Failure::Transport("HTTP 401".into()), Some(Duration::ZERO));
                 }
@@ -357,11 +508,11 @@ impl FhirClient {
                 return Err(status_error(status.as_u16(), resp).await);
             };
             let (failure, server_wait) = failure;
-            if attempt >= self.retry.max_attempts {
-                return Err(failure.into_final(attempt));
+            if *attempt >= self.retry.max_attempts {
+                return Err(failure.into_final(*attempt));
             }
             if server_wait != Some(Duration::ZERO) {
-                self.pause(attempt, server_wait, &failure.describe()).await;
+                self.pause(*attempt, server_wait, &failure.describe()).await;
             }
         }
     }
@@ -410,6 +561,7 @@ impl FhirClient {
     }
 
     /// One request, holding one of the in-flight permits until its body is read.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         method: &Method,
@@ -418,6 +570,7 @@ impl FhirClient {
         token: &AccessToken,
         mode: RetryMode,
         max_body: usize,
+        last: &mut Last,
     ) -> Attempt {
         let _permit = self.in_flight.acquire().await;
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -433,6 +586,7 @@ impl FhirClient {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
+                *last = Last::default();
                 return Attempt::Retry {
                     failure: Failure::Transport(crate::http::describe_transport(&e)),
                     retry_after: None,
@@ -440,6 +594,7 @@ impl FhirClient {
             }
         };
         let status = resp.status();
+        last.saw(status, resp.headers());
         if status.is_success() {
             let headers = resp.headers().clone();
             return match body::read_limited(resp, max_body).await {
@@ -510,6 +665,7 @@ impl Failure {
 /// Builds the error for a final non-success status, keeping the server's OperationOutcome.
 /// Only a prefix of the body is read (`body::ERROR_PREFIX_BYTES`), for at most 30 seconds.
 async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
+    let correlation = runlog::correlation(resp.headers());
     let body = tokio::time::timeout(
         Duration::from_secs(30),
         body::read_prefix(resp, body::ERROR_PREFIX_BYTES),
@@ -522,6 +678,7 @@ async fn status_error(status: u16, resp: reqwest::Response) -> FetchError {
         status,
         diagnostics,
         outcome,
+        correlation,
     }
 }
 

@@ -8,5 +8,6 @@ pub mod client;
 pub mod ratelimit;
 pub mod raw;
 pub mod reference;
+pub mod runlog;
 
 pub use client::{FetchError, FhirClient, Limits, Reply, RetryMode};

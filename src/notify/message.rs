@@ -61,8 +61,41 @@ pub fn subject(s: &RunSummary) -> String {
     )
 }
 
+/// Failed requests named in a message.
+const MAX_FAILED_REQUESTS: usize = 10;
+
+/// The failed requests of the summary, one line each with the server's correlation ids, e.g.
+/// `GET /api/FHIR/R4/Observation?patient={id} → HTTP 503 (x-request-id: 4f2c…)`.
+fn failed_request_lines(s: &RunSummary) -> Vec<String> {
+    s.failed_requests
+        .iter()
+        .take(MAX_FAILED_REQUESTS)
+        .map(|f| {
+            let what = match (&f.error, f.status) {
+                (Some(e), _) => e.clone(),
+                (None, Some(st)) => format!("HTTP {st}"),
+                (None, None) => "failed".into(),
+            };
+            let ids: Vec<String> = f
+                .correlation
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let ids = match ids.is_empty() {
+                true => "no correlation id".to_owned(),
+                false => ids.join(", "),
+            };
+            one_line(
+                &format!("{} {} → {what} ({ids})", f.method, f.path),
+                MAX_ERROR_BYTES,
+            )
+        })
+        .collect()
+}
+
 /// Renders the whole message.
 pub fn render(s: &RunSummary) -> Rendered {
+    let failed_requests = failed_request_lines(s);
     let errors: Vec<String> = s
         .errors
         .iter()
@@ -167,6 +200,15 @@ pub fn render(s: &RunSummary) -> Rendered {
             let _ = writeln!(text, "… and {more_errors} more (see summary.json)");
         }
     }
+    if !failed_requests.is_empty() {
+        let _ = writeln!(
+            text,
+            "\nFailed requests, with the server's correlation ids (cite them to the server's support; all in log.ndjson):"
+        );
+        for f in &failed_requests {
+            let _ = writeln!(text, "- {f}");
+        }
+    }
     let _ = writeln!(text, "\nDetails: summary.json in the output folder.");
 
     // HTML, the same content, everything escaped.
@@ -220,6 +262,16 @@ pub fn render(s: &RunSummary) -> Rendered {
         if more_errors > 0 {
             let _ = writeln!(html, "<p>… and {more_errors} more (see summary.json)</p>");
         }
+    }
+    if !failed_requests.is_empty() {
+        let _ = writeln!(
+            html,
+            "<h3>Failed requests, with the server's correlation ids</h3>\n<p>Cite them to the server's support; all requests are in log.ndjson.</p>\n<ul>"
+        );
+        for f in &failed_requests {
+            let _ = writeln!(html, "<li>{}</li>", e(f));
+        }
+        let _ = writeln!(html, "</ul>");
     }
     let _ = writeln!(
         html,
@@ -285,6 +337,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            failed_requests: Vec::new(),
             output_dir: "/data/out/nightly/20261128T020000Z".into(),
             notification: None,
         }

@@ -64,6 +64,8 @@ pub fn is_data_file(f: &FileEntry) -> bool {
 }
 pub const OUTCOMES_FILE: &str = "OperationOutcome.ndjson";
 pub const FAILURES_FILE: &str = "failed-requests.ndjson";
+/// The run log (written by `fhir::runlog`), published with the run but not listed in the manifest.
+pub const LOG_FILE: &str = "log.ndjson";
 /// In a staging folder: the parts being uploaded, one per open object (see `storage::upload`).
 const SPOOL_DIR: &str = ".spool";
 
@@ -863,6 +865,7 @@ impl RunWriter {
             )?;
             fs::remove_file(&path).map_err(io_err(&path))?;
         }
+        self.upload_log(o)?;
         self.write_json("summary.json", summary)?;
         o.uploader.put_file(
             &self.partial.join("summary.json"),
@@ -900,6 +903,9 @@ impl RunWriter {
         self.write_json("summary.json", summary)?;
         if let Some(o) = &self.object {
             let _ = fs::remove_dir_all(self.partial.join(SPOOL_DIR));
+            if let Err(e) = self.upload_log(o) {
+                tracing::warn!("the failed run's log stays in the working folder: {e}");
+            }
             let uploaded = o.uploader.put_file(
                 &self.partial.join("summary.json"),
                 o.run.clone().join("summary.json"),
@@ -911,6 +917,15 @@ impl RunWriter {
         let failed = self.failed_dir();
         fs::rename(&self.partial, &failed).map_err(io_err(&failed))?;
         Ok(failed)
+    }
+
+    /// Uploads the run log (`log.ndjson` in the staging folder), if the run has one.
+    fn upload_log(&self, o: &ObjectRun) -> Result<(), OutputError> {
+        let log = self.partial.join(LOG_FILE);
+        if log.exists() {
+            o.uploader.put_file(&log, o.run.clone().join(LOG_FILE))?;
+        }
+        Ok(())
     }
 
     /// Closes (without syncing) and removes every resource and deleted-resource file; uploads are

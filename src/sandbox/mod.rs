@@ -434,7 +434,18 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(TOKEN_PATH, post(token::token_endpoint))
         .merge(data)
         .fallback(fhir::not_found)
+        .layer(axum::middleware::map_response(request_id))
         .with_state(shared)
+}
+
+/// Every answer carries an `X-Request-Id` (`sandbox-<n>`), like servers whose support asks for one.
+async fn request_id(mut resp: axum::response::Response) -> axum::response::Response {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("sandbox-{n}")) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 /// State shared by all handlers.

@@ -108,7 +108,11 @@ pub fn read_run(run: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let Some(t) = name.strip_suffix(".ndjson") else {
+        // The run log is not a resource file (the manifest does not list it).
+        let Some(t) = name
+            .strip_suffix(".ndjson")
+            .filter(|_| name != "log.ndjson")
+        else {
             continue;
         };
         let text = std::fs::read_to_string(&path).unwrap();
@@ -224,4 +228,100 @@ pub async fn run_config(config: &Path) -> epic_export::export::RunReport {
     epic_export::export::run(&plan, &epic_export::export::RunOptions::default())
         .await
         .unwrap()
+}
+
+/// Reads `<run>/log.ndjson` and checks every line against the schema docs/src/output.md documents
+/// (fields, types, values), and that no line holds one of `forbidden` (patient ids) or anything
+/// like a token. Returns the lines.
+pub fn check_run_log(run: &Path, forbidden: &[String]) -> Vec<Value> {
+    let path = run.join("log.ndjson");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(text.ends_with('\n'), "log.ndjson ends with a newline");
+    const REQUIRED: [&str; 9] = [
+        "time",
+        "event",
+        "method",
+        "path",
+        "status",
+        "bytes",
+        "ms",
+        "attempts",
+        "correlation",
+    ];
+    const EVENTS: [&str; 8] = [
+        "token",
+        "page",
+        "hydrate",
+        "kickoff",
+        "status",
+        "download",
+        "attachment",
+        "delete",
+    ];
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        for p in forbidden {
+            assert!(
+                !line.contains(p.as_str()),
+                "patient id {p} in the log: {line}"
+            );
+        }
+        for t in ["Bearer", "bearer", "eyJ", "access_token"] {
+            assert!(!line.contains(t), "{t} in the log: {line}");
+        }
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let o = v.as_object().expect("a line is an object");
+        for k in REQUIRED {
+            assert!(o.contains_key(k), "{k} missing: {line}");
+        }
+        for k in o.keys() {
+            assert!(
+                REQUIRED.contains(&k.as_str()) || ["progress", "error"].contains(&k.as_str()),
+                "undocumented field {k}: {line}"
+            );
+        }
+        let time = v["time"].as_str().expect("time is a string");
+        assert!(
+            time.parse::<jiff::Timestamp>().is_ok() && time.ends_with('Z'),
+            "time is RFC 3339 UTC: {line}"
+        );
+        assert!(EVENTS.contains(&v["event"].as_str().unwrap()), "{line}");
+        assert!(
+            ["GET", "POST", "DELETE"].contains(&v["method"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(v["path"].as_str().unwrap().starts_with('/'), "{line}");
+        assert!(
+            v["status"].is_null()
+                || v["status"]
+                    .as_u64()
+                    .is_some_and(|s| (100..600).contains(&s)),
+            "{line}"
+        );
+        assert!(v["bytes"].is_null() || v["bytes"].is_u64(), "{line}");
+        assert!(v["ms"].is_u64(), "{line}");
+        assert!(v["attempts"].as_u64().is_some_and(|a| a >= 1), "{line}");
+        for (k, c) in v["correlation"]
+            .as_object()
+            .expect("correlation is an object")
+        {
+            let c = c.as_str().expect("correlation values are strings");
+            assert!(
+                k.starts_with("x-") && k.to_ascii_lowercase() == *k,
+                "{line}"
+            );
+            assert!(
+                !c.is_empty() && c.len() <= 128 && c.bytes().all(|b| (0x20..0x7f).contains(&b)),
+                "{line}"
+            );
+        }
+        if let Some(p) = o.get("progress") {
+            assert!(p.is_string(), "{line}");
+        }
+        if let Some(e) = o.get("error") {
+            assert!(e.is_string(), "{line}");
+        }
+        lines.push(v);
+    }
+    lines
 }

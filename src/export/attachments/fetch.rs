@@ -176,7 +176,13 @@ async fn download_once(
         .filter(|t| is_media_type(t))
         .unwrap_or_else(|| "*/*".into());
     let resp = client
-        .open_download(req.url, req.token_origins, &accept, None)
+        .open_download(
+            crate::fhir::runlog::EventKind::Attachment,
+            req.url,
+            req.token_origins,
+            &accept,
+            None,
+        )
         .await
         .map_err(FetchFailure::Fetch)?;
     if let Some(n) = resp.content_length().filter(|n| *n > req.max_bytes) {

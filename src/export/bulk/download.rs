@@ -157,6 +157,7 @@ pub async fn download(
         attempt += 1;
         let resp = client
             .open_download(
+                crate::fhir::runlog::EventKind::Download,
                 &d.file.url,
                 &d.token_origins,
                 "application/fhir+ndjson",

@@ -21,6 +21,7 @@ use self::state::{Cooldown, LastSuccess, PENDING_FILE, Pending};
 use super::writer;
 use super::{ExportError, Retrieved, RunContext, RunReport};
 use crate::fhir::client::{outcome_codes, outcome_text, parse_outcome};
+use crate::fhir::runlog::EventKind;
 use crate::fhir::{FetchError, RetryMode};
 use crate::http::body::json_error_kind;
 use crate::http::retry::Backoff;
@@ -186,6 +187,7 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
             match ctx
                 .client
                 .fetch(
+                    EventKind::Delete,
                     Method::DELETE,
                     &p.status_url,
                     &[],
@@ -333,6 +335,7 @@ async fn kick_off(
         let reply = ctx
             .client
             .fetch(
+                EventKind::Kickoff,
                 Method::GET,
                 kickoff,
                 &headers,
@@ -450,6 +453,7 @@ async fn poll(
         let wait = match ctx
             .client
             .fetch(
+                EventKind::Status,
                 Method::GET,
                 &p.status_url,
                 &headers,
@@ -496,6 +500,7 @@ async fn poll(
                 status,
                 diagnostics,
                 outcome,
+                ..
             }) => {
                 let transient = outcome.as_deref().is_none_or(|o| {
                     outcome_codes(o)
