@@ -65,7 +65,18 @@ def rows_for(expr, series, now):
     picked = [(labels, value) for (n, labels, value) in series if n == name]
     if "== 1" in expr:
         picked = [(l, v) for (l, v) in picked if v == 1]
-    age = expr.strip().startswith("time()")
+    age = re.match(r"^\(?\s*time\(\)\s*-", expr.strip()) is not None
+    ratio = re.search(r"/\s*on\s*\([^)]*\)\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", expr)
+    if age and ratio:
+        limits = {
+            (l.get("namespace"), l.get("export")): v for (n, l, v) in series if n == ratio.group(1)
+        }
+        out = []
+        for labels, value in picked:
+            limit = limits.get((labels.get("namespace"), labels.get("export")))
+            if limit:
+                out.append((labels.get("export", name), (now - value) / limit))
+        return out
     if expr.strip().startswith("sum("):
         return [("total", sum(v for _, v in picked))]
     out = []
@@ -107,6 +118,8 @@ def render(dashboard, series, now):
         )
         targets = p.get("targets") or []
         rows = rows_for(targets[0].get("expr", ""), series, now) if targets else None
+        if rows:
+            rows.sort()
         if rows is None:
             out.append(
                 f'<text x="{x + 8}" y="{y + 42}" fill="#8e8e8e" font-style="italic">over time: '

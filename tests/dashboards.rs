@@ -335,3 +335,92 @@ async fn the_scrape_shows_the_per_export_gauges() {
         assert!(scrape.contains(line), "{line} in {scrape}");
     }
 }
+
+/// The docs' picture of the dashboard (`docs/src/images/dashboard.svg`) is drawn from a scrape of
+/// three exports by `scripts/render_dashboard.py`, and is redrawn when the dashboard changes:
+/// `UPDATE_DASHBOARD_PICTURE=1 cargo nextest run --test dashboards` writes it.
+#[tokio::test]
+async fn the_docs_picture_is_the_dashboard_of_today() {
+    let metrics = Arc::new(Metrics::new());
+    metrics.leader.set(1);
+    let last = |outcome: &str, duration: f64, records: u64, types: &[(&str, u64)]| LastRunState {
+        outcome: outcome.into(),
+        duration: Some(duration),
+        records,
+        bytes: records * 1100,
+        records_by_type: types.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+    };
+    let base = 1_800_000_000.0;
+    for (name, run, success, phase) in [
+        (
+            "nightly-search",
+            last(
+                "success",
+                412.0,
+                182_340,
+                &[("Observation", 150_002), ("Patient", 2_000)],
+            ),
+            Some(base),
+            Some("Idle"),
+        ),
+        (
+            "weekly-bulk",
+            last("failed", 95.0, 0, &[]),
+            Some(base - 8.0 * 86_400.0),
+            Some("Blocked"),
+        ),
+        (
+            "notes",
+            last("partial", 1_830.0, 20_162, &[("DocumentReference", 20_162)]),
+            Some(base - 86_400.0),
+            None,
+        ),
+    ] {
+        metrics.set_export(
+            "phi",
+            name,
+            &ExportState {
+                last_run: Some(run),
+                last_success: success,
+                active_runs: i64::from(name == "notes"),
+                active_since: (name == "notes").then_some(base + 1_200.0),
+                stalled: name == "weekly-bulk",
+                rotation_phase: phase.map(str::to_owned),
+                max_success_age: Some(if name == "weekly-bulk" {
+                    8.0 * 86_400.0
+                } else {
+                    129_600.0
+                }),
+                created: Some(base - 90.0 * 86_400.0),
+            },
+        );
+    }
+    let app = epic_export::operator::http::router(metrics, Arc::new(AtomicBool::new(true)));
+    let scrape = body(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scrape_path = dir.path().join("scrape.txt");
+    std::fs::write(&scrape_path, scrape).unwrap();
+    let drawn = dir.path().join("dashboard.svg");
+    let status = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/render_dashboard.py"
+        ))
+        .arg(format!("{CHART}/dashboards/epic-export.json"))
+        .arg(&scrape_path)
+        .arg(&drawn)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let drawn = std::fs::read_to_string(&drawn).unwrap();
+    let picture = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/src/images/dashboard.svg");
+    if std::env::var_os("UPDATE_DASHBOARD_PICTURE").is_some() {
+        std::fs::create_dir_all(std::path::Path::new(picture).parent().unwrap()).unwrap();
+        std::fs::write(picture, &drawn).unwrap();
+    }
+    let committed = std::fs::read_to_string(picture).unwrap_or_default();
+    assert!(
+        committed == drawn,
+        "{picture} is not the dashboard of today: run UPDATE_DASHBOARD_PICTURE=1 cargo nextest run --test dashboards"
+    );
+}
