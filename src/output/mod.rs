@@ -681,7 +681,10 @@ impl RunWriter {
             return Ok(());
         };
         if !path.starts_with(self.partial.join(ATTACHMENTS_DIR)) {
-            return Err(OutputError::InvalidType(path.display().to_string()));
+            return Err(OutputError::Io {
+                path: path.to_owned(),
+                source: io::Error::other("not a document of this run's attachments/ folder"),
+            });
         }
         o.uploader.put_file(
             path,
