@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README.md): formatting, lints, the one-TLS-provider rule, the module
-# layers, the chart and manifests, the user guide's build and links, and every test.
+# layers, the chart and manifests, the Grafana dashboard's schema, the user guide's build and links, and
+# every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,9 @@ python3 scripts/check_layers.py
 
 echo "== chart and manifests"
 scripts/check-manifests.sh
+
+echo "== Grafana dashboard against @grafana/schema"
+scripts/check-dashboard.sh
 
 echo "== user guide (mdBook) and its links"
 scripts/check-book.sh

@@ -622,6 +622,22 @@ async fn downloaded_attachments_are_rewritten_and_byte_equal() {
         .filter(|l| l["event"] == "attachment")
         .collect();
     assert!(downloads.len() >= files.len(), "{lines:#?}");
+    // Each line has the size of the body it read, to its end.
+    assert!(
+        downloads
+            .iter()
+            .all(|d| d["bytes"].as_u64().is_some_and(|b| b > 0) && d.get("error").is_none()),
+        "{downloads:#?}"
+    );
+    for bytes in files.values() {
+        assert!(
+            downloads
+                .iter()
+                .any(|d| d["bytes"].as_u64().unwrap() >= bytes.len() as u64),
+            "a line for the {}-byte document",
+            bytes.len()
+        );
+    }
     assert!(
         downloads.iter().all(|d| {
             let p = d["path"].as_str().unwrap();
@@ -902,6 +918,18 @@ async fn an_attachment_over_max_bytes_is_a_recorded_failure() {
         "application/pdf"
     );
     assert!(f["message"].is_string(), "{f}");
+    // The answer's correlation id is in the record and in the run log's line for it.
+    let id = f["correlation"]["x-epic-requestid"].as_str().unwrap();
+    let lines = support::check_run_log(&run, &PATIENTS.map(String::from));
+    let line = lines
+        .iter()
+        .find(|l| l["correlation"]["x-epic-requestid"] == id)
+        .unwrap();
+    assert_eq!(line["event"], "attachment", "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("maxBytes"),
+        "{line}"
+    );
     let files = attachment_files(&run);
     assert_eq!(files.len(), 8);
     assert!(files.values().all(|b| b.len() < LARGE_LEN));
@@ -1214,6 +1242,14 @@ async fn a_missing_reference_is_a_recorded_failure() {
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(
         failed[0]["reference"], "Practitioner/ghost",
+        "{}",
+        failed[0]
+    );
+    assert_eq!(failed[0]["status"], 404, "{}", failed[0]);
+    assert!(
+        failed[0]["correlation"]["x-epic-requestid"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("fhir-")),
         "{}",
         failed[0]
     );

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use epic_export::export::bulk::download;
 use epic_export::sandbox::{Fault, SANDBOX_GROUP_ID, SandboxOptions};
 use epic_export::summary::Outcome;
 use serde_json::Value;
@@ -398,7 +399,7 @@ async fn flaky_file_server(first: Vec<u8>, cut: usize, second: Vec<u8>) -> Strin
             let _ = sock.read(&mut buf).await;
             let body = if n == 0 { &first } else { &second };
             let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+ndjson\r\ncontent-length: {}\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+ndjson\r\ncontent-length: {}\r\nx-request-id: file-{n}\r\n\r\n",
                 body.len()
             );
             let _ = sock.write_all(head.as_bytes()).await;
@@ -412,8 +413,17 @@ async fn flaky_file_server(first: Vec<u8>, cut: usize, second: Vec<u8>) -> Strin
     url
 }
 
-async fn fetch_file(env: &Env, url: String) -> (Result<(u64, u64), String>, Vec<u8>) {
-    use epic_export::export::bulk::{download, manifest};
+/// Downloads `url` as a Condition file: the result, the lines handed to the writer, and the run
+/// log's lines.
+async fn fetch_file(
+    env: &Env,
+    url: String,
+) -> (
+    Result<(u64, u64), download::DownloadError>,
+    Vec<u8>,
+    Vec<Value>,
+) {
+    use epic_export::export::bulk::manifest;
     use epic_export::export::writer::WriterMsg;
     let key = epic_export::auth::SigningKey::load(&env.path().join("keys/private.pem"), None, None)
         .unwrap();
@@ -458,11 +468,13 @@ async fn fetch_file(env: &Env, url: String) -> (Result<(u64, u64), String>, Vec<
         }
         all
     });
-    let result = download::download(&client, &d, &tx)
-        .await
-        .map_err(|e| e.message);
+    let log_dir = tempfile::tempdir().unwrap();
+    client.log.start(log_dir.path()).unwrap();
+    let result = download::download(&client, &d, &tx).await;
     drop(tx);
-    (result, collect.await.unwrap())
+    let log = client.log.finish().unwrap();
+    let lines = check_run_log(log.parent().unwrap(), &[]);
+    (result, collect.await.unwrap(), lines)
 }
 
 fn conditions(n: usize, tag: &str) -> Vec<u8> {
@@ -476,25 +488,40 @@ fn conditions(n: usize, tag: &str) -> Vec<u8> {
 async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() {
     let env = env(SandboxOptions::default()).await;
     let body = conditions(2000, "same");
-    let url = flaky_file_server(body.clone(), body.len() / 2 + 7, body.clone()).await;
-    let (result, written) = fetch_file(&env, url).await;
+    let cut = body.len() / 2 + 7;
+    let url = flaky_file_server(body.clone(), cut, body.clone()).await;
+    let (result, written, log) = fetch_file(&env, url).await;
     assert_eq!(result.unwrap().0, 2000);
     assert_eq!(written, body, "every line exactly once, in order");
+    // The run log has both requests, each with the bytes its body really had.
+    assert_eq!(log.len(), 2, "{log:#?}");
+    assert_eq!(log[0]["bytes"], cut as u64, "{log:#?}");
+    assert!(log[0]["error"].is_string(), "{log:#?}");
+    assert_eq!(log[0]["correlation"]["x-request-id"], "file-0");
+    assert_eq!(log[1]["bytes"], body.len() as u64, "{log:#?}");
+    assert!(log[1].get("error").is_none(), "{log:#?}");
 
     // The server changes the file between the two answers: refused, never mixed.
     let url = flaky_file_server(conditions(2000, "first"), 50_000, conditions(2000, "other")).await;
-    let (result, _) = fetch_file(&env, url).await;
-    assert!(result.unwrap_err().contains("different content"));
+    let (result, _, _) = fetch_file(&env, url).await;
+    assert!(result.unwrap_err().message.contains("different content"));
 
-    // A line that is not JSON, or of another type, fails the file and names the line.
+    // A line that is not JSON, or of another type, fails the file and names the line; the failure
+    // and the run log's line carry the answer's correlation id.
     let mut bad = conditions(3, "x");
     bad.extend_from_slice(b"{\"resourceType\":\"Patient\",\"id\":\"p\"}\n");
     let url = flaky_file_server(bad.clone(), bad.len(), bad).await;
-    let (result, _) = fetch_file(&env, url).await;
+    let (result, _, log) = fetch_file(&env, url).await;
     let err = result.unwrap_err();
     assert!(
-        err.contains("line 4") && err.contains("expected Condition"),
-        "{err}"
+        err.message.contains("line 4") && err.message.contains("expected Condition"),
+        "{err:?}"
+    );
+    assert_eq!(err.correlation["x-request-id"], "file-0", "{err:?}");
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert!(
+        log[0]["error"].as_str().unwrap().contains("line 4"),
+        "{log:#?}"
     );
 }
 
@@ -581,6 +608,18 @@ async fn the_run_log_has_the_kick_off_the_polls_and_every_file() {
             .iter()
             .all(|d| d["status"] == 200 && d["path"].as_str().unwrap().ends_with("{file}"))
     );
+    // Each line has the body's size, read to its end: together, the bytes of the files written
+    // (resources, and the server's OperationOutcomes under errors/).
+    let logged: u64 = downloads.iter().map(|d| d["bytes"].as_u64().unwrap()).sum();
+    let outcomes = std::fs::metadata(report.dir.join("errors/OperationOutcome.ndjson")).unwrap();
+    let written: u64 = report
+        .summary
+        .resources
+        .iter()
+        .map(|r| r.bytes)
+        .sum::<u64>()
+        + outcomes.len();
+    assert_eq!(logged, written, "{downloads:?}");
     assert!(
         lines
             .iter()

@@ -188,7 +188,7 @@ fn the_dashboard_is_a_grafana_dashboard_with_the_variables() {
         let v = var(name);
         assert_eq!(v["type"], "query");
         assert!(
-            v["definition"]
+            v["query"]["query"]
                 .as_str()
                 .unwrap()
                 .starts_with("label_values(")
@@ -249,7 +249,7 @@ async fn every_dashboard_query_parses_and_reads_served_metrics() {
         .collect();
     // The variables' queries read metrics too.
     for v in d["templating"]["list"].as_array().unwrap() {
-        if let Some(q) = v["definition"].as_str() {
+        if let Some(q) = v["query"]["query"].as_str() {
             let inner = q
                 .strip_prefix("label_values(")
                 .and_then(|q| q.rsplit_once(','))

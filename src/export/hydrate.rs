@@ -209,17 +209,23 @@ impl<'a> Hydrator<'a> {
                         fetched.push(Fetched { reference: r, line });
                         continue;
                     }
-                    None => (None, format!("the read of {r} did not return {r}")),
+                    None => (
+                        None,
+                        Default::default(),
+                        format!("the read of {r} did not return {r}"),
+                    ),
                 },
                 Err(e) if e.is_fatal() => return Err(StepError::Fetch(e)),
-                Err(e) => (e.status(), e.to_string()),
+                Err(e) => (e.status(), e.correlation(), e.to_string()),
             };
             self.stats.failed += 1;
+            let (status, correlation, message) = failure;
             let record = json!({
                 "kind": "hydrate",
                 "reference": r.to_string(),
-                "status": failure.0,
-                "message": failure.1,
+                "status": status,
+                "correlation": correlation,
+                "message": message,
             });
             self.tx
                 .send(WriterMsg::Failure(record))

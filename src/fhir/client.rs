@@ -93,6 +93,14 @@ impl FetchError {
         }
     }
 
+    /// The server's correlation headers, for errors that came with an answer.
+    pub fn correlation(&self) -> std::collections::BTreeMap<String, String> {
+        match self {
+            FetchError::Status { correlation, .. } => correlation.clone(),
+            _ => Default::default(),
+        }
+    }
+
     /// The HTTP status, for errors that have one.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -263,10 +271,27 @@ impl FhirClient {
         if attempts == 0 {
             return;
         }
+        let event = self.event(kind, method, url, started, attempts, last, bytes, error);
+        self.log.record(&event);
+    }
+
+    /// The run log's line for a request.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        kind: EventKind,
+        method: &Method,
+        url: &str,
+        started: Instant,
+        attempts: u32,
+        last: Last,
+        bytes: Option<u64>,
+        error: Option<&FetchError>,
+    ) -> LogEvent {
         let path = url::Url::parse(url)
             .map(|u| runlog::path_template(&u, &self.base, kind))
             .unwrap_or_else(|_| "{url}".into());
-        let event = LogEvent {
+        LogEvent {
             time: jiff::Timestamp::now().to_string(),
             event: kind.as_str().into(),
             method: method.as_str().into(),
@@ -278,8 +303,7 @@ impl FhirClient {
             progress: last.progress,
             correlation: last.correlation,
             error: error.map(log_error),
-        };
-        self.log.record(&event);
+        }
     }
 
     /// GETs `url` (which must be on a trusted origin) as FHIR JSON and returns the body (at most
@@ -383,8 +407,8 @@ impl FhirClient {
     /// Opens a download for streaming: follows redirects by hand (the token is sent only while the URL
     /// is on an origin in `token_origins`), renews the token after a 401, and retries 408/429/5xx and
     /// transport errors. `accept` is the `Accept` header; `range_from` asks for the bytes from that
-    /// offset on (`Range: bytes=N-`). The request is logged in the run log as `kind`, with the
-    /// announced `Content-Length` as its size.
+    /// offset on (`Range: bytes=N-`). The request goes to the run log as `kind`: a failure at once, an
+    /// opened download when the caller finishes the returned line with the body's size.
     pub async fn open_download(
         &self,
         kind: EventKind,
@@ -392,7 +416,7 @@ impl FhirClient {
         token_origins: &[String],
         accept: &str,
         range_from: Option<u64>,
-    ) -> Result<reqwest::Response, FetchError> {
+    ) -> Result<(reqwest::Response, runlog::PendingEvent), FetchError> {
         let started = Instant::now();
         let mut attempts = 0;
         let mut last = Last::default();
@@ -406,19 +430,29 @@ impl FhirClient {
                 &mut last,
             )
             .await;
-        let bytes = result.as_ref().ok().and_then(|r| r.content_length());
-        let error = result.as_ref().err();
-        self.note(
-            kind,
-            &Method::GET,
-            url,
-            started,
-            attempts,
-            last,
-            bytes,
-            error,
-        );
-        result
+        match result {
+            Ok(resp) => {
+                let event =
+                    self.event(kind, &Method::GET, url, started, attempts, last, None, None);
+                Ok((
+                    resp,
+                    runlog::PendingEvent::new(self.log.clone(), event, started),
+                ))
+            }
+            Err(e) => {
+                self.note(
+                    kind,
+                    &Method::GET,
+                    url,
+                    started,
+                    attempts,
+                    last,
+                    None,
+                    Some(&e),
+                );
+                Err(e)
+            }
+        }
     }
 
     async fn download_attempts(

@@ -90,10 +90,9 @@ pub struct LogEvent {
     pub path: String,
     /// The final HTTP status; `null` when no answer came (connection, timeout).
     pub status: Option<u16>,
-    /// Body bytes read; for downloads, the `Content-Length` the server announced (`null` if none).
+    /// Body bytes read (for a download, after decoding); `null` when no body was read.
     pub bytes: Option<u64>,
-    /// Milliseconds from the first attempt to the end (waits between retries included); for
-    /// downloads, to the answer's headers.
+    /// Milliseconds from the first attempt to the end of the body (waits between retries included).
     pub ms: u64,
     /// Attempts made (1 = no retry).
     pub attempts: u32,
@@ -217,6 +216,54 @@ impl RunLog {
             Err(e) => tracing::warn!("{}: {}", path.display(), e.error()),
         }
         Some(path)
+    }
+}
+
+/// The line of a download whose body is still being read: written by `finish` once the body has
+/// been read (or has failed), with the bytes read and the time through its end; a download given up
+/// without `finish` (the run stopped) is written when dropped, as not read to the end.
+pub struct PendingEvent {
+    log: std::sync::Arc<RunLog>,
+    event: Option<LogEvent>,
+    started: std::time::Instant,
+}
+
+impl PendingEvent {
+    pub fn new(log: std::sync::Arc<RunLog>, event: LogEvent, started: std::time::Instant) -> Self {
+        PendingEvent {
+            log,
+            event: Some(event),
+            started,
+        }
+    }
+
+    /// The server's correlation headers of the answer whose body is being read.
+    pub fn correlation(&self) -> BTreeMap<String, String> {
+        self.event
+            .as_ref()
+            .map(|e| e.correlation.clone())
+            .unwrap_or_default()
+    }
+
+    /// Writes the line: `bytes` of body read, and why reading it failed, if it did.
+    pub fn finish(mut self, bytes: u64, error: Option<String>) {
+        self.write(Some(bytes), error);
+    }
+
+    fn write(&mut self, bytes: Option<u64>, error: Option<String>) {
+        if let Some(mut event) = self.event.take() {
+            event.time = jiff::Timestamp::now().to_string();
+            event.ms = self.started.elapsed().as_millis() as u64;
+            event.bytes = bytes;
+            event.error = error;
+            self.log.record(&event);
+        }
+    }
+}
+
+impl Drop for PendingEvent {
+    fn drop(&mut self) {
+        self.write(None, Some("the body was not read to the end".into()));
     }
 }
 

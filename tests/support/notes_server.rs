@@ -668,8 +668,12 @@ async fn handle(State(s): State<Shared>, headers: HeaderMap, req: Request) -> Re
         accept: text(header::ACCEPT),
         authorization: text(header::AUTHORIZATION),
     };
-    s.seen.lock().unwrap().push(seen.clone());
-    match s.name {
+    let number = {
+        let mut all = s.seen.lock().unwrap();
+        all.push(seen.clone());
+        all.len()
+    };
+    let mut resp = match s.name {
         "files" => match s.data.files.get(seen.path()) {
             Some((ct, bytes)) if req.method() == Method::GET => (
                 StatusCode::OK,
@@ -687,7 +691,12 @@ async fn handle(State(s): State<Shared>, headers: HeaderMap, req: Request) -> Re
         )
             .into_response(),
         _ => fhir(&s, &seen, req.method()),
+    };
+    // Every answer has a correlation id, as Epic's do (`X-Epic-*`), for the run log and failures.
+    if let Ok(v) = format!("{}-{number}", s.name).parse() {
+        resp.headers_mut().insert("x-epic-requestid", v);
     }
+    resp
 }
 
 fn fhir(s: &Shared, seen: &Seen, method: &Method) -> Response {

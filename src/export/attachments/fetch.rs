@@ -2,6 +2,8 @@
 //! to the attachment's content type, raw content streamed to disk (hashed on the way, cut off at
 //! `maxBytes`), and a FHIR `Binary` resource decoded when that is what the server sends instead.
 
+use std::collections::BTreeMap;
+
 use aws_lc_rs::digest;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -34,6 +36,33 @@ impl FetchFailure {
             FetchFailure::Fetch(e) => e.status(),
             _ => None,
         }
+    }
+
+    /// The failure for the run log: without the server's free text or local paths.
+    fn brief(&self) -> String {
+        match self {
+            FetchFailure::Fetch(e) => e.brief(),
+            FetchFailure::Disk { source, .. } => format!("writing the document failed: {source}"),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A document that was not stored: why, and the server's correlation headers of the answer that
+/// failed (to cite to its support).
+#[derive(Debug)]
+pub struct Failed {
+    pub why: FetchFailure,
+    pub correlation: BTreeMap<String, String>,
+}
+
+impl From<FetchFailure> for Failed {
+    fn from(why: FetchFailure) -> Self {
+        let correlation = match &why {
+            FetchFailure::Fetch(e) => e.correlation(),
+            _ => BTreeMap::new(),
+        };
+        Failed { why, correlation }
     }
 }
 
@@ -142,7 +171,7 @@ pub async fn download(
     client: &FhirClient,
     store: &Store,
     req: &Request<'_>,
-) -> Result<Stored, FetchFailure> {
+) -> Result<Stored, Failed> {
     let attempts = client.retry_policy().max_attempts;
     let mut attempt = 0;
     loop {
@@ -153,7 +182,10 @@ pub async fn download(
             let _ = tokio::fs::remove_file(&temp).await;
         }
         match result {
-            Err(FetchFailure::Fetch(FetchError::Transport(why))) if attempt < attempts => {
+            Err(Failed {
+                why: FetchFailure::Fetch(FetchError::Transport(why)),
+                ..
+            }) if attempt < attempts => {
                 client.pause(attempt, None, &why).await;
             }
             other => return other,
@@ -166,7 +198,7 @@ async fn download_once(
     store: &Store,
     req: &Request<'_>,
     temp: &std::path::Path,
-) -> Result<Stored, FetchFailure> {
+) -> Result<Stored, Failed> {
     if !req.token_origins.is_empty() {
         client.pace().await;
     }
@@ -175,7 +207,7 @@ async fn download_once(
         .map(bare)
         .filter(|t| is_media_type(t))
         .unwrap_or_else(|| "*/*".into());
-    let resp = client
+    let (resp, logged) = client
         .open_download(
             crate::fhir::runlog::EventKind::Attachment,
             req.url,
@@ -185,6 +217,22 @@ async fn download_once(
         )
         .await
         .map_err(FetchFailure::Fetch)?;
+    let mut read = 0;
+    let result = store_body(resp, store, req, temp, &mut read).await;
+    let correlation = logged.correlation();
+    logged.finish(read, result.as_ref().err().map(FetchFailure::brief));
+    result.map_err(|why| Failed { why, correlation })
+}
+
+/// Stores the body of `resp` (raw, or the `data` of a FHIR Binary) under `temp`, then in `store`;
+/// counts the body bytes read in `read`.
+async fn store_body(
+    resp: reqwest::Response,
+    store: &Store,
+    req: &Request<'_>,
+    temp: &std::path::Path,
+    read: &mut u64,
+) -> Result<Stored, FetchFailure> {
     if let Some(n) = resp.content_length().filter(|n| *n > req.max_bytes) {
         return Err(FetchFailure::TooLarge {
             max: req.max_bytes,
@@ -215,6 +263,7 @@ async fn download_once(
                 BodyError::TooLarge { .. } => FetchFailure::TooLarge { max, size: None },
                 BodyError::Transport(t) => FetchFailure::Fetch(FetchError::Transport(t)),
             })?;
+        *read = text.len() as u64;
         let (content_type, bytes) = decode_binary(&text)?;
         drop(text);
         if bytes.len() as u64 > max {
@@ -237,6 +286,7 @@ async fn download_once(
         let chunk = chunk.map_err(|e| {
             FetchFailure::Fetch(FetchError::Transport(crate::http::describe_transport(&e)))
         })?;
+        *read += chunk.len() as u64;
         if digests.size + chunk.len() as u64 > req.max_bytes {
             return Err(FetchFailure::TooLarge {
                 max: req.max_bytes,

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use self::edit::{AttachmentView, Step};
-use self::fetch::{FetchFailure, Request};
+use self::fetch::{Failed, FetchFailure, Request};
 use self::index::{Doc, Entry, Index};
 use self::store::{Key, Store};
 use super::StepError;
@@ -265,7 +265,7 @@ impl<'a> Phase<'a> {
             }
         }
         for (key, line, a, why) in refused {
-            self.fail(&key, line, a, None, why).await?;
+            self.fail(&key, line, a, Failure::plain(why)).await?;
         }
         let client = self.client;
         let store = &self.store;
@@ -301,13 +301,23 @@ impl<'a> Phase<'a> {
                         self.index.set(key, Entry::Stored { doc, linked: false });
                     }
                 }
-                Err(FetchFailure::Fetch(e)) if e.is_fatal() => return Err(StepError::Fetch(e)),
-                Err(FetchFailure::Disk { path, source }) => {
+                Err(Failed {
+                    why: FetchFailure::Fetch(e),
+                    ..
+                }) if e.is_fatal() => return Err(StepError::Fetch(e)),
+                Err(Failed {
+                    why: FetchFailure::Disk { path, source },
+                    ..
+                }) => {
                     return Err(StepError::Io { path, source });
                 }
-                Err(e) => {
-                    let status = e.status();
-                    self.fail(key, line, a, status, e.to_string()).await?;
+                Err(Failed { why, correlation }) => {
+                    let failure = Failure {
+                        status: why.status(),
+                        correlation,
+                        message: why.to_string(),
+                    };
+                    self.fail(key, line, a, failure).await?;
                 }
             }
         }
@@ -342,20 +352,18 @@ impl<'a> Phase<'a> {
         key: &Key,
         line: &Line,
         a: &AttachmentView,
-        status: Option<u16>,
-        message: String,
+        failure: Failure,
     ) -> Result<(), StepError> {
         self.stats.failed += 1;
         self.index.set(key, Entry::Failed);
-        self.record_failure(line, a, status, message).await
+        self.record_failure(line, a, failure).await
     }
 
     async fn record_failure(
         &self,
         line: &Line,
         a: &AttachmentView,
-        status: Option<u16>,
-        message: String,
+        failure: Failure,
     ) -> Result<(), StepError> {
         let record = json!({
             "kind": "attachment",
@@ -363,8 +371,9 @@ impl<'a> Phase<'a> {
             "id": line.id,
             "url": a.url,
             "contentType": a.content_type,
-            "status": status,
-            "message": message,
+            "status": failure.status,
+            "correlation": failure.correlation,
+            "message": failure.message,
         });
         self.tx
             .send(WriterMsg::Failure(record))
@@ -391,7 +400,7 @@ impl<'a> Phase<'a> {
             };
             if let Some(why) = mismatch(a, &doc) {
                 self.stats.failed += 1;
-                self.record_failure(line, a, None, why).await?;
+                self.record_failure(line, a, Failure::plain(why)).await?;
                 edits.push(None);
                 continue;
             }
@@ -587,5 +596,24 @@ fn read_chunks(file: &Path, tx: &mpsc::Sender<std::io::Result<Vec<Vec<u8>>>>) {
     }
     if !chunk.is_empty() {
         let _ = tx.blocking_send(Ok(chunk));
+    }
+}
+
+/// A failed attachment as `errors/failed-requests.ndjson` records it.
+struct Failure {
+    status: Option<u16>,
+    /// The server's correlation headers of the answer that failed.
+    correlation: std::collections::BTreeMap<String, String>,
+    message: String,
+}
+
+impl Failure {
+    /// A failure decided here, without a request.
+    fn plain(message: String) -> Self {
+        Failure {
+            status: None,
+            correlation: Default::default(),
+            message,
+        }
     }
 }

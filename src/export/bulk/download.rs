@@ -9,6 +9,8 @@
 //! the file, not an attacker, and costs a tenth of SHA-256, which took a fifth of the download's CPU), so
 //! nothing is written twice or lost.
 
+use std::collections::BTreeMap;
+
 use futures::StreamExt;
 use reqwest::StatusCode;
 use tokio::sync::mpsc;
@@ -34,6 +36,8 @@ pub struct DownloadError {
     pub detail: String,
     /// The run cannot go on (authentication, the writer stopped).
     pub fatal: bool,
+    /// The server's correlation headers of the answer that failed, to cite to its support.
+    pub correlation: BTreeMap<String, String>,
 }
 
 impl DownloadError {
@@ -42,6 +46,7 @@ impl DownloadError {
             detail: message.clone(),
             message,
             fatal: false,
+            correlation: BTreeMap::new(),
         }
     }
 }
@@ -121,9 +126,8 @@ impl Batch<'_> {
             },
         };
         self.tx.send(msg).await.map_err(|_| DownloadError {
-            message: "the output writer stopped".into(),
-            detail: "the output writer stopped".into(),
             fatal: true,
+            ..DownloadError::file("the output writer stopped".into())
         })
     }
 }
@@ -155,7 +159,7 @@ pub async fn download(
     let mut received = 0u64;
     loop {
         attempt += 1;
-        let resp = client
+        let (resp, logged) = client
             .open_download(
                 crate::fhir::runlog::EventKind::Download,
                 &d.file.url,
@@ -168,6 +172,7 @@ pub async fn download(
                 message: e.brief(),
                 detail: e.to_string(),
                 fatal: e.is_fatal(),
+                correlation: e.correlation(),
             })?;
         let resumed_at = match resume_from {
             Some(from)
@@ -190,63 +195,26 @@ pub async fn download(
                 .headers()
                 .get(reqwest::header::CONTENT_ENCODING)
                 .is_none();
-        let mut stream = resp.bytes_stream();
-        let mut carry: Vec<u8> = Vec::new();
         // Bytes of this response, and of them up to the end of the last complete line handled.
         let mut body = 0u64;
         let mut complete = 0u64;
-        let failure = loop {
-            match stream.next().await {
-                None => break None,
-                Some(Err(e)) => break Some(crate::http::describe_transport(&e)),
-                Some(Ok(chunk)) => {
-                    body += chunk.len() as u64;
-                    // Complete lines straight from the chunk; only a line split across chunks is copied.
-                    let Some(last_nl) = memchr::memrchr(b'\n', &chunk) else {
-                        carry.extend_from_slice(&chunk);
-                        if carry.len() > MAX_LINE_BYTES {
-                            return Err(DownloadError::file(format!(
-                                "a line is longer than {MAX_LINE_BYTES} bytes"
-                            )));
-                        }
-                        continue;
-                    };
-                    let (head, tail) = chunk.split_at(last_nl + 1);
-                    let mut start = 0;
-                    for nl in memchr::memchr_iter(b'\n', head) {
-                        let line = &head[start..nl];
-                        start = nl + 1;
-                        if carry.is_empty() {
-                            lines.line(line, &mut batch)?;
-                        } else {
-                            carry.extend_from_slice(line);
-                            lines.line(&carry, &mut batch)?;
-                            carry.clear();
-                        }
-                    }
-                    carry.extend_from_slice(tail);
-                    complete = body - carry.len() as u64;
-                    if batch.lines.len() >= BATCH_BYTES {
-                        batch.flush().await?;
-                    }
-                }
-            }
-        };
+        let read = read_body(resp, &mut lines, &mut batch, &mut body, &mut complete).await;
         received += body;
+        let correlation = logged.correlation();
+        logged.finish(
+            body,
+            match &read {
+                Ok(None) => None,
+                Ok(Some(why)) => Some(why.clone()),
+                Err(e) => Some(e.message.clone()),
+            },
+        );
+        let failure = match read {
+            Ok(failure) => failure,
+            Err(e) => return Err(DownloadError { correlation, ..e }),
+        };
         match failure {
-            None => {
-                if !carry.is_empty() {
-                    // A last line without its newline.
-                    lines.line(&carry, &mut batch)?;
-                }
-                if lines.skip > 0 {
-                    return Err(DownloadError::file(
-                        "the server sent fewer lines when the file was fetched again".into(),
-                    ));
-                }
-                batch.flush().await?;
-                return Ok((lines.taken, received));
-            }
+            None => return Ok((lines.taken, received)),
             Some(why) if attempt < max_attempts => {
                 batch.flush().await?;
                 // Resume by offset only if this response got past the lines being skipped.
@@ -260,12 +228,75 @@ pub async fn download(
                 client.pause(attempt, None, &why).await;
             }
             Some(why) => {
-                return Err(DownloadError::file(format!(
-                    "{why} (after {attempt} attempts)"
-                )));
+                return Err(DownloadError {
+                    correlation,
+                    ..DownloadError::file(format!("{why} (after {attempt} attempts)"))
+                });
             }
         }
     }
+}
+
+/// Reads one response's body into `lines` and `batch`, counting its bytes in `body` and, of them, those
+/// up to the end of the last complete line in `complete`. `Ok(Some(why))` when the connection broke
+/// (worth another request); `Ok(None)` when the whole file has been read and handed on.
+async fn read_body(
+    resp: reqwest::Response,
+    lines: &mut Lines,
+    batch: &mut Batch<'_>,
+    body: &mut u64,
+    complete: &mut u64,
+) -> Result<Option<String>, DownloadError> {
+    let mut stream = resp.bytes_stream();
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        match stream.next().await {
+            None => break,
+            Some(Err(e)) => return Ok(Some(crate::http::describe_transport(&e))),
+            Some(Ok(chunk)) => {
+                *body += chunk.len() as u64;
+                // Complete lines straight from the chunk; only a line split across chunks is copied.
+                let Some(last_nl) = memchr::memrchr(b'\n', &chunk) else {
+                    carry.extend_from_slice(&chunk);
+                    if carry.len() > MAX_LINE_BYTES {
+                        return Err(DownloadError::file(format!(
+                            "a line is longer than {MAX_LINE_BYTES} bytes"
+                        )));
+                    }
+                    continue;
+                };
+                let (head, tail) = chunk.split_at(last_nl + 1);
+                let mut start = 0;
+                for nl in memchr::memchr_iter(b'\n', head) {
+                    let line = &head[start..nl];
+                    start = nl + 1;
+                    if carry.is_empty() {
+                        lines.line(line, batch)?;
+                    } else {
+                        carry.extend_from_slice(line);
+                        lines.line(&carry, batch)?;
+                        carry.clear();
+                    }
+                }
+                carry.extend_from_slice(tail);
+                *complete = *body - carry.len() as u64;
+                if batch.lines.len() >= BATCH_BYTES {
+                    batch.flush().await?;
+                }
+            }
+        }
+    }
+    if !carry.is_empty() {
+        // A last line without its newline.
+        lines.line(&carry, batch)?;
+    }
+    if lines.skip > 0 {
+        return Err(DownloadError::file(
+            "the server sent fewer lines when the file was fetched again".into(),
+        ));
+    }
+    batch.flush().await?;
+    Ok(None)
 }
 
 /// Checks that one NDJSON line is a JSON resource of the expected type.

@@ -198,7 +198,9 @@ pub async fn run(ctx: &RunContext<'_>, b: &BulkPlan) -> Result<RunReport, Export
             {
                 Ok(_) => tracing::info!("told the server the export's files can be deleted"),
                 Err(e) => tracing::warn!(
-                    "DELETE of the export's status URL failed ({e}); the server will expire it"
+                    correlation = ?e.correlation(),
+                    "DELETE of the export's status URL failed ({}); the server will expire it",
+                    e.brief()
                 ),
             }
         }
@@ -661,6 +663,7 @@ async fn download_all(
                     "file": d.file.url,
                     "list": kind_name(d.kind),
                     "type": d.file.resource_type,
+                    "correlation": e.correlation,
                     "message": e.detail,
                 });
                 if tx.send(writer::WriterMsg::Failure(record)).await.is_err() {
