@@ -413,16 +413,18 @@ async fn flaky_file_server(first: Vec<u8>, cut: usize, second: Vec<u8>) -> Strin
     url
 }
 
-/// Downloads `url` as a Condition file: the result, the lines handed to the writer, and the run
-/// log's lines.
-async fn fetch_file(
-    env: &Env,
-    url: String,
-) -> (
-    Result<(u64, u64), download::DownloadError>,
-    Vec<u8>,
-    Vec<Value>,
-) {
+/// A Condition file downloaded by `fetch_file`.
+struct Fetched {
+    result: Result<(u64, u64), download::DownloadError>,
+    /// The lines handed to the writer.
+    written: Vec<u8>,
+    /// The run log's lines.
+    log: Vec<Value>,
+    /// The requests the summary would list as failed.
+    failed: usize,
+}
+
+async fn fetch_file(env: &Env, url: String) -> Fetched {
     use epic_export::export::bulk::manifest;
     use epic_export::export::writer::WriterMsg;
     let key = epic_export::auth::SigningKey::load(&env.path().join("keys/private.pem"), None, None)
@@ -473,8 +475,12 @@ async fn fetch_file(
     let result = download::download(&client, &d, &tx).await;
     drop(tx);
     let log = client.log.finish().unwrap();
-    let lines = check_run_log(log.parent().unwrap(), &[]);
-    (result, collect.await.unwrap(), lines)
+    Fetched {
+        result,
+        written: collect.await.unwrap(),
+        log: check_run_log(log.parent().unwrap(), &[]),
+        failed: client.failed_requests().len(),
+    }
 }
 
 fn conditions(n: usize, tag: &str) -> Vec<u8> {
@@ -490,11 +496,18 @@ async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() 
     let body = conditions(2000, "same");
     let cut = body.len() / 2 + 7;
     let url = flaky_file_server(body.clone(), cut, body.clone()).await;
-    let (result, written, log) = fetch_file(&env, url).await;
+    let Fetched {
+        result,
+        written,
+        log,
+        failed,
+    } = fetch_file(&env, url).await;
     assert_eq!(result.unwrap().0, 2000);
     assert_eq!(written, body, "every line exactly once, in order");
-    // The run log has both requests, each with the bytes its body really had.
+    // The run log has both requests, each with the bytes its body really had; the cut one is not a
+    // failed request of the run, since it was requested again.
     assert_eq!(log.len(), 2, "{log:#?}");
+    assert_eq!(failed, 0);
     assert_eq!(log[0]["bytes"], cut as u64, "{log:#?}");
     assert!(log[0]["error"].is_string(), "{log:#?}");
     assert_eq!(log[0]["correlation"]["x-request-id"], "file-0");
@@ -503,7 +516,7 @@ async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() 
 
     // The server changes the file between the two answers: refused, never mixed.
     let url = flaky_file_server(conditions(2000, "first"), 50_000, conditions(2000, "other")).await;
-    let (result, _, _) = fetch_file(&env, url).await;
+    let result = fetch_file(&env, url).await.result;
     assert!(result.unwrap_err().message.contains("different content"));
 
     // A line that is not JSON, or of another type, fails the file and names the line; the failure
@@ -511,7 +524,12 @@ async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() 
     let mut bad = conditions(3, "x");
     bad.extend_from_slice(b"{\"resourceType\":\"Patient\",\"id\":\"p\"}\n");
     let url = flaky_file_server(bad.clone(), bad.len(), bad).await;
-    let (result, _, log) = fetch_file(&env, url).await;
+    let Fetched {
+        result,
+        log,
+        failed,
+        ..
+    } = fetch_file(&env, url).await;
     let err = result.unwrap_err();
     assert!(
         err.message.contains("line 4") && err.message.contains("expected Condition"),
@@ -523,6 +541,7 @@ async fn a_refetched_file_without_ranges_skips_what_was_written_and_checks_it() 
         log[0]["error"].as_str().unwrap().contains("line 4"),
         "{log:#?}"
     );
+    assert_eq!(failed, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

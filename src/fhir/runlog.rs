@@ -149,7 +149,14 @@ impl RunLog {
     /// Writes one line (and keeps it if the request failed). A write error stops the log (with a
     /// warning); it never stops the run.
     pub fn record(&self, event: &LogEvent) {
-        if event.error.is_some()
+        self.write(event, true);
+    }
+
+    /// Writes one line; a failure is kept for the summary only if `final_failure` (a download whose
+    /// body was cut short and that is requested again is not one).
+    fn write(&self, event: &LogEvent, final_failure: bool) {
+        if final_failure
+            && event.error.is_some()
             && let Ok(mut f) = self.failed.lock()
             && f.len() < MAX_FAILED_REQUESTS
         {
@@ -247,23 +254,29 @@ impl PendingEvent {
 
     /// Writes the line: `bytes` of body read, and why reading it failed, if it did.
     pub fn finish(mut self, bytes: u64, error: Option<String>) {
-        self.write(Some(bytes), error);
+        self.write(Some(bytes), error, true);
     }
 
-    fn write(&mut self, bytes: Option<u64>, error: Option<String>) {
+    /// Writes the line of a body cut short that is requested again: not a failed request of the
+    /// run (its retry is another line).
+    pub fn finish_retried(mut self, bytes: u64, error: String) {
+        self.write(Some(bytes), Some(error), false);
+    }
+
+    fn write(&mut self, bytes: Option<u64>, error: Option<String>, final_failure: bool) {
         if let Some(mut event) = self.event.take() {
             event.time = jiff::Timestamp::now().to_string();
             event.ms = self.started.elapsed().as_millis() as u64;
             event.bytes = bytes;
             event.error = error;
-            self.log.record(&event);
+            self.log.write(&event, final_failure);
         }
     }
 }
 
 impl Drop for PendingEvent {
     fn drop(&mut self) {
-        self.write(None, Some("the body was not read to the end".into()));
+        self.write(None, Some("the body was not read to the end".into()), true);
     }
 }
 

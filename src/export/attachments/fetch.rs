@@ -177,7 +177,7 @@ pub async fn download(
     loop {
         attempt += 1;
         let temp = store.temp_path();
-        let result = download_once(client, store, req, &temp).await;
+        let result = download_once(client, store, req, &temp, attempt < attempts).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&temp).await;
         }
@@ -198,6 +198,7 @@ async fn download_once(
     store: &Store,
     req: &Request<'_>,
     temp: &std::path::Path,
+    retry_cut_body: bool,
 ) -> Result<Stored, Failed> {
     if !req.token_origins.is_empty() {
         client.pace().await;
@@ -220,7 +221,13 @@ async fn download_once(
     let mut read = 0;
     let result = store_body(resp, store, req, temp, &mut read).await;
     let correlation = logged.correlation();
-    logged.finish(read, result.as_ref().err().map(FetchFailure::brief));
+    match &result {
+        Ok(_) => logged.finish(read, None),
+        Err(e @ FetchFailure::Fetch(FetchError::Transport(_))) if retry_cut_body => {
+            logged.finish_retried(read, e.brief())
+        }
+        Err(e) => logged.finish(read, Some(e.brief())),
+    }
     result.map_err(|why| Failed { why, correlation })
 }
 

@@ -201,14 +201,12 @@ pub async fn download(
         let read = read_body(resp, &mut lines, &mut batch, &mut body, &mut complete).await;
         received += body;
         let correlation = logged.correlation();
-        logged.finish(
-            body,
-            match &read {
-                Ok(None) => None,
-                Ok(Some(why)) => Some(why.clone()),
-                Err(e) => Some(e.message.clone()),
-            },
-        );
+        match &read {
+            Ok(None) => logged.finish(body, None),
+            Ok(Some(why)) if attempt < max_attempts => logged.finish_retried(body, why.clone()),
+            Ok(Some(why)) => logged.finish(body, Some(why.clone())),
+            Err(e) => logged.finish(body, Some(e.message.clone())),
+        }
         let failure = match read {
             Ok(failure) => failure,
             Err(e) => return Err(DownloadError { correlation, ..e }),
