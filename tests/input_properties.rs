@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 use epic_export::auth::token::{MAX_TOKEN_LIFETIME, MIN_TOKEN_LIFETIME, token_lifetime};
 use epic_export::config::{ini, roster};
 use epic_export::export::bulk::manifest::{FileRef, Kind, Manifest, plan_downloads};
-use epic_export::fhir::bundle::{parse_page, push_compact_line};
+use epic_export::fhir::bundle::{ResourceHead, parse_page, push_compact_line};
+use epic_export::fhir::ndjson::check_line;
 use epic_export::http::retry::parse_retry_after;
 use epic_export::trust::{check_transport, is_resource_type};
 use proptest::prelude::*;
@@ -83,6 +84,90 @@ fn bundle() -> impl Strategy<Value = Value> {
             }
             b
         })
+}
+
+/// What serde_json says of a bulk NDJSON line: the `resourceType` if it is a JSON object (every
+/// string valid, surrogates in pairs) with a string `resourceType` once and `id`, if any, a string
+/// or null once. `Err` for numbers serde_json cannot hold (the grammar allows them).
+fn serde_verdict(line: &[u8]) -> Result<Option<String>, ()> {
+    match serde_json::from_slice::<Value>(line) {
+        Err(e) if e.to_string().contains("out of range") => return Err(()),
+        Err(_) => return Ok(None),
+        Ok(v) if !v.is_object() => return Ok(None),
+        Ok(_) => {}
+    }
+    Ok(serde_json::from_slice::<ResourceHead>(line)
+        .ok()
+        .map(|h| h.resource_type.into_owned()))
+}
+
+/// A resource line as a server may send it: any JSON under a resource's keys.
+fn resource_line() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop_oneof![Just("Observation".to_owned()), ".{0,12}"],
+        prop::option::of(prop_oneof![
+            Just(json!("o1")),
+            Just(Value::Null),
+            json_value()
+        ]),
+        json_value(),
+        any::<bool>(),
+    )
+        .prop_map(|(t, id, body, pretty)| {
+            let mut r = json!({"resourceType": t, "body": body});
+            if let Some(id) = id {
+                r["id"] = id;
+            }
+            if pretty {
+                serde_json::to_string_pretty(&r)
+                    .unwrap()
+                    .replace('\n', " ")
+                    .into_bytes()
+            } else {
+                serde_json::to_vec(&r).unwrap()
+            }
+        })
+}
+
+/// A byte string to splice into a line: JSON's own characters, escapes good and bad, bytes that
+/// are not UTF-8.
+fn splice() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "\"",
+            "\\",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "0",
+            "-",
+            "e",
+            "E",
+            ".",
+            "+",
+            "t",
+            "n",
+            "true",
+            "null",
+            "\\u",
+            "\\ud83d",
+            "\\ude00",
+            "\\ud83d\\ude00",
+            "\\u00e9",
+            "\\n",
+            "\\x",
+            " ",
+            "\t",
+            "\u{1}",
+            "\"resourceType\":\"X\",",
+            "\"id\":1,",
+        ])
+        .prop_map(|s| s.as_bytes().to_vec()),
+        prop::collection::vec(any::<u8>(), 1..3),
+    ]
 }
 
 proptest! {
@@ -230,6 +315,27 @@ proptest! {
             for s in searches {
                 prop_assert!(is_resource_type(&s.resource_type));
             }
+        }
+    }
+
+    #[test]
+    fn bulk_lines_are_judged_as_serde_json_judges_them(
+        line in resource_line(),
+        cuts in prop::collection::vec((any::<prop::sample::Index>(), 0..3usize, prop::option::of(splice())), 0..4),
+    ) {
+        // The line as sent, then with bytes removed or replaced at a few places.
+        let mut line = line;
+        let mut variants = vec![line.clone()];
+        for (at, remove, insert) in cuts {
+            let at = at.index(line.len() + 1);
+            let end = (at + remove).min(line.len());
+            line.splice(at..end, insert.unwrap_or_default());
+            variants.push(line.clone());
+        }
+        for v in variants {
+            let Ok(want) = serde_verdict(&v) else { continue };
+            let got = check_line(&v).ok().map(|h| h.resource_type.into_owned());
+            prop_assert_eq!(got, want, "{}", String::from_utf8_lossy(&v));
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod client;
+pub mod ndjson;
 pub mod ratelimit;
 pub mod raw;
 pub mod reference;

@@ -152,7 +152,28 @@ struct NdjsonFile {
     count: u64,
     bytes: u64,
     sha: aws_lc_rs::digest::Context,
+    /// Bytes appended since the disk was last asked to write the file's pages (local files).
+    unwritten: u64,
 }
+
+/// A local file's pages are handed to the disk every this many bytes, while the run goes on, so that
+/// the `fsync` before publishing has little left to wait for (it had 0.6 s per GiB on its own).
+const WRITEBACK_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Starts writing `file`'s dirty pages to disk without waiting for them (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`); the `fsync` at the end still makes them durable. A failure is
+/// harmless: the `fsync` does it all.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for as long as `file` is borrowed; the call reads no memory.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File) {}
 
 impl NdjsonFile {
     /// A local file in `dir`, gzip-compressed or not.
@@ -176,6 +197,7 @@ impl NdjsonFile {
             count: 0,
             bytes: 0,
             sha: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+            unwritten: 0,
         }
     }
 
@@ -189,6 +211,16 @@ impl NdjsonFile {
         self.sha.update(lines);
         self.bytes += lines.len() as u64;
         self.count += count;
+        self.unwritten += lines.len() as u64;
+        if self.unwritten >= WRITEBACK_BYTES {
+            self.unwritten = 0;
+            self.flush()?;
+            match &self.sink {
+                Sink::Plain(out) => start_writeback(out.get_ref()),
+                Sink::Gzip(out) => start_writeback(out.get_ref().get_ref()),
+                Sink::Object(_) => {}
+            }
+        }
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Downloading one bulk file: streamed (memory stays flat whatever the size), gzip decoded on the fly by
-//! the HTTP client, every line checked as JSON whose `resourceType` is the expected one, and handed to the
-//! writer task in batches of complete lines (files of one type are joined there, in whatever order their
-//! lines arrive).
+//! the HTTP client, every line checked as one JSON object whose `resourceType` is the expected one
+//! (`fhir::ndjson`), and handed to the writer task in batches of complete lines (files of one type are
+//! joined there, in whatever order their lines arrive).
 //!
 //! A dropped connection resumes with `Range` when the server sent an uncompressed body it can serve in
 //! ranges; otherwise the file is fetched again and the lines already written are skipped after checking
@@ -19,8 +19,6 @@ use xxhash_rust::xxh3::Xxh3;
 use super::manifest::{Download, Kind};
 use crate::export::writer::WriterMsg;
 use crate::fhir::FhirClient;
-use crate::fhir::bundle::ResourceHead;
-use crate::http::body::json_error_kind;
 
 /// The longest NDJSON line accepted (one resource).
 pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
@@ -299,11 +297,8 @@ async fn read_body(
 
 /// Checks that one NDJSON line is a JSON resource of the expected type.
 fn check_line(line: &[u8], line_type: &str, line_no: u64) -> Result<(), DownloadError> {
-    let head: ResourceHead<'_> = serde_json::from_slice(line).map_err(|e| {
-        DownloadError::file(format!(
-            "line {line_no}: not a FHIR resource in JSON ({})",
-            json_error_kind(&e)
-        ))
+    let head = crate::fhir::ndjson::check_line(line).map_err(|e| {
+        DownloadError::file(format!("line {line_no}: not a FHIR resource in JSON ({e})"))
     })?;
     if head.resource_type != line_type {
         return Err(DownloadError::file(format!(
