@@ -48,6 +48,7 @@ if [ "$enrich" = 1 ]; then
   printf 'attachments:\n  enabled: true\nhydrate: [Medication, Practitioner, PractitionerRole, Organization, Location]\n' >>"$work/config.yaml"
 fi
 
+sync   # start on a quiet disk (see bulk_download.sh)
 /usr/bin/time -f '%M %e %U %S' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log" \
   || { cat "$work/run.log" >&2; exit 1; }
 read -r rss_kb wall user_s sys_s < "$work/time"

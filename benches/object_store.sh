@@ -104,6 +104,7 @@ YAML
   if [ -n "$moto_pid" ]; then mapfile -t envs <"$work/s3.env"; moto0=$(cpu_ticks "$moto_pid"); fi
   sandbox0=$(cpu_ticks "$sandbox_pid")
   echo "== $label: epic-export run" >&2
+  sync   # start on a quiet disk (see bulk_download.sh)
   env "${envs[@]}" /usr/bin/time -f '%M %e %U %S' -o "$work/$label.time" ${BENCH_WRAP:-} \
     "$bin" run --no-progress --config "$work/$label.yaml" >/dev/null 2>"$work/$label.log" \
     || { cat "$work/$label.log" >&2; echo "the $label run failed" >&2; exit 1; }

@@ -165,12 +165,19 @@ pub struct FhirClient {
 /// What the last answer of a request said, for the run log.
 #[derive(Default)]
 struct Last {
+    /// When the first attempt was sent (after waiting for a slot among `limits.concurrency` and for
+    /// the rate limit): the log's `ms` is the server's time, not the queue's.
+    sent: Option<Instant>,
     status: Option<u16>,
     correlation: std::collections::BTreeMap<String, String>,
     progress: Option<String>,
 }
 
 impl Last {
+    fn sending(&mut self) {
+        self.sent.get_or_insert_with(Instant::now);
+    }
+
     fn saw(&mut self, status: StatusCode, headers: &HeaderMap) {
         self.status = Some(status.as_u16());
         self.correlation = runlog::correlation(headers);
@@ -298,7 +305,7 @@ impl FhirClient {
             path,
             status: last.status,
             bytes,
-            ms: started.elapsed().as_millis() as u64,
+            ms: last.sent.unwrap_or(started).elapsed().as_millis() as u64,
             attempts,
             progress: last.progress,
             correlation: last.correlation,
@@ -432,11 +439,12 @@ impl FhirClient {
             .await;
         match result {
             Ok(resp) => {
+                let sent = last.sent.unwrap_or(started);
                 let event =
                     self.event(kind, &Method::GET, url, started, attempts, last, None, None);
                 Ok((
                     resp,
-                    runlog::PendingEvent::new(self.log.clone(), event, started),
+                    runlog::PendingEvent::new(self.log.clone(), event, sent),
                 ))
             }
             Err(e) => {
@@ -477,6 +485,7 @@ impl FhirClient {
             let mut with_token = token_origins.contains(&target.origin().ascii_serialization());
             let mut redirects = 0;
             let failure = loop {
+                last.sending();
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 let mut req = self
                     .download_http
@@ -491,7 +500,10 @@ impl FhirClient {
                 let resp = match req.send().await {
                     Ok(r) => r,
                     Err(e) => {
-                        *last = Last::default();
+                        *last = Last {
+                            sent: last.sent,
+                            ..Last::default()
+                        };
                         break (
                             Failure::Transport(crate::http::describe_transport(&e)),
                             None,
@@ -607,6 +619,7 @@ impl FhirClient {
         last: &mut Last,
     ) -> Attempt {
         let _permit = self.in_flight.acquire().await;
+        last.sending();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
             .http
@@ -620,7 +633,10 @@ impl FhirClient {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                *last = Last::default();
+                *last = Last {
+                    sent: last.sent,
+                    ..Last::default()
+                };
                 return Attempt::Retry {
                     failure: Failure::Transport(crate::http::describe_transport(&e)),
                     retry_after: None,

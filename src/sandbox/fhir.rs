@@ -12,6 +12,7 @@
 //! Binary reads in `binary.rs`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, RawQuery, State};
@@ -143,15 +144,31 @@ pub(super) async fn emulate_latency(
 ) -> Response {
     let due = Instant::now() + s.opts.latency;
     let resp = next.run(req).await;
-    let left = due.saturating_duration_since(Instant::now());
+    let early = Duration::from_micros(s.wake_early_us.load(Ordering::Relaxed).max(0) as u64);
+    let left = due
+        .checked_sub(early)
+        .unwrap_or(due)
+        .saturating_duration_since(Instant::now());
     if !left.is_zero() {
         // tokio's timer works in whole milliseconds and wakes up to 2 ms late (22 ms for 20 ms,
-        // measured); a blocking-pool thread's sleep is within about 0.1 ms.
+        // measured); a blocking-pool thread's sleep is within about 0.1 ms, and the hand-offs to and
+        // from that thread add about 0.2 ms, which the next sleeps take off (a quarter of each
+        // error at a time, within 0-2 ms).
         let _ = tokio::task::spawn_blocking(move || {
             exact_sleeps();
             std::thread::sleep(left)
         })
         .await;
+        let now = Instant::now();
+        let late_us = match now.checked_duration_since(due) {
+            Some(late) => late.as_micros() as i64,
+            None => -(due.duration_since(now).as_micros() as i64),
+        };
+        let _ = s
+            .wake_early_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                Some((e + late_us / 4).clamp(0, 2000))
+            });
     }
     resp
 }

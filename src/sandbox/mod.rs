@@ -277,6 +277,7 @@ impl Sandbox {
                 rng: rng::SplitMix64::new(opts.seed ^ 0x5EED_FA17),
                 ..Inner::default()
             }),
+            wake_early_us: std::sync::atomic::AtomicI64::new(0),
             opts,
         });
         let app = router(shared.clone());
@@ -458,6 +459,9 @@ pub(crate) struct Shared {
     dataset: Arc<Dataset>,
     http: reqwest::Client,
     inner: Mutex<Inner>,
+    /// How much earlier than due the latency's sleeps end, in microseconds: learnt from how late
+    /// they wake up (see `fhir::emulate_latency`).
+    wake_early_us: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
