@@ -215,9 +215,8 @@ impl<'a> Scanner<'a> {
     fn value(&mut self) -> Result<(), LineError> {
         // Open containers, innermost last: true for an object.
         let mut stack = [false; MAX_DEPTH];
-        let mut depth = 1; // the resource itself
-        // The first value of the outermost call has no container of its own here.
-        let base = depth;
+        // Containers open, the resource included: the value is done when this is back to 1.
+        let mut depth = 1;
         'value: loop {
             // A value starts here.
             match self.peek() {
@@ -252,7 +251,7 @@ impl<'a> Scanner<'a> {
             }
             // After a value: the next one in its container, or the container's end.
             loop {
-                if depth == base {
+                if depth == 1 {
                     return Ok(());
                 }
                 self.skip_ws();

@@ -49,7 +49,8 @@ pub enum EventKind {
     Download,
     /// A document (`attachments`).
     Attachment,
-    /// The DELETE of a finished Bulk Data export.
+    /// The DELETE of a finished Bulk Data export (sent after the run and its log are published, so
+    /// it never reaches the file).
     Delete,
 }
 
@@ -92,7 +93,8 @@ pub struct LogEvent {
     pub status: Option<u16>,
     /// Body bytes read (for a download, after decoding); `null` when no body was read.
     pub bytes: Option<u64>,
-    /// Milliseconds from the first attempt to the end of the body (waits between retries included).
+    /// Milliseconds from the first attempt's sending (not the wait for a slot) to the end of the
+    /// body, waits between retries included.
     pub ms: u64,
     /// Attempts made (1 = no retry).
     pub attempts: u32,
@@ -379,14 +381,7 @@ pub fn correlation(headers: &reqwest::header::HeaderMap) -> BTreeMap<String, Str
         if n.len() > 64 {
             continue;
         }
-        let v: String = value
-            .as_bytes()
-            .iter()
-            .filter(|b| (0x20..0x7f).contains(*b))
-            .take(MAX_HEADER_VALUE)
-            .map(|b| *b as char)
-            .collect();
-        if !v.is_empty() {
+        if let Some(v) = printable(value) {
             out.insert(n.to_owned(), v);
         }
     }
@@ -395,8 +390,12 @@ pub fn correlation(headers: &reqwest::header::HeaderMap) -> BTreeMap<String, Str
 
 /// The Bulk Data `X-Progress` text, cut like a correlation header.
 pub fn progress(headers: &reqwest::header::HeaderMap) -> Option<String> {
-    let v: String = headers
-        .get("x-progress")?
+    printable(headers.get("x-progress")?)
+}
+
+/// A header value's printable ASCII, at most `MAX_HEADER_VALUE` characters; `None` if nothing is left.
+fn printable(value: &reqwest::header::HeaderValue) -> Option<String> {
+    let v: String = value
         .as_bytes()
         .iter()
         .filter(|b| (0x20..0x7f).contains(*b))

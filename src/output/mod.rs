@@ -214,12 +214,14 @@ impl NdjsonFile {
         self.unwritten += lines.len() as u64;
         if self.unwritten >= WRITEBACK_BYTES {
             self.unwritten = 0;
-            self.flush()?;
-            match &self.sink {
-                Sink::Plain(out) => start_writeback(out.get_ref()),
-                Sink::Gzip(out) => start_writeback(out.get_ref().get_ref()),
-                Sink::Object(_) => {}
-            }
+            // Only what is already compressed is handed on: flushing the encoder itself would end
+            // a deflate block early.
+            let file = match &mut self.sink {
+                Sink::Plain(out) => out.flush().map(|()| out.get_ref()),
+                Sink::Gzip(out) => out.get_mut().flush().map(|()| out.get_ref().get_ref()),
+                Sink::Object(_) => return Ok(()),
+            };
+            start_writeback(file.map_err(io_err(&self.path))?);
         }
         Ok(())
     }
