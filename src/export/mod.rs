@@ -4,6 +4,7 @@
 
 pub mod attachments;
 pub mod bulk;
+pub mod disk_table;
 pub mod enrich;
 pub mod hydrate;
 pub mod search;

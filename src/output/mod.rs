@@ -57,6 +57,8 @@ pub const ATTACHMENTS_DIR: &str = "attachments";
 /// In a staging folder: the manifest's list of attachments while it is written (see
 /// [`AttachmentsManifest`]).
 pub const ATTACHMENTS_LIST: &str = ".attachments.manifest.ndjson";
+/// In a staging folder: what the attachments phase knows of each document, while it runs.
+pub const ATTACHMENTS_INDEX: &str = ".attachments.index";
 
 /// Whether a file holds exported resources (not errors, not deletions).
 pub fn is_data_file(f: &FileEntry) -> bool {
@@ -988,11 +990,13 @@ impl RunWriter {
                 tracing::warn!("cannot remove {}: {e}", entry.path().display());
             }
         }
-        let attachments = self.partial.join(ATTACHMENTS_DIR);
-        if attachments.exists()
-            && let Err(e) = fs::remove_dir_all(&attachments)
-        {
-            tracing::warn!("cannot remove {}: {e}", attachments.display());
+        for dir in [ATTACHMENTS_DIR, ATTACHMENTS_INDEX] {
+            let dir = self.partial.join(dir);
+            if dir.exists()
+                && let Err(e) = fs::remove_dir_all(&dir)
+            {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
         }
     }
 

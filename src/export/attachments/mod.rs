@@ -31,7 +31,7 @@ use super::writer::WriterMsg;
 use crate::fhir::bundle::{self, push_compact_line};
 use crate::fhir::raw::RawObject;
 use crate::fhir::{FetchError, FhirClient};
-use crate::output::{ATTACHMENTS_DIR, AttachmentsManifest};
+use crate::output::{ATTACHMENTS_DIR, ATTACHMENTS_INDEX, AttachmentsManifest};
 use crate::plan::AttachmentPlan;
 use crate::summary::AttachmentStats;
 
@@ -90,18 +90,26 @@ impl<'a> Phase<'a> {
             path: staging.join(ATTACHMENTS_DIR),
             source,
         };
-        let mut index = Index::new(index::lines_path(staging)).map_err(|source| StepError::Io {
-            path: index::lines_path(staging),
+        let index_io = |source| StepError::Io {
+            path: staging.join(ATTACHMENTS_INDEX),
             source,
-        })?;
+        };
+        let mut index = Index::new(staging).map_err(index_io)?;
         let mut resumed = 0;
+        let mut remembered = Ok(());
         let store = Store::open(staging, &mut |key, stored| {
-            if let Some(doc) = index.doc(&stored) {
-                index.set(&key, Entry::Stored { doc, linked: false });
-                resumed += 1;
+            if remembered.is_ok() {
+                remembered = index.doc(&stored).and_then(|doc| match doc {
+                    Some(doc) => {
+                        resumed += 1;
+                        index.set(&key, Entry::Stored { doc, linked: false })
+                    }
+                    None => Ok(()),
+                });
             }
         })
         .map_err(io)?;
+        remembered.map_err(index_io)?;
         let base = url::Url::parse(&format!("{}/", fhir_base.trim_end_matches('/')))
             .map_err(|_| StepError::Fetch(FetchError::InvalidUrl))?;
         let mut token_origins = vec![client.origin()];
@@ -245,12 +253,16 @@ impl<'a> Phase<'a> {
         for line in lines {
             for a in &line.found {
                 let Some(key) = self.key_of(a) else { continue };
-                if self.index.contains(&key) || wanted.iter().any(|(k, _, _)| *k == key) {
+                if wanted.iter().any(|(k, _, _)| *k == key)
+                    || self.index.contains(&key).map_err(|e| self.index_error(e))?
+                {
                     continue;
                 }
                 if !self.plan.wants(a.content_type.as_deref()) {
                     self.stats.skipped += 1;
-                    self.index.set(&key, Entry::Skipped);
+                    self.index
+                        .set(&key, Entry::Skipped)
+                        .map_err(|e| self.index_error(e))?;
                     continue;
                 }
                 wanted.push((key, line, a));
@@ -297,8 +309,10 @@ impl<'a> Phase<'a> {
                             source,
                         })?;
                     // The store wrote it: its digests are well-formed.
-                    if let Some(doc) = self.index.doc(&stored) {
-                        self.index.set(key, Entry::Stored { doc, linked: false });
+                    if let Some(doc) = self.index.doc(&stored).map_err(|e| self.index_error(e))? {
+                        self.index
+                            .set(key, Entry::Stored { doc, linked: false })
+                            .map_err(|e| self.index_error(e))?;
                     }
                 }
                 Err(Failed {
@@ -322,6 +336,14 @@ impl<'a> Phase<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A failure to read or write the index (in the staging folder, beside the lines of the manifest).
+    fn index_error(&self, source: std::io::Error) -> StepError {
+        StepError::Io {
+            path: self.lines_path.with_file_name(ATTACHMENTS_INDEX),
+            source,
+        }
     }
 
     /// The origins the token may go to for `url`, or why it is not downloaded at all.
@@ -355,7 +377,9 @@ impl<'a> Phase<'a> {
         failure: Failure,
     ) -> Result<(), StepError> {
         self.stats.failed += 1;
-        self.index.set(key, Entry::Failed);
+        self.index
+            .set(key, Entry::Failed)
+            .map_err(|e| self.index_error(e))?;
         self.record_failure(line, a, failure).await
     }
 
@@ -394,7 +418,9 @@ impl<'a> Phase<'a> {
                 edits.push(None);
                 continue;
             };
-            let Some(Entry::Stored { doc, .. }) = self.index.get(&key) else {
+            let Some(Entry::Stored { doc, .. }) =
+                self.index.get(&key).map_err(|e| self.index_error(e))?
+            else {
                 edits.push(None);
                 continue;
             };
@@ -405,28 +431,24 @@ impl<'a> Phase<'a> {
                 continue;
             }
             let original = a.url.clone().unwrap_or_default();
-            let file = self.index.file(&doc);
+            let file = Index::file(&doc);
             let hash = Index::sha1(&doc);
             if doc.size < self.plan.inline_smaller_than {
                 let bytes = self.store.read(&file).map_err(|source| StepError::Io {
                     path: self.store.dir().join(&file),
                     source,
                 })?;
-                self.index.inline(&doc);
+                self.index.inline(&doc).map_err(|e| self.index_error(e))?;
                 edits.push(Some(Edit::Inline {
                     data: BASE64.encode(bytes),
                     size: doc.size,
                     hash,
                 }));
             } else {
-                let lines = self.lines_path.clone();
-                let first =
-                    self.index
-                        .link(&key, &doc, &key.url)
-                        .map_err(|source| StepError::Io {
-                            path: lines,
-                            source,
-                        })?;
+                let first = self
+                    .index
+                    .link(&key, &doc, &key.url)
+                    .map_err(|e| self.index_error(e))?;
                 if first {
                     self.linked_now.push(self.store.dir().join(&file));
                 }
@@ -460,7 +482,7 @@ impl<'a> Phase<'a> {
     pub fn finish(self) -> Result<Attached, StepError> {
         let Phase {
             store,
-            index,
+            mut index,
             resumed,
             mut stats,
             lines_path,
@@ -468,7 +490,7 @@ impl<'a> Phase<'a> {
         } = self;
         let dir = store.dir().to_owned();
         store
-            .finish(&|name| index.is_linked_file(name))
+            .finish(&mut |name| index.is_linked_file(name))
             .map_err(|source| StepError::Io { path: dir, source })?;
         (stats.files, stats.bytes, stats.inlined) = index.counts();
         stats.reused = resumed;

@@ -142,12 +142,16 @@ impl Store {
 
     /// Removes the journal and every file but `keep` (documents only inlined, or refused for a wrong
     /// declared size or hash), once the resources are written.
-    pub fn finish(self, keep: &dyn Fn(&str) -> bool) -> io::Result<()> {
+    pub fn finish(self, keep: &mut dyn FnMut(&str) -> io::Result<bool>) -> io::Result<()> {
         drop(self.journal);
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            if !name.to_str().is_some_and(keep) {
+            let kept = match name.to_str() {
+                Some(name) => keep(name)?,
+                None => false,
+            };
+            if !kept {
                 fs::remove_file(entry.path())?;
             }
         }
@@ -213,7 +217,7 @@ mod tests {
         fs::write(store.temp_path(), b"the same name again").unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[&key("https://h/Binary/a")].file, a);
-        store.finish(&|name| name == a).unwrap();
+        store.finish(&mut |name| Ok(name == a)).unwrap();
         let left: Vec<_> = fs::read_dir(dir.path().join(ATTACHMENTS_DIR))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
