@@ -14,8 +14,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const PAGE: usize = 4096;
-/// Pages of a new table (64 KiB of sparse file).
-const FIRST_PAGES: u64 = 16;
+/// Pages of a new table: small runs keep small files.
+const FIRST_PAGES: u64 = 1;
 /// Pages read at once while doubling.
 const GROW_READ_PAGES: usize = 16;
 
@@ -297,7 +297,7 @@ mod tests {
         for i in 0..25_000u64 {
             assert_eq!(table.get(&key(i)).unwrap(), model.get(&i).copied(), "{i}");
         }
-        // Grown from 16 pages: the file is a few times the entries' size, not more.
+        // Grown from one page: the file is a few times the entries' size, not more.
         let size = fs::metadata(&path).unwrap().len();
         assert!(size <= 20_000 * 100 * 4, "{size}");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
