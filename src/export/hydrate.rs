@@ -29,6 +29,8 @@ const BATCH_IDS: usize = 50;
 const MAX_QUERY_BYTES: usize = 1800;
 /// Pages of one `_id` search at most.
 const MAX_PAGES: usize = 100;
+/// Bytes of fetched resources held before they go to the writer.
+const DELIVERY_BYTES: usize = 1 << 20;
 
 /// What the run's resources hold: ids of the hydrated types, and references to them. Filled as
 /// retrieval writes them (the writer's observer), so nothing is read back.
@@ -97,6 +99,15 @@ struct Fetched {
     line: Vec<u8>,
 }
 
+/// A round's fetched resources on their way to the writer, sent every `DELIVERY_BYTES` so that a
+/// round is never held whole, and the references they hold (the next round's).
+#[derive(Default)]
+struct Delivery {
+    by_type: BTreeMap<String, (Vec<u8>, u64)>,
+    bytes: usize,
+    references: BTreeSet<Reference>,
+}
+
 impl<'a> Hydrator<'a> {
     pub fn new(
         client: &'a FhirClient,
@@ -134,37 +145,53 @@ impl<'a> Hydrator<'a> {
             );
             // Whatever happens to them, these are not asked for again.
             have.extend(missing.iter().cloned());
-            let fetched = self.fetch_all(missing).await?;
-            wanted = BTreeSet::new();
-            let mut batches: BTreeMap<&str, (Vec<u8>, u64)> = BTreeMap::new();
-            for f in &fetched {
-                collect(&f.line, self.types, self.base, &mut wanted);
-                let batch = batches.entry(&f.reference.resource_type).or_default();
-                batch.0.extend_from_slice(&f.line);
-                batch.1 += 1;
-            }
-            for (t, (lines, count)) in batches {
-                *self.stats.fetched.entry(t.to_owned()).or_default() += count;
-                self.tx
-                    .send(WriterMsg::Resources {
-                        resource_type: t.to_owned(),
-                        lines,
-                        count,
-                    })
-                    .await
-                    .map_err(|_| StepError::WriterGone)?;
-            }
+            let mut delivery = Delivery::default();
+            self.fetch_all(missing, &mut delivery).await?;
+            self.flush(&mut delivery).await?;
+            wanted = delivery.references;
         }
         Ok(self.stats)
     }
 
+    /// Hands a fetched resource on: its references to the next round, its line to the writer.
+    async fn deliver(&mut self, f: Fetched, out: &mut Delivery) -> Result<(), StepError> {
+        collect(&f.line, self.types, self.base, &mut out.references);
+        let batch = out.by_type.entry(f.reference.resource_type).or_default();
+        batch.0.extend_from_slice(&f.line);
+        batch.1 += 1;
+        out.bytes += f.line.len();
+        if out.bytes >= DELIVERY_BYTES {
+            self.flush(out).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, out: &mut Delivery) -> Result<(), StepError> {
+        for (t, (lines, count)) in std::mem::take(&mut out.by_type) {
+            *self.stats.fetched.entry(t.clone()).or_default() += count;
+            self.tx
+                .send(WriterMsg::Resources {
+                    resource_type: t,
+                    lines,
+                    count,
+                })
+                .await
+                .map_err(|_| StepError::WriterGone)?;
+        }
+        out.bytes = 0;
+        Ok(())
+    }
+
     /// Fetches `missing` (sorted by type): `_id` searches per type, reads for the rest.
-    async fn fetch_all(&mut self, missing: Vec<Reference>) -> Result<Vec<Fetched>, StepError> {
+    async fn fetch_all(
+        &mut self,
+        missing: Vec<Reference>,
+        out: &mut Delivery,
+    ) -> Result<(), StepError> {
         let mut by_type: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for r in missing {
             by_type.entry(r.resource_type).or_default().push(r.id);
         }
-        let mut fetched = Vec::new();
         let mut to_read: Vec<Reference> = Vec::new();
         for (t, ids) in by_type {
             let mut left: BTreeSet<String> = ids.iter().cloned().collect();
@@ -176,7 +203,7 @@ impl<'a> Hydrator<'a> {
                     Ok(found) => {
                         for f in found {
                             if left.remove(&f.reference.id) {
-                                fetched.push(f);
+                                self.deliver(f, out).await?;
                             }
                         }
                     }
@@ -206,7 +233,7 @@ impl<'a> Hydrator<'a> {
             let failure = match result {
                 Ok(body) => match one_resource(&body, &r) {
                     Some(line) => {
-                        fetched.push(Fetched { reference: r, line });
+                        self.deliver(Fetched { reference: r, line }, out).await?;
                         continue;
                     }
                     None => (
@@ -232,7 +259,7 @@ impl<'a> Hydrator<'a> {
                 .await
                 .map_err(|_| StepError::WriterGone)?;
         }
-        Ok(fetched)
+        Ok(())
     }
 
     /// One `_id` search, every page: the resources of type `t` with one of `ids`.
