@@ -118,7 +118,7 @@ impl<const K: usize, const V: usize> DiskTable<K, V> {
     }
 
     /// Entries in the table.
-    pub fn len(&self) -> u64 {
+    pub fn entries(&self) -> u64 {
         self.len
     }
 
@@ -293,7 +293,7 @@ mod tests {
                 model.insert(i / 2, value);
             }
         }
-        assert_eq!(table.len(), model.len() as u64);
+        assert_eq!(table.entries(), model.len() as u64);
         for i in 0..25_000u64 {
             assert_eq!(table.get(&key(i)).unwrap(), model.get(&i).copied(), "{i}");
         }
