@@ -260,6 +260,15 @@ async fn search_mode_filters_inlines_and_hydrates_in_batches() {
         .map(|e| format!("attachments/{}", e.unwrap().file_name().to_string_lossy()))
         .collect();
     assert_eq!(on_disk, files, "no file for inlined documents");
+    let scratch: Vec<String> = std::fs::read_dir(&report.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        scratch.is_empty(),
+        "no scratch file or index is published: {scratch:?}"
+    );
     let stats = env.sandbox.stats();
     assert_eq!(
         stats.binary_reads,
