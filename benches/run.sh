@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All the benchmarks, with their targets, in one table (docs/src/performance.md explains each figure),
 # each run RUNS times (default 3) and shown as its median with the spread (min–max):
-#   - search mode: 200 patients x 12 searches at 20 ms latency, concurrency 8, against the ideal bound;
+#   - search mode: 200 patients x 12 searches at 20 ms latency, concurrency 8, against the ideal bound,
+#     with where the time over the bound goes (from the run log);
 #   - CPU cost: the same export at zero latency, CPU time per exported record;
 #   - bulk mode: a ~1.2 GiB export, epic-export beside curl on the same files in the same run, with the
 #     CPU seconds per GiB of each;
@@ -72,6 +73,10 @@ table = [
      f"{lat['requests']:.0f} requests in {fig('latency', 'export_s', '{:.2f}')} s",
      f"{fig('latency', 'bound_pct')} % of the bound ({lat['bound_s']:.2f} s)", ">= 95 %",
      worst("latency", "bound_pct") >= 95),
+    ("search: the time over the bound",
+     f"answers {fig('latency', 'answer_ms', '{:.2f}')} ms each as the exporter saw them: {fig('latency', 'late_s', '{:.3f}')} s; "
+     f"slots idle {fig('latency', 'idle_s', '{:.3f}')} s; token and finishing {fig('latency', 'edges_s', '{:.3f}')} s",
+     f"{fig('latency', 'allowed_pct')} % of what the server's answers allowed", "(profile)", None),
     ("search: exporter peak RSS", f"{fig('latency', 'rss_mib')} MiB", "", "<= 64 MiB",
      worst("latency", "rss_mib", False) <= 64),
     ("search: CPU at zero latency", f"{rows['cpu'][0]['records']:.0f} records",
