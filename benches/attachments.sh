@@ -7,6 +7,7 @@
 #
 #   benches/attachments.sh [PATIENTS] [CONCURRENCY] [LATENCY_MS]      (defaults: 10000 8 0)
 #   ENRICH=0 benches/attachments.sh ...     the same export without attachments and hydrate (the baseline)
+#   BENCH_WRAP="perf record -g -o /tmp/perf.data" benches/attachments.sh ...   profile the exporter
 set -euo pipefail
 cd "$(dirname "$0")/.."
 patients=${1:-10000}
@@ -49,7 +50,7 @@ if [ "$enrich" = 1 ]; then
 fi
 
 sync   # start on a quiet disk (see bulk_download.sh)
-/usr/bin/time -f '%M %e %U %S' -o "$work/time" "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log" \
+/usr/bin/time -f '%M %e %U %S' -o "$work/time" ${BENCH_WRAP:-} "$bin" run --no-progress --config "$work/config.yaml" >/dev/null 2>"$work/run.log" \
   || { cat "$work/run.log" >&2; exit 1; }
 read -r rss_kb wall user_s sys_s < "$work/time"
 python3 - "$work/out/bench/latest" "$rss_kb" "$wall" "$user_s" "$sys_s" "$patients" "$concurrency" "$latency_ms" <<'PY'
