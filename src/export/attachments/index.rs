@@ -164,7 +164,7 @@ pub struct Index {
     lines: BufWriter<File>,
     lines_path: PathBuf,
     /// Last, so that the tables are closed before their folder is removed.
-    _dir: ScratchDir,
+    dir: ScratchDir,
 }
 
 impl Index {
@@ -185,8 +185,13 @@ impl Index {
             extra_sources: 0,
             lines: BufWriter::new(file),
             lines_path,
-            _dir: dir,
+            dir,
         })
+    }
+
+    /// The index's folder (for errors).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn get(&mut self, key: &Key) -> io::Result<Option<Entry>> {

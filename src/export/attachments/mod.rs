@@ -338,10 +338,10 @@ impl<'a> Phase<'a> {
         Ok(())
     }
 
-    /// A failure to read or write the index (in the staging folder, beside the lines of the manifest).
+    /// A failure to read or write the index.
     fn index_error(&self, source: std::io::Error) -> StepError {
         StepError::Io {
-            path: self.lines_path.with_file_name(ATTACHMENTS_INDEX),
+            path: self.index.dir().to_owned(),
             source,
         }
     }
